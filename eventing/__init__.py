@@ -1,0 +1,1 @@
+"""Eventing: CloudEvent types, the local broker with Knative triggers, the inference-graph router."""

@@ -1,0 +1,1 @@
+"""The per-model vLLM function: Flask app, gunicorn runner, engine adapter."""

@@ -1,0 +1,404 @@
+"""The function's Flask app: OpenAI-compatible routes, probes, metrics and a CloudEvents route.
+
+`create_app` returns at once; the engine loads on its own thread, so /healthz answers from the first
+moment and /readyz turns 200 when the engine has loaded and served its warm-up generation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from flask import Flask, Response, jsonify, request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from werkzeug.exceptions import HTTPException
+
+from thaw.eventing import events
+from thaw.spec import EngineArgs
+
+from . import protocol as p
+from .engine import Delta, Engine, EngineFailed, Generation, Sampling
+from .metrics import FunctionMetrics
+
+log = logging.getLogger("thaw.function")
+
+POLL_SECONDS = 0.2  # how often a waiting request checks that its client is still there
+
+
+@dataclass(frozen=True)
+class FunctionConfig:
+    model_dir: Path
+    served_name: str
+    engine: EngineArgs = EngineArgs()
+
+
+class ClientGone(Exception):
+    """The client closed its connection; its generation is aborted."""
+
+
+def client_gone(environ: dict) -> bool:
+    """True when the peer has closed the connection (a readable socket with nothing to read)."""
+    sock = environ.get("gunicorn.socket")
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except (OSError, ValueError):
+        return True
+
+
+def _sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+class FunctionService:
+    """Turns OpenAI requests into generations and generations into OpenAI responses."""
+
+    def __init__(self, config: FunctionConfig, engine: Engine, metrics: FunctionMetrics):
+        self.config = config
+        self.engine = engine
+        self.metrics = metrics
+        self.created = p.now()
+
+    # ---- requests to prompts ---------------------------------------------------------------------
+
+    def _chat_prompt(self, req: p.ChatCompletionRequest) -> list[list[int]]:
+        if not self.engine.has_chat_template:
+            raise p.APIError(400, "This model has no chat template; use /v1/completions")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in req.messages]
+        return [self.engine.tokenize_chat(messages)]
+
+    def _completion_prompts(self, req: p.CompletionRequest) -> list[list[int]]:
+        vocab = self.engine.vocab_size
+        prompts = []
+        for i, prompt in enumerate(req.prompts()):
+            if isinstance(prompt, str):
+                prompts.append(self.engine.tokenize(prompt))
+            elif all(0 <= t < vocab for t in prompt):
+                prompts.append(prompt)
+            else:
+                raise p.APIError(400, f"prompt[{i}] has token ids outside the vocabulary (0..{vocab - 1})",
+                                 param="prompt")
+        return prompts
+
+    def _max_tokens(self, prompts: list[list[int]], requested: int | None) -> int:
+        limit = self.engine.max_model_len
+        for ids in prompts:
+            if not ids:
+                raise p.APIError(400, "The prompt is empty", param="prompt")
+            if len(ids) >= limit:
+                raise p.APIError(
+                    400, f"This model's maximum context length is {limit} tokens. However, your prompt is "
+                         f"{len(ids)} tokens. Please reduce the length of the prompt.",
+                    param="messages" if requested is None else "prompt", code="context_length_exceeded")
+            if requested is not None and len(ids) + requested > limit:
+                raise p.APIError(
+                    400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                         f"{len(ids) + requested} tokens ({len(ids)} in the prompt, {requested} for the "
+                         "completion). Please reduce the prompt or max_tokens.",
+                    param="max_tokens", code="context_length_exceeded")
+        return requested if requested is not None else limit - max(len(ids) for ids in prompts)
+
+    def start(self, kind: type, data: Any) -> tuple[Any, Generation, int, float]:
+        """Validate a request body and put its generation in the engine."""
+        arrived = time.perf_counter()
+        req = p.parse_request(kind, data)
+        if req.model != self.config.served_name:
+            raise p.model_not_found(req.model)
+        self.engine._check_serving()
+        chat = isinstance(req, p.ChatCompletionRequest)
+        prompts = self._chat_prompt(req) if chat else self._completion_prompts(req)
+        max_tokens = self._max_tokens(prompts, req.output_limit)
+        sampling = [
+            Sampling(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                     stop=tuple(req.stop_list()), seed=None if req.seed is None else req.seed + i,
+                     presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                     logprobs=req.logprobs_count, ignore_eos=req.ignore_eos)
+            for i in range(req.n)
+        ]
+        gen = self.engine.submit(p.new_id("chatcmpl" if chat else "cmpl"), prompts, sampling)
+        self.metrics.in_flight.inc()
+        return req, gen, sum(len(ids) for ids in prompts), arrived
+
+    # ---- generations to responses ----------------------------------------------------------------
+
+    def deltas(self, gen: Generation, environ: dict, arrived: float) -> Iterator[Delta]:
+        """Every delta of a generation until all its choices finish; raises what ended it otherwise."""
+        finished = 0
+        first = True
+        next_check = time.monotonic() + POLL_SECONDS
+        while finished < gen.choices:
+            item = gen.next(POLL_SECONDS)
+            if time.monotonic() >= next_check:
+                if client_gone(environ):
+                    raise ClientGone()
+                next_check = time.monotonic() + POLL_SECONDS
+            if item is None:
+                continue
+            if isinstance(item, Exception):
+                raise item
+            if first:
+                self.metrics.ttft.observe(time.perf_counter() - arrived)
+                first = False
+            self.metrics.generated_tokens.inc(item.token_count)
+            if item.finish_reason is not None:
+                finished += 1
+            yield item
+
+    def complete(self, req, gen: Generation, prompt_tokens: int, arrived: float, environ: dict) -> dict:
+        """The whole response of a non-streamed request."""
+        chat = isinstance(req, p.ChatCompletionRequest)
+        texts: dict[int, list[str]] = {i: [] for i in range(gen.choices)}
+        logprobs: dict[int, list] = {i: [] for i in range(gen.choices)}
+        reasons: dict[int, str | None] = {}
+        completion_tokens = 0
+        done = False
+        try:
+            for d in self.deltas(gen, environ, arrived):
+                texts[d.index].append(d.text)
+                logprobs[d.index].extend(d.logprobs or ())
+                completion_tokens += d.token_count
+                if d.finish_reason is not None:
+                    reasons[d.index] = d.finish_reason
+            done = True
+        except EngineFailed as exc:
+            done = True
+            raise p.APIError(500, f"The engine failed: {exc}", code="engine_failed") from None
+        except p.APIError:
+            done = True
+            raise
+        finally:
+            self.metrics.in_flight.dec()
+            if not done:
+                self.engine.abort(gen)
+        choices = []
+        for i in range(gen.choices):
+            text = "".join(texts[i])
+            lp = _logprobs(chat, logprobs[i]) if req.logprobs_count is not None else None
+            if chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                                "logprobs": lp, "finish_reason": reasons.get(i)})
+            else:
+                choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": reasons.get(i)})
+        return {
+            "id": gen.request_id,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": p.now(),
+            "model": self.config.served_name,
+            "choices": choices,
+            "usage": p.usage(prompt_tokens, completion_tokens),
+        }
+
+    def first_delta(self, gen: Generation, environ: dict, arrived: float) -> Iterator[Delta]:
+        """Wait for the first delta before a stream's headers go out, so early failures keep their status."""
+        stream = self.deltas(gen, environ, arrived)
+        try:
+            first = next(stream)
+        except EngineFailed as exc:
+            self.metrics.in_flight.dec()
+            raise p.APIError(500, f"The engine failed: {exc}", code="engine_failed") from None
+        except p.APIError:
+            self.metrics.in_flight.dec()
+            raise
+        except BaseException:
+            self.metrics.in_flight.dec()
+            self.engine.abort(gen)
+            raise
+
+        def chained():
+            yield first
+            yield from stream
+
+        return chained()
+
+    def stream(self, req, gen: Generation, prompt_tokens: int, deltas: Iterator[Delta]) -> Iterator[str]:
+        """Server-sent events: one chunk per delta, usage if asked, an error chunk if the engine fails."""
+        chat = isinstance(req, p.ChatCompletionRequest)
+        created = p.now()
+        usage_field = {"usage": None} if req.include_usage else {}
+
+        def chunk(choices: list[dict]) -> str:
+            return _sse({"id": gen.request_id, "object": "chat.completion.chunk" if chat else "text_completion",
+                         "created": created, "model": self.config.served_name, "choices": choices,
+                         **usage_field})
+
+        completion_tokens = 0
+        finished = False
+        try:
+            if chat:
+                for i in range(gen.choices):
+                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                                  "logprobs": None, "finish_reason": None}])
+            for d in deltas:
+                completion_tokens += d.token_count
+                lp = _logprobs(chat, list(d.logprobs)) if d.logprobs is not None else None
+                if chat:
+                    delta = {"content": d.text} if d.text or d.finish_reason is None else {}
+                    yield chunk([{"index": d.index, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason}])
+                else:
+                    yield chunk([{"index": d.index, "text": d.text, "logprobs": lp,
+                                  "finish_reason": d.finish_reason}])
+            if req.include_usage:
+                yield _sse({"id": gen.request_id, "object": "chat.completion.chunk" if chat else "text_completion",
+                            "created": created, "model": self.config.served_name, "choices": [],
+                            "usage": p.usage(prompt_tokens, completion_tokens)})
+            finished = True
+        except ClientGone:
+            return
+        except (EngineFailed, p.APIError) as exc:
+            finished = True
+            message = f"The engine failed: {exc}" if isinstance(exc, EngineFailed) else exc.message
+            yield _sse(p.error_body(message, "server_error", None, "engine_failed"))
+        finally:
+            self.metrics.in_flight.dec()
+            if not finished:
+                self.engine.abort(gen)
+        yield _sse("[DONE]")
+
+
+def _logprobs(chat: bool, tokens: list) -> dict:
+    if chat:
+        return {"content": [
+            {"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode()),
+             "top_logprobs": [{"token": s, "logprob": lp, "bytes": list(s.encode())} for s, lp in t.top]}
+            for t in tokens]}
+    offsets, pos = [], 0
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t.token)
+    return {"tokens": [t.token for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [dict(t.top) for t in tokens], "text_offset": offsets}
+
+
+def _json_body() -> Any:
+    if request.mimetype != "application/json":
+        raise p.APIError(415, f"Content-Type must be application/json, got '{request.mimetype or 'none'}'",
+                         code="unsupported_media_type")
+    try:
+        return json.loads(request.get_data())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise p.APIError(400, f"We could not parse the JSON body of your request: {exc}", code="invalid_json") from None
+
+
+def create_app(config: FunctionConfig, engine: Engine | None = None) -> Flask:
+    """The function's WSGI app. Starts loading the engine unless one is given."""
+    app = Flask("thaw.function")
+    app.config["MAX_CONTENT_LENGTH"] = 32 << 20
+    metrics = FunctionMetrics()
+    # The launcher stamps the wall-clock time before exec; the gap to here is process start.
+    launched = os.environ.get("THAW_LAUNCH_TIME")
+    phases = {"process_start": max(0.0, time.time() - float(launched))} if launched else {}
+    # vLLM's kernel registration calls hasattr() on every module global; on werkzeug's context-local
+    # proxies (flask.request, ...) that raises outside a request, so the engine loads inside one.
+    engine = engine or Engine(config.model_dir, config.engine, load_context=app.test_request_context,
+                             phases=phases).start()
+    service = FunctionService(config, engine, metrics)
+    app.extensions["thaw"] = service
+
+    def openai(kind: type):
+        req, gen, prompt_tokens, arrived = service.start(kind, _json_body())
+        environ = request.environ
+        if not req.stream:
+            return jsonify(service.complete(req, gen, prompt_tokens, arrived, environ))
+        deltas = service.first_delta(gen, environ, arrived)
+        return Response(service.stream(req, gen, prompt_tokens, deltas), mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    app.add_url_rule("/v1/chat/completions", "chat", lambda: openai(p.ChatCompletionRequest), methods=["POST"])
+    app.add_url_rule("/v1/completions", "completions", lambda: openai(p.CompletionRequest), methods=["POST"])
+
+    def model_card() -> dict:
+        return {"id": config.served_name, "object": "model", "created": service.created, "owned_by": "thaw",
+                "root": str(config.model_dir), "max_model_len": engine.max_model_len or None}
+
+    @app.get("/v1/models")
+    def list_models():
+        return jsonify({"object": "list", "data": [model_card()]})
+
+    @app.get("/v1/models/<path:model_id>")
+    def get_model(model_id: str):
+        if model_id != config.served_name:
+            raise p.model_not_found(model_id)
+        return jsonify(model_card())
+
+    @app.get("/healthz")
+    def healthz():
+        if engine.state == "failed":
+            return jsonify({"status": "failed", "error": engine.error}), 500
+        return jsonify({"status": "alive"})
+
+    @app.get("/readyz")
+    def readyz():
+        status = 200 if engine.state == "ready" else 503
+        body = {"status": engine.state, "error": engine.error, "phases": engine.phases}
+        return Response(json.dumps(body), status, mimetype="application/json")  # keeps the phases in order
+
+    @app.get("/metrics")
+    def metrics_route():
+        for phase, seconds in engine.phases.items():
+            metrics.start_phase.labels(phase).set(seconds)
+        metrics.engine_requests.set(engine.active_requests())
+        return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+
+    @app.post("/")
+    def cloudevent():
+        try:
+            event = events.parse_http_event(request.headers, request.get_data())
+        except events.InvalidEvent as exc:
+            raise p.APIError(400, str(exc), code="invalid_cloudevent") from None
+        if event.get_type() != events.INFERENCE_REQUEST:
+            raise p.APIError(400, f"unsupported event type '{event.get_type()}': this function accepts "
+                                  f"{events.INFERENCE_REQUEST}", code="unsupported_event_type")
+        data = event.get_data()
+        if not isinstance(data, dict):
+            raise p.APIError(400, "the event's data must be an OpenAI request body (a JSON object)",
+                             code="invalid_cloudevent")
+        data = {"model": config.served_name, **data}
+        if data.get("stream"):
+            raise p.APIError(400, "streaming is not available through events", param="stream")
+        kind = p.ChatCompletionRequest if "messages" in data else p.CompletionRequest
+        req, gen, prompt_tokens, arrived = service.start(kind, data)
+        body = service.complete(req, gen, prompt_tokens, arrived, request.environ)
+        request_id = event.get_extension(events.EXT_REQUEST_ID) or event.get_id()
+        reply = events.make_event(events.INFERENCE_RESPONSE, f"/thaw/models/{config.served_name}", body,
+                                  **{events.EXT_REQUEST_ID: request_id, events.EXT_MODEL: config.served_name})
+        headers, payload = events.to_http(reply)
+        return Response(payload, 200, headers)
+
+    @app.errorhandler(p.APIError)
+    def api_error(exc: p.APIError):
+        return jsonify(exc.body()), exc.status, exc.headers
+
+    @app.errorhandler(ClientGone)
+    def client_left(exc: ClientGone):
+        # Nobody reads this answer; 499 is what nginx (and Knative's queue-proxy logs) call it.
+        return Response(status=499)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        kind = "not_found_error" if exc.code == 404 else "invalid_request_error"
+        return jsonify(p.error_body(exc.description or exc.name, kind, None, None)), exc.code
+
+    @app.errorhandler(Exception)
+    def internal_error(exc: Exception):
+        log.exception("unhandled error")
+        return jsonify(p.error_body("The server had an error processing your request", "server_error")), 500
+
+    @app.after_request
+    def count(response: Response):
+        rule = request.url_rule.rule if request.url_rule else "unmatched"
+        metrics.requests.labels(rule, str(response.status_code)).inc()
+        return response
+
+    return app

@@ -1,0 +1,354 @@
+"""The engine adapter: one vLLM engine, owned by one thread, shared by every request thread.
+
+vLLM's `LLMEngine` is not thread-safe, so a single engine thread owns it: request threads post
+commands (add, abort) to a queue, the engine thread adds them between steps and hands each step's
+token deltas to the requests' own queues. Every running request joins the next step, which is vLLM's
+continuous batching; a request aborted by its client leaves the batch at the next step.
+
+With `engine_core="inproc"` the engine core runs inside this process (no engine-core process to spawn,
+no second import of torch and vLLM: the fast start); with `"mp"` vLLM runs it in a process of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from thaw.spec import EngineArgs
+
+from .protocol import APIError
+
+log = logging.getLogger("thaw.function.engine")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What to generate for one choice; converted to vLLM's SamplingParams in the engine."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New output of one choice since its previous delta."""
+
+    index: int
+    text: str
+    token_count: int
+    logprobs: tuple[TokenLogprob, ...] | None
+    finish_reason: str | None
+
+
+class EngineFailed(Exception):
+    """The engine stopped working; every request in it ends with this."""
+
+
+@dataclass
+class Generation:
+    """One API request in the engine: one engine request per choice, all feeding one queue."""
+
+    request_id: str
+    choices: int
+    events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+
+    def next(self, timeout: float) -> Delta | EngineFailed | None:
+        try:
+            return self.events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+
+def _read_file(path: Path) -> int:
+    with open(path, "rb", buffering=0) as f:
+        total = 0
+        while chunk := f.read(16 << 20):
+            total += len(chunk)
+        return total
+
+
+def read_into_page_cache(model_dir: Path, parallel: int = 8) -> int:
+    """Read the weight files once, in parallel, so the loader's random reads hit memory."""
+    files = sorted(p for p in model_dir.iterdir() if p.suffix in {".safetensors", ".bin", ".pt"})
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        return sum(pool.map(_read_file, files))
+
+
+def _timed(fn, *args) -> float:
+    t = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t
+
+
+class Engine:
+    """Loads vLLM in the background and serves generations once it is ready."""
+
+    def __init__(self, model_dir: str | Path, args: EngineArgs, load_context=contextlib.nullcontext,
+                 phases: dict[str, float] | None = None):
+        self.model_dir = Path(model_dir)
+        self.args = args
+        self._load_context = load_context
+        self.state = "loading"  # loading -> ready | failed; ready -> failed | stopped
+        self.error: str | None = None
+        self.phases: dict[str, float] = dict(phases or {})  # start-up phase -> seconds, in order
+        self.max_model_len = args.max_model_len or 0
+        self.tokenizer = None
+        self._tokenizer_lock = threading.Lock()
+        self._fail_lock = threading.Lock()
+        self.ready = threading.Event()
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        # engine request id -> (its generation, choice index, logprobs asked for)
+        self._routes: dict[str, tuple[Generation, int, int | None]] = {}
+        self._thread = threading.Thread(target=self._run, name="vllm-engine", daemon=True)
+        self._engine = None
+
+    def start(self) -> "Engine":
+        self._thread.start()
+        return self
+
+    # ---- request threads -------------------------------------------------------------------------
+
+    def submit(self, request_id: str, prompts: list[list[int]], sampling: list[Sampling]) -> Generation:
+        """Start one generation: each prompt with each sampling (choice index = prompt * n + i)."""
+        self._check_serving()
+        gen = Generation(request_id, choices=len(prompts) * len(sampling))
+        self._commands.put(("add", gen, prompts, sampling))
+        return gen
+
+    # vLLM hands out a tokenizer that deep-copies itself for every concurrent caller (slow, and it bites
+    # a burst of first requests at once); one lock makes the calls sequential, each well under 1 ms.
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        with self._tokenizer_lock:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def tokenize_chat(self, messages: list[dict]) -> list[int]:
+        with self._tokenizer_lock:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return self.tokenizer.encode(text, add_special_tokens=False)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    def active_requests(self) -> int:
+        """Engine requests (one per choice) in the engine now."""
+        return len(self._routes)
+
+    def abort(self, gen: Generation) -> None:
+        """Remove a generation from the engine (its client went away); a no-op once finished."""
+        if self.state == "ready":
+            self._commands.put(("abort", gen))
+
+    def stop(self, timeout: float = 30) -> None:
+        """Abort everything, shut the engine (and an engine-core process) down, join the thread."""
+        if self._thread.is_alive():
+            self._commands.put(("stop",))
+            self._thread.join(timeout)
+
+    def _check_serving(self) -> None:
+        if self.state == "loading":
+            raise APIError(503, "The model is still loading; retry shortly", headers={"Retry-After": "1"})
+        if self.state != "ready":
+            raise APIError(500, f"The engine is not available: {self.error or self.state}",
+                           type="server_error", code="engine_failed")
+
+    # ---- the engine thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._load()
+        except BaseException as exc:  # noqa: BLE001 - any load failure ends serving; report it
+            log.exception("engine failed to load")
+            self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
+            self.ready.set()
+            return
+        self.state = "ready"
+        self.ready.set()
+        if self.args.engine_core == "mp":
+            threading.Thread(target=self._watch_engine_core, name="engine-core-watch", daemon=True).start()
+        try:
+            self._serve()
+        except BaseException as exc:  # noqa: BLE001 - a broken engine fails its requests, not the process
+            log.exception("engine failed")
+            self._fail(f"{type(exc).__name__}: {exc}")
+        finally:
+            self._shutdown_engine()
+
+    def _fail(self, error: str) -> None:
+        with self._fail_lock:
+            if self.state == "failed":
+                return
+            self.state, self.error = "failed", error
+            self._fail_all(EngineFailed(error))
+
+    def _watch_engine_core(self) -> None:
+        """vLLM's sync client marks a dead engine-core process but leaves step() waiting forever for its
+        output; this watch turns the death into a failure of every request in flight."""
+        while self.state == "ready":
+            resources = getattr(getattr(self._engine, "engine_core", None), "resources", None)
+            if getattr(resources, "engine_dead", False):
+                log.error("the engine-core process died")
+                self._fail("EngineDeadError: the engine-core process died")
+                return
+            time.sleep(0.1)
+
+    def _load(self) -> None:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if self.args.engine_core == "mp" else "0"
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.args.kv_cache_gib))
+        # Reading the weights into the page cache is I/O: it overlaps with the CPU-bound imports.
+        t = time.perf_counter()
+        weights = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights")
+        read = weights.submit(_timed, read_into_page_cache, self.model_dir)
+        import vllm  # noqa: F401 - timed on its own: in a standby process this costs nothing
+        from vllm.engine.llm_engine import LLMEngine
+
+        self.phases["imports"] = time.perf_counter() - t
+        self.phases["weights"] = read.result()
+        weights.shutdown()
+        t = time.perf_counter()
+        engine_args = vllm.EngineArgs(model=str(self.model_dir), disable_log_stats=True,
+                                      **self.args.vllm_kwargs())
+        with self._load_context():
+            self._engine = LLMEngine.from_engine_args(engine_args)
+        self.tokenizer = self._engine.get_tokenizer()
+        self.max_model_len = self._engine.model_config.max_model_len
+        self.phases["engine_init"] = time.perf_counter() - t
+        t = time.perf_counter()
+        self._warm_up()
+        self.phases["warmup"] = time.perf_counter() - t
+        log.info("engine ready: %s", ", ".join(f"{k} {v:.2f}s" for k, v in self.phases.items()))
+
+    def _warm_up(self) -> None:
+        """One short generation: /readyz promises a replica that has already produced tokens."""
+        from vllm import SamplingParams
+
+        self._engine.add_request("warmup", {"prompt_token_ids": [0, 1, 2, 3]},
+                                 SamplingParams(max_tokens=2, temperature=0))
+        while self._engine.has_unfinished_requests():
+            self._engine.step()
+
+    def _serve(self) -> None:
+        while True:
+            busy = self._engine.has_unfinished_requests()
+            try:
+                command = self._commands.get(block=not busy)
+            except queue.Empty:
+                command = None
+            while command is not None:
+                if command[0] == "stop":
+                    self._fail_all(EngineFailed("the function is shutting down"))
+                    self.state = "stopped"
+                    return
+                self._apply(command)
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    command = None
+            if self._engine.has_unfinished_requests():
+                for output in self._engine.step():
+                    self._dispatch(output)
+
+    def _apply(self, command: tuple) -> None:
+        if command[0] == "add":
+            _, gen, prompts, sampling = command
+            n = len(sampling)
+            for p, prompt in enumerate(prompts):
+                for i, s in enumerate(sampling):
+                    engine_id = f"{gen.request_id}-{p * n + i}"
+                    try:
+                        self._engine.add_request(engine_id, {"prompt_token_ids": prompt}, self._params(s))
+                    except Exception as exc:  # noqa: BLE001 - a request vLLM refuses fails alone
+                        self._abort(gen)
+                        gen.events.put(APIError(400, str(exc)))
+                        return
+                    self._routes[engine_id] = (gen, p * n + i, s.logprobs)
+        elif command[0] == "abort":
+            self._abort(command[1])
+
+    def _abort(self, gen: Generation) -> None:
+        ids = [eid for eid, (g, _, _) in self._routes.items() if g is gen]
+        for eid in ids:
+            del self._routes[eid]
+        if ids:
+            self._engine.abort_request(ids)
+
+    @staticmethod
+    def _params(s: Sampling):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(
+            max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, stop=list(s.stop) or None,
+            seed=s.seed, presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
+            logprobs=s.logprobs, ignore_eos=s.ignore_eos, output_kind=RequestOutputKind.DELTA,
+        )
+
+    def _dispatch(self, output) -> None:
+        route = self._routes.get(output.request_id)
+        if route is None:
+            return
+        gen, index, k = route
+        for completion in output.outputs:
+            gen.events.put(Delta(
+                index=index,
+                text=completion.text,
+                token_count=len(completion.token_ids),
+                logprobs=self._logprobs(completion, k) if k is not None else None,
+                finish_reason=completion.finish_reason if output.finished else None,
+            ))
+        if output.finished:
+            del self._routes[output.request_id]
+
+    def _logprobs(self, completion, k: int) -> tuple[TokenLogprob, ...]:
+        """OpenAI's shape: the chosen token and the k most likely (vLLM adds the chosen one if lower)."""
+        out = []
+        for token_id, position in zip(completion.token_ids, completion.logprobs):
+            top = sorted(((lp.rank, self._token_text(tid, lp), lp.logprob) for tid, lp in position.items()
+                          if lp.rank is not None and lp.rank <= k))
+            chosen = position[token_id]
+            out.append(TokenLogprob(self._token_text(token_id, chosen), chosen.logprob,
+                                    tuple((text, logprob) for _, text, logprob in top)))
+        return tuple(out)
+
+    def _token_text(self, token_id: int, lp) -> str:
+        if lp.decoded_token is not None:
+            return lp.decoded_token
+        return self.tokenizer.decode([token_id])
+
+    def _fail_all(self, error: Exception) -> None:
+        for gen, _, _ in list(self._routes.values()):
+            gen.events.put(error)
+        self._routes.clear()
+
+    def _shutdown_engine(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            try:
+                engine.engine_core.shutdown()
+            except Exception:  # noqa: BLE001 - best effort at exit
+                log.debug("engine shutdown raised", exc_info=True)
+

@@ -1,0 +1,74 @@
+"""Shared fixtures: the tiny model (built once per session) and real function servers on loopback."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from thaw.launch import ServerProcess, free_port, function_command
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+TINY_ENGINE = {"max_model_len": 512, "dtype": "bfloat16"}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from thaw.model_build import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("models") / "tiny")
+
+
+def poll(condition, timeout: float, interval: float = 0.05, what: str = "condition"):
+    """Call `condition` until it returns something truthy; fail the test after `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"{what} not met within {timeout}s")
+
+
+class RunningFunction:
+    def __init__(self, server: ServerProcess, port: int, served_name: str, startup: dict):
+        self.server = server
+        self.url = f"http://127.0.0.1:{port}"
+        self.served_name = served_name
+        self.startup = startup  # what the probes answered while the engine was loading
+
+    def metric(self, name: str) -> float:
+        for line in requests.get(self.url + "/metrics", timeout=5).text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        raise KeyError(name)
+
+
+def start_function(model_dir: Path, log_dir: Path, served_name: str = "tiny", **engine_args) -> RunningFunction:
+    port = free_port()
+    server = ServerProcess(function_command(model_dir, served_name, port, {**TINY_ENGINE, **engine_args}),
+                           log_dir / f"function-{port}.log")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        healthz = server.wait_http(url + "/healthz", 60)
+        readyz_while_loading = requests.get(url + "/readyz", timeout=5)
+        server.wait_http(url + "/readyz", 180)
+    except BaseException:
+        server.stop()
+        raise
+    startup = {"healthz": healthz.status_code, "readyz_status": readyz_while_loading.status_code,
+               "readyz_body": readyz_while_loading.json()}
+    return RunningFunction(server, port, served_name, startup)
+
+
+@pytest.fixture(scope="module")
+def function(tiny_model, tmp_path_factory):
+    """One function (gunicorn + Flask + in-process vLLM engine) on the tiny model, per test module."""
+    running = start_function(tiny_model, tmp_path_factory.mktemp("logs"))
+    yield running
+    running.server.stop()

@@ -1,0 +1,245 @@
+"""The function's OpenAI routes, probes and metrics, on real vLLM (tiny model) under real gunicorn."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import requests
+
+from conftest import poll
+
+PROMPT = [{"role": "user", "content": "Say something."}]
+
+
+@pytest.fixture(scope="module")
+def client(function):
+    return openai.OpenAI(base_url=function.url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_probes_before_and_after_the_engine_is_up(function):
+    assert function.startup["healthz"] == 200
+    assert function.startup["readyz_status"] == 503
+    assert function.startup["readyz_body"]["status"] == "loading"
+    ready = requests.get(function.url + "/readyz", timeout=5)
+    assert ready.status_code == 200
+    phases = ready.json()["phases"]
+    assert {"imports", "weights", "engine_init", "warmup"} <= set(phases)
+
+
+def test_streamed_and_whole_answers_are_equal_at_temperature_zero(client, function):
+    whole = client.chat.completions.create(model="tiny", messages=PROMPT, max_tokens=24, temperature=0)
+    chunks = list(client.chat.completions.create(model="tiny", messages=PROMPT, max_tokens=24, temperature=0,
+                                                 stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert whole.choices[0].message.content == streamed
+    assert whole.choices[0].finish_reason == chunks[-1].choices[0].finish_reason
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert whole.id.startswith("chatcmpl-") and whole.object == "chat.completion"
+    assert abs(whole.created - time.time()) < 60
+    assert whole.usage.completion_tokens == 24 and whole.usage.prompt_tokens > 0
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + 24
+
+
+def test_completions_equal_streamed_and_whole(client):
+    whole = client.completions.create(model="tiny", prompt="Once upon", max_tokens=16, temperature=0)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt="Once upon", max_tokens=16, temperature=0, stream=True))
+    assert whole.choices[0].text == streamed
+    assert whole.object == "text_completion" and whole.usage.completion_tokens == 16
+
+
+def test_two_choices(client):
+    out = client.chat.completions.create(model="tiny", messages=PROMPT, max_tokens=8, n=2, temperature=0.9, seed=1)
+    assert sorted(c.index for c in out.choices) == [0, 1]
+    assert out.usage.completion_tokens == sum(
+        8 if c.finish_reason == "length" else 1 for c in out.choices) or out.usage.completion_tokens <= 16
+    streamed = list(client.chat.completions.create(model="tiny", messages=PROMPT, max_tokens=8, n=2,
+                                                   temperature=0.9, stream=True))
+    finished = [c.choices[0].index for c in streamed if c.choices and c.choices[0].finish_reason]
+    assert sorted(finished) == [0, 1]
+
+
+def test_prompt_list_gives_choices_per_prompt(client):
+    out = client.completions.create(model="tiny", prompt=["a", "b"], max_tokens=4, n=2, temperature=1)
+    assert sorted(c.index for c in out.choices) == [0, 1, 2, 3]
+
+
+def test_include_usage_final_chunk(client):
+    chunks = list(client.chat.completions.create(model="tiny", messages=PROMPT, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert all(c.usage is None for c in chunks[:-1])
+    last = chunks[-1]
+    assert last.choices == [] and last.usage.completion_tokens == 10
+    assert last.usage.total_tokens == last.usage.prompt_tokens + 10
+
+
+def test_logprobs(client):
+    out = client.chat.completions.create(model="tiny", messages=PROMPT, max_tokens=5, temperature=0,
+                                         logprobs=True, top_logprobs=2)
+    content = out.choices[0].logprobs.content
+    assert len(content) == 5
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+    # at temperature 0 the chosen token is the most likely one
+    assert all(abs(t.logprob - t.top_logprobs[0].logprob) < 1e-4 for t in content)
+    comp = client.completions.create(model="tiny", prompt="x", max_tokens=3, temperature=0, logprobs=1)
+    assert len(comp.choices[0].logprobs.token_logprobs) == 3
+
+
+def test_stop_and_seed(client):
+    a = client.completions.create(model="tiny", prompt="x", max_tokens=12, temperature=1, seed=7)
+    b = client.completions.create(model="tiny", prompt="x", max_tokens=12, temperature=1, seed=7)
+    assert a.choices[0].text == b.choices[0].text
+    text = a.choices[0].text
+    stop = next((ch for ch in text[2:] if ch.strip()), None)
+    if stop is not None:
+        c = client.completions.create(model="tiny", prompt="x", max_tokens=12, temperature=1, seed=7, stop=[stop])
+        assert stop not in c.choices[0].text and c.choices[0].finish_reason == "stop"
+
+
+def test_models_routes(function):
+    models = requests.get(function.url + "/v1/models", timeout=5).json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny"]
+    assert requests.get(function.url + "/v1/models/tiny", timeout=5).json()["max_model_len"] == 512
+    missing = requests.get(function.url + "/v1/models/nope", timeout=5)
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "model_not_found"
+
+
+LONG_PROMPT = "word " * 700  # far over max_model_len 512 with the byte-level tokenizer
+CHAT = "/v1/chat/completions"
+COMP = "/v1/completions"
+MSG = [{"role": "user", "content": "hi"}]
+
+BAD_INPUTS = [
+    # (route, raw body or JSON, content type, status, param, code)
+    (CHAT, b"{not json", "application/json", 400, None, "invalid_json"),
+    (CHAT, {"model": "tiny", "messages": MSG}, "text/plain", 415, None, "unsupported_media_type"),
+    (CHAT, [1, 2], "application/json", 400, None, None),
+    (CHAT, {"model": "tiny"}, "application/json", 400, "messages", "missing_required_parameter"),
+    (CHAT, {"messages": MSG}, "application/json", 400, "model", "missing_required_parameter"),
+    (CHAT, {"model": "tiny", "messages": "hi"}, "application/json", 400, "messages", "invalid_value"),
+    (CHAT, {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, "application/json", 400,
+     "messages[0].role", "invalid_value"),
+    (CHAT, {"model": "tiny", "messages": MSG, "max_tokens": -1}, "application/json", 400, "max_tokens", "invalid_value"),
+    (CHAT, {"model": "tiny", "messages": MSG, "max_tokens": "5"}, "application/json", 400, "max_tokens", "invalid_value"),
+    (CHAT, {"model": "tiny", "messages": MSG, "n": 0}, "application/json", 400, "n", "invalid_value"),
+    (CHAT, {"model": "tiny", "messages": MSG, "temperature": -0.5}, "application/json", 400, "temperature", "invalid_value"),
+    (CHAT, {"model": "tiny", "messages": MSG, "top_p": 0}, "application/json", 400, "top_p", "invalid_value"),
+    (CHAT, {"model": "tiny", "messages": MSG, "stream_options": {"include_usage": True}}, "application/json", 400,
+     None, "invalid_value"),
+    (CHAT, {"model": "tiny", "messages": MSG, "tools": [{"type": "function"}]}, "application/json", 400, None, None),
+    (CHAT, {"model": "tiny", "messages": [{"role": "user", "content": LONG_PROMPT}]}, "application/json", 400,
+     None, "context_length_exceeded"),
+    (CHAT, {"model": "tiny", "messages": MSG, "max_tokens": 600}, "application/json", 400, "max_tokens",
+     "context_length_exceeded"),
+    (CHAT, {"model": "other", "messages": MSG}, "application/json", 404, "model", "model_not_found"),
+    (COMP, {"model": "tiny"}, "application/json", 400, "prompt", "missing_required_parameter"),
+    (COMP, {"model": "tiny", "prompt": []}, "application/json", 400, None, "invalid_value"),
+    (COMP, {"model": "tiny", "prompt": [10**9]}, "application/json", 400, "prompt", None),
+    (COMP, {"model": "tiny", "prompt": "x", "logprobs": 50}, "application/json", 400, "logprobs", "invalid_value"),
+    (COMP, {"model": "tiny", "prompt": LONG_PROMPT}, "application/json", 400, None, "context_length_exceeded"),
+]
+
+
+@pytest.mark.parametrize("route,body,content_type,status,param,code", BAD_INPUTS)
+def test_bad_input_gets_openai_error(function, route, body, content_type, status, param, code):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = requests.post(function.url + route, data=data, headers={"Content-Type": content_type}, timeout=30)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"] and error["type"] == ("invalid_request_error")
+    if param is not None:
+        assert error["param"] == param
+    if code is not None:
+        assert error["code"] == code
+
+
+def test_context_length_message_names_both_lengths(function):
+    r = requests.post(function.url + COMP, json={"model": "tiny", "prompt": LONG_PROMPT}, timeout=30)
+    message = r.json()["error"]["message"]
+    assert "512" in message and str(len(LONG_PROMPT.encode()) + 0) in message
+
+
+def test_unknown_route_and_method(function):
+    r = requests.get(function.url + "/v2/nothing", timeout=5)
+    assert r.status_code == 404 and "error" in r.json()
+    r = requests.get(function.url + CHAT, timeout=5)
+    assert r.status_code == 405 and "error" in r.json()
+
+
+def test_openai_client_sees_typed_errors(client):
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=PROMPT, max_tokens=-3)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="missing", messages=PROMPT)
+
+
+def _abandon_stream(http: httpx.Client, url: str, body: dict) -> None:
+    with http.stream("POST", url, json=body) as r:
+        deadline = time.monotonic() + 0.2
+        for _ in r.iter_raw():
+            if time.monotonic() > deadline:
+                break
+
+
+def _abandon_whole(http: httpx.Client, url: str, body: dict) -> None:
+    try:
+        http.post(url, json=body, timeout=0.2)
+    except httpx.TimeoutException:
+        pass
+
+
+def test_abandoned_requests_are_cancelled_in_the_engine(function):
+    # 16 generations of 460 tokens take about 2.5 s here when their clients stay.
+    body = {"model": "tiny", "messages": PROMPT, "max_tokens": 460, "temperature": 0, "ignore_eos": True}
+    # One client for all (making 16 clients at once costs the test process about a second of CPU).
+    http = httpx.Client(timeout=10, limits=httpx.Limits(max_connections=32))
+    threads = [threading.Thread(target=_abandon_stream, args=(http, function.url + CHAT, {**body, "stream": True}))
+               for _ in range(8)]
+    threads += [threading.Thread(target=_abandon_whole, args=(http, function.url + CHAT, body)) for _ in range(8)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    poll(lambda: function.metric("thaw_engine_requests") >= 8, timeout=2, interval=0.02, what="generations running")
+    for t in threads:
+        t.join(10)
+    http.close()
+    # Every generation leaves the engine as soon as its client is gone, long before it could finish.
+    poll(lambda: function.metric("thaw_engine_requests") == 0, timeout=1.0, interval=0.02, what="engine emptied")
+    assert time.monotonic() - started < 1.5
+    assert function.metric("thaw_requests_in_flight") == 0
+    t = time.monotonic()
+    r = requests.post(function.url + CHAT, json={"model": "tiny", "messages": PROMPT, "max_tokens": 8}, timeout=10)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    assert time.monotonic() - t < 1.0
+
+
+def test_concurrent_requests_batch_and_all_succeed(client):
+    results = []
+
+    def ask(i):
+        out = client.completions.create(model="tiny", prompt=f"p{i}", max_tokens=32, temperature=0)
+        results.append(out.usage.completion_tokens)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 12 and all(n >= 1 for n in results)
+
+
+def test_metrics(function):
+    text = requests.get(function.url + "/metrics", timeout=5).text
+    assert 'thaw_requests_total{route="/v1/chat/completions",status="200"}' in text
+    assert 'thaw_requests_total{route="/v1/chat/completions",status="400"}' in text
+    assert "thaw_time_to_first_token_seconds_count" in text
+    assert function.metric("thaw_generated_tokens_total") > 0
+    for phase in ("process_start", "imports", "weights", "engine_init", "warmup"):
+        assert f'thaw_start_phase_seconds{{phase="{phase}"}}' in text

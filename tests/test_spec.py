@@ -1,0 +1,68 @@
+"""The spec: validation errors name the file, the line, the path and the fix; the example is valid."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from thaw.spec import SpecError, parse_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(SpecError) as info:
+        parse_spec(text, "t.yaml")
+    return info.value.problems
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("models:\n  - name: Bad_Name\n    source: x\n", "t.yaml:2: models[0].name: 'Bad_Name' is not a DNS-1123 label"),
+    ("models:\n  - name: a\n", "t.yaml:2: models[0].source: required field is missing"),
+    ("models:\n  - name: a\n    source: x\n    colour: red\n", "t.yaml:4: models[0].colour: unknown field"),
+    ("models:\n  - name: a\n    source: http://x/y\n", "t.yaml:3: models[0].source: 'http://x/y': a source is s3://"),
+    ("models:\n  - name: a\n    source: x\n    scaling:\n      window: 2s\n",
+     "t.yaml:5: models[0].scaling.window: window must be between 6s and 3600s"),
+    ("models:\n  - name: a\n    source: x\n    scaling:\n      min-scale: 3\n      max-scale: 1\n",
+     "t.yaml:4: models[0].scaling: min-scale (3) must not exceed max-scale (1)"),
+    ("models:\n  - name: a\n    source: x\n    scaling:\n      panic-threshold-percentage: 50\n",
+     "models[0].scaling.panic-threshold-percentage: Input should be greater than or equal to 110"),
+    ("models:\n  - name: a\n    source: x\n    engine:\n      max_model_len: lots\n",
+     "t.yaml:5: models[0].engine.max_model_len: Input should be a valid integer"),
+    ("models:\n  - name: a\n    source: x\n    resources: {memory: 4 gigs}\n",
+     "models[0].resources.memory: '4 gigs' is not a Kubernetes quantity"),
+    ("models:\n  - name: a\n    source: x\n  - name: a\n    source: y\n", "model names must be unique; repeated: a"),
+    ("models: [\n", "t.yaml:2: not valid YAML"),
+    ("- a\n- b\n", "t.yaml:1: the spec must be a mapping"),
+])
+def test_validation_errors(text, expected):
+    assert any(expected in line for line in problems(text)), problems(text)
+
+
+def test_every_error_is_reported_at_once():
+    text = "models:\n  - name: X\n    source: x\n    containerConcurrency: -1\n    timeoutSeconds: 0\n"
+    assert len(problems(text)) == 3
+
+
+def test_knative_annotation_names_are_accepted_and_rendered():
+    spec = parse_spec("models:\n  - name: a\n    source: s3://bucket/p\n    scaling:\n"
+                      "      autoscaling.knative.dev/max-scale: 3\n      target: 10\n")
+    annotations = spec.models[0].scaling.annotations()
+    assert annotations["autoscaling.knative.dev/max-scale"] == "3"
+    assert annotations["autoscaling.knative.dev/min-scale"] == "0"
+    assert annotations["autoscaling.knative.dev/target-burst-capacity"] == "211"
+    assert annotations["autoscaling.knative.dev/window"] == "60s"
+
+
+def test_validate_command(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "thaw.cli", "validate", "-f", str(ROOT / "examples/thaw.yaml")],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    bad = tmp_path / "thaw.yaml"
+    bad.write_text("models:\n  - name: a\n    source: x\n    scaling: {max-scale: -2}\n")
+    out = subprocess.run([sys.executable, "-m", "thaw.cli", "validate", "-f", str(bad)], capture_output=True, text=True)
+    assert out.returncode == 1
+    assert f"{bad}:4: models[0].scaling.max-scale" in out.stderr.replace("\n", "")

@@ -1,0 +1,1 @@
+"""thaw: serverless LLM functions on Knative that start fast from zero."""

@@ -1,0 +1,1 @@
+"""Benchmarks: ours next to the peer in one run, printed as ratio tables."""

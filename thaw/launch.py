@@ -1,0 +1,118 @@
+"""Start and stop server processes on loopback: a function, or vLLM's own server for comparison.
+
+Each process gets its own session (so stopping it stops its engine-core and helper children too) and
+writes its output to a log file, never to a pipe: a leftover child holding a pipe open would hang us.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import closing
+from pathlib import Path
+
+import requests
+
+
+def free_port() -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    """The environment for a model server here: never a hub, a small CPU KV cache, no telemetry."""
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+                "DO_NOT_TRACK": "1", "VLLM_CPU_KVCACHE_SPACE": env.get("VLLM_CPU_KVCACHE_SPACE", "1")})
+    env.update(extra)
+    return env
+
+
+def function_command(model_dir: Path, served_name: str, port: int, engine_args: dict | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "thaw.cli", "function", "serve", "--model-dir", str(model_dir),
+           "--served-name", served_name, "--port", str(port)]
+    for key, value in (engine_args or {}).items():
+        cmd += ["--engine-arg", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
+    return cmd
+
+
+def vllm_server_command(model_dir: Path, served_name: str, port: int, engine_args: dict) -> list[str]:
+    """vLLM's own OpenAI server (what KServe's huggingfaceserver wraps), same engine arguments."""
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+           "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
+           "--disable-log-stats"]
+    for key, value in engine_args.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            cmd += [flag] if value else []
+        else:
+            cmd += [flag, str(value)]
+    return cmd
+
+
+class ServerProcess:
+    """A server launched in its own session; `launched_at` is wall-clock time just before exec."""
+
+    def __init__(self, cmd: list[str], log_path: Path, env: dict[str, str] | None = None, cwd: Path | None = None):
+        self.cmd = cmd
+        self.log_path = Path(log_path)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.launched_at = time.time()
+        env = dict(env or base_env())
+        env["THAW_LAUNCH_TIME"] = repr(self.launched_at)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env=env, cwd=cwd, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait_http(self, url: str, deadline_s: float, ok=lambda r: r.status_code == 200) -> requests.Response:
+        """Poll `url` until `ok`; raise with the log's tail if the process dies or time runs out."""
+        end = time.monotonic() + deadline_s
+        while time.monotonic() < end:
+            if not self.alive():
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                r = requests.get(url, timeout=2)
+                if ok(r):
+                    return r
+            except requests.RequestException:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"{url} not ready within {deadline_s:.0f}s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, grace_s: float = 20) -> int | None:
+        """SIGTERM the whole session, SIGKILL what is left after `grace_s`."""
+        if self.alive():
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # stragglers of the session, e.g. an engine core
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            return self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            return None

@@ -1,0 +1,368 @@
+"""The platform spec, `thaw.yaml`: one file that both the embedded plane and a Knative cluster run.
+
+Field names follow the ecosystems they come from: Kubernetes camelCase for object fields
+(`containerConcurrency`, `timeoutSeconds`), Knative's annotation names for scaling (`min-scale`,
+`target-burst-capacity`, ...; the full `autoscaling.knative.dev/...` key is accepted too), vLLM's
+engine argument names for the engine, and a KServe InferenceGraph `spec` for each graph, unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from thaw.durations import parse_duration
+
+DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+AUTOSCALING_PREFIX = "autoscaling.knative.dev/"
+
+
+class SpecModel(BaseModel):
+    """Base: unknown fields are errors (a typo must not silently fall back to a default)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _check_duration(value: str, low: float, high: float, what: str) -> str:
+    seconds = parse_duration(value)
+    if not low <= seconds <= high:
+        raise ValueError(f"{what} must be between {low:g}s and {high:g}s, got {value!r}")
+    return value
+
+
+class EngineArgs(SpecModel):
+    """vLLM engine arguments, under vLLM's own names."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    dtype: Literal["auto", "bfloat16", "float16", "half", "float32", "float"] = "auto"
+    max_model_len: int | None = Field(None, ge=16)
+    enforce_eager: bool = True
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    max_num_seqs: int | None = Field(None, ge=1)
+    seed: int | None = None
+    # CPU builds size the KV cache from VLLM_CPU_KVCACHE_SPACE (GiB); without it vLLM takes far too much.
+    kv_cache_gib: int = Field(1, ge=1)
+    # Where vLLM's engine core runs. "inproc": in the serving process (fastest start, the default);
+    # "mp": a separate process, overlapping HTTP work with model execution (see docs/function.md).
+    engine_core: Literal["inproc", "mp"] = "inproc"
+
+    def vllm_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for vllm.EngineArgs (thaw-only settings left out)."""
+        kwargs = self.model_dump(exclude={"kv_cache_gib", "engine_core"}, exclude_none=True)
+        return kwargs
+
+
+class Scaling(SpecModel):
+    """Knative autoscaling annotations, by their names, with Knative's defaults (config-autoscaler)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, alias_generator=_kebab)
+
+    min_scale: int = Field(0, ge=0)
+    max_scale: int = Field(0, ge=0, description="0 means unbounded")
+    initial_scale: int = Field(0, ge=0, description="thaw starts every model at zero unless told")
+    target: float | None = Field(None, ge=0.01, description="None: containerConcurrency, else 100")
+    target_utilization_percentage: float = Field(70, ge=1, le=100)
+    window: str = "60s"
+    panic_window_percentage: float = Field(10, ge=1, le=100)
+    panic_threshold_percentage: float = Field(200, ge=110, le=1000)
+    scale_down_delay: str = "0s"
+    scale_to_zero_pod_retention_period: str = "0s"
+    activation_scale: int = Field(1, ge=1)
+    target_burst_capacity: float = Field(211, ge=-1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _strip_annotation_prefix(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k.removeprefix(AUTOSCALING_PREFIX): v for k, v in data.items()}
+        return data
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, v: str) -> str:
+        return _check_duration(v, 6, 3600, "window")
+
+    @field_validator("scale_down_delay", "scale_to_zero_pod_retention_period")
+    @classmethod
+    def _delay(cls, v: str) -> str:
+        return _check_duration(v, 0, 3600, "this delay")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "Scaling":
+        if self.max_scale and self.min_scale > self.max_scale:
+            raise ValueError(f"min-scale ({self.min_scale}) must not exceed max-scale ({self.max_scale})")
+        if self.max_scale and self.initial_scale > self.max_scale:
+            raise ValueError(f"initial-scale ({self.initial_scale}) must not exceed max-scale ({self.max_scale})")
+        return self
+
+    def annotations(self) -> dict[str, str]:
+        """The Knative annotations, values as strings (what a Revision template carries)."""
+        values = self.model_dump(by_alias=True, exclude_none=True)
+        return {AUTOSCALING_PREFIX + k: _annotation_value(v) for k, v in values.items()}
+
+
+def _annotation_value(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+class Resources(SpecModel):
+    cpu: str | None = None
+    memory: str | None = None
+    gpu: int = Field(0, ge=0)
+
+    @field_validator("cpu", "memory")
+    @classmethod
+    def _quantity(cls, v: str | None) -> str | None:
+        if v is not None:
+            from kubernetes.utils import parse_quantity  # slow to import: only when a quantity is given
+
+            try:
+                parse_quantity(v)
+            except ValueError:
+                raise ValueError(f"{v!r} is not a Kubernetes quantity such as '2', '500m' or '8Gi'") from None
+        return v
+
+
+class CachePolicy(SpecModel):
+    pin: bool = False
+    prewarm: bool = True
+    tier: Literal["disk", "dram"] = "disk"
+
+
+class Model(SpecModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, protected_namespaces=())
+
+    name: str
+    source: str
+    servedName: str | None = None
+    engine: EngineArgs = EngineArgs()
+    scaling: Scaling = Scaling()
+    containerConcurrency: int = Field(0, ge=0, le=1000, description="0 means unlimited")
+    timeoutSeconds: int = Field(300, ge=1, le=3600)
+    resources: Resources = Resources()
+    cache: CachePolicy = CachePolicy()
+    standby: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _dns_label(cls, v: str) -> str:
+        if len(v) > 63 or not DNS1123_LABEL.match(v):
+            raise ValueError(
+                f"{v!r} is not a DNS-1123 label: use at most 63 lowercase letters, digits and '-', "
+                "starting and ending with a letter or digit"
+            )
+        return v
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        if "://" in v and not v.startswith("s3://"):
+            raise ValueError(f"{v!r}: a source is s3://bucket/prefix or a local path")
+        if v.startswith("s3://") and not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$", v):
+            raise ValueError(f"{v!r} is not s3://bucket/prefix with a valid bucket name")
+        return v
+
+    @property
+    def served_name(self) -> str:
+        return self.servedName or self.name
+
+
+class Gateway(SpecModel):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+
+
+class CacheTier(SpecModel):
+    path: str = ".thaw/cache"
+    capacity: str = "50Gi"
+
+    @field_validator("capacity")
+    @classmethod
+    def _capacity(cls, v: str) -> str:
+        Resources._quantity(v)
+        return v
+
+    @property
+    def capacity_bytes(self) -> int:
+        from kubernetes.utils import parse_quantity
+
+        return int(parse_quantity(self.capacity))
+
+
+class S3Origin(SpecModel):
+    endpointUrl: str | None = None
+    region: str | None = None
+    profile: str | None = None
+
+
+class Origin(SpecModel):
+    s3: S3Origin = S3Origin()
+
+
+class Platform(SpecModel):
+    namespace: str = "default"
+    gateway: Gateway = Gateway()
+    stateDir: str = ".thaw"
+    cache: CacheTier = CacheTier()
+    origin: Origin = Origin()
+
+
+class SubscriberRef(SpecModel):
+    kind: Literal["Model", "Graph", "Service"]
+    name: str
+    apiVersion: str | None = None
+
+
+class Destination(SpecModel):
+    """A Knative Destination: a URI, a reference, or both (the URI is then relative to the ref)."""
+
+    uri: str | None = None
+    ref: SubscriberRef | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "Destination":
+        if self.uri is None and self.ref is None:
+            raise ValueError("a destination needs a uri or a ref")
+        return self
+
+
+class Delivery(SpecModel):
+    retry: int | None = Field(None, ge=0)
+    backoffPolicy: Literal["linear", "exponential"] = "exponential"
+    backoffDelay: str | None = None
+    timeout: str | None = None
+    deadLetterSink: Destination | None = None
+
+
+class TriggerFilter(SpecModel):
+    attributes: dict[str, str] = {}
+
+
+class Trigger(SpecModel):
+    name: str
+    broker: str = "default"
+    filter: TriggerFilter | None = None
+    filters: list[dict[str, Any]] = []
+    subscriber: Destination
+    delivery: Delivery | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _dns_label(cls, v: str) -> str:
+        return Model._dns_label(v)
+
+
+class Spec(SpecModel):
+    platform: Platform = Platform()
+    models: list[Model] = []
+    # name -> the `spec` of a KServe InferenceGraph, kept as written.
+    graphs: dict[str, dict[str, Any]] = {}
+    triggers: list[Trigger] = []
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "Spec":
+        for what, names in (("model", [m.name for m in self.models]), ("trigger", [t.name for t in self.triggers])):
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"{what} names must be unique; repeated: {', '.join(dupes)}")
+        served = [m.served_name for m in self.models]
+        dupes = sorted({n for n in served if served.count(n) > 1})
+        if dupes:
+            raise ValueError(f"served names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    def model(self, name: str) -> Model:
+        for m in self.models:
+            if m.name == name or m.served_name == name:
+                return m
+        raise KeyError(name)
+
+
+class SpecError(Exception):
+    """A spec that cannot be used; `problems` holds one readable line per error."""
+
+    def __init__(self, path: str, problems: list[str]):
+        self.path = path
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def _line_index(node: yaml.Node, path: tuple = ()) -> dict[tuple, int]:
+    """Map each path in the YAML document (keys and list indexes) to its 1-based line."""
+    index = {path: node.start_mark.line + 1}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            child = path + (key.value,)
+            index[child] = key.start_mark.line + 1
+            index.update({k: v for k, v in _line_index(value, child).items() if k != child})
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            index.update(_line_index(item, path + (i,)))
+    return index
+
+
+def _format_loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _explain(error: dict) -> str:
+    kind, msg = error["type"], error["msg"]
+    if kind == "extra_forbidden":
+        return "unknown field: remove it or check its spelling"
+    if kind == "missing":
+        return "required field is missing: add it"
+    if kind == "value_error":
+        return msg.removeprefix("Value error, ")
+    value = error.get("input")
+    shown = f" (got {value!r})" if not isinstance(value, (dict, list)) else ""
+    return f"{msg}{shown}"
+
+
+def parse_spec(text: str, path: str = "thaw.yaml") -> Spec:
+    """Parse and validate spec text; raise SpecError naming file, line, field path and the fix."""
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        raise SpecError(path, [f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError(path, [f"{path}:1: the spec must be a mapping with platform, models, graphs, triggers"])
+    lines = _line_index(node) if node is not None else {}
+    try:
+        return Spec.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            loc = tuple(error["loc"])
+            known = next((loc[:n] for n in range(len(loc), -1, -1) if loc[:n] in lines), ())
+            line = lines.get(known, 1)
+            problems.append(f"{path}:{line}: {_format_loc(loc)}: {_explain(error)}")
+        raise SpecError(path, problems) from None
+
+
+def load_spec(path: str | Path) -> Spec:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(str(path), [f"{path}: cannot read: {exc.strerror}"]) from None
+    return parse_spec(text, str(path))
