@@ -1,0 +1,1 @@
+"""Serving backends: embedded (gateway, activator, KPA, supervisor) and cluster (render, validate, apply)."""

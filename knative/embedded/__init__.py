@@ -1,0 +1,1 @@
+"""The embedded serving plane: Knative Serving semantics on one machine."""

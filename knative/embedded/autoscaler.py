@@ -1,0 +1,209 @@
+"""Knative's KPA decision, as pure code: `Autoscaler.scale(observed, ready_pods, now) -> ScaleResult`.
+
+This reproduces knative/serving `pkg/autoscaler/scaling/autoscaler.go` `Scale()` and the metric target
+resolution of `pkg/reconciler/autoscaling/kpa/resources`: stable and panic windows over per-second
+concurrency averages, the panic threshold and panic mode holding its peak until a stable window has
+passed, the max scale-up and scale-down rates, the target times its utilisation, activation-scale,
+the scale-down-delay window, and the excess burst capacity that decides whether the activator stays in
+the request path. Bounds and scale-to-zero timing (min/max/initial scale, grace and retention periods)
+are applied after the decision by `bounded_scale`, as Knative's KPA scaler does.
+
+Nothing here reads a clock or a socket: time is a float of seconds passed in by the caller.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+TARGET_MIN = 0.01  # autoscaling.TargetMin
+
+
+@dataclass(frozen=True)
+class AutoscalerConfig:
+    """config-autoscaler: the cluster-wide defaults (Knative's names and values)."""
+
+    container_concurrency_target_default: float = 100
+    container_concurrency_target_percentage: float = 70
+    target_burst_capacity: float = 211
+    stable_window: float = 60
+    panic_window_percentage: float = 10
+    panic_threshold_percentage: float = 200
+    max_scale_up_rate: float = 1000
+    max_scale_down_rate: float = 2
+    enable_scale_to_zero: bool = True
+    scale_to_zero_grace_period: float = 30
+    scale_to_zero_pod_retention_period: float = 0
+    tick_interval: float = 2
+
+
+@dataclass(frozen=True)
+class DeciderSpec:
+    """One revision's resolved scaling settings (what Knative's MakeDecider builds)."""
+
+    target_value: float  # per-pod concurrency to aim for: target x utilisation
+    total_value: float  # per-pod capacity: the target before utilisation
+    target_burst_capacity: float
+    panic_threshold: float  # a ratio: 2.0 is 200 %
+    stable_window: float
+    panic_window: float
+    max_scale_up_rate: float = 1000
+    max_scale_down_rate: float = 2
+    scale_down_delay: float = 0
+    activation_scale: int = 1
+    reachable: bool = True
+
+
+def resolve_spec(scaling, container_concurrency: int, config: AutoscalerConfig = AutoscalerConfig()) -> DeciderSpec:
+    """Knative's ResolveMetricTarget + MakeDecider for the concurrency metric.
+
+    `scaling` is a `thaw.spec.Scaling` (or anything with the same attributes).
+    """
+    from thaw.durations import parse_duration
+
+    total = float(container_concurrency) or config.container_concurrency_target_default
+    if scaling.target is not None:
+        total = scaling.target
+        if 0 < container_concurrency < scaling.target:  # the target never exceeds the hard limit
+            total = float(container_concurrency)
+    utilisation = scaling.target_utilization_percentage / 100
+    stable = parse_duration(scaling.window)
+    return DeciderSpec(
+        target_value=max(TARGET_MIN, total * utilisation),
+        total_value=total,
+        target_burst_capacity=scaling.target_burst_capacity,
+        panic_threshold=scaling.panic_threshold_percentage / 100,
+        stable_window=stable,
+        panic_window=stable * scaling.panic_window_percentage / 100,
+        max_scale_up_rate=config.max_scale_up_rate,
+        max_scale_down_rate=config.max_scale_down_rate,
+        scale_down_delay=parse_duration(scaling.scale_down_delay),
+        activation_scale=scaling.activation_scale,
+    )
+
+
+class ConcurrencyWindow:
+    """Per-second buckets of average concurrency; the window average Knative's metric collector takes.
+
+    Like Knative's TimedFloat64Buckets.WindowAverage, a window only partly observed so far is averaged
+    over the observed span, and seconds without a report inside it count as zero.
+    """
+
+    def __init__(self, max_window: float):
+        self.max_window = max_window
+        self.buckets: dict[int, tuple[float, int]] = {}  # second -> (sum, count)
+        self.first: int | None = None
+        self.last: int | None = None
+
+    def record(self, now: float, concurrency: float) -> None:
+        second = int(math.floor(now))
+        total, count = self.buckets.get(second, (0.0, 0))
+        self.buckets[second] = (total + concurrency, count + 1)
+        if self.first is None:
+            self.first = second
+        self.last = second if self.last is None else max(self.last, second)
+        horizon = second - int(math.ceil(self.max_window)) - 1
+        for old in [s for s in self.buckets if s < horizon]:
+            del self.buckets[old]
+
+    def average(self, now: float, window: float) -> float | None:
+        """Average per-second concurrency over the last `window` seconds; None with no data."""
+        if self.first is None:
+            return None
+        now_s = int(math.floor(now))
+        span = min(max(1, int(round(window))), now_s - self.first + 1)
+        if span <= 0:
+            return None
+        seconds = range(now_s - span + 1, now_s + 1)
+        total = sum(self.buckets[s][0] / self.buckets[s][1] for s in seconds if s in self.buckets)
+        return total / span
+
+
+class MaxWindow:
+    """The largest value recorded within the last `window` seconds (Knative's delay window)."""
+
+    def __init__(self, window: float):
+        self.window = window
+        self.values: deque[tuple[float, int]] = deque()
+
+    def record(self, now: float, value: int) -> None:
+        while self.values and self.values[0][0] <= now - self.window:
+            self.values.popleft()
+        self.values.append((now, value))
+
+    def current(self) -> int:
+        return max(v for _, v in self.values)
+
+
+@dataclass(frozen=True)
+class ScaleResult:
+    desired: int  # -1 when there is no data to decide on (Knative's invalid result)
+    excess_burst_capacity: int
+    valid: bool
+    panicking: bool
+
+
+@dataclass
+class Autoscaler:
+    """The decider of one revision; its only state is panic mode and the delay window."""
+
+    spec: DeciderSpec
+    panic_time: float | None = None
+    max_panic_pods: int = 0
+    delay_window: MaxWindow | None = field(default=None)
+
+    def __post_init__(self):
+        if self.delay_window is None and self.spec.scale_down_delay > 0:
+            self.delay_window = MaxWindow(self.spec.scale_down_delay)
+
+    def scale(self, stable: float | None, panic: float | None, ready_pods: int, now: float) -> ScaleResult:
+        """One decision from the stable and panic window averages of observed concurrency."""
+        spec = self.spec
+        if stable is None or panic is None:
+            return ScaleResult(-1, 0, False, self.panic_time is not None)
+        ready = max(1.0, float(ready_pods))
+        max_up = spec.max_scale_up_rate * ready
+        max_down = math.floor(ready / spec.max_scale_down_rate) if spec.reachable else 0.0
+        dspc = math.ceil(stable / spec.target_value)
+        dppc = math.ceil(panic / spec.target_value)
+        desired_stable = int(min(max(dspc, max_down), max_up))
+        desired_panic = int(min(max(dppc, max_down), max_up))
+        if spec.activation_scale > 1:
+            if 0 < desired_stable < spec.activation_scale:
+                desired_stable = spec.activation_scale
+            if 0 < desired_panic < spec.activation_scale:
+                desired_panic = spec.activation_scale
+
+        over_threshold = dppc / ready >= spec.panic_threshold
+        if over_threshold:
+            self.panic_time = now  # begin panicking, or extend it
+        elif self.panic_time is not None and self.panic_time + spec.stable_window < now:
+            self.panic_time = None  # the surge has made its way into the stable window
+            self.max_panic_pods = 0
+
+        desired = desired_stable
+        if self.panic_time is not None:
+            desired = max(desired, desired_panic)
+            # No scaling down in panic mode: hold the peak.
+            self.max_panic_pods = max(self.max_panic_pods, desired)
+            desired = self.max_panic_pods
+
+        if self.delay_window is not None:
+            self.delay_window.record(now, desired)
+            desired = self.delay_window.current()
+
+        if spec.target_burst_capacity == 0:
+            excess = 0.0
+        elif spec.target_burst_capacity > 0:
+            excess = math.floor(ready_pods * spec.total_value - spec.target_burst_capacity - panic)
+        else:
+            excess = -1.0
+        return ScaleResult(desired, int(excess), True, self.panic_time is not None)
+
+
+def bounded_scale(desired: int, min_scale: int, max_scale: int) -> int:
+    """Knative's applyBounds: min-scale and max-scale (0 = unbounded) around a decision."""
+    if max_scale > 0:
+        desired = min(desired, max_scale)
+    return max(desired, min_scale)

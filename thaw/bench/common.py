@@ -1,0 +1,139 @@
+"""Pieces every benchmark shares: a streaming load generator, cold-start timing, ratio tables."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import aiohttp
+from rich.table import Table
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile, q in [0, 100]."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+@dataclass
+class StreamResult:
+    ok: bool
+    ttft: float = float("nan")
+    total: float = float("nan")
+    output_tokens: int = 0
+    error: str | None = None
+
+
+async def stream_chat(session: aiohttp.ClientSession, url: str, model: str, max_tokens: int,
+                      prompt: str = "Write a story about a lighthouse.") -> StreamResult:
+    """One streamed chat completion; time to first content token and the usage-counted tokens."""
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    ttft = None
+    tokens = 0
+    try:
+        async with session.post(url + "/v1/chat/completions", json=body) as r:
+            if r.status != 200:
+                return StreamResult(False, error=f"HTTP {r.status}: {(await r.text())[:200]}")
+            async for raw in r.content:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return StreamResult(False, error=chunk["error"]["message"])
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                if ttft is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                    ttft = time.perf_counter() - start
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        return StreamResult(False, error=f"{type(exc).__name__}: {exc}")
+    return StreamResult(ttft is not None, ttft if ttft is not None else float("nan"),
+                        time.perf_counter() - start, tokens)
+
+
+@dataclass
+class LoadResult:
+    clients: int
+    requests: int
+    failures: int
+    wall_seconds: float
+    output_tokens: int
+    tokens_per_second: float
+    ttft_p50: float
+    ttft_p95: float
+    errors: list[str] = field(default_factory=list)
+
+
+async def _load(url: str, model: str, clients: int, per_client: int, max_tokens: int, on_done) -> LoadResult:
+    timeout = aiohttp.ClientTimeout(total=600)
+    connector = aiohttp.TCPConnector(limit=clients * 2)
+    results: list[StreamResult] = []
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        async def client(i: int):
+            for j in range(per_client):
+                results.append(await stream_chat(session, url, model, max_tokens, f"Story {i}-{j}: a lighthouse."))
+                on_done()
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client(i) for i in range(clients)))
+        wall = time.perf_counter() - start
+    good = [r for r in results if r.ok]
+    tokens = sum(r.output_tokens for r in good)
+    ttfts = [r.ttft for r in good]
+    return LoadResult(clients, len(results), len(results) - len(good), wall, tokens, tokens / wall,
+                      percentile(ttfts, 50), percentile(ttfts, 95),
+                      sorted({r.error for r in results if r.error})[:5])
+
+
+def run_streaming_load(url: str, model: str, clients: int, per_client: int, max_tokens: int,
+                       on_done=lambda: None) -> LoadResult:
+    """`clients` concurrent streaming clients, each sending `per_client` requests one after another."""
+    return asyncio.run(_load(url, model, clients, per_client, max_tokens, on_done))
+
+
+def first_token_after_launch(server, ready_url: str, base_url: str, model: str, deadline_s: float = 600) -> dict:
+    """Poll readiness every 50 ms from launch, then stream one request: seconds to ready and to first token."""
+    server.wait_http(ready_url, deadline_s)
+    ready = time.time() - server.launched_at
+
+    async def one():
+        async with aiohttp.ClientSession() as session:
+            return await stream_chat(session, base_url, model, 16, "What is the capital of France?")
+
+    result = asyncio.run(one())
+    if not result.ok:
+        raise RuntimeError(f"first request failed: {result.error}")
+    return {"ready": ready, "first_token": ready + result.ttft}
+
+
+def ratio_table(title: str, rows: list[tuple[str, float, float, str]], ours: str, peer: str) -> Table:
+    """Rows of (metric, ours, peer, target) with ours/peer ratios."""
+    table = Table(title=title)
+    for col, justify in (("metric", "left"), (ours, "right"), (peer, "right"), ("ratio", "right"),
+                         ("target", "left")):
+        table.add_column(col, justify=justify)
+    for metric, a, b, target in rows:
+        table.add_row(metric, f"{a:.3f}", f"{b:.3f}", f"{a / b:.2f}x" if b else "-", target)
+    return table
+
+
+def write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o)))
+    tmp.replace(path)
+
+
+def mean(values: list[float]) -> float:
+    return statistics.fmean(values) if values else float("nan")
+
