@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from thaw.knative.embedded.autoscaler import (Autoscaler, ConcurrencyWindow, DeciderSpec, bounded_scale,
-                                              resolve_spec)
+                                              resolve_spec, scale_to_zero_gate)
 from thaw.spec import Scaling
 
 
@@ -101,3 +101,20 @@ def test_window_average_over_the_observed_span():
     w.record(102.1, 6)  # second 101 had no report: counts as zero
     assert w.average(102.5, 60) == pytest.approx((3 + 0 + 6) / 3)
     assert w.average(102.5, 1) == 6
+
+
+@pytest.mark.parametrize("desired,current,since,now,expected", [
+    (3, 2, 50.0, 100, (3, None)),  # active: the decision stands, inactivity resets
+    (0, 0, None, 100, (0, 100)),  # already at zero: stays there
+    (0, 1, None, 100, (1, 100)),  # just went inactive: keep one for the grace period
+    (0, 1, 100.0, 129, (1, 100.0)),  # still within 30 s
+    (0, 1, 100.0, 130, (0, 100.0)),  # grace over: zero
+])
+def test_scale_to_zero_gate(desired, current, since, now, expected):
+    assert scale_to_zero_gate(desired, current, since, now, grace=30, retention=0) == expected
+
+
+def test_pod_retention_period_outlasts_grace():
+    assert scale_to_zero_gate(0, 1, 0.0, 45, grace=30, retention=60) == (1, 0.0)
+    assert scale_to_zero_gate(0, 1, 0.0, 60, grace=30, retention=60) == (0, 0.0)
+    assert scale_to_zero_gate(0, 1, None, 0, grace=30, retention=0, enabled=False) == (1, None)

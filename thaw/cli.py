@@ -58,6 +58,37 @@ def parse_engine_args(pairs: list[str]) -> EngineArgs:
         raise typer.BadParameter("; ".join(problems), param_hint="--engine-arg") from None
 
 
+@app.command()
+def up(file: Path = typer.Option(Path("thaw.yaml"), "-f", "--file", help="The platform spec.")) -> None:
+    """Run the embedded platform in the foreground: gateway, activator, KPA autoscaler, replicas."""
+    from thaw.knative.embedded.up import run_up
+
+    try:
+        spec = load_spec(file)
+    except SpecError as exc:
+        _fail(exc.problems)
+    run_up(spec, file)
+
+
+@app.command()
+def status(
+    file: Path = typer.Option(Path("thaw.yaml"), "-f", "--file", help="The spec (for the gateway address)."),
+    url: Optional[str] = typer.Option(None, "--url", help="The gateway, if not the spec's."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    token: Optional[str] = typer.Option(None, "--token", envvar="THAW_TOKEN", help="Bearer token, if auth is on."),
+) -> None:
+    """Per model: revisions, replicas (starting/ready/draining), desired scale, panic, queue, weights."""
+    from thaw.status import show_status
+
+    if url is None:
+        try:
+            gateway = load_spec(file).platform.gateway
+        except SpecError as exc:
+            _fail(exc.problems)
+        url = f"http://{gateway.host}:{gateway.port}"
+    sys.exit(show_status(url, token, as_json, console))
+
+
 @function_app.command("serve")
 def function_serve(
     model_dir: Path = typer.Option(..., "--model-dir", exists=True, file_okay=False, help="Weights and tokenizer."),

@@ -141,6 +141,25 @@ class CachePolicy(SpecModel):
     tier: Literal["disk", "dram"] = "disk"
 
 
+class TrafficTarget(SpecModel):
+    """One entry of a Knative traffic block."""
+
+    revisionName: str | None = None
+    latestRevision: bool | None = None
+    percent: int | None = Field(None, ge=0, le=100)
+    tag: str | None = None
+
+    @model_validator(mode="after")
+    def _target(self) -> "TrafficTarget":
+        if self.latestRevision and self.revisionName:
+            raise ValueError("set either revisionName or latestRevision: true, not both")
+        if not self.latestRevision and not self.revisionName:
+            raise ValueError("a traffic target needs revisionName or latestRevision: true")
+        if self.tag is not None and not DNS1123_LABEL.match(self.tag):
+            raise ValueError(f"tag {self.tag!r} is not a DNS-1123 label")
+        return self
+
+
 class Model(SpecModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, protected_namespaces=())
 
@@ -154,6 +173,8 @@ class Model(SpecModel):
     resources: Resources = Resources()
     cache: CachePolicy = CachePolicy()
     standby: bool = True
+    # Knative's traffic block; empty means all traffic to the latest revision.
+    traffic: list[TrafficTarget] = []
 
     @field_validator("name")
     @classmethod
@@ -174,9 +195,21 @@ class Model(SpecModel):
             raise ValueError(f"{v!r} is not s3://bucket/prefix with a valid bucket name")
         return v
 
+    @model_validator(mode="after")
+    def _traffic(self) -> "Model":
+        if self.traffic:
+            from thaw.knative.embedded.revisions import validate_traffic
+
+            validate_traffic(self.traffic)
+        return self
+
     @property
     def served_name(self) -> str:
         return self.servedName or self.name
+
+    def revision_template(self) -> dict[str, Any]:
+        """What makes a revision: every setting but the name and the traffic block."""
+        return self.model_dump(mode="json", exclude={"name", "traffic"})
 
 
 class Gateway(SpecModel):
@@ -211,12 +244,49 @@ class Origin(SpecModel):
     s3: S3Origin = S3Origin()
 
 
+class Autoscaler(SpecModel):
+    """config-autoscaler: Knative's cluster-wide settings and defaults, by their names."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, alias_generator=_kebab)
+
+    tick_interval: str = "2s"
+    scale_to_zero_grace_period: str = "30s"
+    max_scale_up_rate: float = Field(1000, gt=1)
+    max_scale_down_rate: float = Field(2, gt=1)
+    enable_scale_to_zero: bool = True
+
+    @field_validator("tick_interval", "scale_to_zero_grace_period")
+    @classmethod
+    def _duration(cls, v: str) -> str:
+        return _check_duration(v, 0.01, 3600, "this setting")
+
+
+class Activator(SpecModel):
+    # Requests a revision may hold while it has no ready replica with room; more get 503.
+    queueDepth: int = Field(256, ge=1)
+    # How long a draining replica's SIGTERM may take before SIGKILL.
+    terminationGracePeriodSeconds: int = Field(10, ge=0)
+
+
+class Auth(SpecModel):
+    """Bearer tokens for the gateway. A file (YAML list of {token, models}) and/or an environment
+    variable ("tok" or "tok=model1|model2", comma-separated); no source means no auth."""
+
+    tokensFile: str | None = None
+    tokensEnv: str | None = None
+
+
 class Platform(SpecModel):
     namespace: str = "default"
     gateway: Gateway = Gateway()
     stateDir: str = ".thaw"
     cache: CacheTier = CacheTier()
     origin: Origin = Origin()
+    autoscaler: Autoscaler = Autoscaler()
+    activator: Activator = Activator()
+    auth: Auth = Auth()
+    # Where the serving plane sends revision lifecycle CloudEvents (ApiServerSource format).
+    eventSink: str | None = None
 
 
 class SubscriberRef(SpecModel):

@@ -207,3 +207,21 @@ def bounded_scale(desired: int, min_scale: int, max_scale: int) -> int:
     if max_scale > 0:
         desired = min(desired, max_scale)
     return max(desired, min_scale)
+
+
+def scale_to_zero_gate(desired: int, current: int, inactive_since: float | None, now: float, grace: float,
+                       retention: float, enabled: bool = True) -> tuple[int, float | None]:
+    """Knative's handleScaleToZero: a revision whose decision is 0 keeps one replica until it has been
+    inactive for the longer of the grace period and the pod-retention period.
+
+    Returns the scale to apply and the time the revision became inactive (None while active)."""
+    if desired != 0:
+        return desired, None
+    if not enabled:
+        return 1, None
+    since = now if inactive_since is None else inactive_since
+    if current == 0:
+        return 0, since
+    if now - since >= max(grace, retention):
+        return 0, since
+    return 1, since

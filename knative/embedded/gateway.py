@@ -1,0 +1,189 @@
+"""The gateway: per-model routes in front of the activators, streaming passed through chunk by chunk.
+
+Routes
+- `POST /v1/chat/completions`, `POST /v1/completions`: to the model named in the body's `model`.
+- `/models/<name>/...` and `/models/<name>@<tag>/...`: to that model (that tagged revision); the rest of
+  the path goes to the replica as is (`/models/m/v1/chat/completions`, `/models/m/` for CloudEvents).
+- `GET /v1/models`, `GET /v1/models/<id>`: every model and its state, without waking anything.
+- `GET /healthz`, `GET /thaw/v1/status` (what `thaw status` shows).
+Errors use OpenAI's error object: 404 unknown model, 401/403 auth, 503 queue full (with Retry-After),
+504 past timeoutSeconds, 502 when a replica dies under a request (a stream gets an error chunk and
+`data: [DONE]` instead, since its status has already gone out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import aiohttp
+from aiohttp import web
+
+from thaw.functions.protocol import error_body
+
+from .activator import QueueFull
+from .auth import AuthError, Authenticator
+from .plane import RevisionRuntime, ServingPlane, UnknownModel
+
+log = logging.getLogger("thaw.gateway")
+
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
+              "transfer-encoding", "upgrade", "host", "content-length", "authorization"}
+
+
+def _error(status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
+           param: str | None = None, headers: dict | None = None) -> web.Response:
+    return web.json_response(error_body(message, type, param, code), status=status, headers=headers)
+
+
+def _not_found(model: str) -> web.Response:
+    return _error(404, f"The model '{model}' does not exist", code="model_not_found", param="model")
+
+
+def _sse_error(message: str, code: str) -> bytes:
+    return (f"data: {json.dumps(error_body(message, 'server_error', None, code))}\n\n"
+            "data: [DONE]\n\n").encode()
+
+
+class Gateway:
+    def __init__(self, plane: ServingPlane, auth: Authenticator):
+        self.plane = plane
+        self.auth = auth
+        self.session: aiohttp.ClientSession | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=32 << 20)
+        app.router.add_post("/v1/chat/completions", self.by_body)
+        app.router.add_post("/v1/completions", self.by_body)
+        app.router.add_get("/v1/models", self.list_models)
+        app.router.add_get("/v1/models/{model:.+}", self.get_model)
+        app.router.add_route("*", "/models/{model}/{tail:.*}", self.by_path)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/thaw/v1/status", self.status)
+        app.on_startup.append(self._open)
+        app.on_cleanup.append(self._close)
+        return app
+
+    async def _open(self, app) -> None:
+        # No pool limit: the activator already bounds what each replica gets.
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=False),
+                                             auto_decompress=False)
+
+    async def _close(self, app) -> None:
+        await self.session.close()
+
+    # ---- routes ----------------------------------------------------------------------------------
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    async def status(self, request: web.Request) -> web.Response:
+        try:
+            self.auth.check(request.headers.get("Authorization"))
+        except AuthError as exc:
+            return _error(exc.status, str(exc), "authentication_error")
+        return web.json_response(self.plane.status())
+
+    def _card(self, model: dict) -> dict:
+        ready = sum(r["replicas"]["ready"] for r in model["revisions"])
+        return {"id": model["served_name"], "object": "model", "owned_by": "thaw",
+                "thaw": {"name": model["name"], "ready_replicas": ready,
+                         "state": "ready" if ready else "scaled-to-zero", "revisions": model["revisions"]}}
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        header = request.headers.get("Authorization")
+        try:
+            self.auth.check(header)
+        except AuthError as exc:
+            return _error(exc.status, str(exc), "authentication_error")
+        cards = [self._card(m) for m in self.plane.status()["models"]
+                 if self.auth.allowed(header, m["name"]) and any(r["percent"] for r in m["revisions"])]
+        return web.json_response({"object": "list", "data": cards})
+
+    async def get_model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        for model in self.plane.status()["models"]:
+            if name in (model["name"], model["served_name"]) and any(r["percent"] for r in model["revisions"]):
+                try:
+                    self.auth.check(request.headers.get("Authorization"), model["name"])
+                except AuthError as exc:
+                    return _error(exc.status, str(exc), "authentication_error")
+                return web.json_response(self._card(model))
+        return _not_found(name)
+
+    async def by_body(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        try:
+            model = json.loads(body).get("model")
+        except (ValueError, AttributeError):
+            return _error(400, "We could not parse the JSON body of your request", code="invalid_json")
+        if not isinstance(model, str) or not model:
+            return _error(400, "Missing required parameter: 'model'", code="missing_required_parameter",
+                          param="model")
+        return await self._forward(request, model, None, request.path, body)
+
+    async def by_path(self, request: web.Request) -> web.StreamResponse:
+        model, _, tag = request.match_info["model"].partition("@")
+        path = "/" + request.match_info["tail"]
+        return await self._forward(request, model, tag or None, path, await request.read())
+
+    # ---- forwarding ------------------------------------------------------------------------------
+
+    async def _forward(self, request: web.Request, model: str, tag: str | None, path: str,
+                       body: bytes) -> web.StreamResponse:
+        try:
+            rev = self.plane.route(model, tag)
+            self.auth.check(request.headers.get("Authorization"), rev.model.name)
+        except UnknownModel:
+            return _not_found(model if tag is None else f"{model}@{tag}")
+        except AuthError as exc:
+            return _error(exc.status, str(exc), "authentication_error" if exc.status == 401 else "permission_error")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + rev.model.timeoutSeconds
+        try:
+            replica = await self.plane.acquire(rev, rev.model.timeoutSeconds)
+        except QueueFull:
+            return _error(503, f"Too many requests are waiting for '{model}'; retry shortly", "server_error",
+                          code="queue_full", headers={"Retry-After": "1"})
+        except asyncio.TimeoutError:
+            return _error(504, f"No replica of '{model}' could take the request within "
+                               f"{rev.model.timeoutSeconds}s", "server_error", code="timeout")
+        try:
+            return await self._proxy(request, rev, replica, path, body, deadline - loop.time())
+        finally:
+            self.plane.release(rev, replica)
+
+    async def _proxy(self, request: web.Request, rev: RevisionRuntime, replica, path: str, body: bytes,
+                     remaining: float) -> web.StreamResponse:
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        url = replica.url + path + (f"?{request.query_string}" if request.query_string else "")
+        response: web.StreamResponse | None = None
+        try:
+            async with self.session.request(request.method, url, data=body, headers=headers,
+                                            timeout=aiohttp.ClientTimeout(total=max(0.001, remaining))) as upstream:
+                out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
+                out_headers["X-Thaw-Revision"] = rev.name
+                if not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+                    return web.Response(body=await upstream.read(), status=upstream.status, headers=out_headers)
+                response = web.StreamResponse(status=upstream.status, headers=out_headers)
+                await response.prepare(request)
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+                await response.write_eof()
+                return response
+        except ConnectionResetError:  # our client left; leaving the block closed the upstream request too
+            return response or web.Response(status=499)
+        except asyncio.TimeoutError:
+            message, code, status = f"The request ran past timeoutSeconds ({rev.model.timeoutSeconds}s)", "timeout", 504
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            message, code, status = (f"The replica serving '{rev.model.name}' went away mid-request ({type(exc).__name__})",
+                                     "replica_failed", 502)
+        if response is None:
+            return _error(status, message, "server_error", code=code)
+        try:
+            await response.write(_sse_error(message, code))
+            await response.write_eof()
+        except (ConnectionError, RuntimeError):
+            pass
+        return response

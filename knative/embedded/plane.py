@@ -1,0 +1,388 @@
+"""The embedded serving plane: revisions, their activators and autoscalers, and the replicas they run.
+
+One asyncio loop does it all. Every 100 ms each revision's concurrency (requests at its replicas plus
+requests waiting in its activator) is sampled into per-second buckets; every tick (2 s by default) the
+KPA decides each revision's scale from the stable and panic window averages; a request arriving at a
+revision with nothing running pokes its decision at once, so 0 -> 1 never waits for a tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from thaw.durations import parse_duration
+from thaw.spec import Model, Spec, SpecError, load_spec
+
+from . import lifecycle
+from .activator import Activator
+from .autoscaler import (Autoscaler, AutoscalerConfig, ConcurrencyWindow, bounded_scale, resolve_spec,
+                         scale_to_zero_gate)
+from .revisions import Route, RevisionHistory, pick_revision, resolve_traffic, tagged_revision
+from .supervisor import Replica, Supervisor, start_standby
+
+log = logging.getLogger("thaw.plane")
+
+SAMPLE_INTERVAL = 0.1
+PROGRESS_DEADLINE = 600  # seconds a replica may take to become ready (Knative's progress-deadline)
+
+
+class UnknownModel(KeyError):
+    pass
+
+
+@dataclass(eq=False)
+class RevisionRuntime:
+    name: str
+    model: Model  # the revision's own snapshot of the model's settings
+    generation: int
+    activator: Activator
+    autoscaler: Autoscaler
+    window: ConcurrencyWindow
+    desired: int
+    replicas: list[Replica] = field(default_factory=list)
+    launching: int = 0
+    routable: bool = True
+    inactive_since: float | None = None
+    initial_reached: bool = False
+    panicking: bool = False
+    excess_burst_capacity: int = 0
+    last_reported: tuple = ()
+
+    def count(self, *states: str) -> int:
+        return sum(1 for r in self.replicas if r.state in states)
+
+    @property
+    def ready(self) -> list[Replica]:
+        return [r for r in self.replicas if r.state == "ready"]
+
+    @property
+    def concurrency(self) -> int:
+        return self.activator.in_flight + self.activator.queued
+
+
+@dataclass(eq=False)
+class ModelRuntime:
+    model: Model
+    revisions: dict[str, RevisionRuntime] = field(default_factory=dict)
+    routes: list[Route] = field(default_factory=list)
+
+
+def model_dir(model: Model) -> Path:
+    """Where a replica loads the weights from (the cache tier takes this over for s3:// sources)."""
+    if model.source.startswith("s3://"):
+        raise ValueError(f"{model.name}: s3:// sources are staged by the cache tier")
+    return Path(model.source).resolve()
+
+
+class ServingPlane:
+    def __init__(self, spec: Spec, spec_path: Path | None = None, use_standby: bool | None = None):
+        self.spec = spec
+        self.spec_path = spec_path
+        self.state_dir = Path(spec.platform.stateDir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.models: dict[str, ModelRuntime] = {}
+        self.history = RevisionHistory(self.state_dir / "revisions.json")
+        self.use_standby = any(m.standby for m in spec.models) if use_standby is None else use_standby
+        self.standby = None
+        self.supervisor: Supervisor | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self.events = lifecycle.LifecycleEmitter(spec.platform.eventSink, spec.platform.namespace)
+        self._tasks: list[asyncio.Task] = []
+        self._replica_tasks: set[asyncio.Task] = set()
+        self._spec_mtime = spec_path.stat().st_mtime if spec_path else None
+        self.stopping = False
+
+    # ---- configuration ---------------------------------------------------------------------------
+
+    @property
+    def config(self) -> AutoscalerConfig:
+        a = self.spec.platform.autoscaler
+        return AutoscalerConfig(max_scale_up_rate=a.max_scale_up_rate, max_scale_down_rate=a.max_scale_down_rate,
+                                enable_scale_to_zero=a.enable_scale_to_zero,
+                                scale_to_zero_grace_period=parse_duration(a.scale_to_zero_grace_period),
+                                tick_interval=parse_duration(a.tick_interval))
+
+    def apply_spec(self, spec: Spec) -> None:
+        """Make the running plane match a spec: new revisions for changed models, traffic re-split,
+        revisions without traffic (and removed models) drained to zero."""
+        self.spec = spec
+        wanted = {m.name for m in spec.models}
+        for model in spec.models:
+            runtime = self.models.setdefault(model.name, ModelRuntime(model))
+            runtime.model = model
+            revisions, created = self.history.sync(model.name, model.revision_template())
+            latest = revisions[-1]
+            if latest["name"] not in runtime.revisions:
+                rev = self._new_revision(model, latest["name"], len(revisions))
+                runtime.revisions[rev.name] = rev
+                self.events.emit("dev.knative.apiserver.resource.add", self._revision_object(rev))
+                log.info("revision %s %s", rev.name, "created" if created else "restored")
+            for entry in revisions:  # traffic may name older revisions still in the history
+                if entry["name"] not in runtime.revisions and any(
+                        t.revisionName == entry["name"] for t in model.traffic):
+                    old = Model.model_validate({"name": model.name, **entry["template"]})
+                    runtime.revisions[entry["name"]] = self._new_revision(old, entry["name"], revisions.index(entry) + 1)
+            runtime.routes = resolve_traffic(model.traffic, latest["name"], set(runtime.revisions))
+            routed = {r.revision for r in runtime.routes}
+            for rev in runtime.revisions.values():
+                rev.routable = rev.name in routed
+        for name, runtime in self.models.items():
+            if name not in wanted:
+                runtime.routes = []
+                for rev in runtime.revisions.values():
+                    rev.routable = False
+
+    def _new_revision(self, model: Model, name: str, generation: int) -> RevisionRuntime:
+        decider = resolve_spec(model.scaling, model.containerConcurrency, self.config)
+        initial = bounded_scale(model.scaling.initial_scale, model.scaling.min_scale, model.scaling.max_scale)
+        return RevisionRuntime(
+            name=name, model=model, generation=generation,
+            activator=Activator(self.spec.platform.activator.queueDepth, model.containerConcurrency),
+            autoscaler=Autoscaler(decider), window=ConcurrencyWindow(decider.stable_window),
+            desired=initial, initial_reached=initial == 0)
+
+    def _revision_object(self, rev: RevisionRuntime) -> dict[str, Any]:
+        return lifecycle.revision_object(
+            rev.name, rev.model.name, self.spec.platform.namespace,
+            rev.model.revision_template(), rev.generation,
+            lifecycle.revision_status(len(rev.ready), rev.desired), self.events.uid(rev.name))
+
+    # ---- routing ---------------------------------------------------------------------------------
+
+    def find_model(self, name: str) -> ModelRuntime:
+        for runtime in self.models.values():
+            if runtime.routes and name in (runtime.model.name, runtime.model.served_name):
+                return runtime
+        raise UnknownModel(name)
+
+    def route(self, model: str, tag: str | None = None) -> RevisionRuntime:
+        runtime = self.find_model(model)
+        if tag is not None:
+            name = tagged_revision(runtime.routes, tag)
+            if name is None:
+                raise UnknownModel(f"{model}@{tag}")
+        else:
+            name = pick_revision(runtime.routes, random.uniform(0, 100))
+        return runtime.revisions[name]
+
+    async def acquire(self, rev: RevisionRuntime, timeout: float) -> Replica:
+        if not rev.ready and rev.launching + rev.count("starting") == 0:
+            self._poke(rev)
+        return await rev.activator.acquire(timeout)
+
+    def release(self, rev: RevisionRuntime, replica: Replica) -> None:
+        rev.activator.release(replica)
+
+    def _poke(self, rev: RevisionRuntime) -> None:
+        """What Knative's activator does for a revision at zero: report load now, decide now."""
+        now = time.time()
+        rev.window.record(now, rev.concurrency + 1)
+        self._decide(rev, now)
+        self._reconcile(rev)
+
+    # ---- the loops -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession()
+        self.supervisor = Supervisor(self.state_dir, None)
+        if self.use_standby:
+            self.standby, socket_path = start_standby(self.state_dir)
+            self.supervisor.standby_socket = socket_path
+        self.events.start()
+        self.apply_spec(self.spec)
+        for coro in (self._tick_loop(), self._sample_loop(), self._liveness_loop(), self._watch_spec_loop()):
+            self._tasks.append(asyncio.create_task(coro))
+        for runtime in self.models.values():
+            for rev in runtime.revisions.values():
+                self._reconcile(rev)
+
+    async def stop(self) -> None:
+        self.stopping = True
+        for task in self._tasks + list(self._replica_tasks):
+            task.cancel()
+        replicas = [r for m in self.models.values() for rev in m.revisions.values() for r in rev.replicas
+                    if r.state != "stopped"]
+        grace = self.spec.platform.activator.terminationGracePeriodSeconds
+        await asyncio.gather(*(self.supervisor.stop(r, grace) for r in replicas), return_exceptions=True)
+        if self.standby is not None:
+            self.standby.terminate()
+            try:
+                await asyncio.wait_for(asyncio.to_thread(self.standby.wait), 10)
+            except asyncio.TimeoutError:
+                self.standby.kill()
+        await self.events.stop()
+        await self.session.close()
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.tick_interval)
+            now = time.time()
+            for rev in self._revisions():
+                self._decide(rev, now)
+                self._reconcile(rev)
+
+    async def _sample_loop(self) -> None:
+        while True:
+            now = time.time()
+            for rev in self._revisions():
+                rev.window.record(now, rev.concurrency)
+            await asyncio.sleep(SAMPLE_INTERVAL)
+
+    async def _liveness_loop(self) -> None:
+        while True:
+            for rev in self._revisions():
+                for replica in list(rev.replicas):
+                    if replica.state in ("ready", "draining") and not replica.alive():
+                        log.warning("replica %s died", replica.id)
+                        self._forget(rev, replica, "dead")
+                        self._reconcile(rev)
+            await asyncio.sleep(0.1)
+
+    async def _watch_spec_loop(self) -> None:
+        while self.spec_path is not None:
+            await asyncio.sleep(1)
+            try:
+                mtime = self.spec_path.stat().st_mtime
+            except OSError:
+                continue
+            if mtime == self._spec_mtime:
+                continue
+            self._spec_mtime = mtime
+            try:
+                spec = load_spec(self.spec_path)
+            except SpecError as exc:
+                log.error("spec change ignored:\n%s", "\n".join(exc.problems))
+                continue
+            log.info("spec changed: applying")
+            self.apply_spec(spec)
+            for rev in self._revisions():
+                self._reconcile(rev)
+
+    def _revisions(self) -> list[RevisionRuntime]:
+        return [rev for m in self.models.values() for rev in m.revisions.values()]
+
+    # ---- decide and reconcile --------------------------------------------------------------------
+
+    def _decide(self, rev: RevisionRuntime, now: float) -> None:
+        model = rev.model
+        if not rev.routable:
+            rev.desired = 0
+            return
+        spec = rev.autoscaler.spec
+        ready = len(rev.ready)
+        result = rev.autoscaler.scale(rev.window.average(now, spec.stable_window),
+                                      rev.window.average(now, spec.panic_window), ready, now)
+        rev.panicking = result.panicking
+        rev.excess_burst_capacity = result.excess_burst_capacity
+        desired = result.desired if result.valid else rev.desired
+        desired = bounded_scale(desired, model.scaling.min_scale, model.scaling.max_scale)
+        if not rev.initial_reached:
+            if ready >= rev.desired:
+                rev.initial_reached = True
+            else:
+                desired = max(desired, rev.desired)
+        config = self.config
+        current = ready + rev.count("starting") + rev.launching
+        desired, rev.inactive_since = scale_to_zero_gate(
+            desired, current, rev.inactive_since, now, config.scale_to_zero_grace_period,
+            parse_duration(model.scaling.scale_to_zero_pod_retention_period), config.enable_scale_to_zero)
+        rev.desired = desired
+
+    def _reconcile(self, rev: RevisionRuntime) -> None:
+        if self.stopping:
+            return
+        running = rev.launching + rev.count("starting", "ready")
+        for _ in range(rev.desired - running):
+            self._spawn(rev)
+        if running > rev.desired:
+            extra = running - rev.desired
+            candidates = sorted((r for r in rev.replicas if r.state in ("starting", "ready")),
+                                key=lambda r: (r.state == "ready", r.in_flight))
+            for replica in candidates[:extra]:
+                self._track(self._drain(rev, replica))
+        self._report(rev)
+
+    def _report(self, rev: RevisionRuntime) -> None:
+        state = (len(rev.ready), rev.desired)
+        if state != rev.last_reported:
+            rev.last_reported = state
+            self.events.emit("dev.knative.apiserver.resource.update", self._revision_object(rev))
+
+    def _spawn(self, rev: RevisionRuntime) -> None:
+        rev.launching += 1
+        self._track(self._run_replica(rev))
+
+    def _track(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._replica_tasks.add(task)
+        task.add_done_callback(self._replica_tasks.discard)
+
+    async def _run_replica(self, rev: RevisionRuntime) -> None:
+        try:
+            replica = await self.supervisor.start(rev.name, rev.model, model_dir(rev.model), {})
+        except Exception:  # noqa: BLE001 - a failed launch is retried by the next reconcile
+            log.exception("could not start a replica of %s", rev.name)
+            return
+        finally:
+            rev.launching -= 1
+        rev.replicas.append(replica)
+        ok = await self.supervisor.wait_ready(replica, self.session, PROGRESS_DEADLINE)
+        if ok and replica.state == "starting":
+            replica.state = "ready"
+            rev.activator.add_replica(replica)
+            log.info("replica %s ready after %.2fs", replica.id, replica.ready_at - replica.started_at)
+            self._report(rev)
+        elif replica.state == "starting":
+            log.error("replica %s never became ready; see %s", replica.id, replica.log_path)
+            self._forget(rev, replica, "dead")
+            await self.supervisor.stop(replica, 0)
+            await asyncio.sleep(1)  # do not spin on a replica that cannot start
+            self._reconcile(rev)
+
+    async def _drain(self, rev: RevisionRuntime, replica: Replica) -> None:
+        """No new requests; in-flight ones (streams too) get up to timeoutSeconds; then stop it."""
+        replica.state = "draining"
+        rev.activator.remove_replica(replica)
+        end = time.monotonic() + rev.model.timeoutSeconds
+        while replica.in_flight > 0 and time.monotonic() < end and replica.alive():
+            await asyncio.sleep(0.05)
+        await self.supervisor.stop(replica, self.spec.platform.activator.terminationGracePeriodSeconds)
+        self._forget(rev, replica, "stopped")
+        self._report(rev)
+
+    def _forget(self, rev: RevisionRuntime, replica: Replica, state: str) -> None:
+        replica.state = state
+        rev.activator.remove_replica(replica)
+        if replica in rev.replicas:
+            rev.replicas.remove(replica)
+
+    # ---- status ----------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        models = []
+        for name, runtime in self.models.items():
+            percents = {r.revision: (r.percent, r.tag) for r in runtime.routes}
+            revisions = []
+            for rev in runtime.revisions.values():
+                percent, tag = percents.get(rev.name, (0, None))
+                revisions.append({
+                    "name": rev.name, "percent": percent, "tag": tag, "desired": rev.desired,
+                    "replicas": {s: rev.count(s) + (rev.launching if s == "starting" else 0)
+                                 for s in ("starting", "ready", "draining")},
+                    "panic": rev.panicking, "queue": rev.activator.queued, "in_flight": rev.activator.in_flight,
+                    "excess_burst_capacity": rev.excess_burst_capacity,
+                    "last_start_phases": next((r.phases for r in reversed(rev.replicas) if r.phases), {}),
+                    "pods": [{"id": r.id, "pid": r.pid, "port": r.port, "state": r.state, "in_flight": r.in_flight,
+                              "standby": r.via_standby} for r in rev.replicas],
+                })
+            models.append({"name": name, "served_name": runtime.model.served_name,
+                           "weights": str(runtime.model.source), "revisions": revisions})
+        return {"models": models, "standby": bool(self.supervisor and self.supervisor.standby_ready())}

@@ -1,0 +1,91 @@
+"""Revisions and traffic, the Knative way.
+
+A revision is an immutable snapshot of a model's serving settings, named `<model>-00001`, `-00002`...
+A change of any setting but the traffic block makes a new one. The traffic block is validated as
+Knative's webhook does (percents sum to 100, tags unique, targets exist) and splits requests by percent;
+tags give each target a route of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+
+def revision_name(model: str, number: int) -> str:
+    return f"{model}-{number:05d}"
+
+
+def validate_traffic(targets: Iterable) -> None:
+    """Raise ValueError as Knative's validation would for a traffic block."""
+    targets = list(targets)
+    total = sum(t.percent or 0 for t in targets)
+    if total != 100:
+        raise ValueError(f"traffic percents must sum to 100, got {total}")
+    tags = [t.tag for t in targets if t.tag]
+    dupes = sorted({t for t in tags if tags.count(t) > 1})
+    if dupes:
+        raise ValueError(f"traffic tags must be unique; repeated: {', '.join(dupes)}")
+
+
+@dataclass(frozen=True)
+class Route:
+    revision: str
+    percent: int
+    tag: str | None
+
+
+def resolve_traffic(targets: list, latest: str, known: set[str]) -> list[Route]:
+    """The routes of a traffic block; no block means 100 % to the latest revision."""
+    if not targets:
+        return [Route(latest, 100, None)]
+    routes = []
+    for t in targets:
+        name = latest if t.latestRevision else t.revisionName
+        if name not in known:
+            raise ValueError(f"traffic targets revision {name!r}, which does not exist (known: {sorted(known)})")
+        routes.append(Route(name, t.percent or 0, t.tag))
+    return routes
+
+
+def pick_revision(routes: list[Route], draw: float) -> str:
+    """The revision for an untagged request; `draw` is uniform in [0, 100)."""
+    cumulative = 0
+    weighted = [r for r in routes if r.percent > 0]
+    for route in weighted:
+        cumulative += route.percent
+        if draw < cumulative:
+            return route.revision
+    return weighted[-1].revision
+
+
+def tagged_revision(routes: list[Route], tag: str) -> str | None:
+    return next((r.revision for r in routes if r.tag == tag), None)
+
+
+class RevisionHistory:
+    """Every revision ever made, per model, kept in the state dir so numbering survives restarts."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.data: dict[str, list[dict[str, Any]]] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def sync(self, model: str, template: dict[str, Any]) -> tuple[list[dict[str, Any]], bool]:
+        """The model's revisions, with a new one appended if its template changed; and whether it did."""
+        revisions = self.data.setdefault(model, [])
+        if revisions and revisions[-1]["template"] == template:
+            return revisions, False
+        revisions.append({"name": revision_name(model, len(revisions) + 1), "template": template,
+                          "created": time.time()})
+        self._save()
+        return revisions, True
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        os.replace(tmp, self.path)

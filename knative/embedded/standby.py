@@ -1,0 +1,134 @@
+"""The standby: a process that has already imported torch, vLLM and the function, and forks replicas.
+
+A replica launched cold spends most of its start importing (about 7 s here). The standby pays that once,
+ahead of time; a replica forked from it starts at engine init. It holds no engine and no GPU context
+(importing torch does not create one), so a fork is safe on a GPU node too.
+
+Protocol: a Unix socket; one JSON request per connection, {"argv": [...], "env": {...}, "log": path},
+answered with {"pid": N} or {"error": "..."}. `argv` is the `thaw` command line the replica runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask Linux to signal this process when its parent dies, so nothing outlives the plane."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
+    except OSError:
+        pass
+
+
+def preload() -> float:
+    """Import what every replica needs before its engine starts; returns the seconds it took."""
+    start = time.perf_counter()
+    import gunicorn.app.base  # noqa: F401
+    import torch  # noqa: F401
+    import vllm  # noqa: F401
+    from vllm.engine.llm_engine import LLMEngine  # noqa: F401
+
+    import thaw.cli  # noqa: F401
+    import thaw.functions.app  # noqa: F401
+    import thaw.functions.serve  # noqa: F401
+
+    return time.perf_counter() - start
+
+
+def _reap(signum, frame) -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _run_replica(argv: list[str], env: dict[str, str], log: str) -> None:
+    """In the forked child: a session of its own, output to the log, then the `thaw` command."""
+    code = 1
+    try:
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        os.setsid()
+        die_with_parent()
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.environ.clear()
+        os.environ.update(env)
+        os.environ["THAW_FORKED_FROM_STANDBY"] = "1"
+        from thaw.cli import app
+
+        try:
+            app(args=argv, prog_name="thaw")
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def serve_standby(socket_path: Path) -> None:
+    """Preload, then fork a replica for each request on the socket, until terminated."""
+    die_with_parent()
+    seconds = preload()
+    socket_path = Path(socket_path)
+    socket_path.unlink(missing_ok=True)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(socket_path))
+    server.listen(16)
+    signal.signal(signal.SIGCHLD, _reap)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    print(f"standby ready: preloaded in {seconds:.2f}s, pid {os.getpid()}", flush=True)
+    try:
+        while True:
+            conn, _ = server.accept()
+            with conn:
+                try:
+                    request = json.loads(conn.makefile("rb").readline())
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    pid = os.fork()
+                    if pid == 0:
+                        server.close()
+                        conn.close()
+                        _run_replica(request["argv"], request["env"], request["log"])
+                    conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+                except (ValueError, KeyError, OSError) as exc:
+                    conn.sendall(json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode() + b"\n")
+    finally:
+        server.close()
+        socket_path.unlink(missing_ok=True)
+
+
+def spawn_from_standby(socket_path: Path, argv: list[str], env: dict[str, str], log: Path,
+                       timeout: float = 10) -> int:
+    """Ask the standby for a replica; returns its pid (a session leader: kill its group to stop it)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(socket_path))
+        s.sendall(json.dumps({"argv": argv, "env": env, "log": str(log)}).encode() + b"\n")
+        answer = json.loads(s.makefile("rb").readline())
+    if "error" in answer:
+        raise RuntimeError(f"standby could not fork a replica: {answer['error']}")
+    return int(answer["pid"])
+
+
+if __name__ == "__main__":
+    serve_standby(Path(sys.argv[1]))

@@ -1,0 +1,152 @@
+"""Replicas as real processes: start (cold, or forked from the standby), probe, drain, stop, replace.
+
+Each replica is the function under gunicorn on a free loopback port, in a session of its own so that
+stopping it stops its whole tree. It gets traffic only after /readyz answers 200, probed every 25 ms as
+Knative's queue-proxy probes a starting container.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import psutil
+
+from thaw.launch import base_env, free_port, function_command
+from thaw.spec import Model
+
+from .standby import die_with_parent, spawn_from_standby
+
+log = logging.getLogger("thaw.supervisor")
+
+PROBE_INTERVAL = 0.025
+
+
+@dataclass(eq=False)
+class Replica:
+    id: str
+    revision: str
+    port: int
+    pid: int
+    via_standby: bool
+    log_path: Path
+    state: str = "starting"  # starting -> ready -> draining -> stopped; any -> dead
+    in_flight: int = 0
+    started_at: float = field(default_factory=time.time)
+    ready_at: float | None = None
+    phases: dict = field(default_factory=dict)
+    popen: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def alive(self) -> bool:
+        if self.popen is not None:
+            return self.popen.poll() is None
+        try:
+            return psutil.Process(self.pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+
+class Supervisor:
+    def __init__(self, state_dir: Path, standby_socket: Path | None):
+        self.log_dir = Path(state_dir) / "logs"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.standby_socket = standby_socket
+        self._ids = itertools.count(1)
+
+    def standby_ready(self) -> bool:
+        return self.standby_socket is not None and self.standby_socket.exists()
+
+    async def start(self, revision: str, model: Model, model_dir: Path, extra_env: dict[str, str]) -> Replica:
+        """Launch a replica of `revision`; it is `starting` until its readiness probe passes."""
+        port = free_port()
+        rid = f"{revision}-{next(self._ids)}"
+        log_path = self.log_dir / f"{rid}.log"
+        engine_args = model.engine.model_dump(exclude_none=True)
+        cmd = function_command(model_dir, model.served_name, port, engine_args)
+        env = base_env(VLLM_CPU_KVCACHE_SPACE=str(model.engine.kv_cache_gib), THAW_REVISION=revision,
+                       THAW_LAUNCH_TIME=repr(time.time()), **extra_env)
+        if model.standby and self.standby_ready():
+            argv = cmd[cmd.index("thaw.cli") + 1:]
+            pid = await asyncio.to_thread(spawn_from_standby, self.standby_socket, argv, env, log_path)
+            replica = Replica(rid, revision, port, pid, True, log_path)
+        else:
+            with open(log_path, "ab") as out:
+                popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env=env, start_new_session=True, preexec_fn=die_with_parent)
+            replica = Replica(rid, revision, port, popen.pid, False, log_path, popen=popen)
+        log.info("replica %s starting on port %d (%s)", rid, port, "forked from standby" if replica.via_standby
+                 else "cold process")
+        return replica
+
+    async def wait_ready(self, replica: Replica, session: aiohttp.ClientSession, deadline_s: float) -> bool:
+        """Probe /readyz until 200 (True), the process dies or the deadline passes (False)."""
+        end = time.monotonic() + deadline_s
+        timeout = aiohttp.ClientTimeout(total=2)
+        while time.monotonic() < end and replica.state == "starting":
+            if not replica.alive():
+                return False
+            try:
+                async with session.get(replica.url + "/readyz", timeout=timeout) as r:
+                    if r.status == 200:
+                        replica.phases = (await r.json()).get("phases", {})
+                        replica.ready_at = time.time()
+                        return True
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                pass
+            await asyncio.sleep(PROBE_INTERVAL)
+        return False
+
+    async def stop(self, replica: Replica, grace_s: float) -> None:
+        """SIGTERM the replica's session, SIGKILL it after `grace_s` seconds."""
+        replica.state = "stopped"
+        _signal_group(replica.pid, signal.SIGTERM)
+        end = time.monotonic() + grace_s
+        while time.monotonic() < end and _group_alive(replica.pid):
+            await asyncio.sleep(0.05)
+        _signal_group(replica.pid, signal.SIGKILL)
+        if replica.popen is not None:
+            await asyncio.to_thread(replica.popen.wait)
+        log.info("replica %s stopped", replica.id)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(proc.info["pid"]) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
+            continue
+    return False
+
+
+def start_standby(state_dir: Path) -> tuple[subprocess.Popen, Path]:
+    """The standby process (see standby.py); it dies with this process."""
+    socket_path = Path(state_dir) / "standby.sock"
+    socket_path.unlink(missing_ok=True)  # its appearance is the standby's "ready"
+    log_path = Path(state_dir) / "logs" / "standby.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as out:
+        popen = subprocess.Popen([sys.executable, "-m", "thaw.knative.embedded.standby", str(socket_path)],
+                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=base_env(),
+                                 start_new_session=True)
+    return popen, socket_path

@@ -1,0 +1,57 @@
+"""`thaw up`: the embedded plane and its gateway in the foreground, until Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from aiohttp import web
+from rich.console import Console
+from rich.logging import RichHandler
+
+from thaw.spec import Spec
+
+from .auth import Authenticator
+from .gateway import Gateway
+from .plane import ServingPlane
+
+log = logging.getLogger("thaw.up")
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", datefmt="%H:%M:%S",
+                        handlers=[RichHandler(console=Console(stderr=True), show_path=False)])
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+async def serve(spec: Spec, spec_path: Path | None, ready: asyncio.Event | None = None) -> None:
+    plane = ServingPlane(spec, spec_path)
+    gateway = Gateway(plane, Authenticator.from_spec(spec.platform.auth))
+    runner = web.AppRunner(gateway.app(), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await plane.start()
+    host, port = spec.platform.gateway.host, spec.platform.gateway.port
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    log.info("gateway on http://%s:%d  (OpenAI base_url http://%s:%d/v1); models: %s", host, port, host, port,
+             ", ".join(m.name for m in spec.models) or "none")
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        log.info("stopping: draining replicas and the standby")
+        await runner.cleanup()
+        await plane.stop()
+        log.info("stopped")
+
+
+def run_up(spec: Spec, spec_path: Path | None) -> None:
+    configure_logging()
+    asyncio.run(serve(spec, spec_path))

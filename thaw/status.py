@@ -1,0 +1,39 @@
+"""`thaw status`: the serving plane's state, as a table or JSON."""
+
+from __future__ import annotations
+
+import json
+
+import requests
+from rich.console import Console
+from rich.table import Table
+
+
+def show_status(url: str, token: str | None, as_json: bool, console: Console) -> int:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        r = requests.get(url.rstrip("/") + "/thaw/v1/status", headers=headers, timeout=5)
+    except requests.RequestException as exc:
+        console.print(f"[red]no thaw gateway at {url}[/red] ({type(exc).__name__}); is `thaw up` running?")
+        return 1
+    if r.status_code != 200:
+        console.print(f"[red]{r.status_code}[/red] {r.json().get('error', {}).get('message', r.text)}")
+        return 1
+    data = r.json()
+    if as_json:
+        console.print_json(json.dumps(data))
+        return 0
+    table = Table(title=f"thaw at {url}  (standby: {'ready' if data['standby'] else 'off'})")
+    for col in ("model", "revision", "traffic", "want", "start", "ready", "drain", "panic", "queue", "busy"):
+        table.add_column(col, no_wrap=True)
+    for model in data["models"]:
+        for rev in model["revisions"]:
+            traffic = f"{rev['percent']}%" + (f" @{rev['tag']}" if rev["tag"] else "")
+            reps = rev["replicas"]
+            table.add_row(model["name"], rev["name"], traffic, str(rev["desired"]), str(reps["starting"]),
+                          str(reps["ready"]), str(reps["draining"]), "yes" if rev["panic"] else "no",
+                          str(rev["queue"]), str(rev["in_flight"]))
+    console.print(table)
+    for model in data["models"]:
+        console.print(f"{model['name']}: weights at {model['weights']}", highlight=False)
+    return 0
