@@ -1,0 +1,323 @@
+"""`thaw up` end to end: real gateway, real standby, real replicas (tiny model), real HTTP.
+
+One plane serves the whole module; each behaviour uses its own model so their scales do not interfere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+import requests
+import yaml
+
+from conftest import poll
+from thaw.launch import ServerProcess, base_env, free_port
+
+TOKEN = "sekret-token"
+LIMITED = "limited-token"
+HEADERS = {"Authorization": f"Bearer {TOKEN}"}
+CHAT = [{"role": "user", "content": "hello"}]
+
+
+def model(name: str, tiny: Path, **extra) -> dict:
+    base = {"name": name, "source": str(tiny), "engine": {"max_model_len": 512},
+            "scaling": {"window": "6s"}}
+    return {**base, **extra}
+
+
+def make_spec(tiny: Path, state: Path, port: int) -> dict:
+    return {
+        "platform": {
+            "gateway": {"port": port}, "stateDir": str(state),
+            "autoscaler": {"scale-to-zero-grace-period": "1s", "tick-interval": "1s"},
+            "activator": {"queueDepth": 16, "terminationGracePeriodSeconds": 5},
+            "auth": {"tokensEnv": "THAW_TEST_TOKENS"},
+        },
+        "models": [
+            model("tiny", tiny, engine={"max_model_len": 2048}),
+            model("burst", tiny),
+            model("slow", tiny, timeoutSeconds=1),
+            model("split", tiny),
+            model("drain", tiny, engine={"max_model_len": 2048}),
+            model("zero", tiny),
+        ],
+    }
+
+
+class Plane:
+    def __init__(self, url: str, spec_path: Path, spec: dict, server: ServerProcess):
+        self.url, self.spec_path, self.spec, self.server = url, spec_path, spec, server
+
+    def status(self) -> dict:
+        return requests.get(self.url + "/thaw/v1/status", headers=HEADERS, timeout=5).json()
+
+    def revisions(self, name: str) -> list[dict]:
+        return next(m for m in self.status()["models"] if m["name"] == name)["revisions"]
+
+    def ready(self, name: str) -> int:
+        return sum(r["replicas"]["ready"] for r in self.revisions(name))
+
+    def write_spec(self, spec: dict) -> None:
+        tmp = self.spec_path.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(spec))
+        os.replace(tmp, self.spec_path)
+
+
+@pytest.fixture(scope="module")
+def plane(tiny_model, tmp_path_factory):
+    work = tmp_path_factory.mktemp("plane")
+    port = free_port()
+    spec = make_spec(tiny_model, work / "state", port)
+    spec_path = work / "thaw.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    env = base_env(THAW_TEST_TOKENS=f"{TOKEN},{LIMITED}=split")
+    server = ServerProcess([sys.executable, "-m", "thaw.cli", "up", "-f", str(spec_path)], work / "up.log", env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        server.wait_http(url + "/healthz", 30)
+        p = Plane(url, spec_path, spec, server)
+        poll(lambda: p.status()["standby"], 120, 0.2, "standby ready")
+        yield p
+    finally:
+        server.stop(60)
+
+
+def client(plane: Plane, token: str = TOKEN) -> openai.OpenAI:
+    return openai.OpenAI(base_url=plane.url + "/v1", api_key=token, max_retries=0, timeout=120)
+
+
+def test_first_request_at_zero_succeeds(plane):
+    assert plane.ready("tiny") == 0
+    out = client(plane).chat.completions.create(model="tiny", messages=CHAT, max_tokens=5, temperature=0)
+    assert out.usage.completion_tokens >= 1
+    assert plane.ready("tiny") == 1
+
+
+def test_per_model_route_and_streaming_pass_through(plane):
+    r = requests.post(plane.url + "/models/tiny/v1/completions", headers=HEADERS,
+                      json={"model": "tiny", "prompt": "x", "max_tokens": 4}, timeout=60)
+    assert r.status_code == 200 and r.headers["X-Thaw-Revision"] == "tiny-00001"
+    stamps = []
+    with httpx.stream("POST", plane.url + "/v1/chat/completions", headers=HEADERS, timeout=60,
+                      json={"model": "tiny", "messages": CHAT, "max_tokens": 1500, "ignore_eos": True,
+                            "stream": True}) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: "):
+                stamps.append(time.monotonic())
+    # chunks arrive spread over the generation, not in one buffered lump at the end
+    assert len(stamps) > 1000 and stamps[len(stamps) // 2] - stamps[0] > 0.2
+
+
+def test_burst_at_zero_all_succeed(plane):
+    assert plane.ready("burst") == 0
+    results = []
+
+    def ask(i):
+        r = requests.post(plane.url + "/v1/completions", headers=HEADERS, timeout=120,
+                          json={"model": "burst", "prompt": f"q{i}", "max_tokens": 8})
+        results.append(r.status_code)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == [200] * 12
+
+
+def test_queue_overflow_gives_503_and_timeout_gives_504(plane):
+    # "slow" is at zero with timeoutSeconds 1: a replica takes longer than that to start.
+    codes = []
+
+    def ask():
+        r = requests.post(plane.url + "/v1/completions", headers=HEADERS, timeout=60,
+                          json={"model": "slow", "prompt": "x", "max_tokens": 2})
+        codes.append((r.status_code, r.headers.get("Retry-After"), r.json()["error"]["code"]))
+
+    threads = [threading.Thread(target=ask) for _ in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    counts = Counter(c[0] for c in codes)
+    assert counts[503] == 24 - 16 and counts[504] == 16, codes
+    assert all(ra == "1" and code == "queue_full" for status, ra, code in codes if status == 503)
+    assert all(code == "timeout" for status, _, code in codes if status == 504)
+
+
+def test_unknown_model_is_404(plane):
+    r = requests.post(plane.url + "/v1/chat/completions", headers=HEADERS, timeout=10,
+                      json={"model": "nope", "messages": CHAT})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert requests.get(plane.url + "/models/nope/v1/models", headers=HEADERS, timeout=10).status_code == 404
+    assert requests.get(plane.url + "/v1/models/nope", headers=HEADERS, timeout=10).status_code == 404
+
+
+def test_auth(plane):
+    body = {"model": "tiny", "messages": CHAT, "max_tokens": 2}
+    r = requests.post(plane.url + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    r = requests.post(plane.url + "/v1/chat/completions", json=body, timeout=30,
+                      headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401
+    r = requests.post(plane.url + "/v1/chat/completions", json=body, timeout=30,
+                      headers={"Authorization": f"Bearer {LIMITED}"})
+    assert r.status_code == 403  # this token may only use "split"
+    assert requests.post(plane.url + "/v1/chat/completions", json=body, headers=HEADERS, timeout=60).status_code == 200
+    listed = requests.get(plane.url + "/v1/models", headers={"Authorization": f"Bearer {LIMITED}"}, timeout=10).json()
+    assert [m["id"] for m in listed["data"]] == ["split"]
+    assert TOKEN not in Path(plane.server.log_path).read_text()
+
+
+def test_models_list_shows_state(plane):
+    data = requests.get(plane.url + "/v1/models", headers=HEADERS, timeout=10).json()["data"]
+    states = {m["id"]: m["thaw"]["state"] for m in data}
+    assert states["tiny"] == "ready" and states["zero"] == "scaled-to-zero"
+
+
+def test_scale_to_zero_after_grace_period(plane):
+    client(plane).completions.create(model="zero", prompt="x", max_tokens=2)
+    assert plane.ready("zero") == 1
+    started = time.monotonic()
+    poll(lambda: plane.ready("zero") == 0, timeout=40, interval=0.5, what="scaled to zero")
+    # the 6 s stable window has to empty first, then the 1 s grace period
+    assert time.monotonic() - started > 4
+
+
+def _pod(plane: Plane, model_name: str) -> dict:
+    return next(p for r in plane.revisions(model_name) for p in r["pods"] if p["state"] == "ready")
+
+
+def test_sigkill_of_replica_mid_stream(plane):
+    c = client(plane)
+    c.completions.create(model="tiny", prompt="warm", max_tokens=2)
+    pod = _pod(plane, "tiny")
+    events = []
+    with httpx.stream("POST", plane.url + "/v1/chat/completions", headers=HEADERS, timeout=60,
+                      json={"model": "tiny", "messages": CHAT, "max_tokens": 2000, "ignore_eos": True,
+                            "stream": True}) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+                if len(events) == 5:
+                    os.killpg(pod["pid"], signal.SIGKILL)
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["code"] == "replica_failed"
+    assert len(events) < 2000
+    out = c.completions.create(model="tiny", prompt="again", max_tokens=3)  # a replacement serves it
+    assert out.usage.completion_tokens >= 1
+    assert _pod(plane, "tiny")["pid"] != pod["pid"]
+
+
+def test_drain_during_streaming_loses_nothing(plane):
+    client(plane).completions.create(model="drain", prompt="warm", max_tokens=2)
+    chunks, usage = [], {}
+    seen_draining = []
+
+    def stream():
+        with httpx.stream("POST", plane.url + "/v1/chat/completions", headers=HEADERS, timeout=120,
+                          json={"model": "drain", "messages": CHAT, "max_tokens": 2000, "ignore_eos": True,
+                                "stream": True, "stream_options": {"include_usage": True}}) as s:
+            for line in s.iter_lines():
+                if line.startswith("data: "):
+                    chunks.append(line[6:])
+
+    t = threading.Thread(target=stream)
+    t.start()
+    poll(lambda: len(chunks) > 3, 30, 0.01, "stream started")
+    # A new revision of "drain" takes all traffic: the old one drains while the stream runs.
+    spec = json.loads(json.dumps(plane.spec))
+    next(m for m in spec["models"] if m["name"] == "drain")["engine"]["max_model_len"] = 1024
+    plane.write_spec(spec)
+    plane.spec = spec
+    while t.is_alive():
+        old = next(r for r in plane.revisions("drain") if r["name"] == "drain-00001")
+        seen_draining.append(old["replicas"]["draining"])
+        time.sleep(0.05)
+    assert chunks[-1] == "[DONE]"
+    usage = json.loads(chunks[-2])["usage"]
+    assert usage["completion_tokens"] == 2000
+    assert max(seen_draining) == 1
+    poll(lambda: next(r for r in plane.revisions("drain") if r["name"] == "drain-00001")["replicas"]
+         == {"starting": 0, "ready": 0, "draining": 0}, 30, 0.2, "old revision gone to zero")
+
+
+def test_traffic_split_and_tags(plane):
+    spec = json.loads(json.dumps(plane.spec))
+    split = next(m for m in spec["models"] if m["name"] == "split")
+    split["engine"]["max_model_len"] = 384
+    split["traffic"] = [{"revisionName": "split-00001", "percent": 90},
+                        {"latestRevision": True, "percent": 10, "tag": "canary"}]
+    plane.write_spec(spec)
+    plane.spec = spec
+    poll(lambda: len(plane.revisions("split")) == 2, 15, 0.2, "second revision")
+    seen = Counter()
+    with httpx.Client(headers=HEADERS, timeout=60) as http:
+        for i in range(200):
+            r = http.post(plane.url + "/v1/completions", json={"model": "split", "prompt": "x", "max_tokens": 1})
+            assert r.status_code == 200
+            seen[r.headers["X-Thaw-Revision"]] += 1
+        tagged = http.post(plane.url + "/models/split@canary/v1/completions",
+                           json={"model": "split", "prompt": "x", "max_tokens": 1})
+    assert seen["split-00001"] + seen["split-00002"] == 200
+    assert 7 <= seen["split-00002"] <= 35, seen  # 10 % of 200, within about 3 standard deviations
+    assert tagged.headers["X-Thaw-Revision"] == "split-00002"
+
+
+def test_invalid_traffic_is_refused_and_the_plane_keeps_running(plane):
+    spec = json.loads(json.dumps(plane.spec))
+    spec["models"][0]["traffic"] = [{"latestRevision": True, "percent": 80}]
+    bad = plane.spec_path.parent / "bad.yaml"
+    bad.write_text(yaml.safe_dump(spec))
+    out = subprocess.run([sys.executable, "-m", "thaw.cli", "validate", "-f", str(bad)], capture_output=True,
+                         text=True)
+    assert out.returncode == 1 and "traffic percents must sum to 100, got 80" in out.stderr
+
+
+def test_status_command(plane):
+    env = {**os.environ, "THAW_TOKEN": TOKEN}
+    out = subprocess.run([sys.executable, "-m", "thaw.cli", "status", "-f", str(plane.spec_path), "--json"],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    data = json.loads(out.stdout)
+    tiny = next(m for m in data["models"] if m["name"] == "tiny")
+    rev = tiny["revisions"][0]
+    assert set(rev["replicas"]) == {"starting", "ready", "draining"}
+    assert {"desired", "panic", "queue", "percent"} <= set(rev) and tiny["weights"]
+    table = subprocess.run([sys.executable, "-m", "thaw.cli", "status", "-f", str(plane.spec_path)],
+                           capture_output=True, text=True, env=env)
+    assert "tiny-00001" in table.stdout and "weights at" in table.stdout
+
+
+def test_stop_leaves_no_process_behind(tiny_model, tmp_path):
+    port = free_port()
+    spec = make_spec(tiny_model, tmp_path / "state", port)
+    spec["models"] = [model("one", tiny_model, scaling={"min-scale": 1, "window": "6s"})]
+    del spec["platform"]["auth"]
+    spec_path = tmp_path / "thaw.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    server = ServerProcess([sys.executable, "-m", "thaw.cli", "up", "-f", str(spec_path)], tmp_path / "up.log")
+    url = f"http://127.0.0.1:{port}"
+    server.wait_http(url + "/healthz", 30)
+    poll(lambda: requests.get(url + "/thaw/v1/status", timeout=5).json()["models"][0]["revisions"][0]
+         ["replicas"]["ready"] == 1, 120, 0.2, "min-scale replica ready")
+    tree = psutil.Process(server.pid).children(recursive=True)
+    pods = requests.get(url + "/thaw/v1/status", timeout=5).json()["models"][0]["revisions"][0]["pods"]
+    pids = {p.pid for p in tree} | {p["pid"] for p in pods}
+    pids |= {c.pid for pid in list(pids) for c in psutil.Process(pid).children(recursive=True)}
+    os.kill(server.pid, signal.SIGTERM)
+    assert server.proc.wait(60) == 0
+    poll(lambda: not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"],
+         20, 0.2, "every process gone")
