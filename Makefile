@@ -37,9 +37,9 @@ models/demo/config.json: $(VENV)/.stamp-thaw
 
 models: models/demo/config.json
 
-# The main job: the demo model served from a cold start, one question answered.
+# The main job: thaw up on examples/thaw.yaml, the demo model answering from zero.
 demo: setup models
-	$(VENV)/bin/thaw demo --model-dir models/demo
+	$(VENV)/bin/thaw demo -f examples/thaw.yaml
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 
 from thaw.eventing import events
-from thaw.spec import EngineArgs
+from thaw.spec import EngineArgs, S3Origin
 
 from . import protocol as p
 from .engine import Delta, Engine, EngineFailed, Generation, Sampling
@@ -33,10 +33,43 @@ POLL_SECONDS = 0.2  # how often a waiting request checks that its client is stil
 
 
 @dataclass(frozen=True)
+class CacheSettings:
+    """Where a replica finds its weights when it boots from a source rather than a folder."""
+
+    root: Path
+    capacity: int
+    s3: S3Origin = S3Origin()
+    prewarm: bool = True
+    dram_root: Path | None = None
+
+
+@dataclass(frozen=True)
 class FunctionConfig:
-    model_dir: Path
+    model_dir: Path | None
     served_name: str
     engine: EngineArgs = EngineArgs()
+    source: str | None = None  # s3://... or a folder, staged through the cache tier at boot
+    cache: CacheSettings | None = None
+
+
+def tier_fetcher(config: FunctionConfig):
+    """The boot step of a replica with a source: ensure it is in the tier (instant when pre-staged),
+    lease it for this process's life, and give vLLM a compile cache beside it."""
+
+    def fetch() -> tuple[Path, dict[str, float]]:
+        from thaw.cache_warmer.ensure import ensure
+        from thaw.cache_warmer.origins import origin_for
+        from thaw.cache_warmer.tier import CacheTier
+
+        tier = CacheTier(config.cache.root, config.cache.capacity)
+        result = ensure(tier, origin_for(config.source, config.cache.s3), lease_pid=os.getpid(),
+                        prewarm=config.cache.prewarm, dram_root=config.cache.dram_root)
+        os.environ["VLLM_CACHE_ROOT"] = str(tier.compile_dir(result.key))
+        log.info("weights of %s at %s (%s)", config.source, result.path,
+                 "staged now" if result.staged else "already staged")
+        return result.path, result.timings
+
+    return fetch
 
 
 class ClientGone(Exception):
@@ -302,7 +335,8 @@ def create_app(config: FunctionConfig, engine: Engine | None = None) -> Flask:
     # vLLM's kernel registration calls hasattr() on every module global; on werkzeug's context-local
     # proxies (flask.request, ...) that raises outside a request, so the engine loads inside one.
     engine = engine or Engine(config.model_dir, config.engine, load_context=app.test_request_context,
-                             phases=phases).start()
+                              phases=phases,
+                              fetch_weights=tier_fetcher(config) if config.source else None).start()
     service = FunctionService(config, engine, metrics)
     app.extensions["thaw"] = service
 
@@ -320,7 +354,7 @@ def create_app(config: FunctionConfig, engine: Engine | None = None) -> Flask:
 
     def model_card() -> dict:
         return {"id": config.served_name, "object": "model", "created": service.created, "owned_by": "thaw",
-                "root": str(config.model_dir), "max_model_len": engine.max_model_len or None}
+                "root": config.source or str(config.model_dir), "max_model_len": engine.max_model_len or None}
 
     @app.get("/v1/models")
     def list_models():

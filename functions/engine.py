@@ -20,6 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from thaw.cache_warmer.prewarm import read_into_page_cache
 from thaw.spec import EngineArgs
 
 from .protocol import APIError
@@ -79,22 +80,8 @@ class Generation:
             return None
 
 
-def _read_file(path: Path) -> int:
-    with open(path, "rb", buffering=0) as f:
-        total = 0
-        while chunk := f.read(16 << 20):
-            total += len(chunk)
-        return total
-
-
-def read_into_page_cache(model_dir: Path, parallel: int = 8) -> int:
-    """Read the weight files once, in parallel, so the loader's random reads hit memory."""
-    files = sorted(p for p in model_dir.iterdir() if p.suffix in {".safetensors", ".bin", ".pt"})
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
-        return sum(pool.map(_read_file, files))
-
-
 def _timed(fn, *args) -> float:
+    """Seconds `fn(*args)` took."""
     t = time.perf_counter()
     fn(*args)
     return time.perf_counter() - t
@@ -103,9 +90,12 @@ def _timed(fn, *args) -> float:
 class Engine:
     """Loads vLLM in the background and serves generations once it is ready."""
 
-    def __init__(self, model_dir: str | Path, args: EngineArgs, load_context=contextlib.nullcontext,
-                 phases: dict[str, float] | None = None):
-        self.model_dir = Path(model_dir)
+    def __init__(self, model_dir: str | Path | None, args: EngineArgs, load_context=contextlib.nullcontext,
+                 phases: dict[str, float] | None = None, fetch_weights=None):
+        """`fetch_weights`, if given, returns (model dir, its phase timings): the cache tier's ensure.
+        Otherwise the weights at `model_dir` are read into the page cache."""
+        self.model_dir = Path(model_dir) if model_dir else None
+        self._fetch_weights = fetch_weights
         self.args = args
         self._load_context = load_context
         self.state = "loading"  # loading -> ready | failed; ready -> failed | stopped
@@ -222,7 +212,7 @@ class Engine:
         # Reading the weights into the page cache is I/O: it overlaps with the CPU-bound imports.
         t = time.perf_counter()
         weights = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights")
-        read = weights.submit(_timed, read_into_page_cache, self.model_dir)
+        read = weights.submit(_timed, self._weights)
         import vllm  # noqa: F401 - timed on its own: in a standby process this costs nothing
         from vllm.engine.llm_engine import LLMEngine
 
@@ -241,6 +231,13 @@ class Engine:
         self._warm_up()
         self.phases["warmup"] = time.perf_counter() - t
         log.info("engine ready: %s", ", ".join(f"{k} {v:.2f}s" for k, v in self.phases.items()))
+
+    def _weights(self) -> None:
+        if self._fetch_weights is None:
+            read_into_page_cache(self.model_dir)
+            return
+        self.model_dir, timings = self._fetch_weights()
+        self.phases.update(timings)
 
     def _warm_up(self) -> None:
         """One short generation: /readyz promises a replica that has already produced tokens."""

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -21,6 +22,8 @@ import psutil
 import pytest
 import requests
 import yaml
+
+from cloudevents.core.bindings.http import HTTPMessage, from_http_event
 
 from conftest import poll
 from thaw.launch import ServerProcess, base_env, free_port
@@ -37,9 +40,34 @@ def model(name: str, tiny: Path, **extra) -> dict:
     return {**base, **extra}
 
 
-def make_spec(tiny: Path, state: Path, port: int) -> dict:
+class EventSink:
+    """A CloudEvents sink on loopback that keeps what it receives."""
+
+    def __init__(self):
+        received = self.received = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                received.append(from_http_event(HTTPMessage(dict(self.headers), body)))
+                self.send_response(202)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def of(self, kind: str, revision: str) -> list:
+        return [e for e in self.received if e.get_type() == kind and e.get_data()["metadata"]["name"] == revision]
+
+
+def make_spec(tiny: Path, state: Path, port: int, sink: str | None = None) -> dict:
     return {
         "platform": {
+            "eventSink": sink,
             "gateway": {"port": port}, "stateDir": str(state),
             "autoscaler": {"scale-to-zero-grace-period": "1s", "tick-interval": "1s"},
             "activator": {"queueDepth": 16, "terminationGracePeriodSeconds": 5},
@@ -57,8 +85,8 @@ def make_spec(tiny: Path, state: Path, port: int) -> dict:
 
 
 class Plane:
-    def __init__(self, url: str, spec_path: Path, spec: dict, server: ServerProcess):
-        self.url, self.spec_path, self.spec, self.server = url, spec_path, spec, server
+    def __init__(self, url: str, spec_path: Path, spec: dict, server: ServerProcess, sink: EventSink):
+        self.url, self.spec_path, self.spec, self.server, self.sink = url, spec_path, spec, server, sink
 
     def status(self) -> dict:
         return requests.get(self.url + "/thaw/v1/status", headers=HEADERS, timeout=5).json()
@@ -79,7 +107,8 @@ class Plane:
 def plane(tiny_model, tmp_path_factory):
     work = tmp_path_factory.mktemp("plane")
     port = free_port()
-    spec = make_spec(tiny_model, work / "state", port)
+    sink = EventSink()
+    spec = make_spec(tiny_model, work / "state", port, sink.url)
     spec_path = work / "thaw.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
     env = base_env(THAW_TEST_TOKENS=f"{TOKEN},{LIMITED}=split")
@@ -87,11 +116,12 @@ def plane(tiny_model, tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     try:
         server.wait_http(url + "/healthz", 30)
-        p = Plane(url, spec_path, spec, server)
+        p = Plane(url, spec_path, spec, server, sink)
         poll(lambda: p.status()["standby"], 120, 0.2, "standby ready")
         yield p
     finally:
         server.stop(60)
+        sink.server.shutdown()
 
 
 def client(plane: Plane, token: str = TOKEN) -> openai.OpenAI:
@@ -299,6 +329,30 @@ def test_status_command(plane):
     table = subprocess.run([sys.executable, "-m", "thaw.cli", "status", "-f", str(plane.spec_path)],
                            capture_output=True, text=True, env=env)
     assert "tiny-00001" in table.stdout and "weights at" in table.stdout
+
+
+def test_lifecycle_events_in_apiserversource_format(plane):
+    add = poll(lambda: plane.sink.of("dev.knative.apiserver.resource.add", "tiny-00001"), 10, what="add event")[0]
+    assert add.get_subject() == "/apis/serving.knative.dev/v1/namespaces/default/revisions/tiny-00001"
+    revision = add.get_data()
+    assert revision["apiVersion"] == "serving.knative.dev/v1" and revision["kind"] == "Revision"
+    assert revision["metadata"]["labels"]["serving.knative.dev/service"] == "tiny"
+    assert revision["metadata"]["annotations"]["autoscaling.knative.dev/window"] == "6s"
+    assert revision["spec"]["timeoutSeconds"] == 300
+    updates = plane.sink.of("dev.knative.apiserver.resource.update", "tiny-00001")
+    assert any(u.get_data()["status"]["actualReplicas"] == 1 for u in updates)
+    assert plane.sink.of("dev.knative.apiserver.resource.add", "split-00002")  # made by a spec change
+
+
+def test_removed_model_drains_and_is_deleted(plane):
+    spec = json.loads(json.dumps(plane.spec))
+    spec["models"] = [m for m in spec["models"] if m["name"] != "burst"]
+    plane.write_spec(spec)
+    plane.spec = spec
+    poll(lambda: plane.sink.of("dev.knative.apiserver.resource.delete", "burst-00001"), 60, 0.2, "delete event")
+    r = requests.post(plane.url + "/v1/completions", headers=HEADERS, timeout=10,
+                      json={"model": "burst", "prompt": "x", "max_tokens": 1})
+    assert r.status_code == 404
 
 
 def test_stop_leaves_no_process_behind(tiny_model, tmp_path):

@@ -18,11 +18,14 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Serverless L
 function_app = typer.Typer(no_args_is_help=True, help="Run one model's function directly.")
 model_app = typer.Typer(no_args_is_help=True, help="Build models without a hub.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (ours next to the peer, one run).")
+cache_app = typer.Typer(no_args_is_help=True, help="The cache tier: list, verify, evict.")
+app.add_typer(cache_app, name="cache")
 app.add_typer(function_app, name="function")
 app.add_typer(model_app, name="model")
 app.add_typer(bench_app, name="bench")
 
-console = Console()
+# Piped output (logs, CI) gets wide tables rather than rich's 80-column default.
+console = Console() if sys.stdout.isatty() else Console(width=200)
 err = Console(stderr=True)
 
 
@@ -89,21 +92,125 @@ def status(
     sys.exit(show_status(url, token, as_json, console))
 
 
+def _spec(file: Path):
+    try:
+        return load_spec(file)
+    except SpecError as exc:
+        _fail(exc.problems)
+
+
+@app.command()
+def warm(
+    model: str = typer.Argument(..., help="A model's name in the spec."),
+    file: Path = typer.Option(Path("thaw.yaml"), "-f", "--file"),
+    pin: bool = typer.Option(False, "--pin", help="Never evict this version."),
+    parallel: int = typer.Option(8, "--parallel", help="Parts fetched at once."),
+    part_size_mib: int = typer.Option(8, "--part-size-mib"),
+    bandwidth_mbps: Optional[float] = typer.Option(None, "--bandwidth-mbps", help="Cap the link (megabits/s)."),
+) -> None:
+    """Stage a model from its origin into the cache tier (resumable, verified, with progress)."""
+    from thaw.cache_warmer.cli import warm_model
+    from thaw.cache_warmer.stager import StageSettings
+    from thaw.cache_warmer.tier import CacheError
+
+    spec = _spec(file)
+    try:
+        target = spec.model(model)
+    except KeyError:
+        _fail([f"no model {model!r} in {file}; models: {', '.join(m.name for m in spec.models)}"])
+    settings = StageSettings(parallel=parallel, part_size=part_size_mib << 20,
+                             bandwidth=bandwidth_mbps * 1e6 / 8 if bandwidth_mbps else None)
+    try:
+        result = warm_model(spec, target, console, pin=pin, settings=settings)
+    except (CacheError, FileNotFoundError) as exc:
+        _fail([str(exc)])
+    console.print(f"{model}: {result.path} (key {result.key}{', pinned' if pin else ''})")
+
+
+@cache_app.command("ls")
+def cache_ls(file: Path = typer.Option(Path("thaw.yaml"), "-f", "--file")) -> None:
+    """The versions in the cache tier, most recently used first."""
+    from thaw.cache_warmer.cli import list_versions, tier_of
+
+    list_versions(tier_of(_spec(file)), console)
+
+
+@cache_app.command("verify")
+def cache_verify(
+    file: Path = typer.Option(Path("thaw.yaml"), "-f", "--file"),
+    repair: bool = typer.Option(True, "--repair/--no-repair", help="Re-stage damaged versions."),
+) -> None:
+    """Check every version's files against its manifest (sizes, sha256)."""
+    from thaw.cache_warmer.cli import verify_versions
+
+    sys.exit(verify_versions(_spec(file), console, repair))
+
+
+@cache_app.command("evict")
+def cache_evict(
+    key: str = typer.Argument(..., help="A key from `thaw cache ls`."),
+    file: Path = typer.Option(Path("thaw.yaml"), "-f", "--file"),
+    force: bool = typer.Option(False, "--force", help="Even if pinned or in use."),
+) -> None:
+    """Remove a version from the cache tier."""
+    from thaw.cache_warmer.cli import evict_version, tier_of
+    from thaw.cache_warmer.tier import CacheError, check_key
+
+    try:
+        check_key(key)
+    except CacheError as exc:
+        _fail([str(exc)])
+    sys.exit(evict_version(tier_of(_spec(file)), key, force, console))
+
+
+@app.command("cache-warmer")
+def cache_warmer(
+    file: Path = typer.Option(Path("thaw.yaml"), "-f", "--file"),
+    port: int = typer.Option(8090, "--port"),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    threads: int = typer.Option(16, "--threads", help="Events handled at once."),
+) -> None:
+    """The cache warmer's CloudEvents service under gunicorn (thaw up runs it for you)."""
+    from thaw.cache_warmer.app import create_warmer_app
+    from thaw.functions.gunicorn_conf import options
+    from thaw.wsgi import GunicornApp
+
+    _spec(file)  # refuse to start on a broken spec
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    GunicornApp(lambda: create_warmer_app(file), options(host, port, threads)).run()
+
+
 @function_app.command("serve")
 def function_serve(
-    model_dir: Path = typer.Option(..., "--model-dir", exists=True, file_okay=False, help="Weights and tokenizer."),
     served_name: str = typer.Option(..., "--served-name", help="The model name clients ask for."),
+    model_dir: Optional[Path] = typer.Option(None, "--model-dir", exists=True, file_okay=False,
+                                             help="Weights and tokenizer in a folder."),
+    source: Optional[str] = typer.Option(None, "--source", help="Or: s3://bucket/prefix (or a folder) to stage "
+                                                                "through the cache tier at boot."),
+    cache_root: Path = typer.Option(Path(".thaw/cache"), "--cache-root", help="The cache tier (with --source)."),
+    cache_capacity: str = typer.Option("50Gi", "--cache-capacity"),
+    s3_endpoint: Optional[str] = typer.Option(None, "--s3-endpoint"),
+    s3_region: Optional[str] = typer.Option(None, "--s3-region"),
+    prewarm: bool = typer.Option(True, "--prewarm/--no-prewarm", help="Read staged weights into memory first."),
+    dram_root: Optional[Path] = typer.Option(None, "--dram-root", help="A tmpfs to serve the weights from."),
     port: int = typer.Option(8000, "--port"),
     host: str = typer.Option("127.0.0.1", "--host"),
     engine_arg: list[str] = typer.Option([], "--engine-arg", help="vLLM engine argument KEY=VALUE (repeatable)."),
     threads: int = typer.Option(64, "--threads", help="Concurrent requests this replica takes."),
 ) -> None:
     """Serve one model under gunicorn: OpenAI routes, probes, metrics, CloudEvents."""
-    from thaw.functions.app import FunctionConfig
-    from thaw.functions.serve import serve
+    from kubernetes.utils import parse_quantity
 
-    config = FunctionConfig(model_dir=model_dir.resolve(), served_name=served_name,
-                            engine=parse_engine_args(engine_arg))
+    from thaw.functions.app import CacheSettings, FunctionConfig
+    from thaw.functions.serve import serve
+    from thaw.spec import S3Origin
+
+    if (model_dir is None) == (source is None):
+        raise typer.BadParameter("give exactly one of --model-dir and --source")
+    cache = CacheSettings(cache_root.resolve(), int(parse_quantity(cache_capacity)),
+                          S3Origin(endpointUrl=s3_endpoint, region=s3_region), prewarm, dram_root) if source else None
+    config = FunctionConfig(model_dir=model_dir.resolve() if model_dir else None, served_name=served_name,
+                            engine=parse_engine_args(engine_arg), source=source, cache=cache)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     serve(config, host, port, threads)
 
@@ -126,14 +233,13 @@ def model_tiny(out_dir: Path = typer.Argument(..., help="Where to write the mode
 
 @app.command()
 def demo(
-    model_dir: Path = typer.Option(Path("models/demo"), "--model-dir", help="The demo model (thaw model demo)."),
+    file: Path = typer.Option(Path("examples/thaw.yaml"), "-f", "--file", help="The spec to bring up."),
     question: str = typer.Option("What is the capital of France?", "--question"),
-    port: int = typer.Option(8000, "--port"),
 ) -> None:
-    """Serve the demo model from a cold start and answer one chat request, with start-up timings."""
+    """The main job: thaw up, a request to a model at zero, the answer and the scale from zero."""
     from thaw.demo import run_demo
 
-    sys.exit(run_demo(model_dir, question, port, console))
+    sys.exit(run_demo(file, question, console))
 
 
 @bench_app.command("function")
@@ -149,6 +255,21 @@ def bench_function(
     from thaw.bench.function import run_function_bench
 
     run_function_bench(model_dir, runs, clients, max_tokens, requests_per_client, out, console)
+
+
+@bench_app.command("coldstart")
+def bench_coldstart(
+    model_dir: Path = typer.Option(Path("models/demo"), "--model-dir"),
+    runs: int = typer.Option(5, "--runs", help="Starts from zero per variant."),
+    clients: int = typer.Option(16, "--clients", help="Concurrent streams on the warm path."),
+    requests_per_client: int = typer.Option(4, "--requests-per-client"),
+    max_tokens: int = typer.Option(128, "--max-tokens"),
+    out: Path = typer.Option(Path("bench-results/coldstart.json"), "--out"),
+) -> None:
+    """First token from zero through thaw up (standby on/off) vs vLLM's server; gateway vs direct."""
+    from thaw.bench.coldstart import run_coldstart_bench
+
+    run_coldstart_bench(model_dir, runs, clients, requests_per_client, max_tokens, out, console)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -1,45 +1,79 @@
-"""The main job, for now: the demo model served by the function from a cold start, one question answered."""
+"""The main job: `thaw up` on examples/thaw.yaml, the demo model answering from zero, the scale shown."""
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
+import openai
 import requests
 from rich.console import Console
 from rich.table import Table
 
-from thaw.launch import ServerProcess, free_port, function_command
+from thaw.launch import ServerProcess
+from thaw.spec import load_spec
+from thaw.status import show_status
 
 DEMO_ENGINE_ARGS = {"dtype": "bfloat16", "max_model_len": 1024, "enforce_eager": True}
 
 
-def run_demo(model_dir: Path, question: str, port: int, console: Console) -> int:
-    if not (model_dir / "config.json").exists():
-        console.print(f"[red]no model at {model_dir}[/red]: build it with `thaw model demo {model_dir}`")
+def _wait(condition, timeout: float, what: str, server: ServerProcess) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if not server.alive():
+            raise RuntimeError(f"thaw up exited:\n{server.log_tail()}")
+        try:
+            if condition():
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} not within {timeout:.0f}s; see {server.log_path}")
+
+
+def run_demo(spec_path: Path, question: str, console: Console) -> int:
+    spec = load_spec(spec_path)
+    model = spec.models[0]
+    if not (Path(model.source) / "config.json").exists():
+        console.print(f"[red]no model at {model.source}[/red]: build it with `thaw model demo {model.source}`")
         return 1
-    port = port or free_port()
-    log = Path(".thaw/logs/demo-function.log")
-    console.print(f"starting the function for {model_dir} on 127.0.0.1:{port} (log: {log})")
-    server = ServerProcess(function_command(model_dir.resolve(), "smollm2", port, DEMO_ENGINE_ARGS), log)
+    url = f"http://{spec.platform.gateway.host}:{spec.platform.gateway.port}"
+    log = Path(spec.platform.stateDir) / "logs" / "demo-up.log"
+    console.rule(f"thaw up -f {spec_path}  (log: {log})")
+    server = ServerProcess([sys.executable, "-m", "thaw.cli", "up", "-f", str(spec_path)], log)
     try:
-        with console.status("cold start: process, imports, weights, engine init..."):
-            ready = server.wait_http(f"http://127.0.0.1:{port}/readyz", 300).json()
-        ready_at = time.time() - server.launched_at
-        body = {"model": "smollm2", "messages": [{"role": "user", "content": question}],
-                "max_tokens": 64, "temperature": 0}
-        answer = requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=120).json()
-        answered_at = time.time() - server.launched_at
-        console.print(f"[bold]Q:[/bold] {question}")
-        console.print(f"[bold]A:[/bold] {answer['choices'][0]['message']['content']}")
-        table = Table(title="start-up (seconds)")
-        table.add_column("phase")
+        with console.status("starting the gateway, the autoscaler and the standby (imports torch and vLLM once)"):
+            _wait(lambda: requests.get(url + "/thaw/v1/status", timeout=2).json()["standby"], 300, "standby", server)
+        console.print(f"platform up after {time.time() - server.launched_at:.1f}s; {model.name} is at zero:")
+        show_status(url, None, False, console)
+
+        console.rule(f"a request to {model.served_name}, which has no replica")
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        sent = time.time()
+        first = None
+        answer = []
+        with console.status("scaling from zero: the activator holds the request, the KPA asks for 1 replica..."):
+            for chunk in client.chat.completions.create(
+                    model=model.served_name, messages=[{"role": "user", "content": question}], max_tokens=64,
+                    temperature=0, stream=True):
+                if chunk.choices and chunk.choices[0].delta.content:
+                    first = first or time.time() - sent
+                    answer.append(chunk.choices[0].delta.content)
+        total = time.time() - sent
+        console.print(f"[bold]Q:[/bold] {question}\n[bold]A:[/bold] {''.join(answer)}")
+        rev = requests.get(url + "/thaw/v1/status", timeout=5).json()["models"][0]["revisions"][0]
+        table = Table(title="from zero to the answer (seconds)")
+        table.add_column("step")
         table.add_column("seconds", justify="right")
-        for phase, seconds in ready["phases"].items():
-            table.add_row(phase, f"{seconds:.2f}")
-        table.add_row("ready after launch", f"{ready_at:.2f}")
-        table.add_row("answered after launch", f"{answered_at:.2f}")
+        for phase, seconds in rev["last_start_phases"].items():
+            table.add_row(f"replica {phase}", f"{seconds:.2f}")
+        table.add_row("first token after the request", f"{first:.2f}")
+        table.add_row("whole answer after the request", f"{total:.2f}")
         console.print(table)
+        console.print(f"{model.name} now runs {rev['replicas']['ready']} replica(s):")
+        show_status(url, None, False, console)
         return 0
     finally:
-        server.stop()
+        with console.status("stopping thaw up"):
+            server.stop(60)

@@ -33,9 +33,12 @@ def base_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def function_command(model_dir: Path, served_name: str, port: int, engine_args: dict | None = None) -> list[str]:
-    cmd = [sys.executable, "-m", "thaw.cli", "function", "serve", "--model-dir", str(model_dir),
-           "--served-name", served_name, "--port", str(port)]
+def function_command(model_dir: Path | None, served_name: str, port: int, engine_args: dict | None = None,
+                     source_args: list[str] | None = None) -> list[str]:
+    """`thaw function serve` for a folder of weights, or for a source staged at boot (`source_args`)."""
+    where = source_args if source_args is not None else ["--model-dir", str(model_dir)]
+    cmd = [sys.executable, "-m", "thaw.cli", "function", "serve", *where, "--served-name", served_name,
+           "--port", str(port)]
     for key, value in (engine_args or {}).items():
         cmd += ["--engine-arg", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
     return cmd

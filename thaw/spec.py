@@ -139,6 +139,8 @@ class CachePolicy(SpecModel):
     pin: bool = False
     prewarm: bool = True
     tier: Literal["disk", "dram"] = "disk"
+    # Stage through the cache tier? None: s3:// sources yes, local folders are served in place.
+    stage: bool | None = None
 
 
 class TrafficTarget(SpecModel):
@@ -220,6 +222,7 @@ class Gateway(SpecModel):
 class CacheTier(SpecModel):
     path: str = ".thaw/cache"
     capacity: str = "50Gi"
+    dramPath: str = "/dev/shm/thaw-cache"  # the DRAM tier, for models with cache.tier: dram
 
     @field_validator("capacity")
     @classmethod

@@ -56,46 +56,62 @@ def revision_status(ready: int, desired: int) -> dict[str, Any]:
 
 
 class LifecycleEmitter:
-    """Posts events to the sink in order, in the background; a sink that is down loses nothing queued
-    before shutdown but is retried only a few times per event (it is a notification, not a log)."""
+    """Posts events to each sink in the background, each sink with its own queue so a slow one (the
+    warmer answers once it has staged) holds up no other. A sink with one worker gets events in order.
+    A sink that is down is retried with backoff for about half a minute per event."""
 
-    def __init__(self, sink: str | None, namespace: str):
-        self.sink = sink
+    ATTEMPTS = 8
+
+    def __init__(self, sinks: list[tuple[str, int]], namespace: str):
+        self.sinks = [(url, workers) for url, workers in sinks if url]
         self.namespace = namespace
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.queues = {url: asyncio.Queue() for url, _ in self.sinks}
         self.uids: dict[str, str] = {}
-        self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._session: aiohttp.ClientSession | None = None
 
     def start(self) -> None:
-        if self.sink:
-            self._task = asyncio.create_task(self._run())
+        if not self.sinks:
+            return
+        # Staging a revision's weights can take a while; the warmer answers when it is done.
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600))
+        for url, workers in self.sinks:
+            self._tasks += [asyncio.create_task(self._run(url)) for _ in range(workers)]
 
     def emit(self, kind: str, revision: dict[str, Any]) -> None:
-        if not self.sink:
+        if not self.sinks:
             return
         name = revision["metadata"]["name"]
         event = events.make_event(kind, SOURCE, revision,
                                   subject=f"/apis/serving.knative.dev/v1/namespaces/{self.namespace}/revisions/{name}")
-        self.queue.put_nowait(event)
+        for queue in self.queues.values():
+            queue.put_nowait(event)
 
     def uid(self, revision: str) -> str:
         return self.uids.setdefault(revision, str(uuid.uuid4()))
 
-    async def _run(self) -> None:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-            while True:
-                event = await self.queue.get()
-                headers, body = events.to_http(event)
-                for attempt in range(3):
-                    try:
-                        async with session.post(self.sink, data=body, headers=headers) as r:
-                            if r.status < 300:
-                                break
-                            log.warning("event sink answered %d for %s", r.status, event.get_type())
-                    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                        log.warning("event sink unreachable (%s), attempt %d", exc, attempt + 1)
-                    await asyncio.sleep(0.2 * 2 ** attempt)
+    async def _run(self, sink: str) -> None:
+        while True:
+            event = await self.queues[sink].get()
+            await self._post(sink, event)
+
+    async def _post(self, sink: str, event) -> None:
+        headers, body = events.to_http(event)
+        for attempt in range(self.ATTEMPTS):
+            try:
+                async with self._session.post(sink, data=body, headers=headers) as r:
+                    if r.status < 300:
+                        return
+                    log.warning("%s answered %d for %s", sink, r.status, event.get_type())
+                    if r.status < 500:
+                        return  # the sink refuses it; sending it again would not help
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                if attempt == self.ATTEMPTS - 1:
+                    log.warning("%s unreachable (%s); %s dropped", sink, exc, event.get_type())
+            await asyncio.sleep(min(5.0, 0.25 * 2 ** attempt))
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        if self._session is not None:
+            await self._session.close()

@@ -26,7 +26,7 @@ from .activator import Activator
 from .autoscaler import (Autoscaler, AutoscalerConfig, ConcurrencyWindow, bounded_scale, resolve_spec,
                          scale_to_zero_gate)
 from .revisions import Route, RevisionHistory, pick_revision, resolve_traffic, tagged_revision
-from .supervisor import Replica, Supervisor, start_standby
+from .supervisor import Replica, Supervisor, start_standby, start_warmer
 
 log = logging.getLogger("thaw.plane")
 
@@ -75,11 +75,22 @@ class ModelRuntime:
     routes: list[Route] = field(default_factory=list)
 
 
-def model_dir(model: Model) -> Path:
-    """Where a replica loads the weights from (the cache tier takes this over for s3:// sources)."""
-    if model.source.startswith("s3://"):
-        raise ValueError(f"{model.name}: s3:// sources are staged by the cache tier")
-    return Path(model.source).resolve()
+def uses_tier(model: Model) -> bool:
+    """s3:// sources always go through the cache tier; local folders only when `cache.stage` says so."""
+    return model.source.startswith("s3://") or bool(model.cache.stage)
+
+
+def weights_args(model: Model, spec: Spec) -> tuple[Path | None, list[str] | None]:
+    """How a replica gets its weights: a folder, or the arguments to stage its source at boot."""
+    if not uses_tier(model):
+        return Path(model.source).resolve(), None
+    cache, s3 = spec.platform.cache, spec.platform.origin.s3
+    args = ["--source", model.source, "--cache-root", str(Path(cache.path).resolve()),
+            "--cache-capacity", cache.capacity, "--prewarm" if model.cache.prewarm else "--no-prewarm"]
+    args += ["--s3-endpoint", s3.endpointUrl] if s3.endpointUrl else []
+    args += ["--s3-region", s3.region] if s3.region else []
+    args += ["--dram-root", str(Path(spec.platform.cache.dramPath).resolve())] if model.cache.tier == "dram" else []
+    return None, args
 
 
 class ServingPlane:
@@ -94,7 +105,12 @@ class ServingPlane:
         self.standby = None
         self.supervisor: Supervisor | None = None
         self.session: aiohttp.ClientSession | None = None
-        self.events = lifecycle.LifecycleEmitter(spec.platform.eventSink, spec.platform.namespace)
+        self.warmer = None
+        self.warmer_url = None
+        if spec_path is not None:  # thaw up runs the cache warmer; it hears of every revision
+            self.warmer, self.warmer_url = start_warmer(spec_path, self.state_dir)
+        self.events = lifecycle.LifecycleEmitter([(spec.platform.eventSink, 1), (self.warmer_url, 4)],
+                                                 spec.platform.namespace)
         self._tasks: list[asyncio.Task] = []
         self._replica_tasks: set[asyncio.Task] = set()
         self._spec_mtime = spec_path.stat().st_mtime if spec_path else None
@@ -212,12 +228,14 @@ class ServingPlane:
                     if r.state != "stopped"]
         grace = self.spec.platform.activator.terminationGracePeriodSeconds
         await asyncio.gather(*(self.supervisor.stop(r, grace) for r in replicas), return_exceptions=True)
-        if self.standby is not None:
-            self.standby.terminate()
+        for helper in (self.standby, self.warmer):
+            if helper is None:
+                continue
+            helper.terminate()
             try:
-                await asyncio.wait_for(asyncio.to_thread(self.standby.wait), 10)
+                await asyncio.wait_for(asyncio.to_thread(helper.wait), 10)
             except asyncio.TimeoutError:
-                self.standby.kill()
+                helper.kill()
         await self.events.stop()
         await self.session.close()
 
@@ -228,6 +246,18 @@ class ServingPlane:
             for rev in self._revisions():
                 self._decide(rev, now)
                 self._reconcile(rev)
+            self._delete_removed_models()
+
+    def _delete_removed_models(self) -> None:
+        """Models gone from the spec leave once their revisions have drained: a delete event each."""
+        wanted = {m.name for m in self.spec.models}
+        for name in [n for n in self.models if n not in wanted]:
+            revisions = self.models[name].revisions.values()
+            if all(not rev.replicas and rev.launching == 0 for rev in revisions):
+                for rev in revisions:
+                    self.events.emit("dev.knative.apiserver.resource.delete", self._revision_object(rev))
+                del self.models[name]
+                log.info("model %s removed", name)
 
     async def _sample_loop(self) -> None:
         while True:
@@ -327,7 +357,7 @@ class ServingPlane:
 
     async def _run_replica(self, rev: RevisionRuntime) -> None:
         try:
-            replica = await self.supervisor.start(rev.name, rev.model, model_dir(rev.model), {})
+            replica = await self.supervisor.start(rev.name, rev.model, *weights_args(rev.model, self.spec), {})
         except Exception:  # noqa: BLE001 - a failed launch is retried by the next reconcile
             log.exception("could not start a replica of %s", rev.name)
             return

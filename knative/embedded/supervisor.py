@@ -69,13 +69,15 @@ class Supervisor:
     def standby_ready(self) -> bool:
         return self.standby_socket is not None and self.standby_socket.exists()
 
-    async def start(self, revision: str, model: Model, model_dir: Path, extra_env: dict[str, str]) -> Replica:
-        """Launch a replica of `revision`; it is `starting` until its readiness probe passes."""
+    async def start(self, revision: str, model: Model, model_dir: Path | None, source_args: list[str] | None,
+                    extra_env: dict[str, str]) -> Replica:
+        """Launch a replica of `revision` (weights from a folder, or staged at boot from `source_args`);
+        it is `starting` until its readiness probe passes."""
         port = free_port()
         rid = f"{revision}-{next(self._ids)}"
         log_path = self.log_dir / f"{rid}.log"
         engine_args = model.engine.model_dump(exclude_none=True)
-        cmd = function_command(model_dir, model.served_name, port, engine_args)
+        cmd = function_command(model_dir, model.served_name, port, engine_args, source_args)
         env = base_env(VLLM_CPU_KVCACHE_SPACE=str(model.engine.kv_cache_gib), THAW_REVISION=revision,
                        THAW_LAUNCH_TIME=repr(time.time()), **extra_env)
         if model.standby and self.standby_ready():
@@ -150,3 +152,16 @@ def start_standby(state_dir: Path) -> tuple[subprocess.Popen, Path]:
                                  stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=base_env(),
                                  start_new_session=True)
     return popen, socket_path
+
+
+def start_warmer(spec_path: Path, state_dir: Path) -> tuple[subprocess.Popen, str]:
+    """The cache warmer's CloudEvents service (gunicorn); it dies with this process."""
+    port = free_port()
+    log_path = Path(state_dir) / "logs" / "cache-warmer.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as out:
+        popen = subprocess.Popen([sys.executable, "-m", "thaw.cli", "cache-warmer", "-f", str(spec_path),
+                                  "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL, env=base_env(), start_new_session=True,
+                                 preexec_fn=die_with_parent)
+    return popen, f"http://127.0.0.1:{port}/"
