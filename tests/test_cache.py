@@ -83,7 +83,8 @@ def test_two_concurrent_ensures_make_one_download(s3, tmp_path):
 def _spec(tmp_path: Path, proxy: FaultProxy, capacity: str = "1Gi") -> Path:
     spec = {"platform": {"cache": {"path": str(tmp_path / "cache"), "capacity": capacity},
                          "origin": {"s3": {"endpointUrl": proxy.url, "region": "us-east-1"}}},
-            "models": [{"name": "tiny", "source": "s3://models/tiny/v1"}]}
+            "models": [{"name": "tiny", "source": "s3://models/tiny/v1"},
+                       {"name": "missing", "source": "s3://models/none"}]}
     path = tmp_path / "thaw.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -193,3 +194,124 @@ def test_an_origin_listing_with_traversal_is_refused(tmp_path):
     with pytest.raises(CacheError, match="leave the version folder"):
         ensure(CacheTier(tmp_path / "cache", 1 << 20), Evil(tmp_path))
     assert not (tmp_path / "outside").exists()
+
+
+# ---- the warmer's CloudEvents service, under real gunicorn ------------------------------------------
+
+@pytest.fixture(scope="module")
+def warmer(s3, tmp_path_factory):
+    from thaw.launch import ServerProcess, base_env, free_port
+
+    proxy, _ = s3
+    work = tmp_path_factory.mktemp("warmer")
+    spec = _spec(work, proxy)
+    port = free_port()
+    server = ServerProcess([sys.executable, "-m", "thaw.cli", "cache-warmer", "-f", str(spec), "--port", str(port)],
+                           work / "warmer.log", env=base_env())
+    url = f"http://127.0.0.1:{port}"
+    server.wait_http(url + "/readyz", 30)
+    yield url, CacheTier(work / "cache", 1 << 30)
+    server.stop()
+
+
+def _post_event(url: str, kind: str, data, structured: bool = False, **extra):
+    import requests
+    from cloudevents.core.bindings.http import HTTPMessage, from_http_event, to_binary_event, to_structured_event
+    from cloudevents.core.v1.event import CloudEvent
+
+    event = CloudEvent({"type": kind, "source": "/tests", "datacontenttype": "application/json", **extra}, data)
+    message = (to_structured_event if structured else to_binary_event)(event)
+    r = requests.post(url + "/", data=message.body, headers=message.headers, timeout=60)
+    reply = from_http_event(HTTPMessage(dict(r.headers), r.content)) if r.status_code == 200 else None
+    return r, reply
+
+
+REVISION = {"apiVersion": "serving.knative.dev/v1", "kind": "Revision",
+            "metadata": {"name": "tiny-00001", "namespace": "default",
+                         "labels": {"serving.knative.dev/service": "tiny"}}}
+
+
+@pytest.mark.parametrize("data,structured", [
+    (REVISION, False),  # Resource mode
+    ({"apiVersion": "serving.knative.dev/v1", "kind": "Revision", "name": "tiny-00003", "namespace": "default"},
+     True),  # Reference mode
+])
+def test_warmer_stages_on_revision_events(warmer, data, structured):
+    url, tier = warmer
+    r, reply = _post_event(url, "dev.knative.apiserver.resource.add", data, structured,
+                           subject="/apis/serving.knative.dev/v1/namespaces/default/revisions/tiny-00001")
+    assert r.status_code == 200 and reply.get_type() == "dev.thaw.cache.staged"
+    assert tier.is_published(reply.get_data()["key"])
+
+
+def test_warmer_warm_request_pins(warmer):
+    url, tier = warmer
+    r, reply = _post_event(url, "dev.thaw.cache.warm", {"model": "tiny", "pin": True})
+    assert reply.get_type() == "dev.thaw.cache.staged" and tier.pinned(reply.get_data()["key"])
+
+
+def test_warmer_reports_failures_as_events(warmer):
+    r, reply = _post_event(warmer[0], "dev.thaw.cache.warm", {"model": "missing"})
+    assert r.status_code == 200 and reply.get_type() == "dev.thaw.cache.failed"
+    assert "s3://models/none" in reply.get_data()["error"]
+
+
+@pytest.mark.parametrize("kind,data,status,fragment", [
+    ("dev.thaw.cache.warm", {"model": "nope"}, 400, "no model 'nope'"),
+    ("dev.thaw.cache.warm", {"pin": True}, 400, "needs data"),
+    ("dev.knative.apiserver.resource.add", {"kind": "Service", "metadata": {"name": "x"}}, 400, "Revision"),
+    ("dev.knative.apiserver.resource.add", {"kind": "Revision"}, 400, "no metadata.name"),
+    ("com.example.other", {}, 400, "unsupported event type"),
+    ("dev.knative.apiserver.resource.delete", REVISION, 202, None),
+    ("dev.knative.apiserver.resource.add", {**REVISION, "metadata": {"name": "other-00001"}}, 202, None),
+])
+def test_warmer_bad_and_ignored_events(warmer, kind, data, status, fragment):
+    r, _ = _post_event(warmer[0], kind, data)
+    assert r.status_code == status, r.text
+    if fragment:
+        assert fragment in r.json()["error"]
+
+
+def test_warmer_refuses_invalid_cloudevents(warmer):
+    import requests
+
+    r = requests.post(warmer[0] + "/", data=b"{}", headers={"ce-type": "dev.thaw.cache.warm", "ce-source": "/t",
+                                                            "ce-specversion": "1.0"}, timeout=10)
+    assert r.status_code == 400 and "id" in r.json()["error"]
+
+
+# ---- thaw up stages a new revision's weights before any request -------------------------------------
+
+def test_revision_added_in_thaw_up_is_staged_before_its_first_request(s3, tiny_model, tmp_path):
+    import requests
+
+    from thaw.launch import ServerProcess, base_env, free_port
+
+    _, client = s3
+    for f in tiny_model.iterdir():
+        client.upload_file(str(f), "models", f"tinyreal/{f.name}")
+    port = free_port()
+    spec = {"platform": {"gateway": {"port": port}, "stateDir": str(tmp_path / "state"),
+                         "cache": {"path": str(tmp_path / "cache"), "capacity": "1Gi"},
+                         "origin": {"s3": {"endpointUrl": client.meta.endpoint_url, "region": "us-east-1"}}},
+            "models": [{"name": "s3tiny", "source": "s3://models/tinyreal", "engine": {"max_model_len": 512}}]}
+    path = tmp_path / "thaw.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    server = ServerProcess([sys.executable, "-m", "thaw.cli", "up", "-f", str(path)], tmp_path / "up.log",
+                           env=base_env())
+    url = f"http://127.0.0.1:{port}"
+    try:
+        server.wait_http(url + "/healthz", 30)
+        tier = CacheTier(tmp_path / "cache", 1 << 30)
+        poll(lambda: tier.keys(), 60, 0.1, "the revision's weights staged by the warmer")
+        rev = requests.get(url + "/thaw/v1/status", timeout=5).json()["models"][0]["revisions"][0]
+        assert rev["replicas"] == {"starting": 0, "ready": 0, "draining": 0}  # staged at zero, no request yet
+        r = requests.post(url + "/v1/completions", json={"model": "s3tiny", "prompt": "x", "max_tokens": 3},
+                          timeout=180)
+        assert r.status_code == 200, r.text
+        phases = requests.get(url + "/thaw/v1/status", timeout=5).json()["models"][0]["revisions"][0][
+            "last_start_phases"]
+        assert phases["stage"] == 0  # the replica found its weights in the tier
+        assert tier.in_use(tier.keys()[0])  # leased by the live replica
+    finally:
+        server.stop(60)
