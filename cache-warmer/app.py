@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from pathlib import Path
 
 from flask import Flask, Response, jsonify, request
@@ -20,7 +21,9 @@ from flask import Flask, Response, jsonify, request
 from thaw.eventing import events
 from thaw.spec import Model, Spec, SpecError, load_spec
 
+from .cli import stage_settings
 from .ensure import ensure
+from .prewarm import read_into_page_cache
 from .origins import origin_for
 from .tier import CacheError, CacheTier
 
@@ -78,19 +81,28 @@ def create_warmer_app(spec_path: Path) -> Flask:
 
     def stage(model: Model, pin: bool, cause: str) -> Response:
         spec = specs.get()
+        if not model.stages_through_tier:  # served in place from its folder: at most, warm the page cache
+            seconds = time.perf_counter()
+            if model.cache.prewarm and Path(model.source).is_dir():
+                read_into_page_cache(Path(model.source))
+            return reply(events.CACHE_STAGED, model, {"key": None, "path": model.source, "staged_now": False,
+                                                       "timings": {"prewarm": time.perf_counter() - seconds},
+                                                       "cause": cause})
         try:
             result = ensure(tier, origin_for(model.source, spec.platform.origin.s3), pin=pin or model.cache.pin,
-                            prewarm=model.cache.prewarm)
-            kind = events.CACHE_STAGED
-            data = {"model": model.name, "source": model.source, "key": result.key, "path": str(result.path),
-                    "staged_now": result.staged, "timings": result.timings, "cause": cause}
+                            prewarm=model.cache.prewarm, settings=stage_settings(spec))
             log.info("%s: %s ready in the tier (%s)", model.name, result.key, cause)
+            return reply(events.CACHE_STAGED, model, {"key": result.key, "path": str(result.path),
+                                                       "staged_now": result.staged, "timings": result.timings,
+                                                       "cause": cause})
         except (CacheError, OSError) as exc:
-            kind = events.CACHE_FAILED
-            data = {"model": model.name, "source": model.source, "error": str(exc), "cause": cause}
             log.error("%s: staging failed: %s", model.name, exc)
-        reply = events.make_event(kind, SOURCE, data, **{events.EXT_MODEL: model.name})
-        headers, body = events.to_http(reply)
+            return reply(events.CACHE_FAILED, model, {"error": str(exc), "cause": cause})
+
+    def reply(kind: str, model: Model, data: dict) -> Response:
+        event = events.make_event(kind, SOURCE, {"model": model.name, "source": model.source, **data},
+                                  **{events.EXT_MODEL: model.name})
+        headers, body = events.to_http(event)
         return Response(body, 200, headers)
 
     @app.post("/")

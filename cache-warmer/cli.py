@@ -16,6 +16,11 @@ from .stager import StageSettings
 from .tier import CacheError, CacheTier
 
 
+def stage_settings(spec: Spec) -> StageSettings:
+    mbps = spec.platform.origin.s3.bandwidthMbps
+    return StageSettings(bandwidth=mbps * 1e6 / 8 if mbps else None)
+
+
 def tier_of(spec: Spec) -> CacheTier:
     return CacheTier(spec.platform.cache.path, spec.platform.cache.capacity_bytes)
 
@@ -29,7 +34,8 @@ def warm_model(spec: Spec, model: Model, console: Console, pin: bool = False, se
                TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task(f"staging {model.name}", total=None)
-        result = ensure(tier, origin, settings=settings or StageSettings(), pin=pin, prewarm=prewarm,
+        settings = settings or stage_settings(spec)
+        result = ensure(tier, origin, settings=settings, pin=pin, prewarm=prewarm,
                         on_total=lambda n: progress.update(task, total=n),
                         on_bytes=lambda n: progress.advance(task, n),
                         on_retry=lambda m: console.print(f"[yellow]retrying[/yellow] {m}", highlight=False))

@@ -110,8 +110,19 @@ class CacheTier:
         return self.root / "staging" / check_key(key)
 
     def compile_dir(self, key: str) -> Path:
+        """The version's VLLM_CACHE_ROOT. vLLM's `modelinfos` (its inspection of model classes, keyed by
+        vLLM's own code, the same for every version) is shared: without it each new version's first
+        start spends seconds inspecting the model class again in a subprocess."""
         path = self.root / "compile" / check_key(key)
         path.mkdir(parents=True, exist_ok=True)
+        shared = self.root / "compile" / "shared-modelinfos"
+        shared.mkdir(exist_ok=True)
+        link = path / "modelinfos"
+        if not link.exists() and not link.is_symlink():
+            try:
+                link.symlink_to(shared, target_is_directory=True)
+            except FileExistsError:
+                pass
         return path
 
     def is_published(self, key: str) -> bool:

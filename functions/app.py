@@ -61,9 +61,13 @@ def tier_fetcher(config: FunctionConfig):
         from thaw.cache_warmer.origins import origin_for
         from thaw.cache_warmer.tier import CacheTier
 
+        from thaw.cache_warmer.stager import StageSettings
+
         tier = CacheTier(config.cache.root, config.cache.capacity)
+        mbps = config.cache.s3.bandwidthMbps
         result = ensure(tier, origin_for(config.source, config.cache.s3), lease_pid=os.getpid(),
-                        prewarm=config.cache.prewarm, dram_root=config.cache.dram_root)
+                        prewarm=config.cache.prewarm, dram_root=config.cache.dram_root,
+                        settings=StageSettings(bandwidth=mbps * 1e6 / 8 if mbps else None))
         os.environ["VLLM_CACHE_ROOT"] = str(tier.compile_dir(result.key))
         log.info("weights of %s at %s (%s)", config.source, result.path,
                  "staged now" if result.staged else "already staged")

@@ -72,6 +72,7 @@ def make_spec(tiny: Path, state: Path, port: int, sink: str | None = None) -> di
             "autoscaler": {"scale-to-zero-grace-period": "1s", "tick-interval": "1s"},
             "activator": {"queueDepth": 16, "terminationGracePeriodSeconds": 5},
             "auth": {"tokensEnv": "THAW_TEST_TOKENS"},
+            "optimizer": {"replicaBudget": 1, "interval": "1s"},
         },
         "models": [
             model("tiny", tiny, engine={"max_model_len": 2048}),
@@ -331,6 +332,13 @@ def test_status_command(plane):
     assert "tiny-00001" in table.stdout and "weights at" in table.stdout
 
 
+def test_optimizer_keeps_the_most_called_model_warm(plane):
+    # "split" took 200 requests above; "zero" one. The budget is one idle replica: split keeps it.
+    poll(lambda: any(r["keep_warm"] for r in plane.revisions("split")), 10, 0.2, "split kept warm")
+    assert not any(r["keep_warm"] for r in plane.revisions("zero"))
+    assert sum(r["keep_warm"] for m in plane.status()["models"] for r in m["revisions"]) == 1
+
+
 def test_lifecycle_events_in_apiserversource_format(plane):
     add = poll(lambda: plane.sink.of("dev.knative.apiserver.resource.add", "tiny-00001"), 10, what="add event")[0]
     assert add.get_subject() == "/apis/serving.knative.dev/v1/namespaces/default/revisions/tiny-00001"
@@ -340,7 +348,8 @@ def test_lifecycle_events_in_apiserversource_format(plane):
     assert revision["metadata"]["annotations"]["autoscaling.knative.dev/window"] == "6s"
     assert revision["spec"]["timeoutSeconds"] == 300
     updates = plane.sink.of("dev.knative.apiserver.resource.update", "tiny-00001")
-    assert any(u.get_data()["status"]["actualReplicas"] == 1 for u in updates)
+    ready = [u.get_data() for u in updates if u.get_data()["status"]["actualReplicas"] == 1]
+    assert ready and "engine_init" in json.loads(ready[0]["metadata"]["annotations"]["thaw.dev/start-phases"])
     assert plane.sink.of("dev.knative.apiserver.resource.add", "split-00002")  # made by a spec change
 
 

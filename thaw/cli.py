@@ -118,8 +118,8 @@ def warm(
         target = spec.model(model)
     except KeyError:
         _fail([f"no model {model!r} in {file}; models: {', '.join(m.name for m in spec.models)}"])
-    settings = StageSettings(parallel=parallel, part_size=part_size_mib << 20,
-                             bandwidth=bandwidth_mbps * 1e6 / 8 if bandwidth_mbps else None)
+    mbps = bandwidth_mbps or spec.platform.origin.s3.bandwidthMbps
+    settings = StageSettings(parallel=parallel, part_size=part_size_mib << 20, bandwidth=mbps * 1e6 / 8 if mbps else None)
     try:
         result = warm_model(spec, target, console, pin=pin, settings=settings)
     except (CacheError, FileNotFoundError) as exc:
@@ -191,6 +191,7 @@ def function_serve(
     cache_capacity: str = typer.Option("50Gi", "--cache-capacity"),
     s3_endpoint: Optional[str] = typer.Option(None, "--s3-endpoint"),
     s3_region: Optional[str] = typer.Option(None, "--s3-region"),
+    bandwidth_mbps: Optional[float] = typer.Option(None, "--bandwidth-mbps", help="Cap the link to the origin."),
     prewarm: bool = typer.Option(True, "--prewarm/--no-prewarm", help="Read staged weights into memory first."),
     dram_root: Optional[Path] = typer.Option(None, "--dram-root", help="A tmpfs to serve the weights from."),
     port: int = typer.Option(8000, "--port"),
@@ -208,7 +209,8 @@ def function_serve(
     if (model_dir is None) == (source is None):
         raise typer.BadParameter("give exactly one of --model-dir and --source")
     cache = CacheSettings(cache_root.resolve(), int(parse_quantity(cache_capacity)),
-                          S3Origin(endpointUrl=s3_endpoint, region=s3_region), prewarm, dram_root) if source else None
+                          S3Origin(endpointUrl=s3_endpoint, region=s3_region, bandwidthMbps=bandwidth_mbps), prewarm,
+                          dram_root) if source else None
     config = FunctionConfig(model_dir=model_dir.resolve() if model_dir else None, served_name=served_name,
                             engine=parse_engine_args(engine_arg), source=source, cache=cache)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -270,6 +272,22 @@ def bench_coldstart(
     from thaw.bench.coldstart import run_coldstart_bench
 
     run_coldstart_bench(model_dir, runs, clients, requests_per_client, max_tokens, out, console)
+
+
+@bench_app.command("staging")
+def bench_staging(
+    model_dir: Path = typer.Option(Path("models/demo"), "--model-dir", help="The model for the first-request part."),
+    files: int = typer.Option(4, "--files", help="Weight shards of the synthetic model."),
+    file_mib: int = typer.Option(256, "--file-mib", help="Size of each shard."),
+    rounds: int = typer.Option(2, "--rounds", help="Staging runs per side."),
+    runs: int = typer.Option(3, "--runs", help="First requests per variant."),
+    bandwidth_mbps: float = typer.Option(100, "--bandwidth-mbps", help="Per-instance link to the origin."),
+    out: Path = typer.Option(Path("bench-results/staging.json"), "--out"),
+) -> None:
+    """The stager vs boto3's download_file; first request pre-staged vs fetched from a capped origin."""
+    from thaw.bench.staging import run_staging_bench
+
+    run_staging_bench(model_dir, files, file_mib, rounds, runs, bandwidth_mbps, out, console)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -209,6 +209,11 @@ class Model(SpecModel):
     def served_name(self) -> str:
         return self.servedName or self.name
 
+    @property
+    def stages_through_tier(self) -> bool:
+        """s3:// sources always go through the cache tier; local folders only when `cache.stage` says so."""
+        return self.source.startswith("s3://") or bool(self.cache.stage)
+
     def revision_template(self) -> dict[str, Any]:
         """What makes a revision: every setting but the name and the traffic block."""
         return self.model_dump(mode="json", exclude={"name", "traffic"})
@@ -241,6 +246,8 @@ class S3Origin(SpecModel):
     endpointUrl: str | None = None
     region: str | None = None
     profile: str | None = None
+    # Cap on the link to the origin per stager (to reproduce a shared link), in megabits per second.
+    bandwidthMbps: float | None = Field(None, gt=0)
 
 
 class Origin(SpecModel):
@@ -279,6 +286,26 @@ class Auth(SpecModel):
     tokensEnv: str | None = None
 
 
+class Optimizer(SpecModel):
+    """The cold-start optimizer's budget: what it may keep warm for models likely to be called soon."""
+
+    memoryBudget: str = "0"  # weights kept prewarmed in memory
+    replicaBudget: int = Field(0, ge=0)  # idle replicas kept up (0: every model may go to zero)
+    window: str = "600s"  # request history the call rate is measured over
+    horizon: str = "300s"  # "soon"
+    interval: str = "10s"
+
+    @field_validator("memoryBudget")
+    @classmethod
+    def _memory(cls, v: str) -> str:
+        return Resources._quantity(v)
+
+    @field_validator("window", "horizon", "interval")
+    @classmethod
+    def _duration(cls, v: str) -> str:
+        return _check_duration(v, 1, 86400, "this duration")
+
+
 class Platform(SpecModel):
     namespace: str = "default"
     gateway: Gateway = Gateway()
@@ -288,6 +315,7 @@ class Platform(SpecModel):
     autoscaler: Autoscaler = Autoscaler()
     activator: Activator = Activator()
     auth: Auth = Auth()
+    optimizer: Optimizer = Optimizer()
     # Where the serving plane sends revision lifecycle CloudEvents (ApiServerSource format).
     eventSink: str | None = None
 

@@ -9,6 +9,7 @@ warmer consumes the same events from either source.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
 from typing import Any
@@ -23,8 +24,9 @@ SOURCE = "https://kubernetes.default.svc"  # what ApiServerSource sets: the API 
 
 
 def revision_object(name: str, model_name: str, namespace: str, template: dict[str, Any], generation: int,
-                    status: dict[str, Any], uid: str) -> dict[str, Any]:
-    """A Revision as the API server would serve it (the fields thaw fills)."""
+                    status: dict[str, Any], uid: str, start_phases: dict[str, float] | None = None) -> dict[str, Any]:
+    """A Revision as the API server would serve it (the fields thaw fills); the last replica's start
+    phases (cache wait, staging, prewarm, imports, engine init...) ride along as an annotation."""
     from thaw.spec import Model
 
     model = Model.model_validate({"name": model_name, **template})
@@ -37,7 +39,8 @@ def revision_object(name: str, model_name: str, namespace: str, template: dict[s
                        "serving.knative.dev/configuration": model_name,
                        "serving.knative.dev/configurationGeneration": str(generation)},
             "annotations": {**model.scaling.annotations(), "thaw.dev/source": model.source,
-                            "thaw.dev/served-name": model.served_name},
+                            "thaw.dev/served-name": model.served_name,
+                            **({"thaw.dev/start-phases": json.dumps(start_phases)} if start_phases else {})},
         },
         "spec": {
             "containerConcurrency": model.containerConcurrency,

@@ -9,6 +9,7 @@ revision with nothing running pokes its decision at once, so 0 -> 1 never waits 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
 import time
@@ -54,6 +55,7 @@ class RevisionRuntime:
     initial_reached: bool = False
     panicking: bool = False
     excess_burst_capacity: int = 0
+    keep_warm: int = 0  # idle replicas the optimizer wants kept (a floor under the KPA's decision)
     last_reported: tuple = ()
 
     def count(self, *states: str) -> int:
@@ -75,22 +77,25 @@ class ModelRuntime:
     routes: list[Route] = field(default_factory=list)
 
 
-def uses_tier(model: Model) -> bool:
-    """s3:// sources always go through the cache tier; local folders only when `cache.stage` says so."""
-    return model.source.startswith("s3://") or bool(model.cache.stage)
-
-
 def weights_args(model: Model, spec: Spec) -> tuple[Path | None, list[str] | None]:
     """How a replica gets its weights: a folder, or the arguments to stage its source at boot."""
-    if not uses_tier(model):
+    if not model.stages_through_tier:
         return Path(model.source).resolve(), None
     cache, s3 = spec.platform.cache, spec.platform.origin.s3
     args = ["--source", model.source, "--cache-root", str(Path(cache.path).resolve()),
             "--cache-capacity", cache.capacity, "--prewarm" if model.cache.prewarm else "--no-prewarm"]
     args += ["--s3-endpoint", s3.endpointUrl] if s3.endpointUrl else []
     args += ["--s3-region", s3.region] if s3.region else []
+    args += ["--bandwidth-mbps", str(s3.bandwidthMbps)] if s3.bandwidthMbps else []
     args += ["--dram-root", str(Path(spec.platform.cache.dramPath).resolve())] if model.cache.tier == "dram" else []
     return None, args
+
+
+def _weight_bytes(model: Model) -> int:
+    if model.source.startswith("s3://"):
+        return 0  # known once staged; the memory budget then counts it
+    folder = Path(model.source)
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors")) if folder.is_dir() else 0
 
 
 class ServingPlane:
@@ -114,6 +119,7 @@ class ServingPlane:
         self._tasks: list[asyncio.Task] = []
         self._replica_tasks: set[asyncio.Task] = set()
         self._spec_mtime = spec_path.stat().st_mtime if spec_path else None
+        self.calls: dict[str, collections.deque] = {}  # model -> request times, for the optimizer
         self.stopping = False
 
     # ---- configuration ---------------------------------------------------------------------------
@@ -169,7 +175,8 @@ class ServingPlane:
         return lifecycle.revision_object(
             rev.name, rev.model.name, self.spec.platform.namespace,
             rev.model.revision_template(), rev.generation,
-            lifecycle.revision_status(len(rev.ready), rev.desired), self.events.uid(rev.name))
+            lifecycle.revision_status(len(rev.ready), rev.desired), self.events.uid(rev.name),
+            next((r.phases for r in reversed(rev.replicas) if r.phases), None))
 
     # ---- routing ---------------------------------------------------------------------------------
 
@@ -190,6 +197,7 @@ class ServingPlane:
         return runtime.revisions[name]
 
     async def acquire(self, rev: RevisionRuntime, timeout: float) -> Replica:
+        self.calls.setdefault(rev.model.name, collections.deque(maxlen=10_000)).append(time.time())
         if not rev.ready and rev.launching + rev.count("starting") == 0:
             self._poke(rev)
         return await rev.activator.acquire(timeout)
@@ -214,7 +222,8 @@ class ServingPlane:
             self.supervisor.standby_socket = socket_path
         self.events.start()
         self.apply_spec(self.spec)
-        for coro in (self._tick_loop(), self._sample_loop(), self._liveness_loop(), self._watch_spec_loop()):
+        for coro in (self._tick_loop(), self._sample_loop(), self._liveness_loop(), self._watch_spec_loop(),
+                     self._optimize_loop()):
             self._tasks.append(asyncio.create_task(coro))
         for runtime in self.models.values():
             for rev in runtime.revisions.values():
@@ -296,6 +305,42 @@ class ServingPlane:
             for rev in self._revisions():
                 self._reconcile(rev)
 
+    async def _optimize_loop(self) -> None:
+        """The optimizer's keep-warm plan, applied: idle replicas as a floor, weights staged and prewarmed
+        through the warmer."""
+        from thaw.cache_warmer.optimizer import Budget, Demand, plan_keep_warm
+        from thaw.eventing import events
+        from kubernetes.utils import parse_quantity
+
+        warmed: set[str] = set()
+        while True:
+            settings = self.spec.platform.optimizer
+            await asyncio.sleep(parse_duration(settings.interval))
+            budget = Budget(int(parse_quantity(settings.memoryBudget)), settings.replicaBudget)
+            if not budget.memory_bytes and not budget.replicas:
+                continue
+            demands = [Demand(name, tuple(self.calls.get(name, ())), _weight_bytes(runtime.model))
+                       for name, runtime in self.models.items() if runtime.routes]
+            plan = plan_keep_warm(demands, time.time(), budget, parse_duration(settings.window),
+                                  parse_duration(settings.horizon))
+            for name, runtime in self.models.items():
+                for rev in runtime.revisions.values():
+                    rev.keep_warm = 1 if name in plan.keep_replica and rev.routable else 0
+            for name in (plan.stage | plan.prewarm) - warmed:
+                if self.warmer_url:
+                    event = events.make_event(events.CACHE_WARM, "/thaw/optimizer", {"model": name})
+                    headers, body = events.to_http(event)
+                    try:
+                        async with self.session.post(self.warmer_url, data=body, headers=headers) as r:
+                            await r.read()
+                    except aiohttp.ClientError as exc:
+                        log.warning("optimizer could not ask the warmer for %s: %s", name, exc)
+                        continue
+                warmed.add(name)
+            warmed &= plan.stage | plan.prewarm
+            if plan.keep_replica:
+                log.info("optimizer keeps warm: %s", ", ".join(sorted(plan.keep_replica)))
+
     def _revisions(self) -> list[RevisionRuntime]:
         return [rev for m in self.models.values() for rev in m.revisions.values()]
 
@@ -313,7 +358,7 @@ class ServingPlane:
         rev.panicking = result.panicking
         rev.excess_burst_capacity = result.excess_burst_capacity
         desired = result.desired if result.valid else rev.desired
-        desired = bounded_scale(desired, model.scaling.min_scale, model.scaling.max_scale)
+        desired = bounded_scale(max(desired, rev.keep_warm), model.scaling.min_scale, model.scaling.max_scale)
         if not rev.initial_reached:
             if ready >= rev.desired:
                 rev.initial_reached = True
@@ -408,7 +453,7 @@ class ServingPlane:
                     "replicas": {s: rev.count(s) + (rev.launching if s == "starting" else 0)
                                  for s in ("starting", "ready", "draining")},
                     "panic": rev.panicking, "queue": rev.activator.queued, "in_flight": rev.activator.in_flight,
-                    "excess_burst_capacity": rev.excess_burst_capacity,
+                    "excess_burst_capacity": rev.excess_burst_capacity, "keep_warm": rev.keep_warm,
                     "last_start_phases": next((r.phases for r in reversed(rev.replicas) if r.phases), {}),
                     "pods": [{"id": r.id, "pid": r.pid, "port": r.port, "state": r.state, "in_flight": r.in_flight,
                               "standby": r.via_standby} for r in rev.replicas],

@@ -38,9 +38,14 @@ def preload() -> float:
     import vllm  # noqa: F401
     from vllm.engine.llm_engine import LLMEngine  # noqa: F401
 
+    import thaw.cache_warmer.ensure  # noqa: F401 - a replica with an s3:// source stages at boot
+    import thaw.cache_warmer.origins
     import thaw.cli  # noqa: F401
     import thaw.functions.app  # noqa: F401
     import thaw.functions.serve  # noqa: F401
+
+    # botocore reads and parses its S3 service description on a client's first creation
+    thaw.cache_warmer.origins.S3Origin("s3://preload", region="us-east-1")
 
     return time.perf_counter() - start
 
