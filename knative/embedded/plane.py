@@ -324,8 +324,10 @@ class ServingPlane:
             plan = plan_keep_warm(demands, time.time(), budget, parse_duration(settings.window),
                                   parse_duration(settings.horizon))
             for name, runtime in self.models.items():
+                # one idle replica per kept model, on the revision that takes most of its traffic
+                main = max(runtime.routes, key=lambda r: r.percent).revision if runtime.routes else None
                 for rev in runtime.revisions.values():
-                    rev.keep_warm = 1 if name in plan.keep_replica and rev.routable else 0
+                    rev.keep_warm = 1 if name in plan.keep_replica and rev.name == main else 0
             for name in (plan.stage | plan.prewarm) - warmed:
                 if self.warmer_url:
                     event = events.make_event(events.CACHE_WARM, "/thaw/optimizer", {"model": name})
