@@ -315,3 +315,12 @@ def test_revision_added_in_thaw_up_is_staged_before_its_first_request(s3, tiny_m
         assert tier.in_use(tier.keys()[0])  # leased by the live replica
     finally:
         server.stop(60)
+
+
+def test_dram_tier_serves_a_whole_copy(tmp_path):
+    origin = _dir_model(tmp_path, "d", 50_000)
+    result = ensure(CacheTier(tmp_path / "cache", 1 << 20), origin, dram_root=tmp_path / "shm", prewarm=True)
+    assert result.path == tmp_path / "shm" / result.key
+    assert (result.path / "w.safetensors").read_bytes() == (tmp_path / "d" / "w.safetensors").read_bytes()
+    assert (result.path / "manifest.json").exists() and result.timings["prewarm"] >= 0
+    assert not [p for p in (tmp_path / "shm").iterdir() if p.name.startswith(".")]  # no half copy left
