@@ -11,25 +11,11 @@ import requests
 from rich.console import Console
 from rich.table import Table
 
-from thaw.launch import ServerProcess
+from thaw.launch import ServerProcess, wait_until
 from thaw.spec import load_spec
 from thaw.status import show_status
 
 DEMO_ENGINE_ARGS = {"dtype": "bfloat16", "max_model_len": 1024, "enforce_eager": True}
-
-
-def _wait(condition, timeout: float, what: str, server: ServerProcess) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if not server.alive():
-            raise RuntimeError(f"thaw up exited:\n{server.log_tail()}")
-        try:
-            if condition():
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{what} not within {timeout:.0f}s; see {server.log_path}")
 
 
 def run_demo(spec_path: Path, question: str, console: Console) -> int:
@@ -44,7 +30,8 @@ def run_demo(spec_path: Path, question: str, console: Console) -> int:
     server = ServerProcess([sys.executable, "-m", "thaw.cli", "up", "-f", str(spec_path)], log)
     try:
         with console.status("starting the gateway, the autoscaler and the standby (imports torch and vLLM once)"):
-            _wait(lambda: requests.get(url + "/thaw/v1/status", timeout=2).json()["standby"], 300, "standby", server)
+            wait_until(lambda: requests.get(url + "/thaw/v1/status", timeout=2).json()["standby"], 300,
+                       "standby ready", server)
         console.print(f"platform up after {time.time() - server.launched_at:.1f}s; {model.name} is at zero:")
         show_status(url, None, False, console)
 

@@ -119,3 +119,20 @@ class ServerProcess:
             return self.proc.wait(5)
         except subprocess.TimeoutExpired:
             return None
+
+
+def wait_until(condition, timeout: float, what: str, server: "ServerProcess | None" = None,
+               interval: float = 0.2) -> None:
+    """Call `condition` until it is truthy (HTTP errors count as not yet); raise after `timeout` seconds
+    or as soon as `server` has exited."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if server is not None and not server.alive():
+            raise RuntimeError(f"{what}: the server exited:\n{server.log_tail()}")
+        try:
+            if condition():
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(interval)
+    raise TimeoutError(f"{what}: not within {timeout:.0f}s" + (f"; see {server.log_path}" if server else ""))

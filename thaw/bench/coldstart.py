@@ -11,20 +11,15 @@ Then the warm path: concurrent streams through the gateway versus straight to th
 
 from __future__ import annotations
 
-import asyncio
-import sys
-import time
 from pathlib import Path
 
-import aiohttp
 import requests
-import yaml
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from thaw.bench.common import (first_token_after_launch, mean, percentile, ratio_table, run_streaming_load,
-                               stream_chat, write_json)
+from thaw.bench.common import (PlaneUnderTest, first_token_after_launch, mean, percentile, ratio_table,
+                               run_streaming_load, write_json)
 from thaw.demo import DEMO_ENGINE_ARGS
 from thaw.launch import ServerProcess, base_env, free_port, vllm_server_command
 
@@ -41,52 +36,12 @@ def bench_spec(model_dir: Path, state_dir: Path, port: int) -> dict:
             "models": [model("standby", True), model("cold", False), model("warm", True, min_scale=1)]}
 
 
-class PlaneUnderTest:
-    def __init__(self, work: Path, model_dir: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        spec_path = work / "thaw.yaml"
-        spec_path.write_text(yaml.safe_dump(bench_spec(model_dir, work / "state", self.port)))
-        self.server = ServerProcess([sys.executable, "-m", "thaw.cli", "up", "-f", str(spec_path)], work / "up.log")
-
-    def status(self, model: str) -> dict:
-        models = requests.get(self.url + "/thaw/v1/status", timeout=10).json()["models"]
-        return next(m for m in models if m["name"] == model)["revisions"][0]
-
-    def wait(self, condition, timeout: float, what: str) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            try:
-                if condition():
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"{what} within {timeout}s; see {self.server.log_path}")
-
-    def at_zero(self, model: str) -> bool:
-        rev = self.status(model)
-        return rev["desired"] == 0 and not any(rev["replicas"].values())
-
-    def first_token_from_zero(self, model: str) -> dict:
-        self.wait(lambda: self.at_zero(model), 120, f"{model} at zero")
-
-        async def one():
-            async with aiohttp.ClientSession() as session:
-                return await stream_chat(session, self.url, model, 16, "What is the capital of France?")
-
-        result = asyncio.run(one())
-        if not result.ok:
-            raise RuntimeError(f"request from zero failed: {result.error}")
-        return {"first_token": result.ttft, "phases": self.status(model)["last_start_phases"]}
-
-
 def run_coldstart_bench(model_dir: Path, runs: int, clients: int, per_client: int, max_tokens: int, out: Path,
                         console: Console) -> dict:
     model_dir = model_dir.resolve()
     work = out.parent / "coldstart-work"
     work.mkdir(parents=True, exist_ok=True)
-    plane = PlaneUnderTest(work, model_dir)
+    plane = PlaneUnderTest(work, bench_spec(model_dir, work / "state", free_port()))
     starts: dict[str, list] = {"standby": [], "cold": [], "vllm": []}
     warm: dict[str, list] = {"gateway": [], "direct": []}
     with Progress(console=console) as progress:

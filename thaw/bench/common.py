@@ -5,12 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import aiohttp
+import requests
+import yaml
 from rich.table import Table
+
+from thaw.launch import ServerProcess, base_env, wait_until
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -137,3 +142,39 @@ def write_json(path: Path, data) -> None:
 def mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else float("nan")
 
+
+
+class PlaneUnderTest:
+    """`thaw up` on a generated spec, in its own process, with the status queries benchmarks need."""
+
+    def __init__(self, work: Path, spec: dict):
+        self.url = f"http://127.0.0.1:{spec['platform']['gateway']['port']}"
+        spec_path = work / "thaw.yaml"
+        spec_path.write_text(yaml.safe_dump(spec))
+        self.server = ServerProcess([sys.executable, "-m", "thaw.cli", "up", "-f", str(spec_path)], work / "up.log",
+                                    env=base_env())
+
+    def status(self, model: str) -> dict:
+        models = requests.get(self.url + "/thaw/v1/status", timeout=10).json()["models"]
+        return next(m for m in models if m["name"] == model)["revisions"][0]
+
+    def wait(self, condition, timeout: float, what: str) -> None:
+        wait_until(condition, timeout, what, self.server)
+
+    def at_zero(self, model: str) -> bool:
+        rev = self.status(model)
+        return rev["desired"] == 0 and not any(rev["replicas"].values())
+
+    def first_token_from_zero(self, model: str) -> dict:
+        """Wait for `model` at zero, then one streamed request: seconds to its first token, and the
+        phases the replica reported."""
+        self.wait(lambda: self.at_zero(model), 120, f"{model} at zero")
+
+        async def one():
+            async with aiohttp.ClientSession() as session:
+                return await stream_chat(session, self.url, model, 16, "What is the capital of France?")
+
+        result = asyncio.run(one())
+        if not result.ok:
+            raise RuntimeError(f"request from zero failed: {result.error}")
+        return {"first_token": result.ttft, "phases": self.status(model)["last_start_phases"]}

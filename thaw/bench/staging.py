@@ -19,13 +19,12 @@ from pathlib import Path
 
 import boto3
 import requests
-import yaml
 from rich.console import Console
 from rich.progress import Progress
 
-from thaw.bench.common import mean, ratio_table, write_json
+from thaw.bench.common import PlaneUnderTest, mean, ratio_table, write_json
 from thaw.demo import DEMO_ENGINE_ARGS
-from thaw.launch import ServerProcess, base_env, free_port
+from thaw.launch import free_port
 
 BUCKET = "bench"
 
@@ -108,54 +107,34 @@ def bench_first_request(url: str, work: Path, model_dir: Path, runs: int, mbps: 
                          "origin": {"s3": {"endpointUrl": url, "region": "us-east-1", "bandwidthMbps": mbps}},
                          "autoscaler": {"scale-to-zero-grace-period": "1s", "tick-interval": "1s"}},
             "models": models}
-    spec_path = work / "thaw.yaml"
-    spec_path.write_text(yaml.safe_dump(spec))
-    gateway = f"http://127.0.0.1:{port}"
-    server = ServerProcess([sys.executable, "-m", "thaw.cli", "up", "-f", str(spec_path)], work / "up.log",
-                           env=base_env())
+    plane = PlaneUnderTest(work, spec)
     from thaw.cache_warmer.tier import CacheTier
 
     tier = CacheTier(work / "cache", 10 << 30)
     results: dict[str, list[dict]] = {"prestaged": [], "fetched": []}
-
-    def status(name: str) -> dict:
-        models = requests.get(gateway + "/thaw/v1/status", timeout=5).json()["models"]
-        return next(m for m in models if m["name"] == name)["revisions"][0]
-
-    def wait(cond, timeout: float, what: str) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            try:
-                if cond():
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"{what}; see {server.log_path}")
 
     def version_of(name: str) -> str | None:
         return next((k for k in tier.keys() if tier.manifest(k)["source"].endswith(f"demo-{name}")), None)
 
     task = progress.add_task("first request after zero", total=runs * 2)
     try:
-        server.wait_http(gateway + "/healthz", 60)
-        wait(lambda: requests.get(gateway + "/thaw/v1/status", timeout=5).json()["standby"], 300, "standby")
-        wait(lambda: version_of("prestaged") and version_of("fetched"), 900, "warmer staged both at creation")
+        plane.server.wait_http(plane.url + "/healthz", 60)
+        plane.wait(lambda: requests.get(plane.url + "/thaw/v1/status", timeout=5).json()["standby"], 300, "standby")
+        plane.wait(lambda: version_of("prestaged") and version_of("fetched"), 900, "warmer staged both at creation")
         for _ in range(runs):
             for name in ("prestaged", "fetched"):
-                wait(lambda: status(name)["desired"] == 0 and not any(status(name)["replicas"].values()), 120,
-                     f"{name} at zero")
+                plane.wait(lambda: plane.at_zero(name), 120, f"{name} at zero")
                 if name == "fetched":
                     tier.evict(version_of("fetched"), force=True)  # gone from the tier: fetch at first request
                 start = time.perf_counter()
-                r = requests.post(gateway + "/v1/chat/completions", timeout=900, json={
+                r = requests.post(plane.url + "/v1/chat/completions", timeout=900, json={
                     "model": name, "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]})
                 r.raise_for_status()
                 results[name].append({"first_token": time.perf_counter() - start,
-                                      "phases": status(name)["last_start_phases"]})
+                                      "phases": plane.status(name)["last_start_phases"]})
                 progress.advance(task)
     finally:
-        server.stop(60)
+        plane.server.stop(60)
     return results
 
 
@@ -166,18 +145,22 @@ def run_staging_bench(model_dir: Path, files: int, file_mib: int, rounds: int, r
     work.mkdir(parents=True)
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
-    moto, url = start_s3(work)
-    try:
-        client = s3_client(url)
-        client.create_bucket(Bucket=BUCKET)
-        with console.status(f"uploading a synthetic model of {files} x {file_mib} MiB"):
-            total = synthetic_model(client, "synthetic", files, file_mib)
-        with Progress(console=console) as progress:
-            throughput = bench_throughput(url, work, total, rounds, progress)
-            first = bench_first_request(url, work, model_dir.resolve(), runs, mbps, progress)
-    finally:
-        moto.terminate()
-        moto.wait(10)
+    with Progress(console=console) as progress:
+        # One S3 server per part: the first holds the synthetic GiB in memory, which the second's
+        # replicas should not have to live beside.
+        for part in ("throughput", "first request"):
+            moto, url = start_s3(work)
+            try:
+                client = s3_client(url)
+                client.create_bucket(Bucket=BUCKET)
+                if part == "throughput":
+                    total = synthetic_model(client, "synthetic", files, file_mib)
+                    throughput = bench_throughput(url, work, total, rounds, progress)
+                else:
+                    first = bench_first_request(url, work, model_dir.resolve(), runs, mbps, progress)
+            finally:
+                moto.terminate()
+                moto.wait(10)
     result = {"synthetic_bytes": total, "throughput_bytes_per_s": throughput, "first_request": first,
               "bandwidth_mbps": mbps}
     write_json(out, result)
