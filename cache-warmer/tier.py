@@ -116,7 +116,12 @@ class CacheTier:
         path = self.root / "compile" / check_key(key)
         path.mkdir(parents=True, exist_ok=True)
         shared = self.root / "compile" / "shared-modelinfos"
-        shared.mkdir(exist_ok=True)
+        if not shared.exists():
+            shared.mkdir(exist_ok=True)
+            # Seeded from this machine's default vLLM cache, when vLLM has run here before.
+            default = Path(os.environ.get("VLLM_CACHE_ROOT") or Path.home() / ".cache" / "vllm") / "modelinfos"
+            for info in default.glob("*.json") if default.is_dir() else []:
+                shutil.copy2(info, shared / info.name)
         link = path / "modelinfos"
         if not link.exists() and not link.is_symlink():
             try:
