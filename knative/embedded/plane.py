@@ -93,7 +93,7 @@ def weights_args(model: Model, spec: Spec) -> tuple[Path | None, list[str] | Non
 
 def _weight_bytes(model: Model) -> int:
     if model.source.startswith("s3://"):
-        return 0  # known once staged; the memory budget then counts it
+        return 0  # not known before staging: such a model costs the memory budget nothing yet
     folder = Path(model.source)
     return sum(p.stat().st_size for p in folder.glob("*.safetensors")) if folder.is_dir() else 0
 
