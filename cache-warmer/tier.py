@@ -142,7 +142,8 @@ class CacheTier:
 
     def latest_for(self, source: str) -> str | None:
         """The newest published version of a source (used when its origin cannot be reached)."""
-        found = [(self.manifest(k)["created"], k) for k in self.keys() if self.manifest(k)["source"] == source]
+        manifests = [self.manifest(k) for k in self.keys()]
+        found = [(m["created"], m["key"]) for m in manifests if m["source"] == source]
         return max(found)[1] if found else None
 
     # ---- locks, leases, pins ---------------------------------------------------------------------

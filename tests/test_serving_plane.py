@@ -125,6 +125,15 @@ def plane(tiny_model, tmp_path_factory):
         sink.server.shutdown()
 
 
+def stream_data(plane: Plane, body: dict, timeout: float = 60):
+    """The `data:` payloads of a streamed chat completion through the gateway, as they arrive."""
+    with httpx.stream("POST", plane.url + "/v1/chat/completions", headers=HEADERS, timeout=timeout,
+                      json={**body, "stream": True}) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: "):
+                yield line[6:]
+
+
 def client(plane: Plane, token: str = TOKEN) -> openai.OpenAI:
     return openai.OpenAI(base_url=plane.url + "/v1", api_key=token, max_retries=0, timeout=120)
 
@@ -140,13 +149,8 @@ def test_per_model_route_and_streaming_pass_through(plane):
     r = requests.post(plane.url + "/models/tiny/v1/completions", headers=HEADERS,
                       json={"model": "tiny", "prompt": "x", "max_tokens": 4}, timeout=60)
     assert r.status_code == 200 and r.headers["X-Thaw-Revision"] == "tiny-00001"
-    stamps = []
-    with httpx.stream("POST", plane.url + "/v1/chat/completions", headers=HEADERS, timeout=60,
-                      json={"model": "tiny", "messages": CHAT, "max_tokens": 1500, "ignore_eos": True,
-                            "stream": True}) as s:
-        for line in s.iter_lines():
-            if line.startswith("data: "):
-                stamps.append(time.monotonic())
+    stamps = [time.monotonic() for _ in stream_data(
+        plane, {"model": "tiny", "messages": CHAT, "max_tokens": 1500, "ignore_eos": True})]
     # chunks arrive spread over the generation, not in one buffered lump at the end
     assert len(stamps) > 1000 and stamps[len(stamps) // 2] - stamps[0] > 0.2
 
@@ -236,14 +240,10 @@ def test_sigkill_of_replica_mid_stream(plane):
     c.completions.create(model="tiny", prompt="warm", max_tokens=2)
     pod = _pod(plane, "tiny")
     events = []
-    with httpx.stream("POST", plane.url + "/v1/chat/completions", headers=HEADERS, timeout=60,
-                      json={"model": "tiny", "messages": CHAT, "max_tokens": 2000, "ignore_eos": True,
-                            "stream": True}) as s:
-        for line in s.iter_lines():
-            if line.startswith("data: "):
-                events.append(line[6:])
-                if len(events) == 5:
-                    os.killpg(pod["pid"], signal.SIGKILL)
+    for data in stream_data(plane, {"model": "tiny", "messages": CHAT, "max_tokens": 2000, "ignore_eos": True}):
+        events.append(data)
+        if len(events) == 5:
+            os.killpg(pod["pid"], signal.SIGKILL)
     assert events[-1] == "[DONE]"
     assert json.loads(events[-2])["error"]["code"] == "replica_failed"
     assert len(events) < 2000
@@ -258,12 +258,10 @@ def test_drain_during_streaming_loses_nothing(plane):
     seen_draining = []
 
     def stream():
-        with httpx.stream("POST", plane.url + "/v1/chat/completions", headers=HEADERS, timeout=120,
-                          json={"model": "drain", "messages": CHAT, "max_tokens": 2000, "ignore_eos": True,
-                                "stream": True, "stream_options": {"include_usage": True}}) as s:
-            for line in s.iter_lines():
-                if line.startswith("data: "):
-                    chunks.append(line[6:])
+        body = {"model": "drain", "messages": CHAT, "max_tokens": 2000, "ignore_eos": True,
+                "stream_options": {"include_usage": True}}
+        for data in stream_data(plane, body, timeout=120):
+            chunks.append(data)  # one at a time: the test watches the stream grow
 
     t = threading.Thread(target=stream)
     t.start()

@@ -106,18 +106,24 @@ def run_streaming_load(url: str, model: str, clients: int, per_client: int, max_
     return asyncio.run(_load(url, model, clients, per_client, max_tokens, on_done))
 
 
+def first_answer(url: str, model: str) -> StreamResult:
+    """One short streamed question; raises if it fails."""
+
+    async def one():
+        async with aiohttp.ClientSession() as session:
+            return await stream_chat(session, url, model, 16, "What is the capital of France?")
+
+    result = asyncio.run(one())
+    if not result.ok:
+        raise RuntimeError(f"request to {model} failed: {result.error}")
+    return result
+
+
 def first_token_after_launch(server, ready_url: str, base_url: str, model: str, deadline_s: float = 600) -> dict:
     """Poll readiness every 50 ms from launch, then stream one request: seconds to ready and to first token."""
     server.wait_http(ready_url, deadline_s)
     ready = time.time() - server.launched_at
-
-    async def one():
-        async with aiohttp.ClientSession() as session:
-            return await stream_chat(session, base_url, model, 16, "What is the capital of France?")
-
-    result = asyncio.run(one())
-    if not result.ok:
-        raise RuntimeError(f"first request failed: {result.error}")
+    result = first_answer(base_url, model)
     return {"ready": ready, "first_token": ready + result.ttft}
 
 
@@ -169,12 +175,5 @@ class PlaneUnderTest:
         """Wait for `model` at zero, then one streamed request: seconds to its first token, and the
         phases the replica reported."""
         self.wait(lambda: self.at_zero(model), 120, f"{model} at zero")
-
-        async def one():
-            async with aiohttp.ClientSession() as session:
-                return await stream_chat(session, self.url, model, 16, "What is the capital of France?")
-
-        result = asyncio.run(one())
-        if not result.ok:
-            raise RuntimeError(f"request from zero failed: {result.error}")
+        result = first_answer(self.url, model)
         return {"first_token": result.ttft, "phases": self.status(model)["last_start_phases"]}
