@@ -163,6 +163,23 @@ def cache_evict(
     sys.exit(evict_version(tier_of(_spec(file)), key, force, console))
 
 
+@app.command()
+def router(
+    graph: Path = typer.Option(..., "--graph", help="A KServe InferenceGraph YAML file (apiVersion, kind, metadata, spec)."),
+    port: int = typer.Option(8080, "--port"),
+    gateway: Optional[str] = typer.Option(None, "--gateway",
+                                          help="thaw's gateway URL, for steps that name a model (serviceName)."),
+) -> None:
+    """Serve one inference graph on 127.0.0.1 (KServe's router semantics; PROPAGATE_HEADERS as in KServe)."""
+    from thaw.eventing.serve_router import load_inference_graph, run_router
+
+    try:
+        name, spec = load_inference_graph(graph)
+    except ValueError as exc:
+        _fail(str(exc).splitlines())
+    run_router(name, spec, port, gateway)
+
+
 @app.command("cache-warmer")
 def cache_warmer(
     file: Path = typer.Option(Path("thaw.yaml"), "-f", "--file"),

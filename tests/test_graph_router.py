@@ -1,0 +1,337 @@
+"""The inference-graph router over real HTTP: KServe's router scenarios (cmd/router/main_test.go) ported,
+plus validation, streaming through, CloudEvents in and out, and the standalone `thaw router`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import sys
+import textwrap
+
+import aiohttp
+import pytest
+import requests
+from aiohttp import web
+
+from thaw.eventing import events
+from thaw.eventing.graph import GraphInvalid, parse_graph
+from thaw.eventing.router import GraphRouter, header_patterns, router_app
+from thaw.launch import ServerProcess, free_port
+
+from loop_servers import LoopThread, Upstreams
+
+NO_MATCH_BODY = {"error": "Failed to process request",
+                 "cause": "None of the routes matched with the switch condition"}
+
+
+@pytest.fixture(scope="module")
+def loop():
+    thread = LoopThread()
+    yield thread
+    thread.close()
+
+
+@pytest.fixture
+def up(loop):
+    upstreams = Upstreams()
+    upstreams.base = loop.serve(upstreams.app())
+    return upstreams
+
+
+@pytest.fixture
+def graph_url(loop):
+    """Serve a graph spec with a real GraphRouter; returns its URL."""
+    begun, sessions = [], []
+
+    def serve(spec: dict, patterns: str = "", name: str = "g", models_url: str | None = None) -> str:
+        async def build():
+            session = aiohttp.ClientSession()
+            sessions.append(session)
+            return GraphRouter(name, parse_graph(name, spec), session, patterns=header_patterns(patterns),
+                               models_url=models_url, on_begin=begun.append)
+
+        router = loop.run(build())
+        return loop.serve(router_app(router))
+
+    serve.begun = begun
+    yield serve
+
+    async def close():
+        for session in sessions:
+            await session.close()
+
+    loop.run(close())
+
+
+def post(url: str, body, headers: dict | None = None) -> requests.Response:
+    return requests.post(url, json=body, headers=headers or {}, timeout=30)
+
+
+def test_chained_models_with_map_predictions_to_instances(up, graph_url):
+    spec = {"nodes": {"root": {"routerType": "Sequence", "steps": [
+        {"name": "model1", "serviceUrl": up.reply("m1", {"predictions": ["a", "b"], "other": 1}),
+         "mapPredictionsToInstances": True},
+        {"name": "model2", "serviceUrl": up.reply("m2", {"predictions": "2"}), "data": "$response"},
+    ]}}}
+    r = post(graph_url(spec), {"instances": ["test", "test2"]})
+    assert r.status_code == 200 and r.json() == {"predictions": "2"}
+    assert up.seen["m1"][0].body == {"instances": ["test", "test2"]}
+    assert up.seen["m2"][0].body == {"instances": ["a", "b"]}
+
+
+def test_sequence_without_response_data_sends_the_request_to_every_step(up, graph_url):
+    spec = {"nodes": {"root": {"routerType": "Sequence", "steps": [
+        {"serviceUrl": up.reply("m1", {"predictions": 1})},
+        {"serviceUrl": up.reply("m2", {"predictions": 2})},
+    ]}}}
+    assert post(graph_url(spec), {"instances": [1]}).json() == {"predictions": 2}
+    assert up.seen["m2"][0].body == {"instances": [1]}
+
+
+def test_ensemble_merges_by_step_name_or_index(up, graph_url):
+    spec = {"nodes": {"root": {"routerType": "Ensemble", "steps": [
+        {"name": "model1", "serviceUrl": up.reply("m1", {"predictions": "1"})},
+        {"serviceUrl": up.reply("m2", {"predictions": "2"})},
+    ]}}}
+    r = post(graph_url(spec), {"instances": ["x"]})
+    assert r.status_code == 200
+    assert r.json() == {"model1": {"predictions": "1"}, "1": {"predictions": "2"}}
+
+
+def _animal_graph(up) -> dict:
+    return {"nodes": {
+        "root": {"routerType": "Sequence", "steps": [
+            {"name": "step1", "nodeName": "animal-categorize"},
+            {"name": "step2", "nodeName": "breed-categorize", "condition": 'predictions.#(label=="dog")'},
+        ]},
+        "animal-categorize": {"routerType": "Switch", "steps": [
+            {"name": "model1", "serviceUrl": up.reply("m1", {"predictions": [{"label": "cat", "score": [0.1, 0.9]}]}),
+             "condition": 'instances.#(modelId=="1")'},
+            {"name": "model2", "serviceUrl": up.reply("m2", {"predictions": [{"label": "dog", "score": [0.8, 0.2]}]}),
+             "condition": 'instances.#(modelId=="2")'},
+        ]},
+        "breed-categorize": {"routerType": "Ensemble", "steps": [
+            {"name": "model3", "serviceUrl": up.reply("m3", {"predictions": [{"label": "beagle"}]})},
+            {"name": "model4", "serviceUrl": up.reply("m4", {"predictions": [{"label": "poodle"}]})},
+        ]},
+    }}
+
+
+def test_switch_condition_and_nested_nodes(up, graph_url):
+    r = post(graph_url(_animal_graph(up)), {"instances": [{"modelId": "2"}]})
+    assert r.status_code == 200
+    assert r.json() == {"model3": {"predictions": [{"label": "beagle"}]},
+                        "model4": {"predictions": [{"label": "poodle"}]}}
+    assert "m1" not in up.seen
+
+
+def test_unmet_sequence_condition_ends_with_previous_response_and_200(up, graph_url):
+    r = post(graph_url(_animal_graph(up)), {"instances": [{"modelId": "1"}]})
+    assert r.status_code == 200
+    assert r.json() == {"predictions": [{"label": "cat", "score": [0.1, 0.9]}]}
+    assert "m3" not in up.seen and "m4" not in up.seen
+
+
+def test_switch_without_a_match_is_404_with_kserves_body(up, graph_url):
+    r = post(graph_url(_animal_graph(up)), {"instances": [{"modelId": "7"}]})
+    assert r.status_code == 404 and r.json() == NO_MATCH_BODY
+
+
+def test_switch_on_a_body_that_is_not_json_matches_nothing(up, graph_url):
+    url = graph_url(_animal_graph(up))
+    r = requests.post(url, data=b"not json", timeout=10)
+    assert r.status_code == 404 and r.json() == NO_MATCH_BODY
+
+
+@pytest.mark.parametrize("dependency, status, expected_status, reaches_second", [
+    ("Hard", 500, 500, False),
+    ("Soft", 500, 200, True),
+    ("Hard", 200, 200, True),
+])
+def test_sequence_dependencies(up, graph_url, dependency, status, expected_status, reaches_second):
+    spec = {"nodes": {"root": {"routerType": "Sequence", "steps": [
+        {"name": "a", "serviceUrl": up.reply("a", {"error": "boom"} if status >= 400 else {"ok": 1}, status),
+         "dependency": dependency},
+        {"name": "b", "serviceUrl": up.reply("b", {"predictions": "b"}), "data": "$response"},
+    ]}}}
+    r = post(graph_url(spec), {"instances": [1]})
+    assert r.status_code == expected_status
+    assert ("b" in up.seen) is reaches_second
+    if not reaches_second:
+        assert r.json() == {"error": "boom"}
+
+
+@pytest.mark.parametrize("dependency, expected_status", [("Hard", 503), ("Soft", 200)])
+def test_ensemble_dependencies(up, graph_url, dependency, expected_status):
+    spec = {"nodes": {"root": {"routerType": "Ensemble", "steps": [
+        {"name": "good", "serviceUrl": up.reply("good", {"predictions": "ok"})},
+        {"name": "bad", "serviceUrl": up.reply("bad", {"error": "down"}, 503), "dependency": dependency},
+    ]}}}
+    r = post(graph_url(spec), {"instances": [1]})
+    assert r.status_code == expected_status
+    if dependency == "Hard":
+        assert r.json() == {"error": "down"}
+    else:
+        assert r.json() == {"good": {"predictions": "ok"}, "bad": {"error": "down"}}
+
+
+@pytest.mark.parametrize("router_type", ["Switch", "Splitter"])
+@pytest.mark.parametrize("dependency", ["Hard", "Soft"])
+def test_switch_and_splitter_answer_with_the_chosen_steps_status(up, graph_url, router_type, dependency):
+    step = {"serviceUrl": up.reply("s", {"error": "busy"}, 429), "dependency": dependency}
+    step.update({"condition": "instances"} if router_type == "Switch" else {"weight": 100})
+    r = post(graph_url({"nodes": {"root": {"routerType": router_type, "steps": [step]}}}), {"instances": [1]})
+    assert r.status_code == 429 and r.json() == {"error": "busy"}
+
+
+def test_splitter_follows_weights(up, graph_url):
+    spec = {"nodes": {"root": {"routerType": "Splitter", "steps": [
+        {"serviceUrl": up.reply("never", {"n": 0}), "weight": 0},
+        {"serviceUrl": up.reply("x", {"n": 1}), "weight": 50},
+        {"serviceUrl": up.reply("y", {"n": 2}), "weight": 50},
+    ]}}}
+    url = graph_url(spec)
+    answers = {post(url, {}).json()["n"] for _ in range(40)}
+    assert answers == {1, 2}  # both halves hit (chance of a miss: 2 * 0.5**40); weight 0 never
+
+
+@pytest.mark.parametrize("patterns, expected, absent", [
+    ("", set(), {"Test-Header-Key", "Authorization"}),
+    ("Test-Header-Key", {"Test-Header-Key"}, {"Authorization", "Other-Test"}),
+    ("Test-Header-.*,Author.*", {"Test-Header-Key", "Test-Header-Other", "Authorization"}, {"Other-Test"}),
+])
+def test_header_propagation_by_pattern(up, graph_url, patterns, expected, absent):
+    spec = {"nodes": {"root": {"routerType": "Sequence", "steps": [{"serviceUrl": up.reply("h", {"ok": True})}]}}}
+    headers = {"Authorization": "Bearer Token", "Test-Header-Key": "v1", "Test-Header-Other": "v2",
+               "Other-Test": "v3"}
+    assert post(graph_url(spec, patterns=patterns), {}, headers).status_code == 200
+    sent = up.seen["h"][0].headers
+    assert all(sent.get(h) == headers[h] for h in expected)
+    assert not any(h in sent for h in absent)
+    assert sent["Content-Type"] == "application/json"
+
+
+def test_unreachable_step_is_500_with_kserves_error_shape(graph_url):
+    spec = {"nodes": {"root": {"routerType": "Sequence",
+                               "steps": [{"serviceUrl": f"http://127.0.0.1:{free_port()}/gone"}]}}}
+    r = post(graph_url(spec), {})
+    assert r.status_code == 500
+    assert r.json()["error"] == "Failed to process request" and "gone" in r.json()["cause"]
+
+
+def test_last_streaming_step_is_streamed_through(loop, up, graph_url):
+    release = asyncio.Event()
+
+    async def sse(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"n": 1}\n\n')
+        await asyncio.wait_for(release.wait(), 20)  # the rest only once the client has the first chunk
+        await response.write(b'data: {"n": 2}\n\ndata: [DONE]\n\n')
+        await response.write_eof()
+        return response
+
+    up.handlers["llm"] = sse
+    spec = {"nodes": {"root": {"routerType": "Sequence", "steps": [
+        {"name": "classify", "serviceUrl": up.reply("classify", {"predictions": ["ok"]})},
+        {"name": "llm", "serviceUrl": up.url("llm"), "data": "$request"},
+    ]}}}
+    with requests.post(graph_url(spec), json={"messages": [], "stream": True}, stream=True, timeout=30) as r:
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        lines = r.iter_lines()
+        assert next(lines) == b'data: {"n": 1}'
+        loop.loop.call_soon_threadsafe(release.set)
+        rest = [line for line in lines if line]
+    assert rest == [b'data: {"n": 2}', b"data: [DONE]"]
+
+
+def test_cloudevent_in_reply_event_out(up, graph_url):
+    spec = {"nodes": {"root": {"routerType": "Sequence", "steps": [
+        {"serviceUrl": up.reply("m", {"predictions": [1]})}]}}}
+    event = events.make_event("com.example.ask", "/tests", {"instances": [1]}, thawrequestid="req-7")
+    headers, body = events.to_http(event)
+    r = requests.post(graph_url(spec), data=body, headers=headers, timeout=10)
+    assert r.status_code == 200
+    reply = events.parse_http_event(r.headers, r.content)
+    assert reply.get_type() == events.INFERENCE_RESPONSE
+    assert reply.get_extension(events.EXT_REQUEST_ID) == "req-7"
+    assert reply.get_data() == {"predictions": [1]}
+    assert up.seen["m"][0].body == {"instances": [1]}
+
+
+def test_graph_begin_is_reported_for_look_ahead(up, graph_url):
+    spec = {"nodes": {"root": {"routerType": "Sequence", "steps": [{"serviceUrl": up.reply("m", {})}]}}}
+    post(graph_url(spec, name="lookahead"), {})
+    assert graph_url.begun == ["lookahead"]
+
+
+@pytest.mark.parametrize("name, spec, message", [
+    ("g", {"nodes": {"start": {"routerType": "Sequence", "steps": [{"serviceUrl": "http://x"}]}}},
+     "root node not found"),
+    ("g", {"nodes": {"root": {"routerType": "Sequence", "steps": [
+        {"name": "a", "serviceUrl": "http://x"}, {"name": "a", "serviceUrl": "http://y"}]}}},
+     'contains more than one step with name "a"'),
+    ("g", {"nodes": {"root": {"routerType": "Sequence", "steps": [{"name": "a"}]}}},
+     "does not specify an inference target"),
+    ("g", {"nodes": {"root": {"routerType": "Sequence", "steps": [
+        {"name": "a", "serviceUrl": "http://x", "serviceName": "m"}]}}},
+     "specifies more than one of nodeName, serviceName, serviceUrl"),
+    ("g", {"nodes": {"root": {"routerType": "Splitter", "steps": [
+        {"serviceName": "a", "weight": 60}, {"serviceName": "b", "weight": 30}]}}},
+     "the sum of traffic weights for all routing targets should be 100"),
+    ("g", {"nodes": {"root": {"routerType": "Splitter", "steps": [{"serviceName": "a"}]}}},
+     "Route[a] missing the 'Weight'"),
+    ("g", {"nodes": {"root": {"routerType": "Sequence", "steps": [{"nodeName": "nowhere"}]}}},
+     'names node "nowhere", which the graph does not have'),
+    ("g", {"nodes": {"root": {"routerType": "Sequence", "steps": [{"nodeName": "b"}]},
+                     "b": {"routerType": "Sequence", "steps": [{"nodeName": "root"}]}}},
+     "loop: root -> b -> root"),
+    ("Bad_Name", {"nodes": {"root": {"routerType": "Sequence", "steps": [{"serviceUrl": "http://x"}]}}},
+     'The InferenceGraph "Bad_Name" is invalid'),
+    ("g", {"nodes": {"root": {"routerType": "Parallel", "steps": []}}}, "routerType"),
+])
+def test_validation_like_kserves_webhook(name, spec, message):
+    with pytest.raises(GraphInvalid) as err:
+        parse_graph(name, spec)
+    assert message in str(err.value)
+
+
+def test_bad_propagate_headers_pattern_is_a_clear_error():
+    with pytest.raises(ValueError, match="does not compile"):
+        header_patterns("ok,(unclosed")
+
+
+def test_standalone_thaw_router_serves_a_kserve_inferencegraph_file(tmp_path, up):
+    url = up.reply("m", {"predictions": ["standalone"]})
+    graph = tmp_path / "graph.yaml"
+    graph.write_text(textwrap.dedent(f"""\
+        apiVersion: serving.kserve.io/v1alpha1
+        kind: InferenceGraph
+        metadata: {{name: demo-graph}}
+        spec:
+          nodes:
+            root:
+              routerType: Sequence
+              steps:
+                - {{name: only, serviceUrl: "{url}"}}
+        """))
+    port = free_port()
+    server = ServerProcess([sys.executable, "-m", "thaw.cli", "router", "--graph", str(graph), "--port", str(port)],
+                           tmp_path / "router.log")
+    try:
+        server.wait_http(f"http://127.0.0.1:{port}/readyz", 30)
+        r = post(f"http://127.0.0.1:{port}/", {"instances": [1]})
+        assert r.status_code == 200 and r.json() == {"predictions": ["standalone"]}
+    finally:
+        server.stop()
+
+
+def test_standalone_router_refuses_an_invalid_graph_file(tmp_path):
+    graph = tmp_path / "graph.yaml"
+    graph.write_text("apiVersion: serving.kserve.io/v1alpha1\nkind: InferenceGraph\nmetadata: {name: g}\n"
+                     "spec: {nodes: {first: {routerType: Sequence, steps: []}}}\n")
+    import subprocess
+    out = subprocess.run([sys.executable, "-m", "thaw.cli", "router", "--graph", str(graph), "--port", "1"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "root node not found" in out.stderr + out.stdout
