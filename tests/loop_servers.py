@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
@@ -22,11 +23,11 @@ class LoopThread:
     def run(self, coro, timeout: float = 30):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def serve(self, app: web.Application) -> str:
+    def serve(self, app: web.Application, port: int = 0) -> str:
         async def start() -> str:
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
+            site = web.TCPSite(runner, "127.0.0.1", port)
             await site.start()
             self.runners.append(runner)
             return f"http://127.0.0.1:{runner.addresses[0][1]}"
@@ -48,6 +49,7 @@ class Seen:
     body: Any
     headers: dict[str, str]
     path: str
+    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass

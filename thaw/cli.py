@@ -180,6 +180,55 @@ def router(
     run_router(name, spec, port, gateway)
 
 
+@app.command()
+def invoke(
+    model: str = typer.Argument(..., help="The model (name or served name) to ask."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="A user message (a chat request)."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="A whole OpenAI request body, as JSON."),
+    file: Path = typer.Option(Path("thaw.yaml"), "-f", "--file"),
+    broker: str = typer.Option("default", "--broker"),
+    sync: bool = typer.Option(False, "--sync", help="Send to the model's CloudEvents route and print the answer, "
+                                                    "instead of through the broker."),
+    max_tokens: int = typer.Option(64, "--max-tokens"),
+) -> None:
+    """Send one dev.thaw.inference.request event (thawmodel=MODEL) to the running `thaw up`."""
+    import json
+
+    import requests
+
+    from thaw.eventing import events
+
+    spec = _spec(file)
+    try:
+        target = spec.model(model)
+    except KeyError:
+        _fail([f"no model named {model!r} in {file}; models: {', '.join(m.name for m in spec.models) or 'none'}"])
+    if (prompt is None) == (data is None):
+        _fail(["give exactly one of --prompt and --data"])
+    try:
+        body = json.loads(data) if data is not None else {
+            "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens}
+    except ValueError as exc:
+        _fail([f"--data is not valid JSON: {exc}"])
+    event = events.make_event(events.INFERENCE_REQUEST, "/thaw/cli", body, **{events.EXT_MODEL: target.name})
+    headers, payload = events.to_http(event)
+    gw = spec.platform.gateway
+    base = f"http://{'127.0.0.1' if gw.host in ('0.0.0.0', '') else gw.host}:{gw.port}"
+    url = f"{base}/models/{target.name}/" if sync else f"{base}/{spec.platform.namespace}/{broker}"
+    try:
+        r = requests.post(url, data=payload, headers=headers, timeout=target.timeoutSeconds + 10 if sync else 30)
+    except requests.RequestException as exc:
+        _fail([f"cannot reach thaw up at {base} ({type(exc).__name__}); is it running with -f {file}?"])
+    if r.status_code >= 400:
+        _fail([f"{url} answered {r.status_code}: {r.text.strip()}"])
+    if not sync:
+        console.print(f"accepted by {spec.platform.namespace}/{broker}: event id {event.get_id()}; the "
+                      f"{events.INFERENCE_RESPONSE} event (thawrequestid={event.get_id()}) goes back to the broker")
+        return
+    reply = events.parse_http_event(r.headers, r.content)
+    console.print_json(json.dumps(reply.get_data()))
+
+
 @app.command("cache-warmer")
 def cache_warmer(
     file: Path = typer.Option(Path("thaw.yaml"), "-f", "--file"),

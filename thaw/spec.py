@@ -16,6 +16,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from thaw.durations import parse_duration
+from thaw.eventing.delivery import parse_iso_duration
+from thaw.eventing.filters import check_filters
+from thaw.eventing.graph import GraphInvalid, parse_graph
 
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 AUTOSCALING_PREFIX = "autoscaling.knative.dev/"
@@ -346,6 +349,13 @@ class Delivery(SpecModel):
     timeout: str | None = None
     deadLetterSink: Destination | None = None
 
+    @field_validator("backoffDelay", "timeout")
+    @classmethod
+    def _iso_duration(cls, v: str | None, info) -> str | None:
+        if v is not None:
+            parse_iso_duration(v, info.field_name)
+        return v
+
 
 class TriggerFilter(SpecModel):
     attributes: dict[str, str] = {}
@@ -363,6 +373,15 @@ class Trigger(SpecModel):
     @classmethod
     def _dns_label(cls, v: str) -> str:
         return Model._dns_label(v)
+
+    @field_validator("filters")
+    @classmethod
+    def _filters(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        check_filters(v)
+        return v
+
+    def destinations(self) -> list[Destination]:
+        return [self.subscriber] + ([self.delivery.deadLetterSink] if self.delivery and self.delivery.deadLetterSink else [])
 
 
 class Spec(SpecModel):
@@ -382,6 +401,25 @@ class Spec(SpecModel):
         dupes = sorted({n for n in served if served.count(n) > 1})
         if dupes:
             raise ValueError(f"served names must be unique; repeated: {', '.join(dupes)}")
+        for name, graph in self.graphs.items():
+            try:
+                parsed = parse_graph(name, graph)
+            except GraphInvalid as exc:
+                raise ValueError(f"graph {name!r}: {exc}") from None
+            known = {m.name for m in self.models} | {m.served_name for m in self.models}
+            for node in parsed.nodes.values():
+                for step in node.steps:
+                    if step.serviceName and step.serviceName not in known:
+                        raise ValueError(f"graph {name!r}: step serviceName {step.serviceName!r} is not a model "
+                                         "of this spec (use serviceUrl for anything else)")
+        for trigger in self.triggers:
+            for dest in trigger.destinations():
+                if dest.ref is None:
+                    continue
+                names = ({m.name for m in self.models} if dest.ref.kind == "Model"
+                         else set(self.graphs) if dest.ref.kind == "Graph" else None)
+                if names is not None and dest.ref.name not in names:
+                    raise ValueError(f"trigger {trigger.name!r}: no {dest.ref.kind.lower()} named {dest.ref.name!r}")
         return self
 
     def model(self, name: str) -> Model:

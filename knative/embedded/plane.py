@@ -120,6 +120,7 @@ class ServingPlane:
         self._replica_tasks: set[asyncio.Task] = set()
         self._spec_mtime = spec_path.stat().st_mtime if spec_path else None
         self.calls: dict[str, collections.deque] = {}  # model -> request times, for the optimizer
+        self.spec_listeners: list = []  # called with each new spec (eventing follows spec changes)
         self.stopping = False
 
     # ---- configuration ---------------------------------------------------------------------------
@@ -201,6 +202,20 @@ class ServingPlane:
         if not rev.ready and rev.launching + rev.count("starting") == 0:
             self._poke(rev)
         return await rev.activator.acquire(timeout)
+
+    def start_ahead(self, models: list[str]) -> list[str]:
+        """Graph look-ahead: start each model that has nothing running or starting, as a request at zero
+        would (the autoscaler lets it go again if no request follows). Returns the models started."""
+        started = []
+        for name in models:
+            try:
+                rev = self.route(name)
+            except UnknownModel:
+                continue
+            if not rev.ready and rev.launching + rev.count("starting") == 0:
+                self._poke(rev)
+                started.append(name)
+        return started
 
     def release(self, rev: RevisionRuntime, replica: Replica) -> None:
         rev.activator.release(replica)
@@ -302,6 +317,8 @@ class ServingPlane:
                 continue
             log.info("spec changed: applying")
             self.apply_spec(spec)
+            for listener in self.spec_listeners:
+                listener(spec)
             for rev in self._revisions():
                 self._reconcile(rev)
 

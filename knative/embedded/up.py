@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import signal
 from pathlib import Path
 
@@ -12,9 +13,11 @@ from aiohttp import web
 from rich.console import Console
 from rich.logging import RichHandler
 
+from thaw.cache_warmer.optimizer import lookahead_models
+from thaw.eventing.host import EventingHost
 from thaw.spec import Spec
 
-from .auth import Authenticator
+from .auth import Authenticator, Token, eventing_gate
 from .gateway import Gateway
 from .plane import ServingPlane
 
@@ -27,17 +30,39 @@ def configure_logging() -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
+def look_ahead(plane: ServingPlane):
+    """The optimizer's graph look-ahead, applied: a request entering a graph starts its models at once."""
+    def begin(name: str, graph) -> None:
+        started = plane.start_ahead(lookahead_models(graph.model_dump(exclude_defaults=True)))
+        if started:
+            log.info("graph %s: starting %s ahead of their steps", name, ", ".join(started))
+    return begin
+
+
 async def serve(spec: Spec, spec_path: Path | None, ready: asyncio.Event | None = None) -> None:
     plane = ServingPlane(spec, spec_path)
-    gateway = Gateway(plane, Authenticator.from_spec(spec.platform.auth))
-    runner = web.AppRunner(gateway.app(), handler_cancellation=True, access_log=None)
+    auth = Authenticator.from_spec(spec.platform.auth)
+    gate = eventing_gate(auth)
+    internal = None
+    if auth.enabled:  # the broker's deliveries to models: a per-process token nobody else holds
+        internal = secrets.token_urlsafe(32)
+        auth.tokens.append(Token(internal, None))
+    gateway = Gateway(plane, auth)
+    host, port = spec.platform.gateway.host, spec.platform.gateway.port
+    local = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    eventing = EventingHost(spec, f"http://{local}:{port}", Path(spec.platform.stateDir), look_ahead(plane),
+                            gate, internal)
+    plane.spec_listeners.append(eventing.apply_spec)
+    app = gateway.app()
+    eventing.add_routes(app)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await plane.start()
-    host, port = spec.platform.gateway.host, spec.platform.gateway.port
+    await eventing.start()
     site = web.TCPSite(runner, host, port)
     await site.start()
     log.info("gateway on http://%s:%d  (OpenAI base_url http://%s:%d/v1); models: %s", host, port, host, port,
@@ -49,6 +74,7 @@ async def serve(spec: Spec, spec_path: Path | None, ready: asyncio.Event | None 
     finally:
         log.info("stopping: draining replicas and the standby")
         await runner.cleanup()
+        await eventing.stop()
         await plane.stop()
         log.info("stopped")
 

@@ -1,0 +1,340 @@
+"""The local broker: Knative's Broker ingress, Triggers and delivery, durable on disk (store.py).
+
+Ingress `POST /<namespace>/<broker>` takes a CloudEvent in binary or structured mode and answers 202
+only once the event and its deliveries are committed; 400 (with what is wrong) for an invalid event,
+404 for an unknown broker, 405 for other methods. Like Knative's broker it sets `knativearrivaltime` and
+a TTL extension (`knativebrokerttl`, 255, one less on each reply; a reply at 0 is dropped).
+
+Each matching trigger gets its own delivery: retried with the trigger's backoff on no response, 5xx,
+404, 408, 409 and 429, then sent to its deadLetterSink with `knativeerrordest`, `knativeerrorcode` and
+`knativeerrordata` (base64 of at most 1 KiB of the last response body). A subscriber answering 2xx
+with a CloudEvent has that event put back into the broker.
+
+`dev.thaw.inference.request` events with the `thawmodel` extension go to that model's CloudEvents route
+(from zero if need be); its `dev.thaw.inference.response` comes back into the broker as a reply.
+
+At least once: a delivery is removed only after its subscriber answered, so a crash between the
+answer and the commit sends it again after restart (subscribers may see an event twice; dedupe on
+the event's `id` and `source`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import aiohttp
+from aiohttp import web
+from cloudevents.core.v1.event import CloudEvent
+
+from . import events
+from .delivery import (DEFAULT_TIMEOUT, DeliveryPolicy, backoff, dead_letter_extensions, next_step,
+                       parse_iso_duration)
+from .filters import matches
+from .store import Delivery, EventStore, NewEvent
+
+log = logging.getLogger("thaw.broker")
+
+TTL_EXTENSION = "knativebrokerttl"
+ARRIVAL_EXTENSION = "knativearrivaltime"
+DEFAULT_TTL = 255
+INFERENCE_TRIGGER = "thaw-inference"
+CONCURRENT_DELIVERIES = 64
+
+
+@dataclass
+class BrokerTrigger:
+    name: str
+    broker: str
+    filter_attributes: dict[str, str]
+    filters: list[dict[str, Any]]
+    target: Callable[[dict[str, str]], str | None]  # event attributes -> subscriber URL
+    policy: DeliveryPolicy
+
+
+@dataclass
+class BrokerStats:
+    accepted: int = 0
+    delivered: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    dropped: int = 0
+    replies: int = 0
+    latencies: list[float] = field(default_factory=list)  # arrival -> subscriber answered, seconds
+
+
+def policy_from_spec(delivery, resolve: Callable[[Any], str], default_timeout: float = DEFAULT_TIMEOUT) -> DeliveryPolicy:
+    """A trigger's `delivery` block (Knative's DeliverySpec) as a DeliveryPolicy."""
+    if delivery is None:
+        return DeliveryPolicy(timeout=default_timeout)
+    return DeliveryPolicy(
+        retry=delivery.retry or 0,
+        backoff_policy=delivery.backoffPolicy,
+        backoff_delay=parse_iso_duration(delivery.backoffDelay, "backoffDelay") if delivery.backoffDelay else 0.2,
+        timeout=parse_iso_duration(delivery.timeout, "timeout") if delivery.timeout else default_timeout,
+        dead_letter=resolve(delivery.deadLetterSink) if delivery.deadLetterSink else None)
+
+
+def event_attributes(headers: dict[str, str]) -> dict[str, str]:
+    """Context attributes and extensions of a binary-mode event, as strings (what filters see)."""
+    attrs = {k[3:]: v for k, v in headers.items() if k.startswith("ce-")}
+    if "content-type" in headers:
+        attrs["datacontenttype"] = headers["content-type"]
+    return attrs
+
+
+class Broker:
+    def __init__(self, store_path, namespace: str, brokers: set[str], triggers: list[BrokerTrigger],
+                 session: aiohttp.ClientSession | None = None,
+                 authorize: Callable[[str | None], tuple[int, str] | None] | None = None,
+                 gateway_auth: tuple[str, str] | None = None):
+        """`authorize(Authorization header)` returns (status, message) to refuse an event; `gateway_auth`
+        is (URL prefix, Authorization value) for deliveries to thaw's own gateway."""
+        self.authorize = authorize
+        self.gateway_auth = gateway_auth
+        self.namespace = namespace
+        self.brokers = brokers
+        self.triggers = triggers
+        self.store = EventStore(store_path)
+        self.session = session
+        self._own_session = session is None
+        self.stats = BrokerStats()
+        self._heap: list[tuple[float, int, Delivery]] = []
+        self._seq = itertools.count()
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(CONCURRENT_DELIVERIES)
+        self._tasks: set[asyncio.Task] = set()
+        self._dispatcher: asyncio.Task | None = None
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.session is None:
+            self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        recovered = await asyncio.to_thread(self.store.pending)
+        if recovered:
+            log.info("broker: %d deliveries recovered from %s", len(recovered), self.store.path)
+        for delivery in recovered:
+            self._schedule(delivery)
+        self._dispatcher = asyncio.create_task(self._dispatch_loop())
+
+    async def stop(self) -> None:
+        if self._dispatcher:
+            self._dispatcher.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.to_thread(self.store.close)
+        if self._own_session and self.session is not None:
+            await self.session.close()
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_route("*", "/{namespace}/{broker}", self.ingress)
+
+    # ---- ingress -----------------------------------------------------------------------------------
+
+    async def ingress(self, request: web.Request) -> web.Response:
+        namespace, broker = request.match_info["namespace"], request.match_info["broker"]
+        if namespace != self.namespace or broker not in self.brokers:
+            return web.json_response({"error": f"no broker {namespace}/{broker}; brokers here: "
+                                               f"{', '.join(f'{self.namespace}/{b}' for b in sorted(self.brokers))}"},
+                                     status=404)
+        if request.method != "POST":
+            return web.json_response({"error": "a broker accepts CloudEvents by POST"}, status=405,
+                                     headers={"Allow": "POST"})
+        if self.authorize is not None:
+            refused = self.authorize(request.headers.get("Authorization"))
+            if refused:
+                return web.json_response({"error": refused[1]}, status=refused[0])
+        body = await request.read()
+        try:
+            event = events.parse_http_event(request.headers, body)
+        except events.InvalidEvent as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        new = self._prepare(broker, event, None)
+        if new is not None:
+            for row in await asyncio.wrap_future(self.store.add(new)):
+                self._schedule(row)
+        self.stats.accepted += 1
+        return web.Response(status=202)
+
+    def _prepare(self, broker: str, event: CloudEvent, ttl: int | None) -> NewEvent | None:
+        """The event as stored (arrival time and TTL set) with one delivery per matching trigger."""
+        attributes = dict(event.get_attributes())
+        attributes[ARRIVAL_EXTENSION] = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+        if ttl is None:
+            try:
+                ttl = int(attributes.get(TTL_EXTENSION, DEFAULT_TTL))
+            except (TypeError, ValueError):
+                ttl = DEFAULT_TTL
+        if ttl <= 0:
+            log.info("broker: dropping event %s: its TTL ran out (a reply loop?)", attributes.get("id"))
+            return None
+        attributes[TTL_EXTENSION] = ttl
+        headers, body = events.to_http(CloudEvent(attributes, event.get_data()))
+        attrs = event_attributes(headers)
+        deliveries = []
+        for trigger in self.triggers:
+            if trigger.broker == broker and matches(attrs, trigger.filter_attributes, trigger.filters):
+                target = trigger.target(attrs)
+                if target:
+                    deliveries.append((trigger.name, target))
+        return NewEvent(broker, headers, body, deliveries, time.time())
+
+    # ---- dispatch ----------------------------------------------------------------------------------
+
+    def _schedule(self, delivery: Delivery) -> None:
+        heapq.heappush(self._heap, (delivery.due, next(self._seq), delivery))
+        self._wake.set()
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            now = time.time()
+            while self._heap and self._heap[0][0] <= now:
+                _, _, delivery = heapq.heappop(self._heap)
+                await self._slots.acquire()
+                task = asyncio.create_task(self._deliver(delivery))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            self._wake.clear()
+            timeout = (self._heap[0][0] - time.time()) if self._heap else None
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+
+    def _trigger(self, name: str) -> BrokerTrigger | None:
+        return next((t for t in self.triggers if t.name == name), None)
+
+    async def _deliver(self, delivery: Delivery) -> None:
+        try:
+            trigger = self._trigger(delivery.trigger)
+            if trigger is None:  # the trigger was removed while this waited
+                await asyncio.wrap_future(self.store.finish(delivery))
+                self.stats.dropped += 1
+                return
+            policy = trigger.policy
+            if delivery.kind == "dead-letter":
+                policy = DeliveryPolicy(policy.retry, policy.backoff_policy, policy.backoff_delay, policy.timeout)
+            status, headers, body = await self._send(delivery, policy.timeout)
+            delivery.attempt += 1
+            step = next_step(policy, status, delivery.attempt)
+            if step == "done":
+                self.stats.delivered += 1
+                self._record_latency(delivery)
+                await self._finish_with_reply(delivery, headers, body)
+            elif step == "retry":
+                self.stats.retried += 1
+                delivery.due = time.time() + backoff(policy, delivery.attempt)
+                await asyncio.wrap_future(self.store.reschedule(delivery))
+                self._schedule(delivery)
+            elif step == "dead-letter":
+                self.stats.dead_lettered += 1
+                log.info("broker: %s -> dead letter after %d attempts (last: %s)", delivery.trigger,
+                         delivery.attempt, status)
+                delivery.extra = dead_letter_extensions(delivery.target, status, body)
+                delivery.kind, delivery.target, delivery.attempt, delivery.due = "dead-letter", policy.dead_letter, 0, time.time()
+                await asyncio.wrap_future(self.store.reschedule(delivery))
+                self._schedule(delivery)
+            else:
+                self.stats.dropped += 1
+                log.warning("broker: dropping event for %s (%s) after %d attempts, last answer %s",
+                            delivery.trigger, delivery.target, delivery.attempt, status)
+                await asyncio.wrap_future(self.store.finish(delivery))
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - a bug here must not stop the dispatcher; the row stays for restart
+            log.exception("broker: delivery %d failed unexpectedly", delivery.id)
+        finally:
+            self._slots.release()
+
+    async def _send(self, delivery: Delivery, timeout: float) -> tuple[int | None, dict, bytes]:
+        headers = dict(delivery.headers)
+        headers.update({f"ce-{k}": v for k, v in delivery.extra.items()})
+        if self.gateway_auth and delivery.target.startswith(self.gateway_auth[0]):
+            headers["Authorization"] = self.gateway_auth[1]
+        try:
+            async with self.session.post(delivery.target, data=delivery.body, headers=headers,
+                                         timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+                return response.status, dict(response.headers), await response.read()
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+            return None, {}, b""
+
+    async def _finish_with_reply(self, delivery: Delivery, headers: dict, body: bytes) -> None:
+        reply = None
+        if any(k.lower() == "ce-specversion" for k in headers) or headers.get("Content-Type", "").startswith(
+                events.STRUCTURED_JSON):
+            try:
+                event = events.parse_http_event(headers, body)
+                ttl = int(delivery.headers.get(f"ce-{TTL_EXTENSION}", DEFAULT_TTL)) - 1
+                broker = self._trigger(delivery.trigger).broker
+                reply = self._prepare(broker, event, ttl)
+            except (events.InvalidEvent, ValueError) as exc:
+                log.warning("broker: %s answered with an invalid event, not re-entered: %s", delivery.target, exc)
+        rows = await asyncio.wrap_future(self.store.finish(delivery, reply))
+        if reply is not None:
+            self.stats.replies += 1
+        for row in rows:
+            self._schedule(row)
+
+    def _record_latency(self, delivery: Delivery) -> None:
+        arrived = delivery.headers.get(f"ce-{ARRIVAL_EXTENSION}")
+        if arrived and len(self.stats.latencies) < 1_000_000:
+            try:
+                self.stats.latencies.append(time.time() - datetime.fromisoformat(arrived.replace("Z", "+00:00")).timestamp())
+            except ValueError:
+                pass
+
+
+# ---- from the spec -----------------------------------------------------------------------------------
+
+
+def resolve_destination(destination, spec, gateway_url: str) -> str:
+    """A Knative Destination as a URL here: a uri, or a ref to a thaw Model (its CloudEvents route) or
+    Graph, with an optional relative uri."""
+    if destination.ref is None:
+        return destination.uri
+    ref = destination.ref
+    if ref.kind == "Model":
+        base = f"{gateway_url}/models/{spec.model(ref.name).name}/"
+    elif ref.kind == "Graph":
+        base = f"{gateway_url}/graphs/{ref.name}"
+    else:
+        raise ValueError(f"a ref of kind {ref.kind} is resolved on a cluster only; embedded, give a uri")
+    return base.rstrip("/") + "/" + destination.uri.lstrip("/") if destination.uri else base
+
+
+def triggers_from_spec(spec, gateway_url: str) -> list[BrokerTrigger]:
+    """The spec's triggers, plus thaw's own: inference requests to the model named by `thawmodel`."""
+    def timeout_for(destination) -> float:
+        if destination.ref is not None and destination.ref.kind == "Model":
+            return float(spec.model(destination.ref.name).timeoutSeconds)
+        return DEFAULT_TIMEOUT
+
+    out = []
+    for t in spec.triggers:
+        url = resolve_destination(t.subscriber, spec, gateway_url)
+        policy = policy_from_spec(t.delivery, lambda d: resolve_destination(d, spec, gateway_url),
+                                  timeout_for(t.subscriber))
+        out.append(BrokerTrigger(t.name, t.broker, dict(t.filter.attributes) if t.filter else {}, t.filters,
+                                 lambda attrs, url=url: url, policy))
+    models = {m.served_name: m for m in spec.models} | {m.name: m for m in spec.models}
+
+    def model_route(attrs: dict[str, str]) -> str | None:
+        model = models.get(attrs.get(events.EXT_MODEL, ""))
+        return f"{gateway_url}/models/{model.name}/" if model else None
+
+    longest = max((m.timeoutSeconds for m in spec.models), default=300)
+    out.append(BrokerTrigger(INFERENCE_TRIGGER, "default", {"type": events.INFERENCE_REQUEST}, [], model_route,
+                             DeliveryPolicy(retry=2, backoff_delay=0.5, timeout=float(longest))))
+    return out
+
+
+def brokers_in(spec) -> set[str]:
+    return {"default"} | {t.broker for t in spec.triggers}

@@ -1,0 +1,70 @@
+"""Knative Trigger filters, as pure functions over an event's attributes (context attributes and
+extensions, as strings).
+
+- `filter.attributes`: every entry must match exactly (AND); an empty value means "the attribute exists".
+- `filters` (Knative's filter dialects): a list AND-ed together, each one of `exact`, `prefix`, `suffix`
+  (maps of attribute -> value, every entry must hold), `all` / `any` (lists of dialects), `not` (one
+  dialect). When `filters` is set, `filter` is ignored, as in Knative. `cesql` is not supported here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+DIALECTS = ("exact", "prefix", "suffix", "all", "any", "not")
+
+
+class FilterInvalid(ValueError):
+    pass
+
+
+def check_filters(filters: list[dict[str, Any]], where: str = "filters") -> None:
+    """Raise FilterInvalid naming the first malformed dialect."""
+    for i, f in enumerate(filters):
+        _check(f, f"{where}[{i}]")
+
+
+def _check(f: Any, where: str) -> None:
+    if not isinstance(f, dict) or len(f) != 1:
+        raise FilterInvalid(f"{where}: a filter is one of {', '.join(DIALECTS)} (exactly one key per list item)")
+    (dialect, value), = f.items()
+    if dialect == "cesql":
+        raise FilterInvalid(f"{where}: the cesql dialect is not supported by thaw's broker; use exact/prefix/suffix/all/any/not")
+    if dialect not in DIALECTS:
+        raise FilterInvalid(f"{where}: unknown filter dialect {dialect!r}; use one of {', '.join(DIALECTS)}")
+    if dialect in ("exact", "prefix", "suffix"):
+        if not isinstance(value, dict) or not value or not all(isinstance(v, str) for v in value.values()):
+            raise FilterInvalid(f"{where}.{dialect}: a map of attribute name to string value")
+        if dialect == "exact" and any(v == "" for v in value.values()):
+            raise FilterInvalid(f"{where}.exact: values must not be empty")
+    elif dialect in ("all", "any"):
+        if not isinstance(value, list) or not value:
+            raise FilterInvalid(f"{where}.{dialect}: a non-empty list of filters")
+        for j, sub in enumerate(value):
+            _check(sub, f"{where}.{dialect}[{j}]")
+    else:
+        _check(value, f"{where}.not")
+
+
+def matches(attributes: Mapping[str, str], filter_attributes: Mapping[str, str] | None,
+            filters: list[dict[str, Any]] | None) -> bool:
+    """Does an event with these attributes pass the trigger's filters?"""
+    if filters:
+        return all(_dialect(f, attributes) for f in filters)
+    return all((name in attributes) if want == "" else attributes.get(name) == want
+               for name, want in (filter_attributes or {}).items())
+
+
+def _dialect(f: dict[str, Any], attributes: Mapping[str, str]) -> bool:
+    (dialect, value), = f.items()
+    if dialect == "exact":
+        return all(attributes.get(k) == v for k, v in value.items())
+    if dialect == "prefix":
+        return all(k in attributes and attributes[k].startswith(v) for k, v in value.items())
+    if dialect == "suffix":
+        return all(k in attributes and attributes[k].endswith(v) for k, v in value.items())
+    if dialect == "all":
+        return all(_dialect(sub, attributes) for sub in value)
+    if dialect == "any":
+        return any(_dialect(sub, attributes) for sub in value)
+    return not _dialect(value, attributes)
