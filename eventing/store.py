@@ -140,6 +140,11 @@ class EventStore:
                     self._queue.put(None)
                     break
                 batch.append(nxt)
+            # A caller that gave up (its request was cancelled) is skipped; the rest can no longer be
+            # cancelled, so their results are always delivered.
+            batch = [(op, future) for op, future in batch if future.set_running_or_notify_cancel()]
+            if not batch:
+                continue
             results = []
             try:
                 self._db.execute("BEGIN IMMEDIATE")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -64,7 +65,31 @@ class EventSink:
         return [e for e in self.received if e.get_type() == kind and e.get_data()["metadata"]["name"] == revision]
 
 
-def make_spec(tiny: Path, state: Path, port: int, sink: str | None = None) -> dict:
+class Gate:
+    """An upstream graph step that answers only once the test opens it."""
+
+    def __init__(self):
+        opened = self.opened = threading.Event()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                body = json.dumps({"predictions": ["chat"]}).encode() if opened.wait(120) else b"{}"
+                self.send_response(200 if opened.is_set() else 504)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/classify"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def make_spec(tiny: Path, state: Path, port: int, sink: str | None = None, gate: str | None = None) -> dict:
     return {
         "platform": {
             "eventSink": sink,
@@ -81,7 +106,15 @@ def make_spec(tiny: Path, state: Path, port: int, sink: str | None = None) -> di
             model("split", tiny),
             model("drain", tiny, engine={"max_model_len": 2048}),
             model("zero", tiny),
+            model("ahead", tiny),
         ],
+        "graphs": {"classify-then-chat": {"nodes": {"root": {"routerType": "Sequence", "steps": [
+            {"name": "classify", "serviceUrl": gate or "http://127.0.0.1:9/"},
+            {"name": "chat", "serviceName": "ahead", "data": "$request",
+             "condition": 'predictions.#(=="chat")'},
+        ]}}}},
+        "triggers": [{"name": "answers", "filter": {"attributes": {"type": "dev.thaw.inference.response"}},
+                      "subscriber": {"uri": sink or "http://127.0.0.1:9/"}}],
     }
 
 
@@ -108,8 +141,8 @@ class Plane:
 def plane(tiny_model, tmp_path_factory):
     work = tmp_path_factory.mktemp("plane")
     port = free_port()
-    sink = EventSink()
-    spec = make_spec(tiny_model, work / "state", port, sink.url)
+    sink, gate = EventSink(), Gate()
+    spec = make_spec(tiny_model, work / "state", port, sink.url, gate.url)
     spec_path = work / "thaw.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
     env = base_env(THAW_TEST_TOKENS=f"{TOKEN},{LIMITED}=split")
@@ -118,11 +151,13 @@ def plane(tiny_model, tmp_path_factory):
     try:
         server.wait_http(url + "/healthz", 30)
         p = Plane(url, spec_path, spec, server, sink)
+        p.gate = gate
         poll(lambda: p.status()["standby"], 120, 0.2, "standby ready")
         yield p
     finally:
         server.stop(60)
         sink.server.shutdown()
+        gate.server.shutdown()
 
 
 def stream_data(plane: Plane, body: dict, timeout: float = 60):
@@ -360,6 +395,44 @@ def test_removed_model_drains_and_is_deleted(plane):
     r = requests.post(plane.url + "/v1/completions", headers=HEADERS, timeout=10,
                       json={"model": "burst", "prompt": "x", "max_tokens": 1})
     assert r.status_code == 404
+
+
+def test_event_driven_invocation_answers_into_the_broker(plane):
+    env = {**os.environ, "THAW_TOKEN": TOKEN}
+    out = subprocess.run([sys.executable, "-m", "thaw.cli", "invoke", "tiny", "-p", "hello", "--max-tokens", "4",
+                          "-f", str(plane.spec_path)], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    request_id = re.search(r"event id ([0-9a-f-]+)", out.stdout).group(1)
+    answer = poll(lambda: [e for e in plane.sink.received if e.get_type() == "dev.thaw.inference.response"
+                           and e.get_extension("thawrequestid") == request_id], 120, 0.2, "response event")[0]
+    assert answer.get_data()["usage"]["completion_tokens"] >= 1
+    # without a token the broker refuses, as the gateway does
+    event = {"ce-specversion": "1.0", "ce-id": "x", "ce-type": "t", "ce-source": "/s"}
+    assert requests.post(plane.url + "/default/default", headers=event, data=b"{}", timeout=10).status_code == 401
+
+
+def test_graph_starts_later_models_ahead_and_streams_the_last_step(plane):
+    """Look-ahead: while the graph's first step is still working, its second step's model (at zero)
+    is already starting; then the last step's tokens stream through the graph."""
+    assert plane.ready("ahead") == 0
+    body = {"model": "ahead", "messages": CHAT, "max_tokens": 6, "stream": True}
+    chunks: list[bytes] = []
+    done = threading.Event()
+
+    def call():
+        with httpx.stream("POST", plane.url + "/graphs/classify-then-chat", json=body, headers=HEADERS,
+                          timeout=120) as r:
+            chunks.extend(r.iter_lines())
+        done.set()
+
+    threading.Thread(target=call, daemon=True).start()
+    poll(lambda: any(r["replicas"]["starting"] + r["replicas"]["ready"] for r in plane.revisions("ahead")),
+         30, 0.1, "the second step's model starting while the first step waits")
+    plane.gate.opened.set()
+    assert done.wait(120)
+    data = [c for c in chunks if c.startswith("data: ")]
+    assert data[-1] == "data: [DONE]" and len(data) >= 3
+    assert json.loads(data[0][6:])["object"] == "chat.completion.chunk"
 
 
 def test_stop_leaves_no_process_behind(tiny_model, tmp_path):

@@ -37,6 +37,15 @@ def problems(text: str) -> list[str]:
     ("models:\n  - name: a\n    source: x\n  - name: a\n    source: y\n", "model names must be unique; repeated: a"),
     ("models: [\n", "t.yaml:2: not valid YAML"),
     ("- a\n- b\n", "t.yaml:1: the spec must be a mapping"),
+    ("graphs:\n  g:\n    nodes: {first: {routerType: Sequence, steps: []}}\n", "graph 'g': root node not found"),
+    ("graphs:\n  g:\n    nodes: {root: {routerType: Sequence, steps: [{serviceName: nosuch}]}}\n",
+     "step serviceName 'nosuch' is not a model of this spec"),
+    ("triggers:\n  - name: t\n    subscriber: {ref: {kind: Model, name: nosuch}}\n", "trigger 't': no model named 'nosuch'"),
+    ("triggers:\n  - name: t\n    subscriber: {}\n", "a destination needs a uri or a ref"),
+    ("triggers:\n  - name: t\n    subscriber: {uri: 'http://x'}\n    delivery: {backoffDelay: 1s}\n",
+     "t.yaml:4: triggers[0].delivery.backoffDelay: backoffDelay must be an ISO 8601 duration"),
+    ("triggers:\n  - name: t\n    subscriber: {uri: 'http://x'}\n    filters: [{cesql: x}]\n",
+     "the cesql dialect is not supported"),
 ])
 def test_validation_errors(text, expected):
     assert any(expected in line for line in problems(text)), problems(text)

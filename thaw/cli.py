@@ -190,6 +190,7 @@ def invoke(
     sync: bool = typer.Option(False, "--sync", help="Send to the model's CloudEvents route and print the answer, "
                                                     "instead of through the broker."),
     max_tokens: int = typer.Option(64, "--max-tokens"),
+    token: Optional[str] = typer.Option(None, "--token", envvar="THAW_TOKEN", help="Bearer token, when auth is on."),
 ) -> None:
     """Send one dev.thaw.inference.request event (thawmodel=MODEL) to the running `thaw up`."""
     import json
@@ -212,6 +213,8 @@ def invoke(
         _fail([f"--data is not valid JSON: {exc}"])
     event = events.make_event(events.INFERENCE_REQUEST, "/thaw/cli", body, **{events.EXT_MODEL: target.name})
     headers, payload = events.to_http(event)
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     gw = spec.platform.gateway
     base = f"http://{'127.0.0.1' if gw.host in ('0.0.0.0', '') else gw.host}:{gw.port}"
     url = f"{base}/models/{target.name}/" if sync else f"{base}/{spec.platform.namespace}/{broker}"
@@ -323,6 +326,20 @@ def bench_function(
     from thaw.bench.function import run_function_bench
 
     run_function_bench(model_dir, runs, clients, max_tokens, requests_per_client, out, console)
+
+
+@bench_app.command("eventing")
+def bench_eventing(
+    events_total: int = typer.Option(16000, "--events", help="Events sent to the broker."),
+    senders: int = typer.Option(8, "--senders", help="Concurrent senders."),
+    router_requests: int = typer.Option(2000, "--router-requests", help="Timed calls per router variant."),
+    rounds: int = typer.Option(4, "--rounds", help="Interleaved rounds of router calls."),
+    out: Path = typer.Option(Path("bench-results/eventing.json"), "--out"),
+) -> None:
+    """The broker's durable events/s and delivery latency; the graph router's overhead per step."""
+    from thaw.bench.eventing import run_eventing_bench
+
+    run_eventing_bench(events_total, senders, router_requests, rounds, out, console)
 
 
 @bench_app.command("coldstart")

@@ -6,6 +6,7 @@ Routes
   the path goes to the replica as is (`/models/m/v1/chat/completions`, `/models/m/` for CloudEvents).
 - `GET /v1/models`, `GET /v1/models/<id>`: every model and its state, without waking anything.
 - `GET /healthz`, `GET /thaw/v1/status` (what `thaw status` shows).
+- The broker (`/<namespace>/<broker>`) and graphs (`/graphs/<name>`) join this app from eventing/host.py.
 Errors use OpenAI's error object: 404 unknown model, 401/403 auth, 503 queue full (with Retry-After),
 504 past timeoutSeconds, 502 when a replica dies under a request (a stream gets an error chunk and
 `data: [DONE]` instead, since its status has already gone out).
