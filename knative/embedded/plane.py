@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 
 from thaw.durations import parse_duration
+from thaw.cache_warmer.optimize import keep_warm_loop
 from thaw.spec import Model, Spec, SpecError, load_spec
 
 from . import lifecycle
@@ -238,7 +239,7 @@ class ServingPlane:
         self.events.start()
         self.apply_spec(self.spec)
         for coro in (self._tick_loop(), self._sample_loop(), self._liveness_loop(), self._watch_spec_loop(),
-                     self._optimize_loop()):
+                     keep_warm_loop(self, lambda: self.spec.platform.optimizer)):
             self._tasks.append(asyncio.create_task(coro))
         for runtime in self.models.values():
             for rev in runtime.revisions.values():
@@ -322,43 +323,35 @@ class ServingPlane:
             for rev in self._revisions():
                 self._reconcile(rev)
 
-    async def _optimize_loop(self) -> None:
-        """The optimizer's keep-warm plan, applied: idle replicas as a floor, weights staged and prewarmed
-        through the warmer."""
-        from thaw.cache_warmer.optimizer import Budget, Demand, plan_keep_warm
-        from thaw.eventing import events
-        from kubernetes.utils import parse_quantity
+    # ---- the optimizer's effects (knative/backend.py's ServingBackend) --------------------------
 
-        warmed: set[str] = set()
-        while True:
-            settings = self.spec.platform.optimizer
-            await asyncio.sleep(parse_duration(settings.interval))
-            budget = Budget(int(parse_quantity(settings.memoryBudget)), settings.replicaBudget)
-            if not budget.memory_bytes and not budget.replicas:
-                continue
-            demands = [Demand(name, tuple(self.calls.get(name, ())), _weight_bytes(runtime.model))
-                       for name, runtime in self.models.items() if runtime.routes]
-            plan = plan_keep_warm(demands, time.time(), budget, parse_duration(settings.window),
-                                  parse_duration(settings.horizon))
-            for name, runtime in self.models.items():
-                # one idle replica per kept model, on the revision that takes most of its traffic
-                main = max(runtime.routes, key=lambda r: r.percent).revision if runtime.routes else None
-                for rev in runtime.revisions.values():
-                    rev.keep_warm = 1 if name in plan.keep_replica and rev.name == main else 0
-            for name in (plan.stage | plan.prewarm) - warmed:
-                if self.warmer_url:
-                    event = events.make_event(events.CACHE_WARM, "/thaw/optimizer", {"model": name})
-                    headers, body = events.to_http(event)
-                    try:
-                        async with self.session.post(self.warmer_url, data=body, headers=headers) as r:
-                            await r.read()
-                    except aiohttp.ClientError as exc:
-                        log.warning("optimizer could not ask the warmer for %s: %s", name, exc)
-                        continue
-                warmed.add(name)
-            warmed &= plan.stage | plan.prewarm
-            if plan.keep_replica:
-                log.info("optimizer keeps warm: %s", ", ".join(sorted(plan.keep_replica)))
+    def demands(self) -> list:
+        from thaw.cache_warmer.optimizer import Demand
+
+        return [Demand(name, tuple(self.calls.get(name, ())), _weight_bytes(runtime.model))
+                for name, runtime in self.models.items() if runtime.routes]
+
+    def keep_replicas(self, models: frozenset[str]) -> None:
+        for name, runtime in self.models.items():
+            # one idle replica per kept model, on the revision that takes most of its traffic
+            main = max(runtime.routes, key=lambda r: r.percent).revision if runtime.routes else None
+            for rev in runtime.revisions.values():
+                rev.keep_warm = 1 if name in models and rev.name == main else 0
+
+    async def warm(self, model: str) -> bool:
+        """Ask the warmer to stage (or prewarm) a model's weights."""
+        from thaw.eventing import events
+
+        if not self.warmer_url:
+            return True
+        headers, body = events.to_http(events.make_event(events.CACHE_WARM, "/thaw/optimizer", {"model": model}))
+        try:
+            async with self.session.post(self.warmer_url, data=body, headers=headers) as r:
+                await r.read()
+            return True
+        except aiohttp.ClientError as exc:
+            log.warning("optimizer could not ask the warmer for %s: %s", model, exc)
+            return False
 
     def _revisions(self) -> list[RevisionRuntime]:
         return [rev for m in self.models.values() for rev in m.revisions.values()]

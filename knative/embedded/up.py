@@ -13,7 +13,7 @@ from aiohttp import web
 from rich.console import Console
 from rich.logging import RichHandler
 
-from thaw.cache_warmer.optimizer import lookahead_models
+from thaw.cache_warmer.optimize import graph_look_ahead
 from thaw.eventing.host import EventingHost
 from thaw.spec import Spec
 
@@ -30,15 +30,6 @@ def configure_logging() -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
-def look_ahead(plane: ServingPlane):
-    """The optimizer's graph look-ahead, applied: a request entering a graph starts its models at once."""
-    def begin(name: str, graph) -> None:
-        started = plane.start_ahead(lookahead_models(graph.model_dump(exclude_defaults=True)))
-        if started:
-            log.info("graph %s: starting %s ahead of their steps", name, ", ".join(started))
-    return begin
-
-
 async def serve(spec: Spec, spec_path: Path | None, ready: asyncio.Event | None = None) -> None:
     plane = ServingPlane(spec, spec_path)
     auth = Authenticator.from_spec(spec.platform.auth)
@@ -50,7 +41,7 @@ async def serve(spec: Spec, spec_path: Path | None, ready: asyncio.Event | None 
     gateway = Gateway(plane, auth)
     host, port = spec.platform.gateway.host, spec.platform.gateway.port
     local = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    eventing = EventingHost(spec, f"http://{local}:{port}", Path(spec.platform.stateDir), look_ahead(plane),
+    eventing = EventingHost(spec, f"http://{local}:{port}", Path(spec.platform.stateDir), graph_look_ahead(plane),
                             gate, internal)
     plane.spec_listeners.append(eventing.apply_spec)
     app = gateway.app()

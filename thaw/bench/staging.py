@@ -123,7 +123,8 @@ def bench_first_request(url: str, work: Path, model_dir: Path, runs: int, mbps: 
         plane.wait(lambda: version_of("prestaged") and version_of("fetched"), 900, "warmer staged both at creation")
         for _ in range(runs):
             for name in ("prestaged", "fetched"):
-                plane.wait(lambda: plane.at_zero(name), 120, f"{name} at zero")
+                # every model at zero: no other replica's start, idle loop or drain shares the CPU
+                plane.wait(lambda: all(plane.at_zero(m) for m in ("prestaged", "fetched")), 120, "all at zero")
                 if name == "fetched":
                     tier.evict(version_of("fetched"), force=True)  # gone from the tier: fetch at first request
                 start = time.perf_counter()
