@@ -188,7 +188,9 @@ class GraphRouter:
         headers = dict(call.headers)
         if call.auth:
             headers["Authorization"] = call.auth
-        base = f"{self.models_url}/models/{model}"
+        # thaw up's gateway (`/models/<m>`), or one URL per model on a cluster ("http://{model}.ns.svc...")
+        base = (self.models_url.format(model=model) if "{model}" in self.models_url
+                else f"{self.models_url}/models/{model}")
         if call.event is not None:
             request_id = call.event.get_extension(events.EXT_REQUEST_ID) or call.event.get_id()
             try:

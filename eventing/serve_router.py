@@ -37,13 +37,13 @@ def load_inference_graph(path: Path) -> tuple[str, InferenceGraphSpec]:
         raise ValueError("\n".join(f"{path}: {p}" for p in exc.problems)) from None
 
 
-async def _serve(name: str, graph: InferenceGraphSpec, port: int, gateway: str | None) -> None:
+async def _serve(name: str, graph: InferenceGraphSpec, host: str, port: int, gateway: str | None) -> None:
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
     router = GraphRouter(name, graph, session, models_url=gateway, patterns=header_patterns())
     runner = web.AppRunner(router_app(router), access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    log.info("graph %s on http://127.0.0.1:%d", name, port)
+    await web.TCPSite(runner, host, port).start()
+    log.info("graph %s on http://%s:%d", name, host, port)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
@@ -54,6 +54,6 @@ async def _serve(name: str, graph: InferenceGraphSpec, port: int, gateway: str |
         await session.close()
 
 
-def run_router(name: str, graph: InferenceGraphSpec, port: int, gateway: str | None) -> None:
+def run_router(name: str, graph: InferenceGraphSpec, port: int, gateway: str | None, host: str = "127.0.0.1") -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    uvloop.run(_serve(name, graph, port, gateway))
+    uvloop.run(_serve(name, graph, host, port, gateway))

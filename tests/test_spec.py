@@ -62,7 +62,7 @@ def test_knative_annotation_names_are_accepted_and_rendered():
     annotations = spec.models[0].scaling.annotations()
     assert annotations["autoscaling.knative.dev/max-scale"] == "3"
     assert annotations["autoscaling.knative.dev/min-scale"] == "0"
-    assert annotations["autoscaling.knative.dev/target-burst-capacity"] == "211"
+    assert annotations["autoscaling.knative.dev/target-burst-capacity"] == "0"  # thaw's deliberate default
     assert annotations["autoscaling.knative.dev/window"] == "60s"
 
 

@@ -79,10 +79,15 @@ def status(
     url: Optional[str] = typer.Option(None, "--url", help="The gateway, if not the spec's."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     token: Optional[str] = typer.Option(None, "--token", envvar="THAW_TOKEN", help="Bearer token, if auth is on."),
+    cluster: bool = typer.Option(False, "--cluster", help="Read Knative's status on the cluster instead."),
+    context: Optional[str] = typer.Option(None, "--context", help="kubeconfig context (with --cluster)."),
+    namespace: Optional[str] = typer.Option(None, "--namespace", "-n", help="Namespace (with --cluster)."),
 ) -> None:
     """Per model: revisions, replicas (starting/ready/draining), desired scale, panic, queue, weights."""
     from thaw.status import show_status
 
+    if cluster:
+        sys.exit(_cluster_status(_spec(file), context, namespace, as_json))
     if url is None:
         try:
             gateway = load_spec(file).platform.gateway
@@ -168,7 +173,9 @@ def router(
     graph: Path = typer.Option(..., "--graph", help="A KServe InferenceGraph YAML file (apiVersion, kind, metadata, spec)."),
     port: int = typer.Option(8080, "--port"),
     gateway: Optional[str] = typer.Option(None, "--gateway",
-                                          help="thaw's gateway URL, for steps that name a model (serviceName)."),
+                                          help="thaw's gateway URL, for steps that name a model (serviceName); "
+                                               "on a cluster a template such as http://{model}.ns.svc.cluster.local"),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 in a pod)."),
 ) -> None:
     """Serve one inference graph on 127.0.0.1 (KServe's router semantics; PROPAGATE_HEADERS as in KServe)."""
     from thaw.eventing.serve_router import load_inference_graph, run_router
@@ -177,7 +184,7 @@ def router(
         name, spec = load_inference_graph(graph)
     except ValueError as exc:
         _fail(str(exc).splitlines())
-    run_router(name, spec, port, gateway)
+    run_router(name, spec, port, gateway, host)
 
 
 @app.command()
@@ -230,6 +237,100 @@ def invoke(
         return
     reply = events.parse_http_event(r.headers, r.content)
     console.print_json(json.dumps(reply.get_data()))
+
+
+def _cluster_objects(spec, namespace: Optional[str]):
+    """Render and validate; a namespace option re-renders the spec for that namespace."""
+    from thaw.knative.cluster.render import render
+    from thaw.knative.cluster.validate import validate_objects
+
+    if namespace:
+        spec = spec.model_copy(update={"platform": spec.platform.model_copy(update={"namespace": namespace})})
+    objects = render(spec)
+    problems = validate_objects(objects)
+    if problems:
+        _fail(["the rendered output is invalid, nothing written or applied:"] + problems)
+    return spec, objects
+
+
+@app.command()
+def render(
+    file: Path = typer.Option(Path("thaw.yaml"), "-f", "--file"),
+    out: Path = typer.Option(..., "-o", "--out", help="Folder to write (replaced as a whole)."),
+    namespace: Optional[str] = typer.Option(None, "--namespace", "-n"),
+) -> None:
+    """Kubernetes YAML for Knative Serving, Eventing (and Fluid), validated, kustomize-ready."""
+    from thaw.knative.cluster.files import write_output
+
+    spec, objects = _cluster_objects(_spec(file), namespace)
+    flags = write_output(objects, out)
+    console.print(f"{out}: {len(objects)} objects (kustomization.yaml, docker/Dockerfile.*) for namespace "
+                  f"{spec.platform.namespace}; all validate against their schemas")
+    if flags:
+        console.print("Knative feature flags this needs (config-features; see knative-config-features.yaml):")
+        for flag, why in flags.items():
+            console.print(f"  {flag}: enabled    # {why}")
+
+
+@app.command()
+def deploy(
+    file: Path = typer.Option(Path("thaw.yaml"), "-f", "--file"),
+    context: Optional[str] = typer.Option(None, "--context", help="kubeconfig context."),
+    namespace: Optional[str] = typer.Option(None, "--namespace", "-n"),
+    dry_run: Optional[str] = typer.Option(None, "--dry-run", help="server: the API server checks, nothing persists; "
+                                                                   "client: render and validate only."),
+    kubeconfig: Optional[str] = typer.Option(None, "--kubeconfig", envvar="KUBECONFIG"),
+    timeout: float = typer.Option(1800, "--timeout", help="Seconds to wait for each wave to be Ready."),
+) -> None:
+    """Server-side apply (field manager thaw) in dependency order, wait for Ready, prune removed objects."""
+    from kubernetes.client import ApiException
+
+    from thaw.knative.cluster.deploy import ClusterClient, deploy as run_deploy
+
+    if dry_run not in (None, "server", "client"):
+        _fail([f"--dry-run must be server or client, not {dry_run!r}"])
+    spec, objects = _cluster_objects(_spec(file), namespace)
+    if dry_run == "client":
+        for obj in objects:
+            console.print(f"would apply {obj['apiVersion']} {obj['kind']}/{obj['metadata']['name']}")
+        return
+    try:
+        client = ClusterClient(context, kubeconfig)
+        report = run_deploy(objects, client, spec.platform.namespace, console, dry_run=dry_run == "server",
+                            timeout=timeout)
+    except ApiException as exc:
+        _fail([f"the API server refused: {exc.status} {exc.reason}: {(exc.body or '')[:500]}"])
+    except Exception as exc:  # noqa: BLE001 - kubeconfig and connection problems, said plainly
+        _fail([f"cannot deploy: {type(exc).__name__}: {exc}"])
+    console.print(f"applied {len(report.applied)}{' (server dry run)' if dry_run else ''}; pruned "
+                  f"{', '.join(report.pruned) or 'nothing'}")
+    if report.not_ready:
+        _fail([f"not Ready within {timeout:g}s: {', '.join(report.not_ready)}"])
+
+
+def _cluster_status(spec, context, namespace, as_json: bool) -> int:
+    import json
+
+    from rich.table import Table
+
+    from thaw.knative.cluster.deploy import ClusterClient, cluster_status
+
+    try:
+        rows = cluster_status(ClusterClient(context), namespace or spec.platform.namespace)
+    except Exception as exc:  # noqa: BLE001
+        _fail([f"cannot read the cluster: {type(exc).__name__}: {exc}"])
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = Table(title=f"thaw on the cluster (namespace {namespace or spec.platform.namespace})")
+    for col in ("service", "url", "latest ready revision", "replicas", "ready"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], r["url"] or "-", r["latestReadyRevision"] or "-",
+                      "-" if r["actualReplicas"] is None else str(r["actualReplicas"]),
+                      "yes" if r["ready"] else f"no ({r['reason']})")
+    console.print(table)
+    return 0
 
 
 @app.command("cache-warmer")

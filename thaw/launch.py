@@ -14,6 +14,7 @@ import sys
 import time
 from contextlib import closing
 from pathlib import Path
+from typing import Callable
 
 import requests
 
@@ -33,15 +34,38 @@ def base_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def serve_args(model_dir: str | Path | None, served_name: str, port: int, engine_args: dict | None = None,
+               source_args: list[str] | None = None, host: str | None = None) -> list[str]:
+    """The arguments of `thaw function serve`: the same for a replica here and a pod on a cluster."""
+    where = source_args if source_args is not None else ["--model-dir", str(model_dir)]
+    args = ["function", "serve", *where, "--served-name", served_name, "--port", str(port)]
+    args += ["--host", host] if host else []
+    for key, value in (engine_args or {}).items():
+        args += ["--engine-arg", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
+    return args
+
+
+def weights_args(model, spec, cache_root: str | Path, dram_root: str | Path | None = None,
+                 local: Callable[[str], str] = lambda p: str(Path(p).resolve())) -> tuple[str | None, list[str] | None]:
+    """How a replica gets its weights: a folder (`local` maps the spec's path to where the replica sees
+    it), or the arguments to stage its source into the cache tier at `cache_root` at boot."""
+    if not model.stages_through_tier:
+        return local(model.source), None
+    cache, s3 = spec.platform.cache, spec.platform.origin.s3
+    args = ["--source", model.source if model.source.startswith("s3://") else local(model.source),
+            "--cache-root", str(cache_root), "--cache-capacity", cache.capacity,
+            "--prewarm" if model.cache.prewarm else "--no-prewarm"]
+    args += ["--s3-endpoint", s3.endpointUrl] if s3.endpointUrl else []
+    args += ["--s3-region", s3.region] if s3.region else []
+    args += ["--bandwidth-mbps", str(s3.bandwidthMbps)] if s3.bandwidthMbps else []
+    args += ["--dram-root", str(dram_root)] if model.cache.tier == "dram" and dram_root else []
+    return None, args
+
+
 def function_command(model_dir: Path | None, served_name: str, port: int, engine_args: dict | None = None,
                      source_args: list[str] | None = None) -> list[str]:
     """`thaw function serve` for a folder of weights, or for a source staged at boot (`source_args`)."""
-    where = source_args if source_args is not None else ["--model-dir", str(model_dir)]
-    cmd = [sys.executable, "-m", "thaw.cli", "function", "serve", *where, "--served-name", served_name,
-           "--port", str(port)]
-    for key, value in (engine_args or {}).items():
-        cmd += ["--engine-arg", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
-    return cmd
+    return [sys.executable, "-m", "thaw.cli", *serve_args(model_dir, served_name, port, engine_args, source_args)]
 
 
 def vllm_server_command(model_dir: Path, served_name: str, port: int, engine_args: dict) -> list[str]:

@@ -81,7 +81,10 @@ class Scaling(SpecModel):
     scale_down_delay: str = "0s"
     scale_to_zero_pod_retention_period: str = "0s"
     activation_scale: int = Field(1, ge=1)
-    target_burst_capacity: float = Field(211, ge=-1)
+    # Deliberately not Knative's 211: with 211 a revision whose pods take few concurrent requests (a GPU
+    # LLM) never has spare capacity above it, so the activator stays in every request's path. 0 keeps the
+    # activator out once a pod is up, and in the path only at zero (docs/cluster.md).
+    target_burst_capacity: float = Field(0, ge=-1)
 
     @model_validator(mode="before")
     @classmethod
@@ -165,6 +168,16 @@ class TrafficTarget(SpecModel):
         return self
 
 
+class Toleration(SpecModel):
+    """A Kubernetes toleration (cluster mode: GPU nodes are usually tainted)."""
+
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    tolerationSeconds: int | None = None
+
+
 class Model(SpecModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, protected_namespaces=())
 
@@ -180,6 +193,9 @@ class Model(SpecModel):
     standby: bool = True
     # Knative's traffic block; empty means all traffic to the latest revision.
     traffic: list[TrafficTarget] = []
+    # Cluster mode: where the model's pods may run (ignored embedded).
+    nodeSelector: dict[str, str] = {}
+    tolerations: list[Toleration] = []
 
     @field_validator("name")
     @classmethod
@@ -309,6 +325,50 @@ class Optimizer(SpecModel):
         return _check_duration(v, 1, 86400, "this duration")
 
 
+class FluidCache(SpecModel):
+    """A Fluid Dataset per s3:// model, cached by a JuiceFS runtime, preloaded by a DataLoad."""
+
+    runtime: Literal["JuiceFSRuntime", "ThinRuntime"] = "JuiceFSRuntime"
+    mediumType: Literal["MEM", "SSD", "HDD"] = "SSD"
+    quota: str = "100Gi"
+    cachePath: str = "/var/cache/fluid"
+    profileName: str | None = None  # ThinRuntime: the ThinRuntimeProfile to use
+
+
+class ClusterCacheVolume(SpecModel):
+    """What backs the cache tier on a cluster: a node-local hostPath, a (RWX) PVC, or Fluid."""
+
+    hostPath: str | None = None
+    persistentVolumeClaim: str | None = None
+    fluid: FluidCache | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "ClusterCacheVolume":
+        if sum(x is not None for x in (self.hostPath, self.persistentVolumeClaim, self.fluid)) > 1:
+            raise ValueError("give one of hostPath, persistentVolumeClaim and fluid")
+        return self
+
+
+class Images(SpecModel):
+    function: str = "ghcr.io/thaw-dev/thaw-function:latest"
+    cacheWarmer: str = "ghcr.io/thaw-dev/thaw-cache-warmer:latest"
+    router: str = "ghcr.io/thaw-dev/thaw-router:latest"
+
+
+class Cluster(SpecModel):
+    """Cluster mode only (`thaw render` / `thaw deploy`)."""
+
+    images: Images = Images()
+    cacheVolume: ClusterCacheVolume = ClusterCacheVolume()
+    cacheMountPath: str = "/var/cache/thaw"  # where pods see the cache tier
+    progressDeadline: str = "1800s"  # serving.knative.dev/progress-deadline: a model start may be long
+
+    @field_validator("progressDeadline")
+    @classmethod
+    def _deadline(cls, v: str) -> str:
+        return _check_duration(v, 1, 86400, "progressDeadline")
+
+
 class Platform(SpecModel):
     namespace: str = "default"
     gateway: Gateway = Gateway()
@@ -321,6 +381,7 @@ class Platform(SpecModel):
     optimizer: Optimizer = Optimizer()
     # Where the serving plane sends revision lifecycle CloudEvents (ApiServerSource format).
     eventSink: str | None = None
+    cluster: Cluster = Cluster()
 
 
 class SubscriberRef(SpecModel):

@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 
 from thaw.durations import parse_duration
+from thaw.launch import weights_args
 from thaw.cache_warmer.optimize import keep_warm_loop
 from thaw.spec import Model, Spec, SpecError, load_spec
 
@@ -78,18 +79,11 @@ class ModelRuntime:
     routes: list[Route] = field(default_factory=list)
 
 
-def weights_args(model: Model, spec: Spec) -> tuple[Path | None, list[str] | None]:
-    """How a replica gets its weights: a folder, or the arguments to stage its source at boot."""
-    if not model.stages_through_tier:
-        return Path(model.source).resolve(), None
-    cache, s3 = spec.platform.cache, spec.platform.origin.s3
-    args = ["--source", model.source, "--cache-root", str(Path(cache.path).resolve()),
-            "--cache-capacity", cache.capacity, "--prewarm" if model.cache.prewarm else "--no-prewarm"]
-    args += ["--s3-endpoint", s3.endpointUrl] if s3.endpointUrl else []
-    args += ["--s3-region", s3.region] if s3.region else []
-    args += ["--bandwidth-mbps", str(s3.bandwidthMbps)] if s3.bandwidthMbps else []
-    args += ["--dram-root", str(Path(spec.platform.cache.dramPath).resolve())] if model.cache.tier == "dram" else []
-    return None, args
+def replica_weights(model: Model, spec: Spec) -> tuple[Path | None, list[str] | None]:
+    """A replica's weights here: the spec's paths resolved on this machine."""
+    folder, source_args = weights_args(model, spec, Path(spec.platform.cache.path).resolve(),
+                                       Path(spec.platform.cache.dramPath).resolve())
+    return (Path(folder) if folder else None), source_args
 
 
 def _weight_bytes(model: Model) -> int:
@@ -414,7 +408,7 @@ class ServingPlane:
 
     async def _run_replica(self, rev: RevisionRuntime) -> None:
         try:
-            replica = await self.supervisor.start(rev.name, rev.model, *weights_args(rev.model, self.spec), {})
+            replica = await self.supervisor.start(rev.name, rev.model, *replica_weights(rev.model, self.spec), {})
         except Exception:  # noqa: BLE001 - a failed launch is retried by the next reconcile
             log.exception("could not start a replica of %s", rev.name)
             return

@@ -59,6 +59,12 @@ class Replica:
             return False
 
 
+def replica_command(model: Model, model_dir: Path | None, source_args: list[str] | None, port: int) -> list[str]:
+    """The command a replica of `model` runs (the cluster renders the same arguments into its pods)."""
+    return function_command(model_dir, model.served_name, port, model.engine.model_dump(exclude_none=True),
+                            source_args)
+
+
 class Supervisor:
     def __init__(self, state_dir: Path, standby_socket: Path | None):
         self.log_dir = Path(state_dir) / "logs"
@@ -76,8 +82,7 @@ class Supervisor:
         port = free_port()
         rid = f"{revision}-{next(self._ids)}"
         log_path = self.log_dir / f"{rid}.log"
-        engine_args = model.engine.model_dump(exclude_none=True)
-        cmd = function_command(model_dir, model.served_name, port, engine_args, source_args)
+        cmd = replica_command(model, model_dir, source_args, port)
         env = base_env(VLLM_CPU_KVCACHE_SPACE=str(model.engine.kv_cache_gib), THAW_REVISION=revision,
                        THAW_LAUNCH_TIME=repr(time.time()), **extra_env)
         if model.standby and self.standby_ready():

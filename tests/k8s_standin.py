@@ -1,0 +1,94 @@
+"""A recording stand-in for a Kubernetes API server (there is none on these machines): it takes
+server-side apply PATCHes, GETs, label-selected LISTs and DELETEs on namespaced objects, keeps the
+objects in memory, marks Knative objects Ready, and records every request for the tests to check.
+It is a test double for the API server only; the client side (kubernetes' ApiClient, kubeconfig
+loading, thaw's deploy logic) is the real code."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from aiohttp import web
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    query: dict[str, str]
+    content_type: str
+    body: dict | None
+    authorization: str = ""
+
+
+@dataclass
+class StandIn:
+    objects: dict[str, dict] = field(default_factory=dict)  # path -> object
+    requests: list[Recorded] = field(default_factory=list)
+    never_ready: set[str] = field(default_factory=set)  # names whose Ready stays False
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        body = json.loads(raw) if raw else None
+        self.requests.append(Recorded(request.method, request.path, dict(request.query),
+                                      request.headers.get("Content-Type", ""), body,
+                                      request.headers.get("Authorization", "")))
+        parts = request.path.strip("/").split("/")
+        # /api/v1/namespaces/ns/plural[/name] or /apis/group/version/namespaces/ns/plural[/name]
+        named = len(parts) == (6 if parts[0] == "api" else 7)
+        if request.method == "PATCH":
+            obj = dict(body)
+            if request.query.get("dryRun") != "All":
+                obj["metadata"] = {**obj["metadata"], "generation": 1}
+                obj["status"] = self._status(obj)
+                self.objects[request.path] = obj
+            return web.json_response(obj)
+        if request.method == "GET" and named:
+            if "/revisions/" in request.path:
+                return web.json_response({"kind": "Revision", "status": {"actualReplicas": 1}})
+            if request.path not in self.objects:
+                return web.json_response({"kind": "Status", "code": 404, "reason": "NotFound"}, status=404)
+            return web.json_response(self.objects[request.path])
+        if request.method == "GET":
+            wanted = dict(kv.split("=") for kv in request.query.get("labelSelector", "").split(",") if kv)
+            items = [o for p, o in self.objects.items() if p.rsplit("/", 1)[0] == request.path
+                     and all(o["metadata"].get("labels", {}).get(k) == v for k, v in wanted.items())]
+            return web.json_response({"kind": "List", "items": items})
+        if request.method == "DELETE":
+            if request.query.get("dryRun") != "All":
+                self.objects.pop(request.path, None)
+            return web.json_response({"kind": "Status", "status": "Success"})
+        return web.json_response({"kind": "Status", "code": 405}, status=405)
+
+    def _status(self, obj: dict) -> dict:
+        if not obj["apiVersion"].endswith("knative.dev/v1"):
+            return {}
+        name = obj["metadata"]["name"]
+        ready = "False" if name in self.never_ready else "True"
+        status = {"observedGeneration": 1, "conditions": [{"type": "Ready", "status": ready,
+                                                           **({"reason": "RevisionFailed"} if ready == "False" else {})}]}
+        if obj["kind"] == "Service":
+            status.update(url=f"http://{name}.{obj['metadata']['namespace']}.example.com",
+                          latestReadyRevisionName=f"{name}-00001")
+        return status
+
+    def applied(self) -> list[Recorded]:
+        return [r for r in self.requests if r.method == "PATCH"]
+
+
+def write_kubeconfig(path: Path, server: str) -> Path:
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "standin",
+        "clusters": [{"name": "standin", "cluster": {"server": server}}],
+        "users": [{"name": "tester", "user": {"token": "standin-token"}}],
+        "contexts": [{"name": "standin", "context": {"cluster": "standin", "user": "tester", "namespace": "default"}}],
+    }))
+    return path
