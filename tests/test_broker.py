@@ -9,7 +9,6 @@ import os
 import signal
 import sys
 
-import aiohttp
 import pytest
 import requests
 import yaml

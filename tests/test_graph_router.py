@@ -4,8 +4,6 @@ plus validation, streaming through, CloudEvents in and out, and the standalone `
 from __future__ import annotations
 
 import asyncio
-import json
-import re
 import sys
 import textwrap
 
