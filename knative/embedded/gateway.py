@@ -7,6 +7,7 @@ Routes
 - `GET /v1/models`, `GET /v1/models/<id>`: every model and its state, without waking anything.
 - `GET /healthz`, `GET /thaw/v1/status` (what `thaw status` shows).
 - The broker (`/<namespace>/<broker>`) and graphs (`/graphs/<name>`) join this app from eventing/host.py.
+Answers carry `X-Thaw-Revision` and `X-Thaw-Queue-Seconds` (how long the activator held the request).
 Errors use OpenAI's error object: 404 unknown model, 401/403 auth, 503 queue full (with Retry-After),
 504 past timeoutSeconds, 502 when a replica dies under a request (a stream gets an error chunk and
 `data: [DONE]` instead, since its status has already gone out).
@@ -141,7 +142,8 @@ class Gateway:
         except AuthError as exc:
             return _error(exc.status, str(exc), "authentication_error" if exc.status == 401 else "permission_error")
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + rev.model.timeoutSeconds
+        arrived = loop.time()
+        deadline = arrived + rev.model.timeoutSeconds
         try:
             replica = await self.plane.acquire(rev, rev.model.timeoutSeconds)
         except QueueFull:
@@ -150,13 +152,14 @@ class Gateway:
         except asyncio.TimeoutError:
             return _error(504, f"No replica of '{model}' could take the request within "
                                f"{rev.model.timeoutSeconds}s", "server_error", code="timeout")
+        queued = loop.time() - arrived  # held by the activator (a cold start, or no replica with room)
         try:
-            return await self._proxy(request, rev, replica, path, body, deadline - loop.time())
+            return await self._proxy(request, rev, replica, path, body, deadline - loop.time(), queued)
         finally:
             self.plane.release(rev, replica)
 
     async def _proxy(self, request: web.Request, rev: RevisionRuntime, replica, path: str, body: bytes,
-                     remaining: float) -> web.StreamResponse:
+                     remaining: float, queued: float = 0.0) -> web.StreamResponse:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         url = replica.url + path + (f"?{request.query_string}" if request.query_string else "")
         response: web.StreamResponse | None = None
@@ -165,6 +168,7 @@ class Gateway:
                                             timeout=aiohttp.ClientTimeout(total=max(0.001, remaining))) as upstream:
                 out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
                 out_headers["X-Thaw-Revision"] = rev.name
+                out_headers["X-Thaw-Queue-Seconds"] = f"{queued:.4f}"
                 if not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
                     return web.Response(body=await upstream.read(), status=upstream.status, headers=out_headers)
                 response = web.StreamResponse(status=upstream.status, headers=out_headers)
