@@ -445,17 +445,17 @@ def bench_eventing(
 
 @bench_app.command("coldstart")
 def bench_coldstart(
-    model_dir: Path = typer.Option(Path("models/demo"), "--model-dir"),
+    file: Path = typer.Option(Path("examples/thaw.yaml"), "-f", "--file", help="The spec whose model is measured."),
+    model: Optional[str] = typer.Option(None, "--model", help="Which model (default: the first)."),
     runs: int = typer.Option(5, "--runs", help="Starts from zero per variant."),
-    clients: int = typer.Option(16, "--clients", help="Concurrent streams on the warm path."),
-    requests_per_client: int = typer.Option(4, "--requests-per-client"),
-    max_tokens: int = typer.Option(128, "--max-tokens"),
-    out: Path = typer.Option(Path("bench-results/coldstart.json"), "--out"),
+    burst: int = typer.Option(32, "--burst", help="Requests sent at once to the model at zero."),
+    bandwidth_mbps: float = typer.Option(100, "--bandwidth-mbps", help="Per-instance link to the origin (not staged)."),
+    out: Path = typer.Option(Path("bench-results/coldstart"), "--out", help="Folder for JSON, report and plots."),
 ) -> None:
-    """First token from zero through thaw up (standby on/off) vs vLLM's server; gateway vs direct."""
+    """First token from zero: pre-staged with/without standby, not staged (capped origin), vLLM's server cold."""
     from thaw.bench.coldstart import run_coldstart_bench
 
-    run_coldstart_bench(model_dir, runs, clients, requests_per_client, max_tokens, out, console)
+    run_coldstart_bench(_spec(file), model, runs, burst, bandwidth_mbps, out, console)
 
 
 @bench_app.command("staging")

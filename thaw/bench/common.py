@@ -170,10 +170,3 @@ class PlaneUnderTest:
     def at_zero(self, model: str) -> bool:
         rev = self.status(model)
         return rev["desired"] == 0 and not any(rev["replicas"].values())
-
-    def first_token_from_zero(self, model: str) -> dict:
-        """Wait for `model` at zero, then one streamed request: seconds to its first token, and the
-        phases the replica reported."""
-        self.wait(lambda: self.at_zero(model), 120, f"{model} at zero")
-        result = first_answer(self.url, model)
-        return {"first_token": result.ttft, "phases": self.status(model)["last_start_phases"]}
