@@ -85,10 +85,10 @@ def _after(rest: str) -> str:
     return rest[1:] if rest[:1] in (".", "|") else rest
 
 
-def _closing(text: str, start: int) -> int:
-    """Index of the bracket closing the one at `start`, skipping quoted strings."""
-    pairs = {"(": ")", "[": "]", "{": "}"}
-    depth, i, quoted = 0, start, False
+def _scan(text: str, start: int = 0):
+    """(index, char, depth) for each character outside quoted strings; a closing bracket is reported at
+    the depth of its opening one."""
+    depth, quoted, i = 0, False, start
     while i < len(text):
         ch = text[i]
         if quoted:
@@ -98,13 +98,20 @@ def _closing(text: str, start: int) -> int:
                 quoted = False
         elif ch == '"':
             quoted = True
-        elif ch in pairs:
-            depth += 1
-        elif ch in pairs.values():
-            depth -= 1
-            if depth == 0:
-                return i
+        else:
+            if ch in ")]}":
+                depth -= 1
+            yield i, ch, depth
+            if ch in "([{":
+                depth += 1
         i += 1
+
+
+def _closing(text: str, start: int) -> int:
+    """Index of the bracket closing the one at `start`, skipping quoted strings."""
+    for i, ch, depth in _scan(text, start):
+        if ch in ")]}" and depth == 0:
+            return i
     raise GJSONSyntaxError(f"unclosed {text[start]!r} in {text!r}")
 
 
@@ -132,24 +139,11 @@ def _unescape(key: str) -> str:
 
 
 def _split_top_level(text: str, separator: str) -> list[str]:
-    parts, depth, quoted, start, i = [], 0, False, 0, 0
-    while i < len(text):
-        ch = text[i]
-        if quoted:
-            if ch == "\\":
-                i += 1
-            elif ch == '"':
-                quoted = False
-        elif ch == '"':
-            quoted = True
-        elif ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        elif ch == separator and depth == 0:
+    parts, start = [], 0
+    for i, ch, depth in _scan(text):
+        if ch == separator and depth == 0:
             parts.append(text[start:i])
             start = i + 1
-        i += 1
     parts.append(text[start:])
     return [p.strip() for p in parts if p.strip()]
 
@@ -226,25 +220,11 @@ def _matches(element: Any, query: str) -> bool:
 
 
 def _parse_query(query: str) -> tuple[str, str, str]:
-    depth, quoted, i = 0, False, 0
-    while i < len(query):
-        ch = query[i]
-        if quoted:
-            if ch == "\\":
-                i += 1
-            elif ch == '"':
-                quoted = False
-        elif ch == '"':
-            quoted = True
-        elif ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        elif depth == 0:
+    for i, ch, depth in _scan(query):
+        if depth == 0 and ch not in "([{)]}":
             op = next((o for o in _OPERATORS if query.startswith(o, i)), None)
             if op:
-                return query[:i].strip(), op, _literal(query[i + len(op) :].strip())
-        i += 1
+                return query[:i].strip(), op, _literal(query[i + len(op):].strip())
     return query.strip(), "", ""
 
 

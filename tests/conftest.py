@@ -72,3 +72,23 @@ def function(tiny_model, tmp_path_factory):
     running = start_function(tiny_model, tmp_path_factory.mktemp("logs"))
     yield running
     running.server.stop()
+
+
+@pytest.fixture(scope="module")
+def loop():
+    """An event loop in a background thread for small in-process aiohttp servers (loop_servers.py)."""
+    from loop_servers import LoopThread
+
+    thread = LoopThread()
+    yield thread
+    thread.close()
+
+
+@pytest.fixture
+def upstreams(loop):
+    """Upstream models / subscribers on one loopback server, one path each (loop_servers.Upstreams)."""
+    from loop_servers import Upstreams
+
+    servers = Upstreams()
+    servers.base = loop.serve(servers.app())
+    return servers

@@ -15,7 +15,7 @@ import yaml
 from aiohttp import web
 
 from conftest import poll
-from loop_servers import LoopThread, Upstreams
+from loop_servers import Upstreams
 from thaw.eventing import events
 from thaw.eventing.broker import Broker, BrokerTrigger
 from thaw.eventing.delivery import (DeliveryPolicy, backoff, dead_letter_extensions, next_step,
@@ -119,20 +119,6 @@ def test_dead_letter_extensions_keep_1kib_of_the_body():
 # ---- the broker over HTTP -----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def loop():
-    thread = LoopThread()
-    yield thread
-    thread.close()
-
-
-@pytest.fixture
-def sub(loop):
-    upstreams = Upstreams()
-    upstreams.base = loop.serve(upstreams.app())
-    return upstreams
-
-
 @pytest.fixture
 def broker_url(loop, tmp_path):
     started = []
@@ -169,19 +155,19 @@ def send(url: str, structured: bool = False, **attrs) -> requests.Response:
 
 
 @pytest.mark.parametrize("structured", [False, True])
-def test_ingress_accepts_and_delivers_with_arrival_time_and_ttl(broker_url, sub, structured):
-    url = broker_url([trigger("all", sub.reply("s", {}, 202))])
+def test_ingress_accepts_and_delivers_with_arrival_time_and_ttl(broker_url, upstreams, structured):
+    url = broker_url([trigger("all", upstreams.reply("s", {}, 202))])
     r = send(url + "/default/default", structured, subject="abc")
     assert r.status_code == 202
-    seen = poll(lambda: sub.seen.get("s"), 10, what="delivery")[0]
+    seen = poll(lambda: upstreams.seen.get("s"), 10, what="delivery")[0]
     assert seen.headers["ce-subject"] == "abc"
     assert seen.headers["ce-knativebrokerttl"] == "255"
     assert seen.headers["ce-knativearrivaltime"].endswith("Z")
     assert seen.body == {"n": 1}
 
 
-def test_ingress_errors(broker_url, sub):
-    url = broker_url([trigger("all", sub.reply("s", {}))])
+def test_ingress_errors(broker_url, upstreams):
+    url = broker_url([trigger("all", upstreams.reply("s", {}))])
     missing_id = {"ce-specversion": "1.0", "ce-type": "t", "ce-source": "/s", "Content-Type": "application/json"}
     r = requests.post(url + "/default/default", data=b"{}", headers=missing_id, timeout=10)
     assert r.status_code == 400 and "id" in r.json()["error"]
@@ -194,76 +180,76 @@ def test_ingress_errors(broker_url, sub):
     assert send(url + "/otherns/default").status_code == 404
     assert requests.get(url + "/default/default", timeout=10).status_code == 405
     assert requests.put(url + "/default/default", data=b"", timeout=10).status_code == 405
-    assert "s" not in sub.seen  # nothing invalid was delivered
+    assert "s" not in upstreams.seen  # nothing invalid was delivered
 
 
-def test_filters_choose_the_subscribers(broker_url, sub):
+def test_filters_choose_the_subscribers(broker_url, upstreams):
     url = broker_url([
-        trigger("orders", sub.reply("orders", {}), {"type": "com.example.order"}),
-        trigger("vip", sub.reply("vip", {}), filters=[{"prefix": {"subject": "vip-"}}]),
+        trigger("orders", upstreams.reply("orders", {}), {"type": "com.example.order"}),
+        trigger("vip", upstreams.reply("vip", {}), filters=[{"prefix": {"subject": "vip-"}}]),
     ])
     assert send(url + "/default/default", subject="vip-1").status_code == 202
     assert send(url + "/default/default", type="com.example.refund", subject="vip-2").status_code == 202
-    poll(lambda: len(sub.seen.get("vip", [])) == 2 and sub.seen.get("orders"), 10, what="deliveries")
-    assert [s.headers["ce-subject"] for s in sub.seen["orders"]] == ["vip-1"]
+    poll(lambda: len(upstreams.seen.get("vip", [])) == 2 and upstreams.seen.get("orders"), 10, what="deliveries")
+    assert [s.headers["ce-subject"] for s in upstreams.seen["orders"]] == ["vip-1"]
 
 
-def test_retries_with_linear_backoff_then_success(broker_url, sub):
+def test_retries_with_linear_backoff_then_success(broker_url, upstreams):
     answers = iter([503, 429, 200])
 
     async def flaky(request):
         return web.json_response({}, status=next(answers))
 
-    sub.handlers["flaky"] = flaky
-    url = broker_url([trigger("t", sub.url("flaky"), retry=3, backoff_policy="linear", backoff_delay=0.2)])
+    upstreams.handlers["flaky"] = flaky
+    url = broker_url([trigger("t", upstreams.url("flaky"), retry=3, backoff_policy="linear", backoff_delay=0.2)])
     assert send(url + "/default/default").status_code == 202
-    calls = poll(lambda: len(sub.seen.get("flaky", [])) == 3 and sub.seen["flaky"], 10, what="three attempts")
+    calls = poll(lambda: len(upstreams.seen.get("flaky", [])) == 3 and upstreams.seen["flaky"], 10, what="three attempts")
     gaps = [b.at - a.at for a, b in zip(calls, calls[1:])]
     assert 0.18 <= gaps[0] < 1.0 and 0.38 <= gaps[1] < 1.5  # 0.2 s then 0.4 s (linear)
     poll(lambda: broker_url.broker.stats.delivered == 1, 5, what="delivered")
     assert broker_url.broker.stats.retried == 2
 
 
-def test_exhausted_retries_go_to_the_dead_letter_sink(broker_url, sub):
-    failing = sub.reply("failing", {"error": "model exploded"}, 500)
-    url = broker_url([trigger("t", failing, retry=1, backoff_delay=0.05, dead_letter=sub.reply("dls", {}, 202))])
+def test_exhausted_retries_go_to_the_dead_letter_sink(broker_url, upstreams):
+    failing = upstreams.reply("failing", {"error": "model exploded"}, 500)
+    url = broker_url([trigger("t", failing, retry=1, backoff_delay=0.05, dead_letter=upstreams.reply("dls", {}, 202))])
     assert send(url + "/default/default", subject="lost").status_code == 202
-    dead = poll(lambda: sub.seen.get("dls"), 10, what="dead letter")[0]
-    assert len(sub.seen["failing"]) == 2  # the attempt and one retry
+    dead = poll(lambda: upstreams.seen.get("dls"), 10, what="dead letter")[0]
+    assert len(upstreams.seen["failing"]) == 2  # the attempt and one retry
     assert dead.headers["ce-knativeerrordest"] == failing
     assert dead.headers["ce-knativeerrorcode"] == "500"
     assert json.loads(base64.b64decode(dead.headers["ce-knativeerrordata"])) == {"error": "model exploded"}
     assert dead.headers["ce-subject"] == "lost" and dead.body == {"n": 1}
 
 
-def test_no_response_is_retried_then_dead_lettered_without_a_code(broker_url, sub):
+def test_no_response_is_retried_then_dead_lettered_without_a_code(broker_url, upstreams):
     gone = f"http://127.0.0.1:{free_port()}/"
-    url = broker_url([trigger("t", gone, retry=2, backoff_delay=0.02, dead_letter=sub.reply("dls", {}, 202))])
+    url = broker_url([trigger("t", gone, retry=2, backoff_delay=0.02, dead_letter=upstreams.reply("dls", {}, 202))])
     assert send(url + "/default/default").status_code == 202
-    dead = poll(lambda: sub.seen.get("dls"), 10, what="dead letter")[0]
+    dead = poll(lambda: upstreams.seen.get("dls"), 10, what="dead letter")[0]
     assert dead.headers["ce-knativeerrordest"] == gone and "ce-knativeerrorcode" not in dead.headers
 
 
-def test_a_400_is_not_retried(broker_url, sub):
-    url = broker_url([trigger("t", sub.reply("bad", {"error": "no"}, 400), retry=5, backoff_delay=0.01)])
+def test_a_400_is_not_retried(broker_url, upstreams):
+    url = broker_url([trigger("t", upstreams.reply("bad", {"error": "no"}, 400), retry=5, backoff_delay=0.01)])
     assert send(url + "/default/default").status_code == 202
     poll(lambda: broker_url.broker.stats.dropped == 1, 10, what="dropped")
-    assert len(sub.seen["bad"]) == 1
+    assert len(upstreams.seen["bad"]) == 1
 
 
-def test_a_reply_event_goes_back_into_the_broker(broker_url, sub):
+def test_a_reply_event_goes_back_into_the_broker(broker_url, upstreams):
     async def answer(request):
         reply = events.make_event("com.example.answer", "/sub", {"answer": 42})
         headers, body = events.to_http(reply)
         return web.Response(body=body, headers=headers)
 
-    sub.handlers["ask"] = answer
+    upstreams.handlers["ask"] = answer
     url = broker_url([
-        trigger("ask", sub.url("ask"), {"type": "com.example.question"}),
-        trigger("answers", sub.reply("answers", {}, 202), {"type": "com.example.answer"}),
+        trigger("ask", upstreams.url("ask"), {"type": "com.example.question"}),
+        trigger("answers", upstreams.reply("answers", {}, 202), {"type": "com.example.answer"}),
     ])
     assert send(url + "/default/default", type="com.example.question").status_code == 202
-    got = poll(lambda: sub.seen.get("answers"), 10, what="reply delivered")[0]
+    got = poll(lambda: upstreams.seen.get("answers"), 10, what="reply delivered")[0]
     assert got.body == {"answer": 42}
     assert got.headers["ce-knativebrokerttl"] == "254"
 

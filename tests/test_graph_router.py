@@ -17,24 +17,9 @@ from thaw.eventing.graph import GraphInvalid, parse_graph
 from thaw.eventing.router import GraphRouter, header_patterns, router_app
 from thaw.launch import ServerProcess, free_port
 
-from loop_servers import LoopThread, Upstreams
 
 NO_MATCH_BODY = {"error": "Failed to process request",
                  "cause": "None of the routes matched with the switch condition"}
-
-
-@pytest.fixture(scope="module")
-def loop():
-    thread = LoopThread()
-    yield thread
-    thread.close()
-
-
-@pytest.fixture
-def up(loop):
-    upstreams = Upstreams()
-    upstreams.base = loop.serve(upstreams.app())
-    return upstreams
 
 
 @pytest.fixture
@@ -66,78 +51,78 @@ def post(url: str, body, headers: dict | None = None) -> requests.Response:
     return requests.post(url, json=body, headers=headers or {}, timeout=30)
 
 
-def test_chained_models_with_map_predictions_to_instances(up, graph_url):
+def test_chained_models_with_map_predictions_to_instances(upstreams, graph_url):
     spec = {"nodes": {"root": {"routerType": "Sequence", "steps": [
-        {"name": "model1", "serviceUrl": up.reply("m1", {"predictions": ["a", "b"], "other": 1}),
+        {"name": "model1", "serviceUrl": upstreams.reply("m1", {"predictions": ["a", "b"], "other": 1}),
          "mapPredictionsToInstances": True},
-        {"name": "model2", "serviceUrl": up.reply("m2", {"predictions": "2"}), "data": "$response"},
+        {"name": "model2", "serviceUrl": upstreams.reply("m2", {"predictions": "2"}), "data": "$response"},
     ]}}}
     r = post(graph_url(spec), {"instances": ["test", "test2"]})
     assert r.status_code == 200 and r.json() == {"predictions": "2"}
-    assert up.seen["m1"][0].body == {"instances": ["test", "test2"]}
-    assert up.seen["m2"][0].body == {"instances": ["a", "b"]}
+    assert upstreams.seen["m1"][0].body == {"instances": ["test", "test2"]}
+    assert upstreams.seen["m2"][0].body == {"instances": ["a", "b"]}
 
 
-def test_sequence_without_response_data_sends_the_request_to_every_step(up, graph_url):
+def test_sequence_without_response_data_sends_the_request_to_every_step(upstreams, graph_url):
     spec = {"nodes": {"root": {"routerType": "Sequence", "steps": [
-        {"serviceUrl": up.reply("m1", {"predictions": 1})},
-        {"serviceUrl": up.reply("m2", {"predictions": 2})},
+        {"serviceUrl": upstreams.reply("m1", {"predictions": 1})},
+        {"serviceUrl": upstreams.reply("m2", {"predictions": 2})},
     ]}}}
     assert post(graph_url(spec), {"instances": [1]}).json() == {"predictions": 2}
-    assert up.seen["m2"][0].body == {"instances": [1]}
+    assert upstreams.seen["m2"][0].body == {"instances": [1]}
 
 
-def test_ensemble_merges_by_step_name_or_index(up, graph_url):
+def test_ensemble_merges_by_step_name_or_index(upstreams, graph_url):
     spec = {"nodes": {"root": {"routerType": "Ensemble", "steps": [
-        {"name": "model1", "serviceUrl": up.reply("m1", {"predictions": "1"})},
-        {"serviceUrl": up.reply("m2", {"predictions": "2"})},
+        {"name": "model1", "serviceUrl": upstreams.reply("m1", {"predictions": "1"})},
+        {"serviceUrl": upstreams.reply("m2", {"predictions": "2"})},
     ]}}}
     r = post(graph_url(spec), {"instances": ["x"]})
     assert r.status_code == 200
     assert r.json() == {"model1": {"predictions": "1"}, "1": {"predictions": "2"}}
 
 
-def _animal_graph(up) -> dict:
+def _animal_graph(upstreams) -> dict:
     return {"nodes": {
         "root": {"routerType": "Sequence", "steps": [
             {"name": "step1", "nodeName": "animal-categorize"},
             {"name": "step2", "nodeName": "breed-categorize", "condition": 'predictions.#(label=="dog")'},
         ]},
         "animal-categorize": {"routerType": "Switch", "steps": [
-            {"name": "model1", "serviceUrl": up.reply("m1", {"predictions": [{"label": "cat", "score": [0.1, 0.9]}]}),
+            {"name": "model1", "serviceUrl": upstreams.reply("m1", {"predictions": [{"label": "cat", "score": [0.1, 0.9]}]}),
              "condition": 'instances.#(modelId=="1")'},
-            {"name": "model2", "serviceUrl": up.reply("m2", {"predictions": [{"label": "dog", "score": [0.8, 0.2]}]}),
+            {"name": "model2", "serviceUrl": upstreams.reply("m2", {"predictions": [{"label": "dog", "score": [0.8, 0.2]}]}),
              "condition": 'instances.#(modelId=="2")'},
         ]},
         "breed-categorize": {"routerType": "Ensemble", "steps": [
-            {"name": "model3", "serviceUrl": up.reply("m3", {"predictions": [{"label": "beagle"}]})},
-            {"name": "model4", "serviceUrl": up.reply("m4", {"predictions": [{"label": "poodle"}]})},
+            {"name": "model3", "serviceUrl": upstreams.reply("m3", {"predictions": [{"label": "beagle"}]})},
+            {"name": "model4", "serviceUrl": upstreams.reply("m4", {"predictions": [{"label": "poodle"}]})},
         ]},
     }}
 
 
-def test_switch_condition_and_nested_nodes(up, graph_url):
-    r = post(graph_url(_animal_graph(up)), {"instances": [{"modelId": "2"}]})
+def test_switch_condition_and_nested_nodes(upstreams, graph_url):
+    r = post(graph_url(_animal_graph(upstreams)), {"instances": [{"modelId": "2"}]})
     assert r.status_code == 200
     assert r.json() == {"model3": {"predictions": [{"label": "beagle"}]},
                         "model4": {"predictions": [{"label": "poodle"}]}}
-    assert "m1" not in up.seen
+    assert "m1" not in upstreams.seen
 
 
-def test_unmet_sequence_condition_ends_with_previous_response_and_200(up, graph_url):
-    r = post(graph_url(_animal_graph(up)), {"instances": [{"modelId": "1"}]})
+def test_unmet_sequence_condition_ends_with_previous_response_and_200(upstreams, graph_url):
+    r = post(graph_url(_animal_graph(upstreams)), {"instances": [{"modelId": "1"}]})
     assert r.status_code == 200
     assert r.json() == {"predictions": [{"label": "cat", "score": [0.1, 0.9]}]}
-    assert "m3" not in up.seen and "m4" not in up.seen
+    assert "m3" not in upstreams.seen and "m4" not in upstreams.seen
 
 
-def test_switch_without_a_match_is_404_with_kserves_body(up, graph_url):
-    r = post(graph_url(_animal_graph(up)), {"instances": [{"modelId": "7"}]})
+def test_switch_without_a_match_is_404_with_kserves_body(upstreams, graph_url):
+    r = post(graph_url(_animal_graph(upstreams)), {"instances": [{"modelId": "7"}]})
     assert r.status_code == 404 and r.json() == NO_MATCH_BODY
 
 
-def test_switch_on_a_body_that_is_not_json_matches_nothing(up, graph_url):
-    url = graph_url(_animal_graph(up))
+def test_switch_on_a_body_that_is_not_json_matches_nothing(upstreams, graph_url):
+    url = graph_url(_animal_graph(upstreams))
     r = requests.post(url, data=b"not json", timeout=10)
     assert r.status_code == 404 and r.json() == NO_MATCH_BODY
 
@@ -147,24 +132,24 @@ def test_switch_on_a_body_that_is_not_json_matches_nothing(up, graph_url):
     ("Soft", 500, 200, True),
     ("Hard", 200, 200, True),
 ])
-def test_sequence_dependencies(up, graph_url, dependency, status, expected_status, reaches_second):
+def test_sequence_dependencies(upstreams, graph_url, dependency, status, expected_status, reaches_second):
     spec = {"nodes": {"root": {"routerType": "Sequence", "steps": [
-        {"name": "a", "serviceUrl": up.reply("a", {"error": "boom"} if status >= 400 else {"ok": 1}, status),
+        {"name": "a", "serviceUrl": upstreams.reply("a", {"error": "boom"} if status >= 400 else {"ok": 1}, status),
          "dependency": dependency},
-        {"name": "b", "serviceUrl": up.reply("b", {"predictions": "b"}), "data": "$response"},
+        {"name": "b", "serviceUrl": upstreams.reply("b", {"predictions": "b"}), "data": "$response"},
     ]}}}
     r = post(graph_url(spec), {"instances": [1]})
     assert r.status_code == expected_status
-    assert ("b" in up.seen) is reaches_second
+    assert ("b" in upstreams.seen) is reaches_second
     if not reaches_second:
         assert r.json() == {"error": "boom"}
 
 
 @pytest.mark.parametrize("dependency, expected_status", [("Hard", 503), ("Soft", 200)])
-def test_ensemble_dependencies(up, graph_url, dependency, expected_status):
+def test_ensemble_dependencies(upstreams, graph_url, dependency, expected_status):
     spec = {"nodes": {"root": {"routerType": "Ensemble", "steps": [
-        {"name": "good", "serviceUrl": up.reply("good", {"predictions": "ok"})},
-        {"name": "bad", "serviceUrl": up.reply("bad", {"error": "down"}, 503), "dependency": dependency},
+        {"name": "good", "serviceUrl": upstreams.reply("good", {"predictions": "ok"})},
+        {"name": "bad", "serviceUrl": upstreams.reply("bad", {"error": "down"}, 503), "dependency": dependency},
     ]}}}
     r = post(graph_url(spec), {"instances": [1]})
     assert r.status_code == expected_status
@@ -176,18 +161,18 @@ def test_ensemble_dependencies(up, graph_url, dependency, expected_status):
 
 @pytest.mark.parametrize("router_type", ["Switch", "Splitter"])
 @pytest.mark.parametrize("dependency", ["Hard", "Soft"])
-def test_switch_and_splitter_answer_with_the_chosen_steps_status(up, graph_url, router_type, dependency):
-    step = {"serviceUrl": up.reply("s", {"error": "busy"}, 429), "dependency": dependency}
+def test_switch_and_splitter_answer_with_the_chosen_steps_status(upstreams, graph_url, router_type, dependency):
+    step = {"serviceUrl": upstreams.reply("s", {"error": "busy"}, 429), "dependency": dependency}
     step.update({"condition": "instances"} if router_type == "Switch" else {"weight": 100})
     r = post(graph_url({"nodes": {"root": {"routerType": router_type, "steps": [step]}}}), {"instances": [1]})
     assert r.status_code == 429 and r.json() == {"error": "busy"}
 
 
-def test_splitter_follows_weights(up, graph_url):
+def test_splitter_follows_weights(upstreams, graph_url):
     spec = {"nodes": {"root": {"routerType": "Splitter", "steps": [
-        {"serviceUrl": up.reply("never", {"n": 0}), "weight": 0},
-        {"serviceUrl": up.reply("x", {"n": 1}), "weight": 50},
-        {"serviceUrl": up.reply("y", {"n": 2}), "weight": 50},
+        {"serviceUrl": upstreams.reply("never", {"n": 0}), "weight": 0},
+        {"serviceUrl": upstreams.reply("x", {"n": 1}), "weight": 50},
+        {"serviceUrl": upstreams.reply("y", {"n": 2}), "weight": 50},
     ]}}}
     url = graph_url(spec)
     answers = {post(url, {}).json()["n"] for _ in range(40)}
@@ -199,12 +184,12 @@ def test_splitter_follows_weights(up, graph_url):
     ("Test-Header-Key", {"Test-Header-Key"}, {"Authorization", "Other-Test"}),
     ("Test-Header-.*,Author.*", {"Test-Header-Key", "Test-Header-Other", "Authorization"}, {"Other-Test"}),
 ])
-def test_header_propagation_by_pattern(up, graph_url, patterns, expected, absent):
-    spec = {"nodes": {"root": {"routerType": "Sequence", "steps": [{"serviceUrl": up.reply("h", {"ok": True})}]}}}
+def test_header_propagation_by_pattern(upstreams, graph_url, patterns, expected, absent):
+    spec = {"nodes": {"root": {"routerType": "Sequence", "steps": [{"serviceUrl": upstreams.reply("h", {"ok": True})}]}}}
     headers = {"Authorization": "Bearer Token", "Test-Header-Key": "v1", "Test-Header-Other": "v2",
                "Other-Test": "v3"}
     assert post(graph_url(spec, patterns=patterns), {}, headers).status_code == 200
-    sent = up.seen["h"][0].headers
+    sent = upstreams.seen["h"][0].headers
     assert all(sent.get(h) == headers[h] for h in expected)
     assert not any(h in sent for h in absent)
     assert sent["Content-Type"] == "application/json"
@@ -218,7 +203,7 @@ def test_unreachable_step_is_500_with_kserves_error_shape(graph_url):
     assert r.json()["error"] == "Failed to process request" and "gone" in r.json()["cause"]
 
 
-def test_last_streaming_step_is_streamed_through(loop, up, graph_url):
+def test_last_streaming_step_is_streamed_through(loop, upstreams, graph_url):
     release = asyncio.Event()
 
     async def sse(request: web.Request) -> web.StreamResponse:
@@ -230,10 +215,10 @@ def test_last_streaming_step_is_streamed_through(loop, up, graph_url):
         await response.write_eof()
         return response
 
-    up.handlers["llm"] = sse
+    upstreams.handlers["llm"] = sse
     spec = {"nodes": {"root": {"routerType": "Sequence", "steps": [
-        {"name": "classify", "serviceUrl": up.reply("classify", {"predictions": ["ok"]})},
-        {"name": "llm", "serviceUrl": up.url("llm"), "data": "$request"},
+        {"name": "classify", "serviceUrl": upstreams.reply("classify", {"predictions": ["ok"]})},
+        {"name": "llm", "serviceUrl": upstreams.url("llm"), "data": "$request"},
     ]}}}
     with requests.post(graph_url(spec), json={"messages": [], "stream": True}, stream=True, timeout=30) as r:
         assert r.headers["Content-Type"].startswith("text/event-stream")
@@ -244,9 +229,9 @@ def test_last_streaming_step_is_streamed_through(loop, up, graph_url):
     assert rest == [b'data: {"n": 2}', b"data: [DONE]"]
 
 
-def test_cloudevent_in_reply_event_out(up, graph_url):
+def test_cloudevent_in_reply_event_out(upstreams, graph_url):
     spec = {"nodes": {"root": {"routerType": "Sequence", "steps": [
-        {"serviceUrl": up.reply("m", {"predictions": [1]})}]}}}
+        {"serviceUrl": upstreams.reply("m", {"predictions": [1]})}]}}}
     event = events.make_event("com.example.ask", "/tests", {"instances": [1]}, thawrequestid="req-7")
     headers, body = events.to_http(event)
     r = requests.post(graph_url(spec), data=body, headers=headers, timeout=10)
@@ -255,11 +240,11 @@ def test_cloudevent_in_reply_event_out(up, graph_url):
     assert reply.get_type() == events.INFERENCE_RESPONSE
     assert reply.get_extension(events.EXT_REQUEST_ID) == "req-7"
     assert reply.get_data() == {"predictions": [1]}
-    assert up.seen["m"][0].body == {"instances": [1]}
+    assert upstreams.seen["m"][0].body == {"instances": [1]}
 
 
-def test_graph_begin_is_reported_for_look_ahead(up, graph_url):
-    spec = {"nodes": {"root": {"routerType": "Sequence", "steps": [{"serviceUrl": up.reply("m", {})}]}}}
+def test_graph_begin_is_reported_for_look_ahead(upstreams, graph_url):
+    spec = {"nodes": {"root": {"routerType": "Sequence", "steps": [{"serviceUrl": upstreams.reply("m", {})}]}}}
     post(graph_url(spec, name="lookahead"), {})
     assert graph_url.begun == ["lookahead"]
 
@@ -300,8 +285,8 @@ def test_bad_propagate_headers_pattern_is_a_clear_error():
         header_patterns("ok,(unclosed")
 
 
-def test_standalone_thaw_router_serves_a_kserve_inferencegraph_file(tmp_path, up):
-    url = up.reply("m", {"predictions": ["standalone"]})
+def test_standalone_thaw_router_serves_a_kserve_inferencegraph_file(tmp_path, upstreams):
+    url = upstreams.reply("m", {"predictions": ["standalone"]})
     graph = tmp_path / "graph.yaml"
     graph.write_text(textwrap.dedent(f"""\
         apiVersion: serving.kserve.io/v1alpha1

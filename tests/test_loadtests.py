@@ -4,7 +4,6 @@ and this process's boto3 do not mix) against a real `thaw up` serving the tiny m
 from __future__ import annotations
 
 import csv
-import os
 import subprocess
 import sys
 from pathlib import Path
