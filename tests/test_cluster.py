@@ -78,6 +78,9 @@ def test_rendered_example_validates_and_is_kustomize_ready(tmp_path):
     r = thaw("render", "-f", str(EXAMPLE), "-o", str(out))
     assert r.returncode == 0, r.stderr
     assert "all validate" in r.stdout
+    assert "allow-zero-initial-scale" in r.stdout  # the example's model starts at zero
+    assert yaml.safe_load((out / "knative-config-autoscaler.yaml").read_text())["data"] == {
+        "allow-zero-initial-scale": "true"}
     kustomization = yaml.safe_load((out / "kustomization.yaml").read_text())
     objects = [doc for f in kustomization["resources"] for doc in yaml.safe_load_all((out / f).read_text())]
     assert validate_objects(objects) == []

@@ -270,6 +270,9 @@ def render(
         console.print("Knative feature flags this needs (config-features; see knative-config-features.yaml):")
         for flag, why in flags.items():
             console.print(f"  {flag}: enabled    # {why}")
+    if (out / "knative-config-autoscaler.yaml").exists():
+        console.print("Knative's config-autoscaler needs allow-zero-initial-scale: \"true\" (models start at zero; "
+                      "see knative-config-autoscaler.yaml)")
 
 
 @app.command()

@@ -82,6 +82,15 @@ def write_output(objects: list[dict[str, Any]], out: Path) -> dict[str, str]:
         + "".join(f"#   {flag}: {why}\n" for flag, why in flags.items())
         + "# kubectl patch -n knative-serving configmap/config-features --type merge --patch-file this-file\n"
         + yaml.safe_dump(patch, sort_keys=False))
+    if any(o["kind"] == "Service" and o["spec"]["template"].get("metadata", {}).get("annotations", {}).get(
+            "autoscaling.knative.dev/initial-scale") == "0" for o in objects):
+        autoscaler = {"apiVersion": "v1", "kind": "ConfigMap",
+                      "metadata": {"name": "config-autoscaler", "namespace": "knative-serving"},
+                      "data": {"allow-zero-initial-scale": "true"}}
+        (staging / "knative-config-autoscaler.yaml").write_text(
+            "# Apply once per cluster: models start at zero (initial-scale 0), which Knative allows only with this.\n"
+            "# kubectl patch -n knative-serving configmap/config-autoscaler --type merge --patch-file this-file\n"
+            + yaml.safe_dump(autoscaler, sort_keys=False))
     docker = staging / "docker"
     docker.mkdir()
     for name, text in DOCKERFILES.items():
