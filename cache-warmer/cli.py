@@ -12,13 +12,12 @@ from thaw.spec import Model, Spec
 
 from .ensure import Ensured, ensure
 from .origins import origin_for
-from .stager import StageSettings
+from .stager import StageSettings, link_rate
 from .tier import CacheError, CacheTier
 
 
 def stage_settings(spec: Spec) -> StageSettings:
-    mbps = spec.platform.origin.s3.bandwidthMbps
-    return StageSettings(bandwidth=mbps * 1e6 / 8 if mbps else None)
+    return StageSettings(bandwidth=link_rate(spec.platform.origin.s3.bandwidthMbps))
 
 
 def tier_of(spec: Spec) -> CacheTier:

@@ -35,6 +35,11 @@ class StageSettings:
     bandwidth: float | None = None  # bytes per second for the whole stage, None for no limit
 
 
+def link_rate(mbps: float | None) -> float | None:
+    """A link of `mbps` megabits per second as StageSettings.bandwidth (bytes per second; None: no cap)."""
+    return mbps * 1e6 / 8 if mbps else None
+
+
 class RateLimiter:
     """A token bucket shared by all parts: at most `rate` bytes per second on average."""
 

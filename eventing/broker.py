@@ -25,7 +25,7 @@ import heapq
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Callable
 
@@ -34,8 +34,8 @@ from aiohttp import web
 from cloudevents.core.v1.event import CloudEvent
 
 from . import events
-from .delivery import (DEFAULT_TIMEOUT, DeliveryPolicy, backoff, dead_letter_extensions, next_step,
-                       parse_iso_duration)
+from .delivery import (DEFAULT_BACKOFF_DELAY, DEFAULT_TIMEOUT, DeliveryPolicy, backoff, dead_letter_extensions,
+                       next_step, parse_iso_duration)
 from .filters import matches
 from .store import Delivery, EventStore, NewEvent
 
@@ -66,7 +66,6 @@ class BrokerStats:
     dead_lettered: int = 0
     dropped: int = 0
     replies: int = 0
-    latencies: list[float] = field(default_factory=list)  # arrival -> subscriber answered, seconds
 
 
 def policy_from_spec(delivery, resolve: Callable[[Any], str], default_timeout: float = DEFAULT_TIMEOUT) -> DeliveryPolicy:
@@ -76,7 +75,7 @@ def policy_from_spec(delivery, resolve: Callable[[Any], str], default_timeout: f
     return DeliveryPolicy(
         retry=delivery.retry or 0,
         backoff_policy=delivery.backoffPolicy,
-        backoff_delay=parse_iso_duration(delivery.backoffDelay, "backoffDelay") if delivery.backoffDelay else 0.2,
+        backoff_delay=parse_iso_duration(delivery.backoffDelay, "backoffDelay") if delivery.backoffDelay else DEFAULT_BACKOFF_DELAY,
         timeout=parse_iso_duration(delivery.timeout, "timeout") if delivery.timeout else default_timeout,
         dead_letter=resolve(delivery.deadLetterSink) if delivery.deadLetterSink else None)
 
@@ -221,13 +220,12 @@ class Broker:
                 return
             policy = trigger.policy
             if delivery.kind == "dead-letter":
-                policy = DeliveryPolicy(policy.retry, policy.backoff_policy, policy.backoff_delay, policy.timeout)
+                policy = replace(policy, dead_letter=None)  # a dead letter that fails is dropped
             status, headers, body = await self._send(delivery, policy.timeout)
             delivery.attempt += 1
             step = next_step(policy, status, delivery.attempt)
             if step == "done":
                 self.stats.delivered += 1
-                self._record_latency(delivery)
                 await self._finish_with_reply(delivery, headers, body)
             elif step == "retry":
                 self.stats.retried += 1
@@ -268,8 +266,7 @@ class Broker:
 
     async def _finish_with_reply(self, delivery: Delivery, headers: dict, body: bytes) -> None:
         reply = None
-        if any(k.lower() == "ce-specversion" for k in headers) or headers.get("Content-Type", "").startswith(
-                events.STRUCTURED_JSON):
+        if events.looks_like_event(headers):
             try:
                 event = events.parse_http_event(headers, body)
                 ttl = int(delivery.headers.get(f"ce-{TTL_EXTENSION}", DEFAULT_TTL)) - 1
@@ -282,14 +279,6 @@ class Broker:
             self.stats.replies += 1
         for row in rows:
             self._schedule(row)
-
-    def _record_latency(self, delivery: Delivery) -> None:
-        arrived = delivery.headers.get(f"ce-{ARRIVAL_EXTENSION}")
-        if arrived and len(self.stats.latencies) < 1_000_000:
-            try:
-                self.stats.latencies.append(time.time() - datetime.fromisoformat(arrived.replace("Z", "+00:00")).timestamp())
-            except ValueError:
-                pass
 
 
 # ---- from the spec -----------------------------------------------------------------------------------

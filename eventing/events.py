@@ -41,6 +41,23 @@ def _is_structured(headers: Mapping[str, str]) -> bool:
     return content_type.split(";")[0].strip().lower() == STRUCTURED_JSON
 
 
+def looks_like_event(headers: Mapping[str, str]) -> bool:
+    """An HTTP message carrying a CloudEvent: binary mode (ce-specversion) or structured mode."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    return "ce-specversion" in lowered or _is_structured(lowered)
+
+
+def request_id(event: CloudEvent) -> str:
+    """The request an event belongs to: its `thawrequestid`, else its own id."""
+    return event.get_extension(EXT_REQUEST_ID) or event.get_id()
+
+
+def data_bytes(event: CloudEvent) -> bytes:
+    """An event's data as a request body (JSON unless it already is bytes)."""
+    data = event.get_data()
+    return data if isinstance(data, bytes) else json.dumps(data).encode()
+
+
 def parse_http_event(headers: Mapping[str, str], body: bytes) -> CloudEvent:
     """A CloudEvent from an HTTP request in binary or structured mode; raises InvalidEvent."""
     headers = {k.lower(): v for k, v in headers.items()}

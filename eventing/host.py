@@ -32,8 +32,8 @@ class EventingHost:
         self.patterns = header_patterns()
         self.session: aiohttp.ClientSession | None = None
         self.spec = spec
-        self.broker = Broker(Path(state_dir) / "broker.db", spec.platform.namespace, brokers_in(spec),
-                             triggers_from_spec(spec, gateway_url), authorize=authorize,
+        # brokers and triggers come from apply_spec, at start and on each spec change
+        self.broker = Broker(Path(state_dir) / "broker.db", spec.platform.namespace, set(), [], authorize=authorize,
                              gateway_auth=(gateway_url + "/", f"Bearer {internal_token}") if internal_token else None)
         self.graphs: dict[str, GraphRouter] = {}
 

@@ -100,13 +100,12 @@ class GraphRouter:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         event = None
-        if _looks_like_event(request.headers):
+        if events.looks_like_event(request.headers):
             try:
                 event = events.parse_http_event(request.headers, body)
             except events.InvalidEvent as exc:
                 return error_response(400, str(exc))
-            data = event.get_data()
-            body = data if isinstance(data, bytes) else json.dumps(data).encode()
+            body = events.data_bytes(event)
         if self.on_begin is not None:
             self.on_begin(self.name)
         async with AsyncExitStack() as stack:
@@ -192,19 +191,18 @@ class GraphRouter:
         base = (self.models_url.format(model=model) if "{model}" in self.models_url
                 else f"{self.models_url}/models/{model}")
         if call.event is not None:
-            request_id = call.event.get_extension(events.EXT_REQUEST_ID) or call.event.get_id()
             try:
                 data = json.loads(step_input)
             except (ValueError, UnicodeDecodeError):
                 raise RoutingError(400, f"the input of the step for model {model!r} is not JSON") from None
             step_event = events.make_event(events.INFERENCE_REQUEST, f"/thaw/graphs/{self.name}", data,
-                                           **{events.EXT_REQUEST_ID: request_id, events.EXT_MODEL: model})
+                                           **{events.EXT_REQUEST_ID: events.request_id(call.event),
+                                              events.EXT_MODEL: model})
             event_headers, payload = events.to_http(step_event)
             result = await self._post(base + "/", payload, {**headers, **event_headers}, call, False)
             if successful(result.status):
                 try:
-                    data = events.parse_http_event(dict(result.headers), result.body).get_data()
-                    result.body = data if isinstance(data, bytes) else json.dumps(data).encode()
+                    result.body = events.data_bytes(events.parse_http_event(dict(result.headers), result.body))
                 except events.InvalidEvent:
                     pass
             return result
@@ -230,11 +228,6 @@ class GraphRouter:
             raise RoutingError(500, f"calling {url}: {type(exc).__name__}: {exc}") from None
 
 
-def _looks_like_event(headers) -> bool:
-    return "ce-specversion" in {k.lower() for k in headers} or headers.get("Content-Type", "").startswith(
-        events.STRUCTURED_JSON)
-
-
 def _mime(content_type: str) -> str:
     return content_type.split(";")[0].strip() or "application/json"
 
@@ -257,9 +250,8 @@ def _reply_event(request_event: CloudEvent, result: StepResult, graph: str) -> w
         data = json.loads(result.body)
     except (ValueError, UnicodeDecodeError):
         data = result.body.decode("utf-8", "replace")
-    request_id = request_event.get_extension(events.EXT_REQUEST_ID) or request_event.get_id()
     reply = events.make_event(events.INFERENCE_RESPONSE, f"/thaw/graphs/{graph}", data,
-                              **{events.EXT_REQUEST_ID: request_id, "thawgraph": graph,
+                              **{events.EXT_REQUEST_ID: events.request_id(request_event), "thawgraph": graph,
                                  "thawstatus": str(result.status)})
     headers, payload = events.to_http(reply)
     status = result.status if not successful(result.status) else 200

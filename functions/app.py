@@ -59,15 +59,13 @@ def tier_fetcher(config: FunctionConfig):
     def fetch() -> tuple[Path, dict[str, float]]:
         from thaw.cache_warmer.ensure import ensure
         from thaw.cache_warmer.origins import origin_for
+        from thaw.cache_warmer.stager import StageSettings, link_rate
         from thaw.cache_warmer.tier import CacheTier
 
-        from thaw.cache_warmer.stager import StageSettings
-
         tier = CacheTier(config.cache.root, config.cache.capacity)
-        mbps = config.cache.s3.bandwidthMbps
         result = ensure(tier, origin_for(config.source, config.cache.s3), lease_pid=os.getpid(),
                         prewarm=config.cache.prewarm, dram_root=config.cache.dram_root,
-                        settings=StageSettings(bandwidth=mbps * 1e6 / 8 if mbps else None))
+                        settings=StageSettings(bandwidth=link_rate(config.cache.s3.bandwidthMbps)))
         os.environ["VLLM_CACHE_ROOT"] = str(tier.compile_dir(result.key))
         log.info("weights of %s at %s (%s)", config.source, result.path,
                  "staged now" if result.staged else "already staged")
@@ -408,9 +406,8 @@ def create_app(config: FunctionConfig, engine: Engine | None = None) -> Flask:
         kind = p.ChatCompletionRequest if "messages" in data else p.CompletionRequest
         req, gen, prompt_tokens, arrived = service.start(kind, data)
         body = service.complete(req, gen, prompt_tokens, arrived, request.environ)
-        request_id = event.get_extension(events.EXT_REQUEST_ID) or event.get_id()
         reply = events.make_event(events.INFERENCE_RESPONSE, f"/thaw/models/{config.served_name}", body,
-                                  **{events.EXT_REQUEST_ID: request_id, events.EXT_MODEL: config.served_name})
+                                  **{events.EXT_REQUEST_ID: events.request_id(event), events.EXT_MODEL: config.served_name})
         headers, payload = events.to_http(reply)
         return Response(payload, 200, headers)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +24,11 @@ def tiny_model(tmp_path_factory) -> Path:
     from thaw.model_build import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("models") / "tiny")
+
+
+def thaw_cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    """`thaw ARGS...` in a process of its own, output captured as text."""
+    return subprocess.run([sys.executable, "-m", "thaw.cli", *args], capture_output=True, text=True, **kw)
 
 
 def poll(condition, timeout: float, interval: float = 0.05, what: str = "condition"):

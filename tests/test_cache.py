@@ -14,7 +14,7 @@ import boto3
 import pytest
 import yaml
 
-from conftest import poll
+from conftest import poll, thaw_cli
 from s3_servers import FaultProxy, start_moto
 from thaw.cache_warmer.ensure import ensure
 from thaw.cache_warmer.origins import DirOrigin, ObjectInfo, S3Origin
@@ -90,8 +90,7 @@ def _spec(tmp_path: Path, proxy: FaultProxy, capacity: str = "1Gi") -> Path:
     return path
 
 
-def thaw(*args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "thaw.cli", *args], capture_output=True, text=True, **kw)
+thaw = thaw_cli
 
 
 def test_sigkill_mid_download_then_rerun_resumes_and_verifies(s3, tmp_path):

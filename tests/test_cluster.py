@@ -6,12 +6,12 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import thaw_cli
 from k8s_standin import StandIn, write_kubeconfig
 from loop_servers import LoopThread
 from thaw.knative.cluster.render import render
@@ -66,7 +66,7 @@ triggers:
 
 
 def thaw(*args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "thaw.cli", *args], capture_output=True, text=True, timeout=120, **kw)
+    return thaw_cli(*args, timeout=120, **kw)
 
 
 def by_kind(objects: list[dict], kind: str) -> dict[str, dict]:

@@ -15,6 +15,7 @@ from aiohttp import web
 from thaw.eventing import events
 from thaw.eventing.graph import GraphInvalid, parse_graph
 from thaw.eventing.router import GraphRouter, header_patterns, router_app
+from conftest import thaw_cli
 from thaw.launch import ServerProcess, free_port
 
 
@@ -314,7 +315,5 @@ def test_standalone_router_refuses_an_invalid_graph_file(tmp_path):
     graph = tmp_path / "graph.yaml"
     graph.write_text("apiVersion: serving.kserve.io/v1alpha1\nkind: InferenceGraph\nmetadata: {name: g}\n"
                      "spec: {nodes: {first: {routerType: Sequence, steps: []}}}\n")
-    import subprocess
-    out = subprocess.run([sys.executable, "-m", "thaw.cli", "router", "--graph", str(graph), "--port", "1"],
-                         capture_output=True, text=True, timeout=60)
+    out = thaw_cli("router", "--graph", str(graph), "--port", "1", timeout=60)
     assert out.returncode != 0 and "root node not found" in out.stderr + out.stdout

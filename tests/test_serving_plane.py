@@ -26,7 +26,7 @@ import yaml
 
 from cloudevents.core.bindings.http import HTTPMessage, from_http_event
 
-from conftest import poll
+from conftest import poll, thaw_cli
 from thaw.launch import ServerProcess, base_env, free_port
 
 TOKEN = "sekret-token"
@@ -399,8 +399,7 @@ def test_removed_model_drains_and_is_deleted(plane):
 
 def test_event_driven_invocation_answers_into_the_broker(plane):
     env = {**os.environ, "THAW_TOKEN": TOKEN}
-    out = subprocess.run([sys.executable, "-m", "thaw.cli", "invoke", "tiny", "-p", "hello", "--max-tokens", "4",
-                          "-f", str(plane.spec_path)], capture_output=True, text=True, env=env, timeout=60)
+    out = thaw_cli("invoke", "tiny", "-p", "hello", "--max-tokens", "4", "-f", str(plane.spec_path), env=env, timeout=60)
     assert out.returncode == 0, out.stderr
     request_id = re.search(r"event id ([0-9a-f-]+)", out.stdout).group(1)
     answer = poll(lambda: [e for e in plane.sink.received if e.get_type() == "dev.thaw.inference.response"

@@ -93,8 +93,15 @@ def status(
             gateway = load_spec(file).platform.gateway
         except SpecError as exc:
             _fail(exc.problems)
-        url = f"http://{gateway.host}:{gateway.port}"
+        url = gateway.local_url
     sys.exit(show_status(url, token, as_json, console))
+
+
+def _model(spec, name: str, file: Path):
+    try:
+        return spec.model(name)
+    except KeyError:
+        _fail([f"no model named {name!r} in {file}; models: {', '.join(m.name for m in spec.models) or 'none'}"])
 
 
 def _spec(file: Path):
@@ -115,16 +122,13 @@ def warm(
 ) -> None:
     """Stage a model from its origin into the cache tier (resumable, verified, with progress)."""
     from thaw.cache_warmer.cli import warm_model
-    from thaw.cache_warmer.stager import StageSettings
+    from thaw.cache_warmer.stager import StageSettings, link_rate
     from thaw.cache_warmer.tier import CacheError
 
     spec = _spec(file)
-    try:
-        target = spec.model(model)
-    except KeyError:
-        _fail([f"no model {model!r} in {file}; models: {', '.join(m.name for m in spec.models)}"])
+    target = _model(spec, model, file)
     mbps = bandwidth_mbps or spec.platform.origin.s3.bandwidthMbps
-    settings = StageSettings(parallel=parallel, part_size=part_size_mib << 20, bandwidth=mbps * 1e6 / 8 if mbps else None)
+    settings = StageSettings(parallel=parallel, part_size=part_size_mib << 20, bandwidth=link_rate(mbps))
     try:
         result = warm_model(spec, target, console, pin=pin, settings=settings)
     except (CacheError, FileNotFoundError) as exc:
@@ -207,10 +211,7 @@ def invoke(
     from thaw.eventing import events
 
     spec = _spec(file)
-    try:
-        target = spec.model(model)
-    except KeyError:
-        _fail([f"no model named {model!r} in {file}; models: {', '.join(m.name for m in spec.models) or 'none'}"])
+    target = _model(spec, model, file)
     if (prompt is None) == (data is None):
         _fail(["give exactly one of --prompt and --data"])
     try:
@@ -222,8 +223,7 @@ def invoke(
     headers, payload = events.to_http(event)
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    gw = spec.platform.gateway
-    base = f"http://{'127.0.0.1' if gw.host in ('0.0.0.0', '') else gw.host}:{gw.port}"
+    base = spec.platform.gateway.local_url
     url = f"{base}/models/{target.name}/" if sync else f"{base}/{spec.platform.namespace}/{broker}"
     try:
         r = requests.post(url, data=payload, headers=headers, timeout=target.timeoutSeconds + 10 if sync else 30)

@@ -24,7 +24,7 @@ def run_demo(spec_path: Path, question: str, console: Console) -> int:
     if not (Path(model.source) / "config.json").exists():
         console.print(f"[red]no model at {model.source}[/red]: build it with `thaw model demo {model.source}`")
         return 1
-    url = f"http://{spec.platform.gateway.host}:{spec.platform.gateway.port}"
+    url = spec.platform.gateway.local_url
     log = Path(spec.platform.stateDir) / "logs" / "demo-up.log"
     console.rule(f"thaw up -f {spec_path}  (log: {log})")
     server = ServerProcess([sys.executable, "-m", "thaw.cli", "up", "-f", str(spec_path)], log)

@@ -242,6 +242,12 @@ class Gateway(SpecModel):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
 
+    @property
+    def local_url(self) -> str:
+        """Where clients on this machine reach the gateway (a wildcard bind is reached on loopback)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.port}"
+
 
 class CacheTier(SpecModel):
     path: str = ".thaw/cache"

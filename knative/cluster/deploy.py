@@ -106,6 +106,10 @@ class DeployReport:
     not_ready: list[str] = field(default_factory=list)
 
 
+def _wave(obj: dict) -> int:
+    return int(obj["metadata"].get("annotations", {}).get(WAVE, "0"))
+
+
 def _name(obj: dict) -> str:
     return f"{obj['kind']}/{obj['metadata']['name']}"
 
@@ -116,10 +120,10 @@ def deploy(objects: list[dict[str, Any]], client: ClusterClient, namespace: str,
     from kubernetes.client import ApiException
 
     report = DeployReport()
-    waves = sorted({int(o["metadata"].get("annotations", {}).get(WAVE, "0")) for o in objects})
+    waves = sorted({_wave(o) for o in objects})
     with Progress(console=console, transient=False) as progress:
         for wave in waves:
-            batch = [o for o in objects if int(o["metadata"].get("annotations", {}).get(WAVE, "0")) == wave]
+            batch = [o for o in objects if _wave(o) == wave]
             task = progress.add_task(f"wave {wave}: apply {len(batch)}", total=len(batch))
             for obj in batch:
                 client.apply(obj, dry_run)

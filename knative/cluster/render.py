@@ -17,7 +17,6 @@ from typing import Any
 import yaml
 
 from thaw.eventing import events
-from thaw.eventing.graph import parse_graph
 from thaw.launch import serve_args, weights_args
 from thaw.spec import Destination, Model, Spec
 
@@ -61,17 +60,22 @@ def _cache_volume(spec: Spec) -> dict[str, Any] | None:
     return None  # Fluid: one PVC per model (the Dataset's), see _model_volumes
 
 
-def _model_volumes(model: Model, spec: Spec) -> tuple[list[dict], list[dict]]:
-    """The pod's volumes and the function container's mounts: the spec, the cache tier, a local folder."""
-    cluster = spec.platform.cluster
+def _spec_and_cache(spec: Spec, cache: dict[str, Any] | None) -> tuple[list[dict], list[dict]]:
+    """Volumes and mounts every thaw pod has: the spec's ConfigMap, and the cache tier if it has one."""
     volumes = [{"name": "spec", "configMap": {"name": "thaw-spec"}}]
     mounts = [{"name": "spec", "mountPath": SPEC_MOUNT, "readOnly": True}]
+    if cache is not None:
+        volumes.append(cache)
+        mounts.append({"name": "cache", "mountPath": spec.platform.cluster.cacheMountPath})
+    return volumes, mounts
+
+
+def _model_volumes(model: Model, spec: Spec) -> tuple[list[dict], list[dict]]:
+    """The pod's volumes and the function container's mounts: the spec, the cache tier, a local folder."""
     cache = _cache_volume(spec)
     if cache is None and model.source.startswith("s3://"):
         cache = {"name": "cache", "persistentVolumeClaim": {"claimName": fluid_dataset_name(model)}}
-    if cache is not None:
-        volumes.append(cache)
-        mounts.append({"name": "cache", "mountPath": cluster.cacheMountPath})
+    volumes, mounts = _spec_and_cache(spec, cache)
     if model.cache.tier == "dram":
         volumes.append({"name": "dram", "emptyDir": {"medium": "Memory"}})
         mounts.append({"name": "dram", "mountPath": DRAM_MOUNT})
@@ -83,17 +87,14 @@ def _model_volumes(model: Model, spec: Spec) -> tuple[list[dict], list[dict]]:
     return volumes, mounts
 
 
-def _local(path: str) -> str:
-    return path
-
-
 def fluid_dataset_name(model: Model) -> str:
     return f"thaw-{model.name}"[:63]
 
 
 def function_container_args(model: Model, spec: Spec) -> list[str]:
     """`thaw function serve` as the pod runs it: the same builder as a replica in `thaw up`."""
-    folder, source_args = weights_args(model, spec, spec.platform.cluster.cacheMountPath, DRAM_MOUNT, local=_local)
+    # local folders keep the spec's path: a hostPath mounted there, or the image's folder (_model_volumes)
+    folder, source_args = weights_args(model, spec, spec.platform.cluster.cacheMountPath, DRAM_MOUNT, local=str)
     return serve_args(folder, model.served_name, PORT, model.engine.model_dump(exclude_none=True), source_args,
                       host="0.0.0.0")
 
@@ -156,12 +157,7 @@ def model_service(model: Model, spec: Spec) -> dict[str, Any]:
 
 def warmer_service(spec: Spec) -> dict[str, Any]:
     cluster, ns = spec.platform.cluster, spec.platform.namespace
-    volumes = [{"name": "spec", "configMap": {"name": "thaw-spec"}}]
-    mounts = [{"name": "spec", "mountPath": SPEC_MOUNT, "readOnly": True}]
-    cache = _cache_volume(spec)
-    if cache is not None:
-        volumes.append(cache)
-        mounts.append({"name": "cache", "mountPath": cluster.cacheMountPath})
+    volumes, mounts = _spec_and_cache(spec, _cache_volume(spec))
     return {
         "apiVersion": SERVING, "kind": "Service", "metadata": _meta(WARMER, ns, **{"thaw.dev/role": "cache-warmer"}),
         "spec": {"template": {
@@ -198,13 +194,16 @@ def inference_graph(name: str, spec: Spec) -> dict[str, Any]:
             "metadata": {"name": name, "namespace": spec.platform.namespace}, "spec": spec.graphs[name]}
 
 
+def _service_ref(name: str, spec: Spec, api_version: str = SERVING) -> dict[str, Any]:
+    return {"ref": {"apiVersion": api_version, "kind": "Service", "name": name, "namespace": spec.platform.namespace}}
+
+
 def _destination(dest: Destination, spec: Spec) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if dest.ref is not None:
         kind = dest.ref.kind
         name = router_service_name(dest.ref.name) if kind == "Graph" else dest.ref.name
-        out["ref"] = {"apiVersion": dest.ref.apiVersion or SERVING, "kind": "Service", "name": name,
-                      "namespace": spec.platform.namespace}
+        out.update(_service_ref(name, spec, dest.ref.apiVersion or SERVING))
     if dest.uri is not None:
         out["uri"] = dest.uri
     return out
@@ -242,7 +241,7 @@ def eventing_infra(spec: Spec) -> list[dict[str, Any]]:
                                  "selector": {"matchLabels": {"app.kubernetes.io/managed-by": "thaw"}}}],
                   "sink": {"ref": {"apiVersion": EVENTING, "kind": "Broker", "name": "default"}}}},
     ]
-    warmer = {"ref": {"apiVersion": SERVING, "kind": "Service", "name": WARMER, "namespace": ns}}
+    warmer = _service_ref(WARMER, spec)
     for kind, suffix in ((events.APISERVER_ADD, "add"), (events.APISERVER_UPDATE, "update"), (events.CACHE_WARM, "warm")):
         out.append(_trigger(f"thaw-cache-warmer-{suffix}", "default", spec, warmer, {"type": kind}))
     return out
@@ -250,11 +249,10 @@ def eventing_infra(spec: Spec) -> list[dict[str, Any]]:
 
 def eventing_triggers(spec: Spec) -> list[dict[str, Any]]:
     """Triggers to models and graphs: after their Services."""
-    ns = spec.platform.namespace
     out = []
     for model in spec.models:  # thaw's built-in routing of inference requests, one trigger per model
         out.append(_trigger(f"thaw-inference-{model.name}"[:63], "default", spec,
-                            {"ref": {"apiVersion": SERVING, "kind": "Service", "name": model.name, "namespace": ns}},
+                            _service_ref(model.name, spec),
                             {"type": events.INFERENCE_REQUEST, events.EXT_MODEL: model.name},
                             delivery={"retry": 2, "backoffPolicy": "exponential", "backoffDelay": "PT0.5S"}))
     for t in spec.triggers:
@@ -314,8 +312,6 @@ def render(spec: Spec) -> list[dict[str, Any]]:
     """Every object, in the order `thaw deploy` applies them, each with its wave: (0) configuration,
     RBAC and Fluid; (1) the cache warmer and the eventing that feeds it; (2) models and graph routers;
     (3) the triggers that reach them."""
-    for name, graph in spec.graphs.items():
-        parse_graph(name, graph)
     waves = [config_maps(spec) + fluid_objects(spec),
              [warmer_service(spec)] + eventing_infra(spec),
              [model_service(m, spec) for m in spec.models] + [router_service(name, spec) for name in spec.graphs],

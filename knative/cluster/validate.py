@@ -19,12 +19,23 @@ KUBERNETES_VERSION = "1.30"
 RESERVED_PORTS = {8012, 8013, 8022, 9090, 9091}  # Knative's queue-proxy and activator
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 MAX_REVISION_TIMEOUT = 600  # Knative's config-defaults max-revision-timeout-seconds
-ANNOTATION_RANGES = {  # autoscaling.knative.dev/<name>: (low, high), as Knative's webhook checks
-    "min-scale": (0, None), "max-scale": (0, None), "initial-scale": (0, None), "activation-scale": (1, None),
-    "target": (0.01, None), "target-utilization-percentage": (1, 100), "panic-window-percentage": (1, 100),
-    "panic-threshold-percentage": (110, 1000), "target-burst-capacity": (-1, None),
+AUTOSCALING = "autoscaling.knative.dev/"
+# Template annotations Knative's webhooks range-check: (parse, low, high, unit); high None: no upper bound.
+ANNOTATION_RANGES = {
+    AUTOSCALING + "min-scale": (float, 0, None, ""),
+    AUTOSCALING + "max-scale": (float, 0, None, ""),
+    AUTOSCALING + "initial-scale": (float, 0, None, ""),
+    AUTOSCALING + "activation-scale": (float, 1, None, ""),
+    AUTOSCALING + "target": (float, 0.01, None, ""),
+    AUTOSCALING + "target-utilization-percentage": (float, 1, 100, ""),
+    AUTOSCALING + "panic-window-percentage": (float, 1, 100, ""),
+    AUTOSCALING + "panic-threshold-percentage": (float, 110, 1000, ""),
+    AUTOSCALING + "target-burst-capacity": (float, -1, None, ""),
+    AUTOSCALING + "window": (parse_duration, 6, 3600, "s"),
+    AUTOSCALING + "scale-down-delay": (parse_duration, 0, 3600, "s"),
+    AUTOSCALING + "scale-to-zero-pod-retention-period": (parse_duration, 0, 3600, "s"),
+    "serving.knative.dev/progress-deadline": (parse_duration, 0, None, "s"),
 }
-DURATION_RANGES = {"window": (6, 3600), "scale-down-delay": (0, 3600), "scale-to-zero-pod-retention-period": (0, 3600)}
 
 
 @functools.cache
@@ -95,35 +106,19 @@ def webhook_problems(obj: dict) -> list[str]:
 
 
 def _annotation_problems(obj: dict, key: str, value: str) -> list[str]:
-    if key == "serving.knative.dev/progress-deadline":
-        try:
-            parse_duration(value)
-        except ValueError:
-            return [f"{_where(obj)}: {key}: {value!r} is not a duration"]
+    if key not in ANNOTATION_RANGES:
         return []
-    if not key.startswith("autoscaling.knative.dev/"):
-        return []
-    name = key.removeprefix("autoscaling.knative.dev/")
-    annotations = obj["spec"]["template"]["metadata"]["annotations"]
-    if name in DURATION_RANGES:
-        low, high = DURATION_RANGES[name]
-        try:
-            seconds = parse_duration(value)
-        except ValueError:
-            return [f"{_where(obj)}: {key}: {value!r} is not a duration"]
-        return [] if low <= seconds <= high else [f"{_where(obj)}: {key}: {value} is outside {low}s..{high}s"]
-    if name in ANNOTATION_RANGES:
-        low, high = ANNOTATION_RANGES[name]
-        try:
-            number = float(value)
-        except ValueError:
-            return [f"{_where(obj)}: {key}: {value!r} is not a number"]
-        if number < low or (high is not None and number > high):
-            return [f"{_where(obj)}: {key}: {value} is outside {low}..{high if high is not None else '∞'}"]
-        if name == "min-scale":
-            top = float(annotations.get("autoscaling.knative.dev/max-scale", "0"))
-            if top and number > top:
-                return [f"{_where(obj)}: min-scale ({value}) exceeds max-scale ({top:g})"]
+    parse, low, high, unit = ANNOTATION_RANGES[key]
+    try:
+        number = parse(value)
+    except ValueError:
+        return [f"{_where(obj)}: {key}: {value!r} is not a {'duration' if unit else 'number'}"]
+    if number < low or (high is not None and number > high):
+        return [f"{_where(obj)}: {key}: {value} is outside {low}{unit}..{high if high is not None else '∞'}{unit}"]
+    if key == AUTOSCALING + "min-scale":
+        top = float(obj["spec"]["template"]["metadata"]["annotations"].get(AUTOSCALING + "max-scale", "0"))
+        if top and number > top:
+            return [f"{_where(obj)}: min-scale ({value}) exceeds max-scale ({top:g})"]
     return []
 
 

@@ -159,7 +159,7 @@ class Gateway:
             self.plane.release(rev, replica)
 
     async def _proxy(self, request: web.Request, rev: RevisionRuntime, replica, path: str, body: bytes,
-                     remaining: float, queued: float = 0.0) -> web.StreamResponse:
+                     remaining: float, queued: float) -> web.StreamResponse:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         url = replica.url + path + (f"?{request.query_string}" if request.query_string else "")
         response: web.StreamResponse | None = None

@@ -60,6 +60,11 @@ class RevisionRuntime:
     keep_warm: int = 0  # idle replicas the optimizer wants kept (a floor under the KPA's decision)
     last_reported: tuple = ()
 
+    @property
+    def last_phases(self) -> dict[str, float]:
+        """Where the newest replica that reported its start spent it ({} before any did)."""
+        return next((r.phases for r in reversed(self.replicas) if r.phases), {})
+
     def count(self, *states: str) -> int:
         return sum(1 for r in self.replicas if r.state in states)
 
@@ -172,7 +177,7 @@ class ServingPlane:
             rev.name, rev.model.name, self.spec.platform.namespace,
             rev.model.revision_template(), rev.generation,
             lifecycle.revision_status(len(rev.ready), rev.desired), self.events.uid(rev.name),
-            next((r.phases for r in reversed(rev.replicas) if r.phases), None))
+            rev.last_phases or None)
 
     # ---- routing ---------------------------------------------------------------------------------
 
@@ -194,8 +199,7 @@ class ServingPlane:
 
     async def acquire(self, rev: RevisionRuntime, timeout: float) -> Replica:
         self.calls.setdefault(rev.model.name, collections.deque(maxlen=10_000)).append(time.time())
-        if not rev.ready and rev.launching + rev.count("starting") == 0:
-            self._poke(rev)
+        self._wake(rev)
         return await rev.activator.acquire(timeout)
 
     def start_ahead(self, models: list[str]) -> list[str]:
@@ -207,13 +211,19 @@ class ServingPlane:
                 rev = self.route(name)
             except UnknownModel:
                 continue
-            if not rev.ready and rev.launching + rev.count("starting") == 0:
-                self._poke(rev)
+            if self._wake(rev):
                 started.append(name)
         return started
 
     def release(self, rev: RevisionRuntime, replica: Replica) -> None:
         rev.activator.release(replica)
+
+    def _wake(self, rev: RevisionRuntime) -> bool:
+        """Poke a revision that has nothing running or starting; whether it did."""
+        if rev.ready or rev.launching + rev.count("starting"):
+            return False
+        self._poke(rev)
+        return True
 
     def _poke(self, rev: RevisionRuntime) -> None:
         """What Knative's activator does for a revision at zero: report load now, decide now."""
@@ -460,7 +470,7 @@ class ServingPlane:
                                  for s in ("starting", "ready", "draining")},
                     "panic": rev.panicking, "queue": rev.activator.queued, "in_flight": rev.activator.in_flight,
                     "excess_burst_capacity": rev.excess_burst_capacity, "keep_warm": rev.keep_warm,
-                    "last_start_phases": next((r.phases for r in reversed(rev.replicas) if r.phases), {}),
+                    "last_start_phases": rev.last_phases,
                     "pods": [{"id": r.id, "pid": r.pid, "port": r.port, "state": r.state, "in_flight": r.in_flight,
                               "standby": r.via_standby} for r in rev.replicas],
                 })

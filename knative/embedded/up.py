@@ -40,8 +40,7 @@ async def serve(spec: Spec, spec_path: Path | None, ready: asyncio.Event | None 
         auth.tokens.append(Token(internal, None))
     gateway = Gateway(plane, auth)
     host, port = spec.platform.gateway.host, spec.platform.gateway.port
-    local = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    eventing = EventingHost(spec, f"http://{local}:{port}", Path(spec.platform.stateDir), graph_look_ahead(plane),
+    eventing = EventingHost(spec, spec.platform.gateway.local_url, Path(spec.platform.stateDir), graph_look_ahead(plane),
                             gate, internal)
     plane.spec_listeners.append(eventing.apply_spec)
     app = gateway.app()

@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 import aiohttp
@@ -26,7 +25,8 @@ import requests
 from rich.console import Console
 from rich.progress import Progress
 
-from thaw.bench.common import PlaneUnderTest, first_token_after_launch, mean, percentile, ratio_table, write_json
+from thaw.bench.common import (PlaneUnderTest, first_token_after_launch, mean, percentile, ratio_table,
+                               stream_chat, write_json)
 from thaw.bench.staging import BUCKET, s3_client, start_s3
 from thaw.launch import ServerProcess, base_env, free_port, vllm_server_command
 from thaw.spec import Model, Spec
@@ -49,30 +49,13 @@ def _model_folder(model: Model, spec: Spec, work: Path, console: Console) -> Pat
     return Path(warm_model(local, model, console).path)
 
 
-async def _ask(session: aiohttp.ClientSession, url: str, model: str) -> dict:
-    """One streamed request: seconds to the first content token, and how long the activator held it."""
-    body = {"model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}],
-            "max_tokens": 8, "temperature": 0, "stream": True}
-    start = time.perf_counter()
-    async with session.post(url + "/v1/chat/completions", json=body) as r:
-        if r.status != 200:
-            return {"ok": False, "error": f"HTTP {r.status}: {(await r.text())[:200]}"}
-        queued = float(r.headers.get("X-Thaw-Queue-Seconds", "nan"))
-        async for raw in r.content:
-            line = raw.decode().strip()
-            if line.startswith("data: {") and '"content":' in line and '"content":""' not in line:
-                ttft = time.perf_counter() - start
-                async for _ in r.content:  # read to the end: the request counts as done
-                    pass
-                return {"ok": True, "first_token": ttft, "queued": queued}
-    return {"ok": False, "error": "no token"}
-
-
 def ask(url: str, model: str, n: int = 1) -> list[dict]:
+    """`n` streamed requests at once: each one's first token and how long the activator held it."""
     async def run():
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as session:
-            return await asyncio.gather(*(_ask(session, url, model) for _ in range(n)))
-    return asyncio.run(run())
+            return await asyncio.gather(*(stream_chat(session, url, model, 8, "What is the capital of France?")
+                                          for _ in range(n)))
+    return [{"ok": r.ok, "first_token": r.ttft, "queued": r.queued, "error": r.error} for r in asyncio.run(run())]
 
 
 def breakdown(first_token: float, queued: float, phases: dict[str, float]) -> dict[str, float]:

@@ -35,6 +35,7 @@ class StreamResult:
     total: float = float("nan")
     output_tokens: int = 0
     error: str | None = None
+    queued: float = float("nan")  # how long thaw's activator held the request (X-Thaw-Queue-Seconds)
 
 
 async def stream_chat(session: aiohttp.ClientSession, url: str, model: str, max_tokens: int,
@@ -49,6 +50,7 @@ async def stream_chat(session: aiohttp.ClientSession, url: str, model: str, max_
         async with session.post(url + "/v1/chat/completions", json=body) as r:
             if r.status != 200:
                 return StreamResult(False, error=f"HTTP {r.status}: {(await r.text())[:200]}")
+            queued = float(r.headers.get("X-Thaw-Queue-Seconds", "nan"))
             async for raw in r.content:
                 line = raw.decode().strip()
                 if not line.startswith("data: ") or line == "data: [DONE]":
@@ -63,7 +65,7 @@ async def stream_chat(session: aiohttp.ClientSession, url: str, model: str, max_
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         return StreamResult(False, error=f"{type(exc).__name__}: {exc}")
     return StreamResult(ttft is not None, ttft if ttft is not None else float("nan"),
-                        time.perf_counter() - start, tokens)
+                        time.perf_counter() - start, tokens, None if ttft is not None else "no token", queued)
 
 
 @dataclass
