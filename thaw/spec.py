@@ -468,12 +468,12 @@ class Spec(SpecModel):
         dupes = sorted({n for n in served if served.count(n) > 1})
         if dupes:
             raise ValueError(f"served names must be unique; repeated: {', '.join(dupes)}")
+        known = {m.name for m in self.models} | {m.served_name for m in self.models}
         for name, graph in self.graphs.items():
             try:
                 parsed = parse_graph(name, graph)
             except GraphInvalid as exc:
                 raise ValueError(f"graph {name!r}: {exc}") from None
-            known = {m.name for m in self.models} | {m.served_name for m in self.models}
             for node in parsed.nodes.values():
                 for step in node.steps:
                     if step.serviceName and step.serviceName not in known:
