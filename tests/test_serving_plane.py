@@ -287,6 +287,17 @@ def test_sigkill_of_replica_mid_stream(plane):
     assert _pod(plane, "tiny")["pid"] != pod["pid"]
 
 
+def test_request_right_after_replica_death_is_served_by_a_replacement(plane):
+    c = client(plane)
+    c.completions.create(model="tiny", prompt="warm", max_tokens=2)
+    pod = _pod(plane, "tiny")
+    os.killpg(pod["pid"], signal.SIGKILL)
+    # sent before the plane's liveness pass can see the death: the refused connection must not become a 502
+    out = c.completions.create(model="tiny", prompt="again", max_tokens=3)
+    assert out.usage.completion_tokens >= 1
+    assert _pod(plane, "tiny")["pid"] != pod["pid"]
+
+
 def test_drain_during_streaming_loses_nothing(plane):
     client(plane).completions.create(model="drain", prompt="warm", max_tokens=2)
     chunks, usage = [], {}

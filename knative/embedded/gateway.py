@@ -10,7 +10,8 @@ Routes
 Answers carry `X-Thaw-Revision` and `X-Thaw-Queue-Seconds` (how long the activator held the request).
 Errors use OpenAI's error object: 404 unknown model, 401/403 auth, 503 queue full (with Retry-After),
 504 past timeoutSeconds, 502 when a replica dies under a request (a stream gets an error chunk and
-`data: [DONE]` instead, since its status has already gone out).
+`data: [DONE]` instead, since its status has already gone out). A request whose replica's connection
+fails before any answer goes to another replica (or a replacement) instead, up to ATTEMPTS tries.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from .plane import RevisionRuntime, ServingPlane, UnknownModel
 
 log = logging.getLogger("thaw.gateway")
 
+ATTEMPTS = 3  # tries of a request whose replica's connection failed before it answered
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
               "transfer-encoding", "upgrade", "host", "content-length", "authorization"}
 
@@ -46,6 +48,14 @@ def _not_found(model: str) -> web.Response:
 def _sse_error(message: str, code: str) -> bytes:
     return (f"data: {json.dumps(error_body(message, 'server_error', None, code))}\n\n"
             "data: [DONE]\n\n").encode()
+
+
+class _NotAnswered(Exception):
+    """The replica's connection failed before any answer: refused, or reset or closed under the request."""
+
+    def __init__(self, refused: bool):
+        super().__init__()
+        self.refused = refused
 
 
 class Gateway:
@@ -144,28 +154,39 @@ class Gateway:
         loop = asyncio.get_running_loop()
         arrived = loop.time()
         deadline = arrived + rev.model.timeoutSeconds
-        try:
-            replica = await self.plane.acquire(rev, rev.model.timeoutSeconds)
-        except QueueFull:
-            return _error(503, f"Too many requests are waiting for '{model}'; retry shortly", "server_error",
-                          code="queue_full", headers={"Retry-After": "1"})
-        except asyncio.TimeoutError:
-            return _error(504, f"No replica of '{model}' could take the request within "
-                               f"{rev.model.timeoutSeconds}s", "server_error", code="timeout")
-        queued = loop.time() - arrived  # held by the activator (a cold start, or no replica with room)
-        try:
-            return await self._proxy(request, rev, replica, path, body, deadline - loop.time(), queued)
-        finally:
-            self.plane.release(rev, replica)
+        for attempt in range(ATTEMPTS):
+            try:
+                replica = await self.plane.acquire(rev, deadline - loop.time(), count=attempt == 0)
+            except QueueFull:
+                return _error(503, f"Too many requests are waiting for '{model}'; retry shortly", "server_error",
+                              code="queue_full", headers={"Retry-After": "1"})
+            except asyncio.TimeoutError:
+                return _error(504, f"No replica of '{model}' could take the request within "
+                                   f"{rev.model.timeoutSeconds}s", "server_error", code="timeout")
+            queued = loop.time() - arrived  # held by the activator (a cold start, or no replica with room)
+            try:
+                return await self._proxy(request, rev, replica, path, body, deadline - loop.time(), queued)
+            except _NotAnswered as exc:
+                # Nothing came back, so nothing reached the client: another replica (or a replacement of
+                # a dead one) gets the request. Inference has no side effects to repeat; CloudEvents are
+                # at least once anyway. Bounded, so a request that crashes replicas cannot crash them all.
+                if exc.refused or not replica.alive():
+                    self.plane.unreachable(rev, replica)
+            finally:
+                self.plane.release(rev, replica)
+        return _error(502, f"The replicas serving '{rev.model.name}' failed {ATTEMPTS} times before answering",
+                      "server_error", code="replica_failed")
 
     async def _proxy(self, request: web.Request, rev: RevisionRuntime, replica, path: str, body: bytes,
                      remaining: float, queued: float) -> web.StreamResponse:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         url = replica.url + path + (f"?{request.query_string}" if request.query_string else "")
         response: web.StreamResponse | None = None
+        answered = False
         try:
             async with self.session.request(request.method, url, data=body, headers=headers,
                                             timeout=aiohttp.ClientTimeout(total=max(0.001, remaining))) as upstream:
+                answered = True
                 out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
                 out_headers["X-Thaw-Revision"] = rev.name
                 out_headers["X-Thaw-Queue-Seconds"] = f"{queued:.4f}"
@@ -182,6 +203,8 @@ class Gateway:
         except asyncio.TimeoutError:
             message, code, status = f"The request ran past timeoutSeconds ({rev.model.timeoutSeconds}s)", "timeout", 504
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            if not answered and isinstance(exc, aiohttp.ClientConnectionError):
+                raise _NotAnswered(refused=isinstance(exc, aiohttp.ClientConnectorError)) from exc
             message, code, status = (f"The replica serving '{rev.model.name}' went away mid-request ({type(exc).__name__})",
                                      "replica_failed", 502)
         if response is None:

@@ -197,8 +197,10 @@ class ServingPlane:
             name = pick_revision(runtime.routes, random.uniform(0, 100))
         return runtime.revisions[name]
 
-    async def acquire(self, rev: RevisionRuntime, timeout: float) -> Replica:
-        self.calls.setdefault(rev.model.name, collections.deque(maxlen=10_000)).append(time.time())
+    async def acquire(self, rev: RevisionRuntime, timeout: float, count: bool = True) -> Replica:
+        """A replica slot; `count` records the call in the model's request history (once per request)."""
+        if count:
+            self.calls.setdefault(rev.model.name, collections.deque(maxlen=10_000)).append(time.time())
         self._wake(rev)
         return await rev.activator.acquire(timeout)
 
@@ -217,6 +219,16 @@ class ServingPlane:
 
     def release(self, rev: RevisionRuntime, replica: Replica) -> None:
         rev.activator.release(replica)
+
+    def unreachable(self, rev: RevisionRuntime, replica: Replica) -> None:
+        """A ready replica refused a connection: out of rotation now (the liveness loop would notice a
+        death only on its next pass), stopped, and replaced if the revision still wants it."""
+        if replica.state not in ("ready", "draining"):
+            return
+        log.warning("replica %s refused a connection; replacing it", replica.id)
+        self._forget(rev, replica, "dead")
+        self._track(self.supervisor.stop(replica, 0))
+        self._reconcile(rev)
 
     def _wake(self, rev: RevisionRuntime) -> bool:
         """Poke a revision that has nothing running or starting; whether it did."""
