@@ -15,7 +15,7 @@ from thaw.launch import ServerProcess, wait_until
 from thaw.spec import load_spec
 from thaw.status import show_status
 
-DEMO_ENGINE_ARGS = {"dtype": "bfloat16", "max_model_len": 1024, "enforce_eager": True}
+DEMO_ENGINE_ARGS = {"dtype": "float32", "max_model_len": 1024, "enforce_eager": True}
 
 
 def run_demo(spec_path: Path, question: str, console: Console) -> int:
