@@ -222,8 +222,9 @@ class ServingPlane:
 
     def unreachable(self, rev: RevisionRuntime, replica: Replica) -> None:
         """A ready replica refused a connection: out of rotation now (the liveness loop would notice a
-        death only on its next pass), stopped, and replaced if the revision still wants it."""
-        if replica.state not in ("ready", "draining"):
+        death only on its next pass), stopped, and replaced if the revision still wants it. A draining
+        replica is already out of rotation; its drain stops it without cutting its other streams."""
+        if replica.state != "ready":
             return
         log.warning("replica %s refused a connection; replacing it", replica.id)
         self._forget(rev, replica, "dead")
