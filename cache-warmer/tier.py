@@ -6,7 +6,7 @@ Layout under the root:
     locks/<key>.lock         one flock per key: concurrent stagers make one download, the rest wait
     leases/<key>/<pid>       in use by a live process (a lease dies with its process)
     pins/<key>               never evicted
-    compile/<key>/           vLLM's compile cache for that version (VLLM_CACHE_ROOT)
+    compile/<key>/<engine>/  vLLM's compile cache for that version and engine configuration (VLLM_CACHE_ROOT)
 A key is a hash of the source URI and the origin's file names, sizes and ETags, so a changed object makes
 a new version and a name never becomes a path. Publishing is a rename, so readers see only whole
 versions; eviction (least recently used first) never takes a pinned version or one with a live lease.
@@ -109,11 +109,15 @@ class CacheTier:
     def staging_dir(self, key: str) -> Path:
         return self.root / "staging" / check_key(key)
 
-    def compile_dir(self, key: str) -> Path:
-        """The version's VLLM_CACHE_ROOT. vLLM's `modelinfos` (its inspection of model classes, keyed by
-        vLLM's own code, the same for every version) is shared: without it each new version's first
-        start spends seconds inspecting the model class again in a subprocess."""
-        path = self.root / "compile" / check_key(key)
+    def compile_dir(self, key: str, engine_config: str) -> Path:
+        """VLLM_CACHE_ROOT for one engine configuration of a version: torch.compile's artifacts (inductor
+        and Triton kernels included) outlive the replica, so the next start from zero loads them instead of
+        compiling. vLLM's `modelinfos` (its inspection of model classes, keyed by vLLM's own code, the same
+        for every version) is shared: without it each new version's first start spends seconds inspecting
+        the model class again in a subprocess."""
+        if not re.match(r"^[0-9a-f]{16}$", engine_config):
+            raise CacheError(f"{engine_config!r} is not an engine configuration id (16 hex digits)")
+        path = self.root / "compile" / check_key(key) / engine_config
         path.mkdir(parents=True, exist_ok=True)
         shared = self.root / "compile" / "shared-modelinfos"
         if not shared.exists():

@@ -16,12 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import psutil
 from flask import Flask, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 
+from thaw.cache_warmer.prewarm import read_into_page_cache
 from thaw.eventing import events
 from thaw.spec import EngineArgs, S3Origin
+from thaw.vllm_platform import detect, gpu_memory
 
 from . import protocol as p
 from .engine import Delta, Engine, EngineFailed, Generation, Sampling
@@ -52,24 +55,40 @@ class FunctionConfig:
     cache: CacheSettings | None = None
 
 
-def tier_fetcher(config: FunctionConfig):
-    """The boot step of a replica with a source: ensure it is in the tier (instant when pre-staged),
-    lease it for this process's life, and give vLLM a compile cache beside it."""
+def weights_fetcher(config: FunctionConfig):
+    """The boot step of a replica: its weights (ensured in the cache tier when it has a source: instant when
+    pre-staged, leased for this process's life; otherwise read into the page cache where they are) and,
+    with a cache tier, vLLM's compile cache in the tier, per weights version and engine configuration."""
 
     def fetch() -> tuple[Path, dict[str, float]]:
-        from thaw.cache_warmer.ensure import ensure
-        from thaw.cache_warmer.origins import origin_for
-        from thaw.cache_warmer.stager import StageSettings, link_rate
-        from thaw.cache_warmer.tier import CacheTier
+        from thaw.cache_warmer.origins import DirOrigin
+        from thaw.cache_warmer.tier import CacheTier, version_key
 
-        tier = CacheTier(config.cache.root, config.cache.capacity)
-        result = ensure(tier, origin_for(config.source, config.cache.s3), lease_pid=os.getpid(),
-                        prewarm=config.cache.prewarm, dram_root=config.cache.dram_root,
-                        settings=StageSettings(bandwidth=link_rate(config.cache.s3.bandwidthMbps)))
-        os.environ["VLLM_CACHE_ROOT"] = str(tier.compile_dir(result.key))
-        log.info("weights of %s at %s (%s)", config.source, result.path,
-                 "staged now" if result.staged else "already staged")
-        return result.path, result.timings
+        timings: dict[str, float] = {}
+        if config.source:
+            from thaw.cache_warmer.ensure import ensure
+            from thaw.cache_warmer.origins import origin_for
+            from thaw.cache_warmer.stager import StageSettings, link_rate
+
+            tier = CacheTier(config.cache.root, config.cache.capacity)
+            result = ensure(tier, origin_for(config.source, config.cache.s3), lease_pid=os.getpid(),
+                            prewarm=config.cache.prewarm, dram_root=config.cache.dram_root,
+                            settings=StageSettings(bandwidth=link_rate(config.cache.s3.bandwidthMbps)))
+            log.info("weights of %s at %s (%s)", config.source, result.path,
+                     "staged now" if result.staged else "already staged")
+            path, key, timings = result.path, result.key, result.timings
+        else:
+            path = config.model_dir
+            read_into_page_cache(path)
+            if config.cache is None:
+                return path, timings
+            tier = CacheTier(config.cache.root, config.cache.capacity)
+            key = version_key(str(path), DirOrigin(path).list())
+        platform = detect()
+        compile_dir = tier.compile_dir(key, platform.resolve(config.engine).config_id(platform.vllm))
+        os.environ["VLLM_CACHE_ROOT"] = str(compile_dir)
+        log.info("vLLM's compile cache at %s", compile_dir)
+        return path, timings
 
     return fetch
 
@@ -316,6 +335,16 @@ def _logprobs(chat: bool, tokens: list) -> dict:
             "top_logprobs": [dict(t.top) for t in tokens], "text_offset": offsets}
 
 
+def _gpu_held() -> dict | None:
+    """This replica's GPU memory (its own processes') and the card's, in bytes; None without a GPU."""
+    memory = gpu_memory()
+    if memory is None:
+        return None
+    mine = {os.getpid(), *(c.pid for c in psutil.Process().children(recursive=True))}
+    return {"held": sum(b for pid, b in memory.by_pid.items() if pid in mine), "free": memory.free,
+            "total": memory.total}
+
+
 def _json_body() -> Any:
     if request.mimetype != "application/json":
         raise p.APIError(415, f"Content-Type must be application/json, got '{request.mimetype or 'none'}'",
@@ -338,7 +367,7 @@ def create_app(config: FunctionConfig, engine: Engine | None = None) -> Flask:
     # proxies (flask.request, ...) that raises outside a request, so the engine loads inside one.
     engine = engine or Engine(config.model_dir, config.engine, load_context=app.test_request_context,
                               phases=phases,
-                              fetch_weights=tier_fetcher(config) if config.source else None).start()
+                              fetch_weights=weights_fetcher(config)).start()
     service = FunctionService(config, engine, metrics)
     app.extensions["thaw"] = service
 
@@ -380,11 +409,31 @@ def create_app(config: FunctionConfig, engine: Engine | None = None) -> Flask:
         body = {"status": engine.state, "error": engine.error, "phases": engine.phases}
         return Response(json.dumps(body), status, mimetype="application/json")  # keeps the phases in order
 
+    # vLLM's own routes for its sleep mode (its server has them in dev mode), used by the serving plane to
+    # park an idle replica and wake it for the next request.
+    @app.post("/sleep")
+    def sleep():
+        level = request.args.get("level", "1")
+        if not level.isdigit():
+            raise p.APIError(400, f"level must be 1 or 2, got {level!r}", param="level")
+        seconds = engine.park(int(level))
+        return jsonify({"is_sleeping": True, "seconds": seconds, "gpu": _gpu_held()})
+
+    @app.post("/wake_up")
+    def wake_up():
+        seconds = engine.wake()
+        return jsonify({"is_sleeping": False, "seconds": seconds, "gpu": _gpu_held()})
+
+    @app.get("/is_sleeping")
+    def is_sleeping():
+        return jsonify({"is_sleeping": engine.state == "parked"})
+
     @app.get("/metrics")
     def metrics_route():
         for phase, seconds in engine.phases.items():
             metrics.start_phase.labels(phase).set(seconds)
         metrics.engine_requests.set(engine.active_requests())
+        metrics.parked.set(engine.state == "parked")
         return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
 
     @app.post("/")

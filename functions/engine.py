@@ -7,6 +7,10 @@ continuous batching; a request aborted by its client leaves the batch at the nex
 
 With `engine_core="inproc"` the engine core runs inside this process (no engine-core process to spawn,
 no second import of torch and vLLM: the fast start); with `"mp"` vLLM runs it in a process of its own.
+
+Where the platform has vLLM's sleep mode and the engine was started with it, the engine can be parked
+(level 1: weights to host RAM, KV cache dropped, GPU memory released) and woken again; a request that
+finds it parked wakes it first, so a parked replica never refuses work.
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ import os
 import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from thaw.cache_warmer.prewarm import read_into_page_cache
 from thaw.spec import EngineArgs
+from thaw.vllm_platform import detect
 
 from .protocol import APIError
 
@@ -96,9 +101,9 @@ class Engine:
         Otherwise the weights at `model_dir` are read into the page cache."""
         self.model_dir = Path(model_dir) if model_dir else None
         self._fetch_weights = fetch_weights
-        self.args = args
+        self.args = detect().resolve(args)
         self._load_context = load_context
-        self.state = "loading"  # loading -> ready | failed; ready -> failed | stopped
+        self.state = "loading"  # loading -> ready | failed; ready <-> parked; ready -> failed | stopped
         self.error: str | None = None
         self.phases: dict[str, float] = dict(phases or {})  # start-up phase -> seconds, in order
         self.max_model_len = args.max_model_len or 0
@@ -153,6 +158,26 @@ class Engine:
         if self.state == "ready":
             self._commands.put(("abort", gen))
 
+    def park(self, level: int = 1) -> float:
+        """Put the engine to sleep (vLLM's sleep mode); the seconds it took (0 if it already slept)."""
+        if not self.args.enable_sleep_mode:
+            raise APIError(400, "This engine runs without sleep mode: set `park: true` on the model, on a "
+                                "platform whose vLLM has sleep mode (CUDA)", code="sleep_mode_off")
+        if level not in (1, 2):
+            raise APIError(400, f"level must be 1 or 2, got {level}", param="level")
+        return self._engine_call("sleep", level)
+
+    def wake(self) -> float:
+        """Wake a parked engine; the seconds it took (0 if it was awake)."""
+        return self._engine_call("wake")
+
+    def _engine_call(self, what: str, *args):
+        if self.state not in ("ready", "parked"):
+            self._check_serving()
+        done: Future = Future()
+        self._commands.put((what, done, *args))
+        return done.result(timeout=600)
+
     def stop(self, timeout: float = 30) -> None:
         """Abort everything, shut the engine (and an engine-core process) down, join the thread."""
         if self._thread.is_alive():
@@ -160,6 +185,9 @@ class Engine:
             self._thread.join(timeout)
 
     def _check_serving(self) -> None:
+        if self.state == "parked":
+            self.wake()
+            return
         if self.state == "loading":
             raise APIError(503, "The model is still loading; retry shortly", headers={"Retry-After": "1"})
         if self.state != "ready":
@@ -208,7 +236,8 @@ class Engine:
 
     def _load(self) -> None:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if self.args.engine_core == "mp" else "0"
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.args.kv_cache_gib))
+        for key, value in detect().engine_env(self.args.kv_cache_gib).items():
+            os.environ.setdefault(key, value)
         # Reading the weights into the page cache is I/O: it overlaps with the CPU-bound imports.
         t = time.perf_counter()
         weights = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights")
@@ -285,6 +314,36 @@ class Engine:
                     self._routes[engine_id] = (gen, p * n + i, s.logprobs)
         elif command[0] == "abort":
             self._abort(command[1])
+        elif command[0] in ("sleep", "wake"):
+            done = command[1]
+            try:
+                done.set_result(self._sleep(command[2]) if command[0] == "sleep" else self._wake())
+            except BaseException as exc:  # noqa: BLE001 - the caller gets the failure
+                done.set_exception(exc)
+
+    def _sleep(self, level: int) -> float:
+        if self.state == "parked":
+            return 0.0
+        if self._routes:
+            raise APIError(409, f"{len(self._routes)} requests are running; park an idle engine",
+                           code="engine_busy")
+        t = time.perf_counter()
+        self._engine.sleep(level)
+        self.state = "parked"
+        seconds = time.perf_counter() - t
+        log.info("engine parked (sleep level %d) in %.2fs", level, seconds)
+        return seconds
+
+    def _wake(self) -> float:
+        if self.state != "parked":
+            return 0.0
+        t = time.perf_counter()
+        self._engine.wake_up()
+        self.state = "ready"
+        seconds = time.perf_counter() - t
+        self.phases["wake"] = seconds
+        log.info("engine woken in %.2fs", seconds)
+        return seconds
 
     def _abort(self, gen: Generation) -> None:
         ids = [eid for eid, (g, _, _) in self._routes.items() if g is gen]

@@ -19,3 +19,5 @@ class FunctionMetrics:
         self.generated_tokens = Counter("thaw_generated_tokens", "Tokens generated", registry=self.registry)
         self.start_phase = Gauge("thaw_start_phase_seconds", "Seconds spent in each start-up phase",
                                  ["phase"], registry=self.registry)
+        self.parked = Gauge("thaw_engine_parked", "1 while the engine sleeps (parked: GPU memory released)",
+                            registry=self.registry)

@@ -326,7 +326,7 @@ def test_drain_during_streaming_loses_nothing(plane):
     assert usage["completion_tokens"] == 2000
     assert max(seen_draining) == 1
     poll(lambda: next(r for r in plane.revisions("drain") if r["name"] == "drain-00001")["replicas"]
-         == {"starting": 0, "ready": 0, "draining": 0}, 30, 0.2, "old revision gone to zero")
+         == {"starting": 0, "ready": 0, "draining": 0, "parked": 0}, 30, 0.2, "old revision gone to zero")
 
 
 def test_traffic_split_and_tags(plane):

@@ -12,7 +12,7 @@ import yaml
 from pydantic import ValidationError
 from rich.console import Console
 
-from thaw.spec import EngineArgs, SpecError, load_spec
+from thaw.spec import EngineArgs, SpecError, load_spec, spec_warnings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Serverless LLM functions that start fast from zero.")
 function_app = typer.Typer(no_args_is_help=True, help="Run one model's function directly.")
@@ -42,6 +42,8 @@ def validate(file: Path = typer.Option(Path("thaw.yaml"), "-f", "--file", help="
         spec = load_spec(file)
     except SpecError as exc:
         _fail(exc.problems)
+    for line in spec_warnings(spec, str(file)):
+        err.print(f"[yellow]warning[/yellow] {line}", highlight=False, soft_wrap=True)
     console.print(f"{file}: valid ({len(spec.models)} models, {len(spec.graphs)} graphs, "
                   f"{len(spec.triggers)} triggers)")
 
@@ -360,7 +362,8 @@ def function_serve(
                                              help="Weights and tokenizer in a folder."),
     source: Optional[str] = typer.Option(None, "--source", help="Or: s3://bucket/prefix (or a folder) to stage "
                                                                 "through the cache tier at boot."),
-    cache_root: Path = typer.Option(Path(".thaw/cache"), "--cache-root", help="The cache tier (with --source)."),
+    cache_root: Optional[Path] = typer.Option(None, "--cache-root", help="The cache tier: where --source is staged "
+                                              "(default .thaw/cache) and where vLLM's compile cache is kept."),
     cache_capacity: str = typer.Option("50Gi", "--cache-capacity"),
     s3_endpoint: Optional[str] = typer.Option(None, "--s3-endpoint"),
     s3_region: Optional[str] = typer.Option(None, "--s3-region"),
@@ -381,9 +384,10 @@ def function_serve(
 
     if (model_dir is None) == (source is None):
         raise typer.BadParameter("give exactly one of --model-dir and --source")
+    cache_root = cache_root or (Path(".thaw/cache") if source else None)
     cache = CacheSettings(cache_root.resolve(), int(parse_quantity(cache_capacity)),
                           S3Origin(endpointUrl=s3_endpoint, region=s3_region, bandwidthMbps=bandwidth_mbps), prewarm,
-                          dram_root) if source else None
+                          dram_root) if cache_root else None
     config = FunctionConfig(model_dir=model_dir.resolve() if model_dir else None, served_name=served_name,
                             engine=parse_engine_args(engine_arg), source=source, cache=cache)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -459,6 +463,28 @@ def bench_coldstart(
     from thaw.bench.coldstart import run_coldstart_bench
 
     run_coldstart_bench(_spec(file), model, runs, burst, bandwidth_mbps, out, console)
+
+
+@bench_app.command("gpu")
+def bench_gpu(
+    model_dir: Path = typer.Option(..., "--model-dir", help="The model (e.g. one made by make_model.py)."),
+    runs: int = typer.Option(3, "--runs", help="Runs per variant."),
+    parts: str = typer.Option("vllm,zero,mp,park", "--parts", help="Which parts to run now (results accumulate)."),
+    max_model_len: int = typer.Option(4096, "--max-model-len"),
+    enforce_eager: bool = typer.Option(False, "--enforce-eager/--compile", help="vLLM's default compiles."),
+    gpu_memory_utilization: float = typer.Option(0.9, "--gpu-memory-utilization"),
+    out: Path = typer.Option(Path("bench-results/gpu"), "--out", help="Folder for results.json, report.md, plots."),
+) -> None:
+    """On a GPU node: vLLM's server launched cold vs thaw from zero, parked, caches cold; the warm path."""
+    from thaw.bench.gpu import PARTS, run_gpu_bench
+
+    chosen = [p.strip() for p in parts.split(",") if p.strip()]
+    unknown = [p for p in chosen if p not in PARTS]
+    if unknown:
+        raise typer.BadParameter(f"unknown parts {unknown}; choose from {', '.join(PARTS)}", param_hint="--parts")
+    engine = {"max_model_len": max_model_len, "enforce_eager": enforce_eager,
+              "gpu_memory_utilization": gpu_memory_utilization}
+    run_gpu_bench(model_dir.resolve(), engine, runs, chosen, out, console)
 
 
 @bench_app.command("staging")

