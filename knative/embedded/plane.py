@@ -291,6 +291,7 @@ class ServingPlane:
             self.standby, socket_path = start_standby(self.state_dir)
             self.supervisor.standby_socket = socket_path
         self.events.start()
+        await asyncio.to_thread(gpu_memory)  # NVML's first initialisation can take seconds: not on a request
         self.apply_spec(self.spec)
         for coro in (self._tick_loop(), self._sample_loop(), self._liveness_loop(), self._watch_spec_loop(),
                      keep_warm_loop(self, lambda: self.spec.platform.optimizer)):

@@ -169,6 +169,9 @@ class PlaneUnderTest:
     def wait(self, condition, timeout: float, what: str) -> None:
         wait_until(condition, timeout, what, self.server)
 
+    def standby_ready(self) -> bool:
+        return requests.get(self.url + "/thaw/v1/status", timeout=10).json()["standby"]
+
     def at_zero(self, model: str) -> bool:
         rev = self.status(model)
         return rev["desired"] == 0 and not any(rev["replicas"].values())

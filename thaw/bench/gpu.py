@@ -24,9 +24,9 @@ from rich.table import Table
 from thaw.bench.common import (PlaneUnderTest, first_answer, first_token_after_launch, mean, run_streaming_load,
                                write_json)
 from thaw.launch import ServerProcess, base_env, free_port, vllm_server_command
-from thaw.vllm_platform import gpu_memory
+from thaw.vllm_platform import detect, gpu_memory
 
-PARTS = ("vllm", "zero", "mp", "park")
+PARTS = ("vllm", "zero", "other-core", "park")
 NAME = "bench"
 SETTLE = {"scale-to-zero-grace-period": "1s", "tick-interval": "1s"}
 VARIANT_LABELS = {"vllm": "(a) vLLM server launched cold", "zero": "(b) thaw from zero, standby + caches warm",
@@ -68,11 +68,14 @@ def _from_zero(plane: PlaneUnderTest) -> dict:
     start = time.perf_counter()
     result = first_answer(plane.url, NAME)
     rev = plane.status(NAME)
-    return {"first_token": result.ttft, "queued": result.queued, "phases": rev["last_start_phases"],
+    # the activator held the request while the replica started (or woke); then it went to the replica
+    phases = {**rev["last_start_phases"], "activator_hold": result.queued,
+              "after_release": result.ttft - result.queued}
+    return {"first_token": result.ttft, "queued": result.queued, "phases": phases,
             "wall": time.perf_counter() - start}
 
 
-def bench_vllm(model_dir: Path, engine: dict, runs: int, work: Path, console: Console) -> dict:
+def bench_vllm(model_dir: Path, engine: dict, runs: int, work: Path, console: Console, save) -> dict:
     cache = work / "vllm-cache"
     out = {"runs": [], "warm_path": None}
     for i in range(runs):
@@ -84,6 +87,7 @@ def bench_vllm(model_dir: Path, engine: dict, runs: int, work: Path, console: Co
             run = first_token_after_launch(server, url + "/v1/models", url, NAME, deadline_s=900)
             run["compile_cache"] = "cold" if i == 0 else "warm"
             out["runs"].append(run)
+            save(out)
             console.print(f"(a) vLLM server run {i + 1}: first token {run['first_token']:.2f}s")
             if i == runs - 1:
                 out["warm_path"] = _warm_path(url, 16, 128)
@@ -92,13 +96,13 @@ def bench_vllm(model_dir: Path, engine: dict, runs: int, work: Path, console: Co
     return out
 
 
-def bench_zero(model_dir: Path, engine: dict, runs: int, work: Path, console: Console) -> dict:
+def bench_zero(model_dir: Path, engine: dict, runs: int, work: Path, console: Console, save) -> dict:
     """(d) and (b) interleaved: d, b, d, b, ...; (d) wipes the tier's compile cache and the page cache."""
     plane = PlaneUnderTest(work, _plane_spec(work, model_dir, engine, park=False))
     tier_compile = work.parent / "tier" / "compile"
-    out = {"zero": [], "cold": [], "warm_path": None}
+    out = {"engine_core": detect().engine_core, "zero": [], "cold": [], "warm_path": None}
     try:
-        plane.wait(lambda: plane.status(NAME) is not None, 300, "thaw up")
+        plane.wait(plane.standby_ready, 300, "thaw up and its standby")
         for i in range(runs):
             for variant in ("cold", "zero"):
                 plane.wait(lambda: plane.at_zero(NAME), 120, "scale to zero")
@@ -111,32 +115,50 @@ def bench_zero(model_dir: Path, engine: dict, runs: int, work: Path, console: Co
                 if variant == "cold":
                     run["page_cache_dropped"] = dropped
                 out[variant].append(run)
+                save(out)
                 console.print(f"({'d' if variant == 'cold' else 'b'}) {variant} run {i + 1}: "
                               f"first token {run['first_token']:.2f}s {run['phases']}")
         out["warm_path"] = _warm_path(plane.url, 16, 128)
+        out["warm_path_direct"] = _warm_path(_replica_url(plane), 16, 128)
     finally:
         plane.server.stop()
     return out
 
 
-def bench_mp(model_dir: Path, engine: dict, work: Path, console: Console) -> dict:
-    """The engine core in its own process: one start from zero (compile cache warm) and the warm path."""
-    plane = PlaneUnderTest(work, _plane_spec(work, model_dir, {**engine, "engine_core": "mp"}, park=False))
+def _replica_url(plane: PlaneUnderTest) -> str:
+    """The ready replica itself, past the gateway (to tell the gateway's share of the warm path)."""
+    pod = next(p for p in plane.status(NAME)["pods"] if p["state"] == "ready")
+    return f"http://127.0.0.1:{pod['port']}"
+
+
+def bench_other_core(model_dir: Path, engine: dict, runs: int, work: Path, console: Console, save) -> dict:
+    """The engine core where the platform does not put it by default (thaw/vllm_platform.py): starts from
+    zero with caches warm and the warm path, to check the platform's choice by measurement."""
+    core = "mp" if detect().engine_core == "inproc" else "inproc"
+    plane = PlaneUnderTest(work, _plane_spec(work, model_dir, {**engine, "engine_core": core}, park=False))
+    out = {"engine_core": core, "zero": []}
     try:
-        plane.wait(lambda: plane.status(NAME) is not None, 300, "thaw up")
-        run = _from_zero(plane)
-        console.print(f"mp: first token from zero {run['first_token']:.2f}s")
-        return {"from_zero": run, "warm_path": _warm_path(plane.url, 16, 128)}
+        plane.wait(plane.standby_ready, 300, "thaw up and its standby")
+        for i in range(runs):
+            plane.wait(lambda: plane.at_zero(NAME), 120, "scale to zero")
+            out["zero"].append(_from_zero(plane))
+            save(out)
+            console.print(f"engine core {core} run {i + 1}: first token from zero {out['zero'][-1]['first_token']:.2f}s "
+                          f"{out['zero'][-1]['phases']}")
+        out["warm_path"] = _warm_path(plane.url, 16, 128)
+        out["warm_path_direct"] = _warm_path(_replica_url(plane), 16, 128)
     finally:
         plane.server.stop()
+    return out
 
 
-def bench_park(model_dir: Path, engine: dict, runs: int, work: Path, console: Console) -> dict:
+def bench_park(model_dir: Path, engine: dict, runs: int, work: Path, console: Console, save) -> dict:
     plane = PlaneUnderTest(work, _plane_spec(work, model_dir, engine, park=True))
     out = {"first_start": None, "parked": []}
     try:
-        plane.wait(lambda: plane.status(NAME) is not None, 300, "thaw up")
+        plane.wait(plane.standby_ready, 300, "thaw up and its standby")
         out["first_start"] = _from_zero(plane)
+        save(out)
         for i in range(runs):
             plane.wait(lambda: plane.status(NAME)["replicas"]["parked"] == 1, 120, "parked")
             time.sleep(0.5)  # let the driver settle its accounting before reading free memory
@@ -146,6 +168,7 @@ def bench_park(model_dir: Path, engine: dict, runs: int, work: Path, console: Co
             run.update({"gpu_free": memory.free if memory else None, "gpu_total": memory.total if memory else None,
                         "parked_gpu_bytes": pod["gpu_bytes"], "parked_host_bytes": pod["host_bytes"]})
             out["parked"].append(run)
+            save(out)
             console.print(f"(c) parked run {i + 1}: first token {run['first_token']:.3f}s, GPU free "
                           f"{(run['gpu_free'] or 0) / 2**30:.1f} of {(run['gpu_total'] or 0) / 2**30:.1f} GiB")
     finally:
@@ -157,19 +180,19 @@ def run_gpu_bench(model_dir: Path, engine: dict, runs: int, parts: list[str], ou
     out.mkdir(parents=True, exist_ok=True)
     results = _load(out)
     results.update({"model_dir": str(model_dir), "engine": engine})
+    benches = {"vllm": ("vllm", bench_vllm), "zero": ("zero", bench_zero),
+               "other-core": ("other_core", bench_other_core), "park": ("park", bench_park)}
     for part in parts:
         work = out / "work" / part
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        if part == "vllm":
-            results["vllm"] = bench_vllm(model_dir, engine, runs, work, console)
-        elif part == "zero":
-            results["zero"] = bench_zero(model_dir, engine, runs, work, console)
-        elif part == "mp":
-            results["mp"] = bench_mp(model_dir, engine, work, console)
-        elif part == "park":
-            results["park"] = bench_park(model_dir, engine, runs, work, console)
-        write_json(out / "results.json", results)
+        key, bench = benches[part]
+
+        def save(partial: dict, key: str = key) -> None:  # after every run: a part cut short keeps its runs
+            results[key] = partial
+            write_json(out / "results.json", results)
+
+        save(bench(model_dir, engine, runs, work, console, save))
     write_report(results, out, console)
     return results
 
@@ -211,21 +234,30 @@ def write_report(results: dict, out: Path, console: Console) -> None:
         host = mean([r["parked_host_bytes"] or 0 for r in parked]) / 2**30
         lines += ["", f"GPU memory free while parked: {free:.1%} of the card (the parked replica holds {held:.2f} GiB "
                       f"of GPU memory and {host:.1f} GiB of host RAM)."]
-    warm = {k: results.get(k, {}).get("warm_path") for k in ("zero", "mp", "vllm")}
-    if any(warm.values()):
+    rows = []
+    for key in ("zero", "other_core"):
+        part = results.get(key) or {}
+        core = {"inproc": "engine core in-process", "mp": "engine core in its own process"}.get(part.get("engine_core"))
+        rows += [(f"thaw through the gateway, {core}", part.get("warm_path")),
+                 (f"thaw's replica directly, {core}", part.get("warm_path_direct"))]
+    rows.append(("vLLM's OpenAI server", (results.get("vllm") or {}).get("warm_path")))
+    base = rows[-1][1]
+    if any(w for _, w in rows):
         lines += ["", "## Warm path (16 streaming clients x 2 requests x 128 tokens, ready replica)", "",
                   "| server | tokens/s | TTFT p50 (s) | TTFT p95 (s) | tokens/s vs vLLM | TTFT p50 vs vLLM |",
                   "|---|---|---|---|---|---|"]
-        base = warm.get("vllm") or {}
-        for key, label in (("zero", "thaw, engine core in-process"), ("mp", "thaw, engine core in its own process"),
-                           ("vllm", "vLLM's OpenAI server")):
-            w = warm.get(key)
+        for label, w in rows:
             if not w:
                 continue
-            tps = f"{w['tokens_per_second'] / base['tokens_per_second']:.2f}x" if base and key != "vllm" else "-"
-            ttft = f"{w['ttft_p50'] / base['ttft_p50']:.2f}x" if base and key != "vllm" else "-"
+            tps = f"{w['tokens_per_second'] / base['tokens_per_second']:.2f}x" if base and w is not base else "-"
+            ttft = f"{w['ttft_p50'] / base['ttft_p50']:.2f}x" if base and w is not base else "-"
             lines.append(f"| {label} | {w['tokens_per_second']:.0f} | {w['ttft_p50']:.4f} | {w['ttft_p95']:.4f} | "
                          f"{tps} | {ttft} |")
+    other = (results.get("other_core") or {}).get("zero") or []
+    if other:
+        ft = [r["first_token"] for r in other]
+        lines += ["", f"From zero with the engine core {'in its own process' if results['other_core']['engine_core'] == 'mp' else 'in-process'}"
+                      f" (caches warm): {mean(ft):.3f} s mean of {len(ft)} ({min(ft):.2f} / {max(ft):.2f})."]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     console.print(table)
     console.print("\n".join(lines))
