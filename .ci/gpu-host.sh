@@ -8,7 +8,7 @@ G=${THAW_GPU:-$HOME/thaw-gpu}
 [ -d "$G/site/vllm" ] || bash .gpu/shared/install.sh || exit 1
 export PYTHONPATH=$G/site PATH=$G/site/bin:$PATH PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-python3 -c "import thaw.vllm_platform" 2>/dev/null ||
+python3 -c "import thaw.eventing" 2>/dev/null ||
   python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit 1
 M=${THAW_GPU_MODELS:-$HOME/thaw-models}
 for size in small 8b; do

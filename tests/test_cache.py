@@ -323,3 +323,46 @@ def test_dram_tier_serves_a_whole_copy(tmp_path):
     assert (result.path / "w.safetensors").read_bytes() == (tmp_path / "d" / "w.safetensors").read_bytes()
     assert (result.path / "manifest.json").exists() and result.timings["prewarm"] >= 0
     assert not [p for p in (tmp_path / "shm").iterdir() if p.name.startswith(".")]  # no half copy left
+
+
+def test_compile_cache_has_one_folder_per_engine_configuration(tmp_path):
+    tier = CacheTier(tmp_path, 1 << 30)
+    key = "0" * 32
+    a, b = tier.compile_dir(key, "a" * 16), tier.compile_dir(key, "b" * 16)
+    assert a != b and a.parent == b.parent == tmp_path / "compile" / key
+    assert (a / "modelinfos").resolve() == (b / "modelinfos").resolve()  # shared by every version and config
+    with pytest.raises(CacheError):
+        tier.compile_dir(key, "../../etc")
+
+
+def test_engine_configuration_id_follows_every_vllm_argument():
+    from thaw.spec import EngineArgs
+
+    base = EngineArgs(max_model_len=512)
+    assert base.config_id("0.26.0") == EngineArgs(max_model_len=512).config_id("0.26.0")
+    others = {EngineArgs(max_model_len=1024), EngineArgs(max_model_len=512, enable_sleep_mode=True),
+              EngineArgs(max_model_len=512, enforce_eager=False)}
+    ids = {base.config_id("0.26.0"), base.config_id("0.32.0"), *(o.config_id("0.26.0") for o in others)}
+    assert len(ids) == 5
+    # thaw's own settings are not vLLM's configuration: they share the compile cache
+    assert EngineArgs(max_model_len=512, engine_core="mp", kv_cache_gib=2).config_id("0.26.0") == base.config_id("0.26.0")
+
+
+def test_a_replica_served_from_a_folder_keeps_its_compile_cache_in_the_tier(tiny_model, tmp_path):
+    from conftest import TINY_ENGINE
+    from thaw.launch import ServerProcess, free_port, function_command
+    from thaw.spec import EngineArgs
+    from thaw.vllm_platform import detect
+
+    port = free_port()
+    cmd = function_command(tiny_model, "tiny", port, TINY_ENGINE, ["--cache-root", str(tmp_path / "tier")])
+    server = ServerProcess(cmd, tmp_path / "function.log")
+    try:
+        server.wait_http(f"http://127.0.0.1:{port}/readyz", 180)
+    finally:
+        server.stop()
+    key = next((tmp_path / "tier" / "compile").glob("[0-9a-f]" * 32)).name
+    engine = detect().resolve(EngineArgs(**TINY_ENGINE))
+    folder = tmp_path / "tier" / "compile" / key / engine.config_id(detect().vllm)
+    assert (folder / "modelinfos").is_symlink()
+    assert f"vLLM's compile cache at {folder}" in server.log_path.read_text()

@@ -277,9 +277,12 @@ def _plot(variants: dict[str, list[dict]], out: Path) -> None:
     values = [mean([r["first_token"] for r in variants[k]]) for k in keys]
     ax.barh([VARIANT_LABELS[k] for k in keys], values, color=["#888", "#2a7", "#27a", "#a72"][:len(keys)])
     for i, (k, v) in enumerate(zip(keys, values)):
-        ax.text(v, i, f" {v:.2f}s", va="center")
-        ax.scatter([r["first_token"] for r in variants[k]], [i] * len(variants[k]), color="black", s=8, zorder=3)
+        runs = [r["first_token"] for r in variants[k]]
+        ax.text(max(runs + [v]) * 1.15, i, f"mean {v:.2f} s", va="center")
+        ax.scatter(runs, [i] * len(runs), color="black", s=8, zorder=3)
     ax.set_xscale("log")
+    every = [r["first_token"] for k in keys for r in variants[k]]
+    ax.set_xlim(min(every) * 0.5, max(every) * 4)
     ax.set_xlabel("first token, seconds (log scale; dots are single runs)")
     ax.invert_yaxis()
     fig.tight_layout()
