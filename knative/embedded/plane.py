@@ -493,11 +493,7 @@ class ServingPlane:
 
     async def _park(self, rev: RevisionRuntime, replica: Replica) -> None:
         """Out of rotation, in-flight requests finish, then the engine sleeps: GPU memory released."""
-        replica.state = "parking"
-        rev.activator.remove_replica(replica)
-        end = time.monotonic() + rev.model.timeoutSeconds
-        while replica.in_flight > 0 and time.monotonic() < end and replica.alive():
-            await asyncio.sleep(0.05)
+        await self._leave_rotation(rev, replica, "parking")
         try:
             async with self.session.post(replica.url + "/sleep?level=1",
                                          timeout=aiohttp.ClientTimeout(total=120)) as r:
@@ -575,10 +571,10 @@ class ServingPlane:
                 return
             moves = []
             for awake, other, r in holders:
-                if awake.id in plan.park:
+                if awake.id in plan.park and self._park_decision(other, r):  # within the host-RAM budget too
                     log.info("parking %s to make GPU room for %s", r.id, rev.name)
                     moves.append(self._park(other, r))
-                elif awake.id in plan.stop:
+                elif awake.id in plan.park + plan.stop:
                     log.info("stopping %s to make GPU room for %s", r.id, rev.name)
                     moves.append(self._drain(other, r))
             await asyncio.gather(*moves)
@@ -631,13 +627,18 @@ class ServingPlane:
             await asyncio.sleep(1)  # do not spin on a replica that cannot start
             self._reconcile(rev)
 
-    async def _drain(self, rev: RevisionRuntime, replica: Replica) -> None:
-        """No new requests; in-flight ones (streams too) get up to timeoutSeconds; then stop it."""
-        replica.state = "draining"
+    @staticmethod
+    async def _leave_rotation(rev: RevisionRuntime, replica: Replica, state: str) -> None:
+        """No new requests; those in flight (streams too) get up to timeoutSeconds to finish."""
+        replica.state = state
         rev.activator.remove_replica(replica)
         end = time.monotonic() + rev.model.timeoutSeconds
         while replica.in_flight > 0 and time.monotonic() < end and replica.alive():
             await asyncio.sleep(0.05)
+
+    async def _drain(self, rev: RevisionRuntime, replica: Replica) -> None:
+        """No new requests; in-flight ones (streams too) get up to timeoutSeconds; then stop it."""
+        await self._leave_rotation(rev, replica, "draining")
         await self.supervisor.stop(replica, self.spec.platform.activator.terminationGracePeriodSeconds)
         self._forget(rev, replica, "stopped")
         self._report(rev)

@@ -118,17 +118,17 @@ def bench_zero(model_dir: Path, engine: dict, runs: int, work: Path, console: Co
                 save(out)
                 console.print(f"({'d' if variant == 'cold' else 'b'}) {variant} run {i + 1}: "
                               f"first token {run['first_token']:.2f}s {run['phases']}")
-        out["warm_path"] = _warm_path(plane.url, 16, 128)
-        out["warm_path_direct"] = _warm_path(_replica_url(plane), 16, 128)
+        out.update(_warm_paths(plane))
     finally:
         plane.server.stop()
     return out
 
 
-def _replica_url(plane: PlaneUnderTest) -> str:
-    """The ready replica itself, past the gateway (to tell the gateway's share of the warm path)."""
+def _warm_paths(plane: PlaneUnderTest) -> dict:
+    """The warm path through the gateway, then at the ready replica itself (the gateway's share)."""
     pod = next(p for p in plane.status(NAME)["pods"] if p["state"] == "ready")
-    return f"http://127.0.0.1:{pod['port']}"
+    return {"warm_path": _warm_path(plane.url, 16, 128),
+            "warm_path_direct": _warm_path(f"http://127.0.0.1:{pod['port']}", 16, 128)}
 
 
 def bench_other_core(model_dir: Path, engine: dict, runs: int, work: Path, console: Console, save) -> dict:
@@ -145,8 +145,7 @@ def bench_other_core(model_dir: Path, engine: dict, runs: int, work: Path, conso
             save(out)
             console.print(f"engine core {core} run {i + 1}: first token from zero {out['zero'][-1]['first_token']:.2f}s "
                           f"{out['zero'][-1]['phases']}")
-        out["warm_path"] = _warm_path(plane.url, 16, 128)
-        out["warm_path_direct"] = _warm_path(_replica_url(plane), 16, 128)
+        out.update(_warm_paths(plane))
     finally:
         plane.server.stop()
     return out
