@@ -442,15 +442,13 @@ class ServingPlane:
         if self.stopping:
             return
         running = rev.launching + rev.count("starting", "ready", "waking")
-        parked = rev.parked
         if rev.activator.queued:  # requests wait: the cheapest road back is waking a parked replica
-            for replica in parked[:max(0, rev.desired - running)]:
+            for replica in rev.parked[:max(0, rev.desired - running)]:
                 self._begin_wake(rev, replica)
                 running += 1
-            parked = rev.parked
-        # A parked replica stands for one the autoscaler wants: it wakes when a request comes for it (a
-        # replica parked to make GPU room for another model must not wake at once and take the room back).
-        for _ in range(rev.desired - running - len(parked)):
+        # A parked (or parking) replica stands for one the autoscaler wants: it wakes when a request comes for
+        # it (one parked to make GPU room for another model must not wake at once and take the room back).
+        for _ in range(rev.desired - running - rev.count("parked", "parking")):
             self._spawn(rev)
         if not rev.routable:  # a revision without traffic keeps nothing parked
             for replica in rev.parked:
@@ -503,6 +501,7 @@ class ServingPlane:
         except Exception as exc:  # noqa: BLE001 - a replica that cannot park is stopped as Knative would
             log.warning("replica %s could not park (%s); stopping it", replica.id, exc)
             await self._stop(rev, replica)
+            self._reconcile(rev)  # a request that came meanwhile gets a new replica
             return
         if replica.state != "parking":  # stopped meanwhile (spec change, plane stopping)
             return
