@@ -102,6 +102,7 @@ def test_rich_spec_renders_every_part(tmp_path):
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert "periodSeconds" not in container["readinessProbe"]  # queue-proxy's 50 ms probing stays on
     assert pod["initContainers"][0]["args"] == ["warm", "llama", "-f", "/etc/thaw/thaw.yaml", "--pin"]
     assert {"name": "cache", "hostPath": {"path": "/mnt/nvme/thaw", "type": "DirectoryOrCreate"}} in pod["volumes"]
     assert llama["spec"]["traffic"] == [{"latestRevision": True, "percent": 90},

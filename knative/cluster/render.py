@@ -116,8 +116,8 @@ def model_service(model: Model, spec: Spec) -> dict[str, Any]:
     container = {
         "name": "function", "image": cluster.images.function, "args": function_container_args(model, spec),
         "ports": [{"name": "http1", "containerPort": PORT}], "env": env, "volumeMounts": mounts,
-        "readinessProbe": {"httpGet": {"path": "/readyz", "port": PORT}, "periodSeconds": 1,
-                           "failureThreshold": 3},
+        # periodSeconds left unset: queue-proxy then probes a starting container every 50 ms itself
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": PORT}, "failureThreshold": 3},
     }
     resources = _resources(model)
     if resources:

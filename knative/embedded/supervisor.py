@@ -88,8 +88,10 @@ class Supervisor:
         rid = f"{revision}-{next(self._ids)}"
         log_path = self.log_dir / f"{rid}.log"
         cmd = replica_command(model, model_dir, source_args, port)
-        env = base_env(**detect().engine_env(model.engine.kv_cache_gib), THAW_REVISION=revision,
-                       THAW_LAUNCH_TIME=repr(time.time()), **extra_env)
+        # Knative's container contract: every container gets PORT and the K_ names of what it serves.
+        env = base_env(**detect().engine_env(model.engine.kv_cache_gib), PORT=str(port), K_SERVICE=model.name,
+                       K_CONFIGURATION=model.name, K_REVISION=revision, THAW_LAUNCH_TIME=repr(time.time()),
+                       **extra_env)
         replica = None
         if model.standby and self.standby_ready():
             argv = cmd[cmd.index("thaw.cli") + 1:]
