@@ -470,13 +470,8 @@ class ServingPlane:
     def _park_decision(self, rev: RevisionRuntime, replica: Replica) -> bool:
         """Whether the last replica of a revision going to zero parks (stopping older parked replicas to
         make room in the host-RAM budget) rather than stops."""
-        why_not = None
-        if not rev.model.park:
-            why_not = "the model does not park"
-        elif not rev.routable:
-            why_not = "the revision has no traffic"
-        else:
-            why_not = detect().park_problem()
+        why_not = ("the model does not park" if not rev.model.park
+                   else "the revision has no traffic" if not rev.routable else detect().park_problem())
         parked = [(r, other) for other in self._revisions() for r in other.replicas if r.state in ("parked", "parking")]
         decision = decide_park(why_not, _weight_bytes(rev.model) or replica.gpu_bytes,
                                [Parked(r.id, r.host_bytes, r.last_used) for r, _ in parked],
@@ -510,8 +505,7 @@ class ServingPlane:
         replica.gpu_bytes = (body.get("gpu") or {}).get("held", 0)
         log.info("replica %s parked in %.2fs (host %.1f GiB, GPU %.1f GiB)", replica.id, body.get("seconds", 0),
                  replica.host_bytes / 2**30, replica.gpu_bytes / 2**30)
-        self.events.emit("dev.knative.apiserver.resource.update", self._revision_object(rev))
-        self._reconcile(rev)  # a request may have arrived while it was parking
+        self._reconcile(rev)  # reports the parked replica; wakes it if a request came while it was parking
 
     def _begin_wake(self, rev: RevisionRuntime, replica: Replica) -> None:
         replica.state = "waking"
@@ -542,8 +536,7 @@ class ServingPlane:
         replica.ready_at = time.time()
         rev.activator.add_replica(replica)
         log.info("replica %s woken in %.2fs", replica.id, time.time() - t)
-        self._report(rev)
-        self.events.emit("dev.knative.apiserver.resource.update", self._revision_object(rev))
+        self._report(rev)  # an update event whose status carries the wake phase
 
     async def _make_gpu_room(self, rev: RevisionRuntime, exclude: Replica | None = None) -> None:
         """Before a replica of `rev` starts or wakes: park or stop idle replicas (least recently used first)
