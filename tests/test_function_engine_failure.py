@@ -17,9 +17,16 @@ import requests
 from conftest import poll, start_function
 
 
+# A generation long enough that it cannot finish before the kill lands, even when the test's own process
+# gets little CPU beside the engine on a 2-core machine (460 tokens once finished first in CI).
+MAX_MODEL_LEN = 2048
+LONG = 2000
+
+
 @pytest.fixture(scope="module")
 def mp_function(tiny_model, tmp_path_factory):
-    running = start_function(tiny_model, tmp_path_factory.mktemp("logs"), engine_core="mp")
+    running = start_function(tiny_model, tmp_path_factory.mktemp("logs"), engine_core="mp",
+                             max_model_len=MAX_MODEL_LEN)
     yield running
     running.server.stop()
 
@@ -34,7 +41,7 @@ def engine_core_process(function) -> psutil.Process:
 
 def test_engine_death_mid_stream_gives_error_chunk_then_done(mp_function):
     url = mp_function.url + "/v1/chat/completions"
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "go"}], "max_tokens": 460,
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "go"}], "max_tokens": LONG,
             "ignore_eos": True, "stream": True}
     events = []
     core = engine_core_process(mp_function)
@@ -51,7 +58,7 @@ def test_engine_death_mid_stream_gives_error_chunk_then_done(mp_function):
     assert events[-1] == "[DONE]"
     error = json.loads(events[-2])["error"]
     assert error["type"] == "server_error" and "engine" in error["message"].lower()
-    assert len(events) < 460  # it ended early, it did not run on
+    assert len(events) < LONG  # it ended early, it did not run on
 
     whole = requests.post(url, json={**body, "stream": False, "max_tokens": 4}, timeout=30)
     assert whole.status_code == 500
