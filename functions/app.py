@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import psutil
 from flask import Flask, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
@@ -343,9 +342,7 @@ def _gpu_held() -> dict | None:
     memory = gpu_memory()
     if memory is None:
         return None
-    mine = {os.getpid(), *(c.pid for c in psutil.Process().children(recursive=True))}
-    return {"held": sum(b for pid, b in memory.by_pid.items() if pid in mine), "free": memory.free,
-            "total": memory.total}
+    return {"held": memory.held_by(os.getpid()), "free": memory.free, "total": memory.total}
 
 
 def _json_body() -> Any:
@@ -368,9 +365,8 @@ def create_app(config: FunctionConfig, engine: Engine | None = None) -> Flask:
     phases = {"process_start": max(0.0, time.time() - float(launched))} if launched else {}
     # vLLM's kernel registration calls hasattr() on every module global; on werkzeug's context-local
     # proxies (flask.request, ...) that raises outside a request, so the engine loads inside one.
-    engine = engine or Engine(config.model_dir, config.engine, load_context=app.test_request_context,
-                              phases=phases,
-                              fetch_weights=weights_fetcher(config)).start()
+    engine = engine or Engine(config.engine, weights_fetcher(config), load_context=app.test_request_context,
+                              phases=phases).start()
     service = FunctionService(config, engine, metrics)
     app.extensions["thaw"] = service
 

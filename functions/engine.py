@@ -24,7 +24,6 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from thaw.cache_warmer.prewarm import read_into_page_cache
 from thaw.spec import EngineArgs
 from thaw.vllm_platform import detect
 
@@ -95,11 +94,11 @@ def _timed(fn, *args) -> float:
 class Engine:
     """Loads vLLM in the background and serves generations once it is ready."""
 
-    def __init__(self, model_dir: str | Path | None, args: EngineArgs, load_context=contextlib.nullcontext,
-                 phases: dict[str, float] | None = None, fetch_weights=None):
-        """`fetch_weights`, if given, returns (model dir, its phase timings): the cache tier's ensure.
-        Otherwise the weights at `model_dir` are read into the page cache."""
-        self.model_dir = Path(model_dir) if model_dir else None
+    def __init__(self, args: EngineArgs, fetch_weights, load_context=contextlib.nullcontext,
+                 phases: dict[str, float] | None = None):
+        """`fetch_weights` returns (model dir, its phase timings): the weights ensured in the cache tier or
+        read into the page cache where they are (functions/app.py's weights_fetcher)."""
+        self.model_dir: Path | None = None
         self._fetch_weights = fetch_weights
         self.args = detect().resolve(args)
         self._load_context = load_context
@@ -262,9 +261,6 @@ class Engine:
         log.info("engine ready: %s", ", ".join(f"{k} {v:.2f}s" for k, v in self.phases.items()))
 
     def _weights(self) -> None:
-        if self._fetch_weights is None:
-            read_into_page_cache(self.model_dir)
-            return
         self.model_dir, timings = self._fetch_weights()
         self.phases.update(timings)
 

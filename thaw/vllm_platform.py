@@ -115,6 +115,16 @@ class GpuMemory:
     free: int
     by_pid: dict[int, int]  # bytes each process holds on the GPU
 
+    def held_by(self, pid: int) -> int:
+        """What a process and its children (vLLM's engine-core process, say) hold on the GPU."""
+        import psutil
+
+        try:
+            pids = {pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))}
+        except psutil.Error:
+            pids = {pid}
+        return sum(self.by_pid.get(p, 0) for p in pids)
+
 
 @functools.cache
 def _nvml():

@@ -117,14 +117,6 @@ def _process_tree_rss(pid: int) -> int:
         return 0
 
 
-def _process_tree(pid: int) -> set[int]:
-    import psutil
-
-    try:
-        return {pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))}
-    except psutil.Error:
-        return {pid}
-
 
 class ServingPlane:
     def __init__(self, spec: Spec, spec_path: Path | None = None, use_standby: bool | None = None):
@@ -552,8 +544,7 @@ class ServingPlane:
                 for r in other.ready:
                     if r is exclude:
                         continue
-                    held = sum(memory.by_pid.get(pid, 0) for pid in _process_tree(r.pid))
-                    holders.append((Awake(r.id, held, r.in_flight == 0 and other.activator.queued == 0,
+                    holders.append((Awake(r.id, memory.held_by(r.pid), r.in_flight == 0 and other.activator.queued == 0,
                                           r.last_used, other.model.park and detect().sleep_mode), other, r))
             plan = plan_gpu_room(need, memory.free, [a for a, _, _ in holders])
             if plan is None:
@@ -631,9 +622,7 @@ class ServingPlane:
     async def _drain(self, rev: RevisionRuntime, replica: Replica) -> None:
         """No new requests; in-flight ones (streams too) get up to timeoutSeconds; then stop it."""
         await self._leave_rotation(rev, replica, "draining")
-        await self.supervisor.stop(replica, self.spec.platform.activator.terminationGracePeriodSeconds)
-        self._forget(rev, replica, "stopped")
-        self._report(rev)
+        await self._stop(rev, replica)
 
     def _forget(self, rev: RevisionRuntime, replica: Replica, state: str) -> None:
         replica.state = state
@@ -642,12 +631,6 @@ class ServingPlane:
             rev.replicas.remove(replica)
 
     # ---- status ----------------------------------------------------------------------------------
-
-    @staticmethod
-    def _gpu_held(replica: Replica, memory) -> int | None:
-        if memory is None:
-            return None
-        return sum(memory.by_pid.get(pid, 0) for pid in _process_tree(replica.pid))
 
     def status(self) -> dict[str, Any]:
         memory = gpu_memory()
@@ -665,7 +648,7 @@ class ServingPlane:
                     "excess_burst_capacity": rev.excess_burst_capacity, "keep_warm": rev.keep_warm,
                     "last_start_phases": rev.last_phases,
                     "pods": [{"id": r.id, "pid": r.pid, "port": r.port, "state": r.state, "in_flight": r.in_flight,
-                              "standby": r.via_standby, "gpu_bytes": self._gpu_held(r, memory),
+                              "standby": r.via_standby, "gpu_bytes": memory.held_by(r.pid) if memory else None,
                               "host_bytes": r.host_bytes if r.state == "parked" else 0} for r in rev.replicas],
                 })
             models.append({"name": name, "served_name": runtime.model.served_name,

@@ -14,9 +14,11 @@ own process) and vLLM's server. Parts (`--parts`) may run in separate calls; res
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from pathlib import Path
+from typing import Iterator
 
 from rich.console import Console
 from rich.table import Table
@@ -63,6 +65,17 @@ def _plane_spec(work: Path, model_dir: Path, engine: dict, **model) -> dict:
                         "scaling": {"window": "6s", "max-scale": 1}, **model}]}
 
 
+@contextlib.contextmanager
+def _plane(work: Path, model_dir: Path, engine: dict, **model) -> Iterator[PlaneUnderTest]:
+    """`thaw up` serving the model, once its standby is ready; stopped afterwards."""
+    plane = PlaneUnderTest(work, _plane_spec(work, model_dir, engine, **model))
+    try:
+        plane.wait(plane.standby_ready, 300, "thaw up and its standby")
+        yield plane
+    finally:
+        plane.server.stop()
+
+
 def _from_zero(plane: PlaneUnderTest) -> dict:
     """One streamed request to a model at zero (or parked): the user's first token, and where it went."""
     start = time.perf_counter()
@@ -98,11 +111,9 @@ def bench_vllm(model_dir: Path, engine: dict, runs: int, work: Path, console: Co
 
 def bench_zero(model_dir: Path, engine: dict, runs: int, work: Path, console: Console, save) -> dict:
     """(d) and (b) interleaved: d, b, d, b, ...; (d) wipes the tier's compile cache and the page cache."""
-    plane = PlaneUnderTest(work, _plane_spec(work, model_dir, engine, park=False))
     tier_compile = work.parent / "tier" / "compile"
     out = {"engine_core": detect().engine_core, "zero": [], "cold": [], "warm_path": None}
-    try:
-        plane.wait(plane.standby_ready, 300, "thaw up and its standby")
+    with _plane(work, model_dir, engine, park=False) as plane:
         for i in range(runs):
             for variant in ("cold", "zero"):
                 plane.wait(lambda: plane.at_zero(NAME), 120, "scale to zero")
@@ -119,8 +130,6 @@ def bench_zero(model_dir: Path, engine: dict, runs: int, work: Path, console: Co
                 console.print(f"({'d' if variant == 'cold' else 'b'}) {variant} run {i + 1}: "
                               f"first token {run['first_token']:.2f}s {run['phases']}")
         out.update(_warm_paths(plane))
-    finally:
-        plane.server.stop()
     return out
 
 
@@ -135,10 +144,8 @@ def bench_other_core(model_dir: Path, engine: dict, runs: int, work: Path, conso
     """The engine core where the platform does not put it by default (thaw/vllm_platform.py): starts from
     zero with caches warm and the warm path, to check the platform's choice by measurement."""
     core = "mp" if detect().engine_core == "inproc" else "inproc"
-    plane = PlaneUnderTest(work, _plane_spec(work, model_dir, {**engine, "engine_core": core}, park=False))
     out = {"engine_core": core, "zero": []}
-    try:
-        plane.wait(plane.standby_ready, 300, "thaw up and its standby")
+    with _plane(work, model_dir, {**engine, "engine_core": core}, park=False) as plane:
         for i in range(runs):
             plane.wait(lambda: plane.at_zero(NAME), 120, "scale to zero")
             out["zero"].append(_from_zero(plane))
@@ -146,16 +153,12 @@ def bench_other_core(model_dir: Path, engine: dict, runs: int, work: Path, conso
             console.print(f"engine core {core} run {i + 1}: first token from zero {out['zero'][-1]['first_token']:.2f}s "
                           f"{out['zero'][-1]['phases']}")
         out.update(_warm_paths(plane))
-    finally:
-        plane.server.stop()
     return out
 
 
 def bench_park(model_dir: Path, engine: dict, runs: int, work: Path, console: Console, save) -> dict:
-    plane = PlaneUnderTest(work, _plane_spec(work, model_dir, engine, park=True))
     out = {"first_start": None, "parked": []}
-    try:
-        plane.wait(plane.standby_ready, 300, "thaw up and its standby")
+    with _plane(work, model_dir, engine, park=True) as plane:
         out["first_start"] = _from_zero(plane)
         save(out)
         for i in range(runs):
@@ -170,8 +173,6 @@ def bench_park(model_dir: Path, engine: dict, runs: int, work: Path, console: Co
             save(out)
             console.print(f"(c) parked run {i + 1}: first token {run['first_token']:.3f}s, GPU free "
                           f"{(run['gpu_free'] or 0) / 2**30:.1f} of {(run['gpu_total'] or 0) / 2**30:.1f} GiB")
-    finally:
-        plane.server.stop()
     return out
 
 
