@@ -364,6 +364,14 @@ class Engine:
         if route is None:
             return
         gen, index, k = route
+        ended = output.finished and next((c.finish_reason for c in output.outputs
+                                          if c.finish_reason in ("abort", "error")), None)
+        if ended:
+            # vLLM ended a request its client still waits for (a client's own abort removes the route first):
+            # a failure, which vLLM says must reach the client as one, not as a finish_reason.
+            self._abort(gen)
+            gen.events.put(EngineFailed(f"the engine ended the request ({ended})"))
+            return
         for completion in output.outputs:
             gen.events.put(Delta(
                 index=index,

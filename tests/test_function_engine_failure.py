@@ -56,6 +56,7 @@ def test_engine_death_mid_stream_gives_error_chunk_then_done(mp_function):
                 os.kill(core.pid, signal.SIGKILL)
                 killed = True
     assert events[-1] == "[DONE]"
+    assert "error" in json.loads(events[-2]), f"{len(events)} events, ending {events[-3:]}"
     error = json.loads(events[-2])["error"]
     assert error["type"] == "server_error" and "engine" in error["message"].lower()
     assert len(events) < LONG  # it ended early, it did not run on
