@@ -140,7 +140,9 @@ class Broker:
 
     async def ingress(self, request: web.Request) -> web.Response:
         namespace, broker = request.match_info["namespace"], request.match_info["broker"]
-        if namespace != self.namespace or broker not in self.brokers:
+        if namespace != self.namespace:
+            raise web.HTTPNotFound()  # not a broker path at all: the host app answers it as its own
+        if broker not in self.brokers:
             return web.json_response({"error": f"no broker {namespace}/{broker}; brokers here: "
                                                f"{', '.join(f'{self.namespace}/{b}' for b in sorted(self.brokers))}"},
                                      status=404)
@@ -151,7 +153,10 @@ class Broker:
             refused = self.authorize(request.headers.get("Authorization"))
             if refused:
                 return web.json_response({"error": refused[1]}, status=refused[0])
-        body = await request.read()
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge as exc:
+            return web.json_response({"error": exc.text}, status=413)
         try:
             event = events.parse_http_event(request.headers, body)
         except events.InvalidEvent as exc:

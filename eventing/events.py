@@ -14,6 +14,8 @@ from cloudevents.core.bindings.http import HTTPMessage, from_http, to_binary_eve
 from cloudevents.core.exceptions import BaseCloudEventException
 from cloudevents.core.v1.event import CloudEvent
 
+from thaw.json_body import InvalidJSON, decode, first_invalid_text
+
 INFERENCE_REQUEST = "dev.thaw.inference.request"
 INFERENCE_RESPONSE = "dev.thaw.inference.response"
 CACHE_WARM = "dev.thaw.cache.warm"
@@ -63,9 +65,9 @@ def parse_http_event(headers: Mapping[str, str], body: bytes) -> CloudEvent:
     headers = {k.lower(): v for k, v in headers.items()}
     if _is_structured(headers):
         try:
-            raw = json.loads(body or b"")
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidEvent(f"structured event body is not valid JSON: {exc}") from None
+            raw = decode(body or b"")
+        except InvalidJSON as exc:
+            raise InvalidEvent(f"structured event body is {exc.message}") from None
         if not isinstance(raw, dict):
             raise InvalidEvent("structured event body must be a JSON object")
         present = set(raw)
@@ -73,6 +75,16 @@ def parse_http_event(headers: Mapping[str, str], body: bytes) -> CloudEvent:
         present = {k.removeprefix("ce-") for k in headers if k.startswith("ce-")}
         if not present:
             raise InvalidEvent("not a CloudEvent: no ce-* headers and not application/cloudevents+json")
+        # Header bytes that are not UTF-8 reach us as lone surrogates; as attributes they could never be
+        # sent on (a header), nor stored as text.
+        bad = first_invalid_text({k: v for k, v in headers.items() if k.startswith("ce-")})
+        if bad is not None:
+            raise InvalidEvent(f"attribute {bad.removeprefix('ce-')!r} is not valid UTF-8 text")
+        if body and "json" in headers.get("content-type", "").lower():
+            try:
+                decode(body)  # the SDK decodes JSON data with json.loads, which a deep nest crashes
+            except InvalidJSON as exc:
+                raise InvalidEvent(f"event data is {exc.message}") from None
     missing = [a for a in REQUIRED if a not in present]
     if missing:
         raise InvalidEvent(f"missing required attribute(s): {', '.join(missing)}")

@@ -15,6 +15,8 @@ import json
 import re
 from typing import Any
 
+from thaw.json_body import NOT_JSON
+
 MISSING: Any = type("Missing", (), {"__repr__": lambda self: "MISSING"})()
 _OPERATORS = ("==", "!=", "<=", ">=", "!%", "<", ">", "=", "%")
 
@@ -32,7 +34,7 @@ def exists_in_bytes(body: bytes, path: str) -> bool:
     """Like exists() on raw bytes; a body that is not JSON matches nothing (Go: gjson.ValidBytes)."""
     try:
         return exists(json.loads(body), path)
-    except (ValueError, UnicodeDecodeError):
+    except NOT_JSON:
         return False
 
 

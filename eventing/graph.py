@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from thaw.json_body import NOT_JSON
+
 from .gjson import exists_in_bytes
 
 ROOT = "root"
@@ -158,7 +160,7 @@ def sequence_input(step: InferenceStep, index: int, request: bytes, previous: by
     if previous_step is not None and previous_step.mapPredictionsToInstances:
         try:
             body = json.loads(previous)
-        except (ValueError, UnicodeDecodeError):
+        except NOT_JSON:
             return previous
         if isinstance(body, dict) and "predictions" in body:
             return json.dumps({"instances": body["predictions"]}).encode()

@@ -33,6 +33,8 @@ import aiohttp
 from aiohttp import web
 from cloudevents.core.v1.event import CloudEvent
 
+from thaw.json_body import NOT_JSON
+
 from . import events
 from .graph import (NO_SWITCH_MATCH, ROOT, InferenceGraphSpec, InferenceStep, condition_holds, ensemble_key,
                     pick_split, pick_switch, sequence_input, successful)
@@ -170,7 +172,7 @@ class GraphRouter:
                 return result  # the first failed hard dependency decides the answer
             try:
                 merged[ensemble_key(step, i)] = json.loads(result.body)
-            except (ValueError, UnicodeDecodeError):
+            except NOT_JSON:
                 raise RoutingError(500, f"step {ensemble_key(step, i)!r} answered with a body that is not JSON") from None
         return StepResult(json.dumps(merged).encode(), 200)
 
@@ -193,7 +195,7 @@ class GraphRouter:
         if call.event is not None:
             try:
                 data = json.loads(step_input)
-            except (ValueError, UnicodeDecodeError):
+            except NOT_JSON:
                 raise RoutingError(400, f"the input of the step for model {model!r} is not JSON") from None
             step_event = events.make_event(events.INFERENCE_REQUEST, f"/thaw/graphs/{self.name}", data,
                                            **{events.EXT_REQUEST_ID: events.request_id(call.event),
@@ -208,7 +210,7 @@ class GraphRouter:
             return result
         try:
             body = json.loads(step_input)
-        except (ValueError, UnicodeDecodeError):
+        except NOT_JSON:
             body = None
         route = "/v1/chat/completions" if isinstance(body, dict) and "messages" in body else "/v1/completions"
         return await self._post(base + route, step_input, headers, call, stream_ok)
@@ -248,7 +250,7 @@ async def _stream_through(request: web.Request, result: StepResult) -> web.Strea
 def _reply_event(request_event: CloudEvent, result: StepResult, graph: str) -> web.Response:
     try:
         data = json.loads(result.body)
-    except (ValueError, UnicodeDecodeError):
+    except NOT_JSON:
         data = result.body.decode("utf-8", "replace")
     reply = events.make_event(events.INFERENCE_RESPONSE, f"/thaw/graphs/{graph}", data,
                               **{events.EXT_REQUEST_ID: events.request_id(request_event), "thawgraph": graph,

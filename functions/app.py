@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from flask import Flask, Response, jsonify, request
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from werkzeug.exceptions import HTTPException
 
 from thaw.cache_warmer.prewarm import read_into_page_cache
 from thaw.eventing import events
+from thaw.json_body import InvalidJSON, decode
 from thaw.spec import EngineArgs, S3Origin
 from thaw.vllm_platform import detect, gpu_memory
 
@@ -52,6 +53,7 @@ class FunctionConfig:
     engine: EngineArgs = EngineArgs()
     source: str | None = None  # s3://... or a folder, staged through the cache tier at boot
     cache: CacheSettings | None = None
+    max_body_bytes: int = 32 << 20  # a larger request body is a 413
 
 
 def weights_fetcher(config: FunctionConfig):
@@ -128,11 +130,22 @@ class FunctionService:
 
     # ---- requests to prompts ---------------------------------------------------------------------
 
+    def _refuse_unfit(self, texts: list[str], param: str) -> None:
+        """Refuse, before tokenizing, a prompt with more bytes than max_model_len tokens can hold: tokenizing
+        megabytes takes seconds, and the tokenizer is shared with every other request."""
+        size = sum(len(t.encode()) for t in texts)
+        if self.engine.max_prompt_bytes and size > self.engine.max_prompt_bytes:
+            raise p.APIError(
+                400, f"This model's maximum context length is {self.engine.max_model_len} tokens. However, your "
+                     f"prompt is {size} bytes, more than {self.engine.max_prompt_bytes} bytes, the most that fit in "
+                     "it. Please reduce the length of the prompt.", param=param, code="context_length_exceeded")
+
     def _chat_prompt(self, req: p.ChatCompletionRequest) -> list[list[int]]:
         if not self.engine.has_chat_template:
             raise p.APIError(400, "This model has no chat template; use /v1/completions")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in req.messages]
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(),
+                     **({"name": m.name} if m.name else {})} for m in req.messages]
+        self._refuse_unfit([m["content"] for m in messages], "messages")
         return [self.engine.tokenize_chat(messages)]
 
     def _completion_prompts(self, req: p.CompletionRequest) -> list[list[int]]:
@@ -140,6 +153,7 @@ class FunctionService:
         prompts = []
         for i, prompt in enumerate(req.prompts()):
             if isinstance(prompt, str):
+                self._refuse_unfit([prompt], "prompt")
                 prompts.append(self.engine.tokenize(prompt))
             elif all(0 <= t < vocab for t in prompt):
                 prompts.append(prompt)
@@ -180,7 +194,12 @@ class FunctionService:
             Sampling(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                      stop=tuple(req.stop_list()), seed=None if req.seed is None else req.seed + i,
                      presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                     logprobs=req.logprobs_count, ignore_eos=req.ignore_eos)
+                     logprobs=req.logprobs_count, ignore_eos=req.ignore_eos, top_k=req.top_k, min_p=req.min_p,
+                     repetition_penalty=req.repetition_penalty, min_tokens=req.min_tokens,
+                     stop_token_ids=tuple(req.stop_token_ids or ()),
+                     include_stop_str_in_output=req.include_stop_str_in_output,
+                     skip_special_tokens=req.skip_special_tokens,
+                     spaces_between_special_tokens=req.spaces_between_special_tokens)
             for i in range(req.n)
         ]
         gen = self.engine.submit(p.new_id("chatcmpl" if chat else "cmpl"), prompts, sampling)
@@ -350,15 +369,16 @@ def _json_body() -> Any:
         raise p.APIError(415, f"Content-Type must be application/json, got '{request.mimetype or 'none'}'",
                          code="unsupported_media_type")
     try:
-        return json.loads(request.get_data())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise p.APIError(400, f"We could not parse the JSON body of your request: {exc}", code="invalid_json") from None
+        return decode(request.get_data())
+    except InvalidJSON as exc:
+        raise p.APIError(400, f"The request body is {exc.message}", param=exc.param,
+                         code="invalid_json" if exc.param is None else "invalid_value") from None
 
 
 def create_app(config: FunctionConfig, engine: Engine | None = None) -> Flask:
     """The function's WSGI app. Starts loading the engine unless one is given."""
     app = Flask("thaw.function")
-    app.config["MAX_CONTENT_LENGTH"] = 32 << 20
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     metrics = FunctionMetrics()
     # The launcher stamps the wall-clock time before exec; the gap to here is process start.
     launched = os.environ.get("THAW_LAUNCH_TIME")
@@ -366,7 +386,7 @@ def create_app(config: FunctionConfig, engine: Engine | None = None) -> Flask:
     # vLLM's kernel registration calls hasattr() on every module global; on werkzeug's context-local
     # proxies (flask.request, ...) that raises outside a request, so the engine loads inside one.
     engine = engine or Engine(config.engine, weights_fetcher(config), load_context=app.test_request_context,
-                              phases=phases).start()
+                              phases=phases, served_name=config.served_name).start()
     service = FunctionService(config, engine, metrics)
     app.extensions["thaw"] = service
 
@@ -433,7 +453,8 @@ def create_app(config: FunctionConfig, engine: Engine | None = None) -> Flask:
             metrics.start_phase.labels(phase).set(seconds)
         metrics.engine_requests.set(engine.active_requests())
         metrics.parked.set(engine.state == "parked")
-        return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+        # vLLM's own metrics (its stat logger registers them in prometheus_client's global registry) after thaw's
+        return Response(generate_latest(metrics.registry) + generate_latest(REGISTRY), mimetype=CONTENT_TYPE_LATEST)
 
     @app.post("/")
     def cloudevent():
@@ -471,7 +492,8 @@ def create_app(config: FunctionConfig, engine: Engine | None = None) -> Flask:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
         kind = "not_found_error" if exc.code == 404 else "invalid_request_error"
-        return jsonify(p.error_body(exc.description or exc.name, kind, None, None)), exc.code
+        headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}  # 405's Allow
+        return jsonify(p.error_body(exc.description or exc.name, kind, None, None)), exc.code, headers
 
     @app.errorhandler(Exception)
     def internal_error(exc: Exception):

@@ -45,6 +45,14 @@ class Sampling:
     frequency_penalty: float = 0.0
     logprobs: int | None = None
     ignore_eos: bool = False
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,14 @@ class Generation:
             return None
 
 
+def max_token_bytes(tokenizer) -> int:
+    """The most bytes of UTF-8 text one token can stand for: every token's string (its byte-level or
+    SentencePiece spelling) has one character per byte of text or more, and a character is at most 4
+    bytes. So a text of B bytes is at least B / this many tokens: a bound that refuses a prompt too long
+    for the context without tokenizing it, and never refuses one that fits."""
+    return 4 * max(len(token) for token in tokenizer.get_vocab())
+
+
 def _timed(fn, *args) -> float:
     """Seconds `fn(*args)` took."""
     t = time.perf_counter()
@@ -95,10 +111,12 @@ class Engine:
     """Loads vLLM in the background and serves generations once it is ready."""
 
     def __init__(self, args: EngineArgs, fetch_weights, load_context=contextlib.nullcontext,
-                 phases: dict[str, float] | None = None):
+                 phases: dict[str, float] | None = None, served_name: str | None = None):
         """`fetch_weights` returns (model dir, its phase timings): the weights ensured in the cache tier or
-        read into the page cache where they are (functions/app.py's weights_fetcher)."""
+        read into the page cache where they are (functions/app.py's weights_fetcher). `served_name` is the
+        `model_name` label of vLLM's metrics."""
         self.model_dir: Path | None = None
+        self.served_name = served_name
         self._fetch_weights = fetch_weights
         self.args = detect().resolve(args)
         self._load_context = load_context
@@ -106,6 +124,7 @@ class Engine:
         self.error: str | None = None
         self.phases: dict[str, float] = dict(phases or {})  # start-up phase -> seconds, in order
         self.max_model_len = args.max_model_len or 0
+        self.max_prompt_bytes = 0  # a prompt longer than this cannot fit in max_model_len tokens
         self.tokenizer = None
         self._tokenizer_lock = threading.Lock()
         self._fail_lock = threading.Lock()
@@ -129,16 +148,19 @@ class Engine:
         self._commands.put(("add", gen, prompts, sampling))
         return gen
 
-    # vLLM hands out a tokenizer that deep-copies itself for every concurrent caller (slow, and it bites
-    # a burst of first requests at once); one lock makes the calls sequential, each well under 1 ms.
+    # Text is encoded by the Rust tokenizer under vLLM's (HF's) tokenizer: HF's own `encode` sets truncation
+    # on it for every call, so concurrent calls collide, while the Rust `encode` may run in many threads at
+    # once and lets go of the GIL. A long prompt (up to max_prompt_bytes) then holds up only its own request.
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        with self._tokenizer_lock:
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            return backend.encode(text, add_special_tokens=add_special_tokens).ids
+        with self._tokenizer_lock:  # a slow (Python) tokenizer: one call at a time
             return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def tokenize_chat(self, messages: list[dict]) -> list[int]:
-        with self._tokenizer_lock:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            return self.tokenizer.encode(text, add_special_tokens=False)
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenize(text, add_special_tokens=False)
 
     @property
     def has_chat_template(self) -> bool:
@@ -248,12 +270,15 @@ class Engine:
         self.phases["weights"] = read.result()
         weights.shutdown()
         t = time.perf_counter()
-        engine_args = vllm.EngineArgs(model=str(self.model_dir), disable_log_stats=True,
-                                      **self.args.vllm_kwargs())
+        # Stats on: vLLM's own Prometheus metrics (vllm:time_to_first_token_seconds, ...) are what existing
+        # dashboards and autoscalers read; /metrics serves them beside thaw's.
+        engine_args = vllm.EngineArgs(model=str(self.model_dir), served_model_name=self.served_name,
+                                      disable_log_stats=False, **self.args.vllm_kwargs())
         with self._load_context():
             self._engine = LLMEngine.from_engine_args(engine_args)
         self.tokenizer = self._engine.get_tokenizer()
         self.max_model_len = self._engine.model_config.max_model_len
+        self.max_prompt_bytes = self.max_model_len * max_token_bytes(self.tokenizer)
         self.phases["engine_init"] = time.perf_counter() - t
         t = time.perf_counter()
         self._warm_up()
@@ -356,7 +381,11 @@ class Engine:
         return SamplingParams(
             max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, stop=list(s.stop) or None,
             seed=s.seed, presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
-            logprobs=s.logprobs, ignore_eos=s.ignore_eos, output_kind=RequestOutputKind.DELTA,
+            logprobs=s.logprobs, ignore_eos=s.ignore_eos, top_k=s.top_k, min_p=s.min_p,
+            repetition_penalty=s.repetition_penalty, min_tokens=s.min_tokens,
+            stop_token_ids=list(s.stop_token_ids) or None, include_stop_str_in_output=s.include_stop_str_in_output,
+            skip_special_tokens=s.skip_special_tokens, spaces_between_special_tokens=s.spaces_between_special_tokens,
+            output_kind=RequestOutputKind.DELTA,
         )
 
     def _dispatch(self, output) -> None:

@@ -41,7 +41,32 @@ def model_not_found(name: str) -> APIError:
 # Fields OpenAI defines that change what is generated and that this server does not implement: refusing
 # them is better than answering something other than what was asked.
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format", "logit_bias",
-               "suffix", "echo", "best_of", "prediction", "audio", "modalities")
+               "suffix", "echo", "best_of", "prediction", "audio", "modalities", "reasoning_effort",
+               "web_search_options")
+
+
+class FieldRefused(ValueError):
+    """A field the request may not carry; parse_request names it as the error's param."""
+
+    def __init__(self, field: str, code: str):
+        super().__init__(code)
+        self.field = field
+        self.code = code
+
+
+def _refuse_unknown(data: Any, known: set[str]) -> Any:
+    """Nothing a client sends is dropped unseen: a field this server does not know, or knows and does not
+    implement, is a 400 naming it. A JSON null is "not asked for" (some clients send every field), so a
+    null field is dropped instead."""
+    if not isinstance(data, dict):
+        return data
+    out = {}
+    for key, value in data.items():
+        if key in known:
+            out[key] = value
+        elif value is not None:
+            raise FieldRefused(key, "unsupported_parameter" if key in UNSUPPORTED else "unknown_parameter")
+    return out
 
 
 class StreamOptions(BaseModel):
@@ -50,8 +75,9 @@ class StreamOptions(BaseModel):
 
 
 class _SamplingRequest(BaseModel):
-    # Unknown fields are ignored as OpenAI's SDKs send some (user, metadata); see UNSUPPORTED.
-    model_config = ConfigDict(extra="allow", strict=True)
+    # Fields are OpenAI's and the sampling extras vLLM's server takes (vLLM's names, passed to its
+    # SamplingParams); anything else is refused (_refuse_unknown).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -63,14 +89,35 @@ class _SamplingRequest(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     stream: bool = False
-    ignore_eos: bool = False  # vLLM's extension: generate max_tokens even past end-of-sequence
     stream_options: StreamOptions | None = None
+    # OpenAI's fields about the caller, never about what is generated: accepted, unused
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    # vLLM's sampling extras, as its OpenAI server takes them
+    ignore_eos: bool = False  # generate max_tokens even past end-of-sequence
+    top_k: int = Field(0, ge=-1)  # 0 or -1: every token
+    min_p: float = Field(0.0, ge=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0, le=2)
+    min_tokens: int = Field(0, ge=0)
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        return _refuse_unknown(data, set(cls.model_fields))
 
     @model_validator(mode="after")
     def _checks(self):
-        for name in UNSUPPORTED:
-            if (self.model_extra or {}).get(name) is not None:
-                raise ValueError(f"'{name}' is not supported by this server")
+        if self.min_tokens and self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError("min_tokens must not exceed max_tokens")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         if isinstance(self.stop, list) and not all(isinstance(s, str) and s for s in self.stop):
@@ -94,10 +141,15 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
-    name: str | None = None
+    name: str | None = None  # given to the chat template, which may use it
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        return _refuse_unknown(data, set(cls.model_fields))
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -173,6 +225,12 @@ def parse_request(kind: type[_SamplingRequest], data: Any) -> _SamplingRequest:
         first = exc.errors()[0]
         param = _param(tuple(first["loc"]))
         message = first["msg"].removeprefix("Value error, ")
+        refused = (first.get("ctx") or {}).get("error")
+        if isinstance(refused, FieldRefused):
+            param = _param(tuple(first["loc"]) + (refused.field,))
+            message = (f"Unsupported parameter: '{param}' is not supported by this server"
+                       if refused.code == "unsupported_parameter" else f"Unknown parameter: '{param}'.")
+            raise APIError(400, message, param=param, code=refused.code) from None
         if first["type"] == "missing":
             message = f"Missing required parameter: '{param}'"
         elif param:

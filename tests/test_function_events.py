@@ -56,7 +56,7 @@ def _binary_headers(**drop) -> dict:
      "id"),
     ({"content-type": "application/json"}, json.dumps(CHAT), "not a CloudEvent"),
     ({**_binary_headers(), "ce-type": "com.example.other"}, json.dumps(CHAT), "unsupported event type"),
-    (_binary_headers(), "not json at all", "OpenAI request body"),
+    (_binary_headers(), "not json at all", "event data is not valid JSON"),
     (_binary_headers(), json.dumps({"messages": "nope"}), "messages"),
     (_binary_headers(), json.dumps({**CHAT, "stream": True}), "stream"),
 ])

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -93,7 +94,7 @@ def make_spec(tiny: Path, state: Path, port: int, sink: str | None = None, gate:
     return {
         "platform": {
             "eventSink": sink,
-            "gateway": {"port": port}, "stateDir": str(state),
+            "gateway": {"port": port, "maxBodySize": "1Mi", "idleTimeout": "2s"}, "stateDir": str(state),
             "autoscaler": {"scale-to-zero-grace-period": "1s", "tick-interval": "1s"},
             "activator": {"queueDepth": 16, "terminationGracePeriodSeconds": 5},
             "auth": {"tokensEnv": "THAW_TEST_TOKENS"},
@@ -249,6 +250,79 @@ def test_auth(plane):
     listed = requests.get(plane.url + "/v1/models", headers={"Authorization": f"Bearer {LIMITED}"}, timeout=10).json()
     assert [m["id"] for m in listed["data"]] == ["split"]
     assert TOKEN not in Path(plane.server.log_path).read_text()
+
+
+NOT_UTF8 = b"Bearer \xff\xfe-token"
+
+
+def raw_http(plane: Plane, request: bytes, timeout: float = 10) -> bytes:
+    """Send bytes as they are (what no HTTP client library would send) and read until the server closes."""
+    with socket.create_connection(("127.0.0.1", int(plane.url.rsplit(":", 1)[1])), timeout=timeout) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer
+
+
+def test_without_a_valid_token_every_route_is_401_known_model_or_not(plane):
+    for method, path, body in [("POST", "/v1/chat/completions", {"model": "nope", "messages": CHAT}),
+                               ("POST", "/v1/chat/completions", {"model": "tiny", "messages": CHAT}),
+                               ("POST", "/v1/completions", b"{not json"),
+                               ("GET", "/models/nope/v1/models", None), ("GET", "/models/tiny/v1/models", None),
+                               ("GET", "/v1/models/nope", None), ("GET", "/v1/models/tiny", None)]:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode() if body else None
+        r = requests.request(method, plane.url + path, data=data, timeout=10)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", (path, r.text)
+
+
+def test_an_authorization_header_that_is_not_utf8_is_401_everywhere(plane):
+    for path, body in [("/v1/chat/completions", json.dumps({"model": "tiny", "messages": CHAT}).encode()),
+                       ("/models/tiny/v1/models", None), ("/v1/models", None), ("/thaw/v1/status", None),
+                       ("/graphs/classify-then-chat", b"{}"), ("/default/default", b"{}")]:
+        method = b"POST" if body is not None else b"GET"
+        head = (method + b" " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nAuthorization: " + NOT_UTF8 +
+                b"\r\nContent-Type: application/json\r\nConnection: close\r\n")
+        answer = raw_http(plane, head + b"Content-Length: %d\r\n\r\n" % len(body or b"") + (body or b""))
+        assert answer.startswith(b"HTTP/1.1 401"), (path, answer[:300])
+
+
+def test_pathological_bodies_get_openai_400s(plane):
+    deep = b'{"model": "tiny", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    r = requests.post(plane.url + "/v1/chat/completions", data=deep, headers=HEADERS, timeout=30)
+    assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"]
+    lone = b'{"model": "tiny", "messages": [{"role": "user", "content": "a\\ud800b"}]}'
+    for path in ("/v1/chat/completions", "/models/tiny/v1/chat/completions"):
+        r = requests.post(plane.url + path, data=lone, headers={**HEADERS, "Content-Type": "application/json"},
+                          timeout=120)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content", (path, r.text)
+
+
+def test_http_errors_are_in_the_surface_shape(plane):
+    r = requests.get(plane.url + "/no/such/route/here", headers=HEADERS, timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    r = requests.get(plane.url + "/someone/else", headers=HEADERS, timeout=10)  # not a broker path
+    assert r.status_code == 404 and "error" in r.json() and "broker" not in r.text
+    r = requests.get(plane.url + "/v1/chat/completions", headers=HEADERS, timeout=10)
+    assert r.status_code == 405 and r.headers["Allow"] == "POST" and r.json()["error"]["type"] == "invalid_request_error"
+    big = {"model": "tiny", "messages": [{"role": "user", "content": "x" * (1 << 20)}]}  # maxBodySize: 1Mi
+    r = requests.post(plane.url + "/v1/chat/completions", json=big, headers=HEADERS, timeout=30)
+    assert r.status_code == 413 and "error" in r.json() and r.json()["error"]["type"] == "invalid_request_error"
+    r = requests.post(plane.url + "/graphs/classify-then-chat", json=big, headers=HEADERS, timeout=30)
+    assert r.status_code == 413 and r.json()["error"] == "Failed to process request"  # KServe's router shape
+    r = requests.post(plane.url + "/default/default", json=big, headers=HEADERS, timeout=30)
+    assert r.status_code == 413 and "error" in r.json()
+    answer = raw_http(plane, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split()[1] == b"400" and json.loads(body)["error"]["type"] == "invalid_request_error"
+
+
+def test_idle_and_slow_header_connections_are_closed(plane):
+    # idleTimeout is 2s in this spec: a connection that never completes its headers is closed by then
+    for partial in (b"", b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"):
+        started = time.monotonic()
+        assert raw_http(plane, partial, timeout=30) == b""  # the server closed it
+        assert time.monotonic() - started < 10
 
 
 def test_models_list_shows_state(plane):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from thaw.durations import parse_duration
 from thaw.spec import SpecError, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,7 +26,18 @@ def problems(text: str) -> list[str]:
     ("models:\n  - name: a\n    source: x\n    colour: red\n", "t.yaml:4: models[0].colour: unknown field"),
     ("models:\n  - name: a\n    source: http://x/y\n", "t.yaml:3: models[0].source: 'http://x/y': a source is s3://"),
     ("models:\n  - name: a\n    source: x\n    scaling:\n      window: 2s\n",
-     "t.yaml:5: models[0].scaling.window: window must be between 6s and 3600s"),
+     "t.yaml:5: models[0].scaling.window: must be between 6s and 3600s, got '2s'"),
+    # Go's time.ParseDuration, as Knative parses the annotation: a unit is required
+    ("models:\n  - name: a\n    source: x\n    scaling:\n      window: '60'\n",
+     "t.yaml:5: models[0].scaling.window: '60' is not a Go duration"),
+    ("models:\n  - name: a\n    source: x\n    scaling:\n      window: 60\n",
+     "t.yaml:5: models[0].scaling.window: Input should be a valid string"),
+    ("platform:\n  autoscaler:\n    tick-interval: 2 s\n",
+     "t.yaml:3: platform.autoscaler.tick-interval: '2 s' is not a Go duration"),
+    ("platform:\n  gateway:\n    idleTimeout: 1h2m3\n",
+     "t.yaml:3: platform.gateway.idleTimeout: '1h2m3' is not a Go duration"),
+    ("platform:\n  gateway:\n    maxBodySize: lots\n",
+     "t.yaml:3: platform.gateway.maxBodySize: 'lots' is not a Kubernetes quantity"),
     ("models:\n  - name: a\n    source: x\n    scaling:\n      min-scale: 3\n      max-scale: 1\n",
      "t.yaml:4: models[0].scaling: min-scale (3) must not exceed max-scale (1)"),
     ("models:\n  - name: a\n    source: x\n    scaling:\n      panic-threshold-percentage: 50\n",
@@ -35,8 +47,9 @@ def problems(text: str) -> list[str]:
     ("models:\n  - name: a\n    source: x\n    resources: {memory: 4 gigs}\n",
      "models[0].resources.memory: '4 gigs' is not a Kubernetes quantity"),
     ("models:\n  - name: a\n    source: x\n  - name: a\n    source: y\n", "model names must be unique; repeated: a"),
-    ("models: [\n", "t.yaml:2: not valid YAML"),
-    ("- a\n- b\n", "t.yaml:1: the spec must be a mapping"),
+    ("models: [\n", "t.yaml:2: (top level): not valid YAML"),
+    ("- a\n- b\n", "t.yaml:1: (top level): the spec must be a mapping"),
+    ("a: " + "[" * 5000 + "]" * 5000 + "\n", "t.yaml:1: (top level): nested too deeply to be a spec"),
     ("graphs:\n  g:\n    nodes: {first: {routerType: Sequence, steps: []}}\n", "graph 'g': root node not found"),
     ("graphs:\n  g:\n    nodes: {root: {routerType: Sequence, steps: [{serviceName: nosuch}]}}\n",
      "step serviceName 'nosuch' is not a model of this spec"),
@@ -49,6 +62,31 @@ def problems(text: str) -> list[str]:
 ])
 def test_validation_errors(text, expected):
     assert any(expected in line for line in problems(text)), problems(text)
+
+
+@pytest.mark.parametrize("duration,seconds", [("60s", 60), ("1m30s", 90), ("500ms", 0.5), ("1.5h", 5400), ("0", 0),
+                                              ("2h45m", 9900), ("1us", 1e-6)])
+def test_go_durations(duration, seconds):
+    assert parse_duration(duration) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("duration", ["60", "", "1d", "s", "1s2", " 1s", "1 s", "1h-2m"])
+def test_what_go_refuses_is_refused(duration):
+    with pytest.raises(ValueError, match="not a Go duration"):
+        parse_duration(duration)
+
+
+@pytest.mark.parametrize("content,expected", [
+    (b"models:\n  - name: a\n    source: \"\xff\xfe\"\n", "bad.yaml:3: (top level): byte 0xff is not UTF-8"),
+    (("a:\n" + "".join("  " * i + f"b{i}:\n" for i in range(3000))).encode(),
+     "bad.yaml:1: (top level): nested too deeply to be a spec"),
+])
+def test_unreadable_spec_files_are_one_error_line_and_exit_1(tmp_path, content, expected):
+    (tmp_path / "bad.yaml").write_bytes(content)
+    done = subprocess.run([sys.executable, "-m", "thaw.cli", "validate", "-f", "bad.yaml"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and expected in done.stdout + done.stderr, done
+    assert "Traceback" not in done.stdout + done.stderr
 
 
 def test_every_error_is_reported_at_once():

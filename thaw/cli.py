@@ -374,6 +374,8 @@ def function_serve(
     host: str = typer.Option("127.0.0.1", "--host"),
     engine_arg: list[str] = typer.Option([], "--engine-arg", help="vLLM engine argument KEY=VALUE (repeatable)."),
     threads: int = typer.Option(64, "--threads", help="Concurrent requests this replica takes."),
+    max_body_size: str = typer.Option("32Mi", "--max-body-size", help="The largest request body (a quantity); "
+                                                                     "more is a 413."),
 ) -> None:
     """Serve one model under gunicorn: OpenAI routes, probes, metrics, CloudEvents."""
     from kubernetes.utils import parse_quantity
@@ -389,7 +391,8 @@ def function_serve(
                           S3Origin(endpointUrl=s3_endpoint, region=s3_region, bandwidthMbps=bandwidth_mbps), prewarm,
                           dram_root) if cache_root else None
     config = FunctionConfig(model_dir=model_dir.resolve() if model_dir else None, served_name=served_name,
-                            engine=parse_engine_args(engine_arg), source=source, cache=cache)
+                            engine=parse_engine_args(engine_arg), source=source, cache=cache,
+                            max_body_bytes=int(parse_quantity(max_body_size)))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     serve(config, host, port, threads)
 

@@ -1,26 +1,43 @@
-"""Go-style durations ("60s", "1m30s", "500ms"), the form Knative's annotations and config maps use."""
+"""Go durations ("60s", "1m30s", "500ms"), the form Knative's annotations and config maps take.
+
+Converted by `durationpy` (which the kubernetes client depends on). durationpy also takes units Go does
+not ("1d", "1w", "1h-2m"), so the text is first held to Go's `time.ParseDuration` grammar: a unit is
+required ("60" is refused, as Knative refuses it), except for "0". `GoDuration(low, high)` is the spec's
+one typed field for them.
+"""
 
 from __future__ import annotations
 
 import re
+from typing import Annotated
 
-_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
-_PART = re.compile(r"(\d+(?:\.\d+)?)(h|ms|m|s|us|µs|ns)")
+import durationpy
+from pydantic import AfterValidator
+
+_GO_DURATION = re.compile(r"[-+]?(0|((\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h))+)")
 
 
-def parse_duration(value: str | int | float) -> float:
-    """Seconds in a Go duration string; a bare number is taken as seconds. Raises ValueError."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    text = str(value).strip()
-    if re.fullmatch(r"\d+(\.\d+)?", text):
-        return float(text)
-    if text == "0":
-        return 0.0
-    parts = _PART.findall(text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        raise ValueError(f"{value!r} is not a duration such as '60s', '1m30s' or '500ms'")
-    return sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+def parse_duration(value: str) -> float:
+    """Seconds in a Go duration string. Raises ValueError for anything Go's parser refuses."""
+    if not isinstance(value, str) or not _GO_DURATION.fullmatch(value):
+        raise ValueError(f"{value!r} is not a Go duration: write it with a unit, such as '60s', '1m30s' "
+                         "or '500ms'")
+    try:
+        return durationpy.from_str(value).total_seconds()
+    except durationpy.DurationError:
+        raise ValueError(f"{value!r} is not a Go duration: write it with a unit, such as '60s', '1m30s' "
+                         "or '500ms'") from None
+
+
+def GoDuration(low: float, high: float):  # noqa: N802 (a type, used as one)
+    """A Go duration string between `low` and `high` seconds, kept as written."""
+
+    def check(value: str) -> str:
+        if not low <= parse_duration(value) <= high:
+            raise ValueError(f"must be between {format_duration(low)} and {format_duration(high)}, got {value!r}")
+        return value
+
+    return Annotated[str, AfterValidator(check)]
 
 
 def format_duration(seconds: float) -> str:

@@ -48,13 +48,14 @@ def serve_args(model_dir: str | Path | None, served_name: str, port: int, engine
     return args
 
 
-def weights_args(model, spec, cache_root: str | Path, dram_root: str | Path | None = None,
+def replica_args(model, spec, cache_root: str | Path, dram_root: str | Path | None = None,
                  local: Callable[[str], str] = lambda p: str(Path(p).resolve())) -> tuple[str | None, list[str] | None]:
     """How a replica gets its weights: a folder (`local` maps the spec's path to where the replica sees
     it), or the arguments to stage its source into the cache tier at `cache_root` at boot. Either way the
-    replica keeps vLLM's compile cache in the tier."""
+    replica keeps vLLM's compile cache in the tier, and takes request bodies up to the spec's limit."""
     cache, s3 = spec.platform.cache, spec.platform.origin.s3
-    tier = ["--cache-root", str(cache_root), "--cache-capacity", cache.capacity]
+    tier = ["--cache-root", str(cache_root), "--cache-capacity", cache.capacity,
+            "--max-body-size", spec.platform.gateway.maxBodySize]
     if not model.stages_through_tier:
         return local(model.source), tier
     args = ["--source", model.source if model.source.startswith("s3://") else local(model.source), *tier,

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from thaw.durations import parse_duration
+from thaw.durations import GoDuration
 from thaw.eventing.delivery import parse_iso_duration
 from thaw.eventing.filters import check_filters
 from thaw.eventing.graph import GraphInvalid, parse_graph
@@ -32,13 +32,6 @@ class SpecModel(BaseModel):
 
 def _kebab(name: str) -> str:
     return name.replace("_", "-")
-
-
-def _check_duration(value: str, low: float, high: float, what: str) -> str:
-    seconds = parse_duration(value)
-    if not low <= seconds <= high:
-        raise ValueError(f"{what} must be between {low:g}s and {high:g}s, got {value!r}")
-    return value
 
 
 class EngineArgs(SpecModel):
@@ -86,11 +79,11 @@ class Scaling(SpecModel):
     initial_scale: int = Field(0, ge=0, description="thaw starts every model at zero unless told")
     target: float | None = Field(None, ge=0.01, description="None: containerConcurrency, else 100")
     target_utilization_percentage: float = Field(70, ge=1, le=100)
-    window: str = "60s"
+    window: GoDuration(6, 3600) = "60s"
     panic_window_percentage: float = Field(10, ge=1, le=100)
     panic_threshold_percentage: float = Field(200, ge=110, le=1000)
-    scale_down_delay: str = "0s"
-    scale_to_zero_pod_retention_period: str = "0s"
+    scale_down_delay: GoDuration(0, 3600) = "0s"
+    scale_to_zero_pod_retention_period: GoDuration(0, 3600) = "0s"
     activation_scale: int = Field(1, ge=1)
     # Deliberately not Knative's 211: with 211 a revision whose pods take few concurrent requests (a GPU
     # LLM) never has spare capacity above it, so the activator stays in every request's path. 0 keeps the
@@ -103,16 +96,6 @@ class Scaling(SpecModel):
         if isinstance(data, dict):
             return {k.removeprefix(AUTOSCALING_PREFIX): v for k, v in data.items()}
         return data
-
-    @field_validator("window")
-    @classmethod
-    def _window(cls, v: str) -> str:
-        return _check_duration(v, 6, 3600, "window")
-
-    @field_validator("scale_down_delay", "scale_to_zero_pod_retention_period")
-    @classmethod
-    def _delay(cls, v: str) -> str:
-        return _check_duration(v, 0, 3600, "this delay")
 
     @model_validator(mode="after")
     def _bounds(self) -> "Scaling":
@@ -261,6 +244,21 @@ class Model(SpecModel):
 class Gateway(SpecModel):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
+    # The largest request body the gateway, the broker, graphs and each replica take (a quantity); more is a 413.
+    maxBodySize: str = "32Mi"
+    # A connection with no complete request (idle, or its headers or body arriving slower) is closed after this.
+    idleTimeout: GoDuration(1, 3600) = "60s"
+
+    @field_validator("maxBodySize")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        return Resources._quantity(v)
+
+    @property
+    def max_body_bytes(self) -> int:
+        from kubernetes.utils import parse_quantity
+
+        return int(parse_quantity(self.maxBodySize))
 
     @property
     def local_url(self) -> str:
@@ -304,16 +302,11 @@ class Autoscaler(SpecModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, alias_generator=_kebab)
 
-    tick_interval: str = "2s"
-    scale_to_zero_grace_period: str = "30s"
+    tick_interval: GoDuration(0.01, 3600) = "2s"
+    scale_to_zero_grace_period: GoDuration(0.01, 3600) = "30s"
     max_scale_up_rate: float = Field(1000, gt=1)
     max_scale_down_rate: float = Field(2, gt=1)
     enable_scale_to_zero: bool = True
-
-    @field_validator("tick_interval", "scale_to_zero_grace_period")
-    @classmethod
-    def _duration(cls, v: str) -> str:
-        return _check_duration(v, 0.01, 3600, "this setting")
 
 
 class Activator(SpecModel):
@@ -354,19 +347,14 @@ class Optimizer(SpecModel):
 
     memoryBudget: str = "0"  # weights kept prewarmed in memory
     replicaBudget: int = Field(0, ge=0)  # idle replicas kept up (0: every model may go to zero)
-    window: str = "600s"  # request history the call rate is measured over
-    horizon: str = "300s"  # "soon"
-    interval: str = "10s"
+    window: GoDuration(1, 86400) = "600s"  # request history the call rate is measured over
+    horizon: GoDuration(1, 86400) = "300s"  # "soon"
+    interval: GoDuration(1, 86400) = "10s"
 
     @field_validator("memoryBudget")
     @classmethod
     def _memory(cls, v: str) -> str:
         return Resources._quantity(v)
-
-    @field_validator("window", "horizon", "interval")
-    @classmethod
-    def _duration(cls, v: str) -> str:
-        return _check_duration(v, 1, 86400, "this duration")
 
 
 class FluidCache(SpecModel):
@@ -405,12 +393,7 @@ class Cluster(SpecModel):
     images: Images = Images()
     cacheVolume: ClusterCacheVolume = ClusterCacheVolume()
     cacheMountPath: str = "/var/cache/thaw"  # where pods see the cache tier
-    progressDeadline: str = "1800s"  # serving.knative.dev/progress-deadline: a model start may be long
-
-    @field_validator("progressDeadline")
-    @classmethod
-    def _deadline(cls, v: str) -> str:
-        return _check_duration(v, 1, 86400, "progressDeadline")
+    progressDeadline: GoDuration(1, 86400) = "1800s"  # serving.knative.dev/progress-deadline: a model start may be long
 
 
 class Platform(SpecModel):
@@ -583,17 +566,22 @@ def parse_spec(text: str, path: str = "thaw.yaml") -> Spec:
     try:
         node = yaml.compose(text)
         data = yaml.safe_load(text)
+        lines = _line_index(node) if node is not None else {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else path
-        raise SpecError(path, [f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+        where = f"{path}:{mark.line + 1}" if mark else f"{path}:1"
+        raise SpecError(path, [f"{where}: (top level): not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    except RecursionError:  # PyYAML's composer recurses once per level
+        raise SpecError(path, [f"{path}:1: (top level): nested too deeply to be a spec: flatten it"]) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise SpecError(path, [f"{path}:1: the spec must be a mapping with platform, models, graphs, triggers"])
-    lines = _line_index(node) if node is not None else {}
+        raise SpecError(path, [f"{path}:1: (top level): the spec must be a mapping with platform, models, graphs, "
+                               "triggers"])
     try:
         return Spec.model_validate(data)
+    except RecursionError:
+        raise SpecError(path, [f"{path}:1: (top level): nested too deeply to be a spec: flatten it"]) from None
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
@@ -615,7 +603,13 @@ def spec_warnings(spec: Spec, path: str = "thaw.yaml") -> list[str]:
 def load_spec(path: str | Path) -> Spec:
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as exc:
-        raise SpecError(str(path), [f"{path}: cannot read: {exc.strerror}"]) from None
+        raise SpecError(str(path), [f"{path}:1: (top level): cannot read: {exc.strerror}"]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise SpecError(str(path), [f"{path}:{line}: (top level): byte {raw[exc.start]:#04x} is not UTF-8: save the "
+                                    "file as UTF-8"]) from None
     return parse_spec(text, str(path))

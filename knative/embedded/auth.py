@@ -71,9 +71,13 @@ class Authenticator:
         scheme, _, presented = (header or "").partition(" ")
         if scheme.lower() != "bearer" or not presented:
             raise AuthError(401, "Missing bearer token: send 'Authorization: Bearer <token>'")
+        try:
+            presented_bytes = presented.encode()
+        except UnicodeEncodeError:  # header bytes that are not UTF-8 (aiohttp passes them on as surrogates)
+            raise AuthError(401, "Incorrect API token provided") from None
         found = None
         for token in self.tokens:  # every token is compared, matched or not
-            if hmac.compare_digest(token.secret.encode(), presented.encode()):
+            if hmac.compare_digest(token.secret.encode(), presented_bytes):
                 found = token
         if found is None:
             raise AuthError(401, "Incorrect API token provided")

@@ -12,6 +12,10 @@ Errors use OpenAI's error object: 404 unknown model, 401/403 auth, 503 queue ful
 504 past timeoutSeconds, 502 when a replica dies under a request (a stream gets an error chunk and
 `data: [DONE]` instead, since its status has already gone out). A request whose replica's connection
 fails before any answer goes to another replica (or a replacement) instead, up to ATTEMPTS tries.
+So do the answers aiohttp itself gives: unknown routes (404), wrong methods (405 with `Allow`), bodies
+over `platform.gateway.maxBodySize` (413), bodies slower than the idle timeout (408), and requests its
+HTTP parser refuses (400); graph routes answer in KServe's shape instead, the broker in its own.
+With auth on, the token is checked before anything else, so no answer tells a stranger which models exist.
 """
 
 from __future__ import annotations
@@ -19,11 +23,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from http import HTTPStatus
 
 import aiohttp
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from thaw.functions.protocol import error_body
+from thaw.json_body import InvalidJSON, decode
 
 from .activator import QueueFull
 from .auth import AuthError, Authenticator
@@ -39,6 +46,10 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
 def _error(status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
            param: str | None = None, headers: dict | None = None) -> web.Response:
     return web.json_response(error_body(message, type, param, code), status=status, headers=headers)
+
+
+def _auth_error(exc: AuthError) -> web.Response:
+    return _error(exc.status, str(exc), "authentication_error" if exc.status == 401 else "permission_error")
 
 
 def _not_found(model: str) -> web.Response:
@@ -58,14 +69,82 @@ class _NotAnswered(Exception):
         self.refused = refused
 
 
+def _surface_error(request: web.Request, status: int, message: str, headers: dict | None = None) -> web.Response:
+    """An error aiohttp raised (routing, body size), in the shape of the surface the path belongs to."""
+    if request.path.startswith("/graphs/"):
+        from thaw.eventing.router import error_response
+
+        response = error_response(status, message)
+        response.headers.update(headers or {})
+        return response
+    kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error")
+    return _error(status, message, kind, headers=headers)
+
+
+@web.middleware
+async def shaped_errors(request: web.Request, handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        if isinstance(exc, web.HTTPMethodNotAllowed):
+            message = f"{request.method} is not allowed here; use {', '.join(sorted(exc.allowed_methods))}"
+            return _surface_error(request, 405, message, {"Allow": ",".join(sorted(exc.allowed_methods))})
+        if isinstance(exc, web.HTTPNotFound):
+            return _surface_error(request, 404, f"No route {request.path}: the OpenAI routes are under /v1/, "
+                                                "a model's own under /models/<name>/")
+        return _surface_error(request, exc.status, exc.text or HTTPStatus(exc.status).phrase)
+
+
+async def read_body(request: web.Request, timeout: float) -> bytes:
+    """The whole body, or HTTPRequestTimeout when the client sends it slower than `timeout` allows."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await request.read()
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(text=f"The request body did not arrive within {timeout:g}s") from None
+
+
+class _JSONErrorHandler(RequestHandler):
+    """aiohttp answers requests its HTTP parser refuses (a bad request line, a header over the size limit)
+    in plain text; here they get OpenAI's error object instead."""
+
+    def handle_error(self, request, status: int = 500, exc=None, message=None) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs, and refuses once the answer has begun
+        text = message if status < 500 and message else HTTPStatus(status).description
+        response = web.json_response(error_body(text, "invalid_request_error" if status < 500 else "server_error"),
+                                     status=status)
+        response.force_close()
+        return response
+
+
+class _JSONErrorServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _JSONErrorHandler(self, loop=self._loop, **self._kwargs)
+
+
+class GatewayRunner(web.AppRunner):
+    """An AppRunner whose connections are _JSONErrorHandlers (aiohttp has no setting for the class)."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _JSONErrorServer
+        return server
+
+
 class Gateway:
-    def __init__(self, plane: ServingPlane, auth: Authenticator):
+    def __init__(self, plane: ServingPlane, auth: Authenticator, max_body_bytes: int = 32 << 20,
+                 idle_timeout: float = 60):
         self.plane = plane
         self.auth = auth
+        self.max_body_bytes = max_body_bytes
+        self.idle_timeout = idle_timeout
         self.session: aiohttp.ClientSession | None = None
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=32 << 20)
+        app = web.Application(client_max_size=self.max_body_bytes, middlewares=[shaped_errors])
         app.router.add_post("/v1/chat/completions", self.by_body)
         app.router.add_post("/v1/completions", self.by_body)
         app.router.add_get("/v1/models", self.list_models)
@@ -94,7 +173,7 @@ class Gateway:
         try:
             self.auth.check(request.headers.get("Authorization"))
         except AuthError as exc:
-            return _error(exc.status, str(exc), "authentication_error")
+            return _auth_error(exc)
         return web.json_response(self.plane.status())
 
     def _card(self, model: dict) -> dict:
@@ -108,37 +187,49 @@ class Gateway:
         try:
             self.auth.check(header)
         except AuthError as exc:
-            return _error(exc.status, str(exc), "authentication_error")
+            return _auth_error(exc)
         cards = [self._card(m) for m in self.plane.status()["models"]
                  if self.auth.allowed(header, m["name"]) and any(r["percent"] for r in m["revisions"])]
         return web.json_response({"object": "list", "data": cards})
 
     async def get_model(self, request: web.Request) -> web.Response:
         name = request.match_info["model"]
-        for model in self.plane.status()["models"]:
-            if name in (model["name"], model["served_name"]) and any(r["percent"] for r in model["revisions"]):
-                try:
-                    self.auth.check(request.headers.get("Authorization"), model["name"])
-                except AuthError as exc:
-                    return _error(exc.status, str(exc), "authentication_error")
-                return web.json_response(self._card(model))
+        header = request.headers.get("Authorization")
+        try:
+            self.auth.check(header)
+            for model in self.plane.status()["models"]:
+                if name in (model["name"], model["served_name"]) and any(r["percent"] for r in model["revisions"]):
+                    self.auth.check(header, model["name"])
+                    return web.json_response(self._card(model))
+        except AuthError as exc:
+            return _auth_error(exc)
         return _not_found(name)
 
     async def by_body(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
         try:
-            model = json.loads(body).get("model")
-        except (ValueError, AttributeError):
-            return _error(400, "We could not parse the JSON body of your request", code="invalid_json")
+            self.auth.check(request.headers.get("Authorization"))
+        except AuthError as exc:
+            return _auth_error(exc)
+        body = await read_body(request, self.idle_timeout)
+        try:
+            data = decode(body)
+        except InvalidJSON as exc:
+            return _error(400, f"The request body is {exc.message}", param=exc.param,
+                          code="invalid_json" if exc.param is None else "invalid_value")
+        model = data.get("model") if isinstance(data, dict) else None
         if not isinstance(model, str) or not model:
             return _error(400, "Missing required parameter: 'model'", code="missing_required_parameter",
                           param="model")
         return await self._forward(request, model, None, request.path, body)
 
     async def by_path(self, request: web.Request) -> web.StreamResponse:
+        try:
+            self.auth.check(request.headers.get("Authorization"))
+        except AuthError as exc:
+            return _auth_error(exc)
         model, _, tag = request.match_info["model"].partition("@")
         path = "/" + request.match_info["tail"]
-        return await self._forward(request, model, tag or None, path, await request.read())
+        return await self._forward(request, model, tag or None, path, await read_body(request, self.idle_timeout))
 
     # ---- forwarding ------------------------------------------------------------------------------
 
@@ -150,7 +241,7 @@ class Gateway:
         except UnknownModel:
             return _not_found(model if tag is None else f"{model}@{tag}")
         except AuthError as exc:
-            return _error(exc.status, str(exc), "authentication_error" if exc.status == 401 else "permission_error")
+            return _auth_error(exc)
         loop = asyncio.get_running_loop()
         arrived = loop.time()
         deadline = arrived + rev.model.timeoutSeconds

@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 
 from thaw.durations import parse_duration
-from thaw.launch import weights_args
+from thaw.launch import replica_args
 from thaw.cache_warmer.optimize import keep_warm_loop
 from thaw.spec import Model, Spec, SpecError, load_spec, spec_warnings
 
@@ -95,7 +95,7 @@ class ModelRuntime:
 
 def replica_weights(model: Model, spec: Spec) -> tuple[Path | None, list[str] | None]:
     """A replica's weights here: the spec's paths resolved on this machine."""
-    folder, source_args = weights_args(model, spec, Path(spec.platform.cache.path).resolve(),
+    folder, source_args = replica_args(model, spec, Path(spec.platform.cache.path).resolve(),
                                        Path(spec.platform.cache.dramPath).resolve())
     return (Path(folder) if folder else None), source_args
 

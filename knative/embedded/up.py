@@ -15,10 +15,11 @@ from rich.logging import RichHandler
 
 from thaw.cache_warmer.optimize import graph_look_ahead
 from thaw.eventing.host import EventingHost
+from thaw.durations import parse_duration
 from thaw.spec import Spec
 
 from .auth import Authenticator, Token, eventing_gate
-from .gateway import Gateway
+from .gateway import Gateway, GatewayRunner
 from .plane import ServingPlane
 
 log = logging.getLogger("thaw.up")
@@ -38,14 +39,17 @@ async def serve(spec: Spec, spec_path: Path | None, ready: asyncio.Event | None 
     if auth.enabled:  # the broker's deliveries to models: a per-process token nobody else holds
         internal = secrets.token_urlsafe(32)
         auth.tokens.append(Token(internal, None))
-    gateway = Gateway(plane, auth)
+    idle_timeout = parse_duration(spec.platform.gateway.idleTimeout)
+    gateway = Gateway(plane, auth, spec.platform.gateway.max_body_bytes, idle_timeout)
     host, port = spec.platform.gateway.host, spec.platform.gateway.port
     eventing = EventingHost(spec, spec.platform.gateway.local_url, Path(spec.platform.stateDir), graph_look_ahead(plane),
                             gate, internal)
     plane.spec_listeners.append(eventing.apply_spec)
     app = gateway.app()
     eventing.add_routes(app)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    # aiohttp's keep-alive timer runs from a connection's start and from each answer, and closes the
+    # connection if no whole request has arrived by then: idle and slow-header connections alike.
+    runner = GatewayRunner(app, handler_cancellation=True, access_log=None, keepalive_timeout=idle_timeout)
     await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
