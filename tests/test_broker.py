@@ -176,6 +176,19 @@ def test_ingress_errors(broker_url, upstreams):
     r = requests.post(url + "/default/default", data=b"{not json",
                       headers={"Content-Type": "application/cloudevents+json"}, timeout=10)
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
+    deep = b'{"specversion": "1.0", "id": "1", "type": "t", "source": "/s", "data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    r = requests.post(url + "/default/default", data=deep, headers={"Content-Type": "application/cloudevents+json"},
+                      timeout=10)
+    assert r.status_code == 400 and "nested too deeply" in r.json()["error"]
+    lone = b'{"specversion": "1.0", "id": "1", "type": "t", "source": "/s\\ud800"}'
+    r = requests.post(url + "/default/default", data=lone, headers={"Content-Type": "application/cloudevents+json"},
+                      timeout=10)
+    assert r.status_code == 400 and "'source'" in r.json()["error"]
+    r = requests.post(url + "/default/default", data=b"{}", timeout=10,
+                      headers={**missing_id, "ce-id": "1", "ce-source": b"/s\xff"})  # header bytes not UTF-8
+    assert r.status_code == 400 and "'source'" in r.json()["error"]
+    r = requests.post(url + "/default/default", data=b"[" * 100_000, headers={**missing_id, "ce-id": "1"}, timeout=10)
+    assert r.status_code == 400 and "event data is nested too deeply" in r.json()["error"]
     assert send(url + "/default/nosuch").status_code == 404
     assert send(url + "/otherns/default").status_code == 404
     assert requests.get(url + "/default/default", timeout=10).status_code == 405

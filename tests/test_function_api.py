@@ -132,7 +132,6 @@ BAD_INPUTS = [
     (CHAT, {"model": "tiny", "messages": MSG, "top_p": 0}, "application/json", 400, "top_p", "invalid_value"),
     (CHAT, {"model": "tiny", "messages": MSG, "stream_options": {"include_usage": True}}, "application/json", 400,
      None, "invalid_value"),
-    (CHAT, {"model": "tiny", "messages": MSG, "tools": [{"type": "function"}]}, "application/json", 400, None, None),
     (CHAT, {"model": "tiny", "messages": [{"role": "user", "content": LONG_PROMPT}]}, "application/json", 400,
      None, "context_length_exceeded"),
     (CHAT, {"model": "tiny", "messages": MSG, "max_tokens": 600}, "application/json", 400, "max_tokens",
@@ -143,6 +142,26 @@ BAD_INPUTS = [
     (COMP, {"model": "tiny", "prompt": [10**9]}, "application/json", 400, "prompt", None),
     (COMP, {"model": "tiny", "prompt": "x", "logprobs": 50}, "application/json", 400, "logprobs", "invalid_value"),
     (COMP, {"model": "tiny", "prompt": LONG_PROMPT}, "application/json", 400, None, "context_length_exceeded"),
+    # bodies that break parsers: a nest deep enough to exhaust recursion, bytes that are not UTF-8, a lone
+    # surrogate escape (valid JSON, not text)
+    (CHAT, b'{"model": "tiny", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "application/json", 400,
+     None, "invalid_json"),
+    (CHAT, b'{"model": "tiny\xff", "messages": []}', "application/json", 400, None, "invalid_json"),
+    (CHAT, b'{"model": "tiny", "messages": [{"role": "user", "content": "a\\udc80"}]}', "application/json", 400,
+     "messages[0].content", "invalid_value"),
+    (COMP, b'{"model": "tiny", "prompt": ["ok", "\\ud800"]}', "application/json", 400, "prompt[1]", "invalid_value"),
+    # nothing is dropped unseen: unknown fields and fields this server does not implement are refused
+    (CHAT, {"model": "tiny", "messages": MSG, "top_kk": 1}, "application/json", 400, "top_kk", "unknown_parameter"),
+    (CHAT, {"model": "tiny", "messages": [{**MSG[0], "tool_calls": []}]}, "application/json", 400,
+     "messages[0].tool_calls", "unknown_parameter"),
+    (CHAT, {"model": "tiny", "messages": MSG, "tools": [{"type": "function"}]}, "application/json", 400, "tools",
+     "unsupported_parameter"),
+    (CHAT, {"model": "tiny", "messages": MSG, "top_k": -2}, "application/json", 400, "top_k", "invalid_value"),
+    (COMP, {"model": "tiny", "prompt": "x", "min_p": 1.5}, "application/json", 400, "min_p", "invalid_value"),
+    (COMP, {"model": "tiny", "prompt": "x", "repetition_penalty": 0}, "application/json", 400, "repetition_penalty",
+     "invalid_value"),
+    # a prompt far past max_model_len is refused by its size in bytes, without tokenizing 10 MB
+    (COMP, {"model": "tiny", "prompt": "x" * 10_000_000}, "application/json", 400, "prompt", "context_length_exceeded"),
 ]
 
 
@@ -166,11 +185,51 @@ def test_context_length_message_names_both_lengths(function):
     assert "512" in message and str(len(LONG_PROMPT.encode()) + 0) in message
 
 
-def test_unknown_route_and_method(function):
+def test_unknown_route_method_and_size(function):
     r = requests.get(function.url + "/v2/nothing", timeout=5)
-    assert r.status_code == 404 and "error" in r.json()
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
     r = requests.get(function.url + CHAT, timeout=5)
-    assert r.status_code == 405 and "error" in r.json()
+    assert r.status_code == 405 and set(r.headers["Allow"].split(", ")) == {"OPTIONS", "POST"} and "error" in r.json()
+    r = requests.post(function.url + CHAT, data=b"x" * (33 << 20), headers={"Content-Type": "application/json"},
+                      timeout=60)  # the default --max-body-size is 32Mi
+    assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_null_fields_are_not_asked_for(function):
+    r = requests.post(function.url + CHAT, timeout=60, json={"model": "tiny", "messages": [{**MSG[0], "refusal": None}],
+                                                             "tools": None, "max_tokens": 2, "user": "u-1"})
+    assert r.status_code == 200, r.text
+
+
+def test_vllm_sampling_extras_reach_the_engine(client):
+    def text(temperature: float = 0, seed: int | None = None, stop: list[str] | None = None, **extra) -> str:
+        return client.completions.create(model="tiny", prompt="The", max_tokens=24, temperature=temperature,
+                                         seed=seed, stop=stop, extra_body={"ignore_eos": True, **extra}).choices[0].text
+
+    greedy = text()
+    # top_k 1 and min_p 1 leave only the most likely token: sampling at temperature 1 is then greedy
+    assert {text(temperature=1.0, top_k=1, seed=s) for s in range(3)} == {greedy}
+    assert {text(temperature=1.0, min_p=1.0, seed=s) for s in range(3)} == {greedy}
+    assert text(repetition_penalty=2.0) != greedy
+    stop = greedy[5:8]
+    assert text(stop=[stop]) == greedy[:greedy.index(stop)]
+    assert text(stop=[stop], include_stop_str_in_output=True) == greedy[:greedy.index(stop) + len(stop)]
+
+
+def test_a_huge_prompt_does_not_hold_up_other_requests(function):
+    refused = {}
+
+    def huge():
+        started = time.monotonic()
+        r = requests.post(function.url + COMP, json={"model": "tiny", "prompt": "y" * 20_000_000}, timeout=60)
+        refused.update(status=r.status_code, seconds=time.monotonic() - started)
+
+    thread = threading.Thread(target=huge)
+    thread.start()
+    r = requests.post(function.url + COMP, json={"model": "tiny", "prompt": "hello", "max_tokens": 2}, timeout=30)
+    thread.join(60)
+    assert r.status_code == 200 and refused["status"] == 400
+    assert refused["seconds"] < 10  # tokenizing 20 MB would take tens of seconds here
 
 
 def test_openai_client_sees_typed_errors(client):
@@ -243,3 +302,8 @@ def test_metrics(function):
     assert function.metric("thaw_generated_tokens_total") > 0
     for phase in ("process_start", "imports", "weights", "engine_init", "warmup"):
         assert f'thaw_start_phase_seconds{{phase="{phase}"}}' in text
+    # vLLM's own metrics, by vLLM's names and labels, for the dashboards and autoscalers that read them
+    assert function.metric('vllm:time_to_first_token_seconds_count{engine="0",model_name="tiny"}') > 0
+    assert function.metric('vllm:generation_tokens_total{engine="0",model_name="tiny"}') > 0
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:e2e_request_latency_seconds_count"):
+        assert f'{name}{{engine="0",model_name="tiny"}}' in text
