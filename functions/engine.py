@@ -31,6 +31,10 @@ from .protocol import APIError
 
 log = logging.getLogger("thaw.function.engine")
 
+# On a 503 of an engine still loading (a new replica, or a gunicorn worker restarted in a ready one): the
+# gateway then takes the replica out of rotation until its readiness probe passes, and requeues the request.
+LOADING_HEADER = "X-Thaw-Engine-Loading"
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -210,7 +214,8 @@ class Engine:
             self.wake()
             return
         if self.state == "loading":
-            raise APIError(503, "The model is still loading; retry shortly", headers={"Retry-After": "1"})
+            raise APIError(503, "The model is still loading; retry shortly", code="model_loading",
+                           headers={"Retry-After": "1", LOADING_HEADER: "1"})
         if self.state != "ready":
             raise APIError(500, f"The engine is not available: {self.error or self.state}",
                            type="server_error", code="engine_failed")

@@ -325,6 +325,26 @@ def test_idle_and_slow_header_connections_are_closed(plane):
         assert time.monotonic() - started < 10
 
 
+def test_a_replica_whose_worker_restarts_is_held_out_of_rotation_until_ready(plane):
+    body = {"model": "tiny", "messages": CHAT, "max_tokens": 2}
+    assert requests.post(plane.url + "/v1/chat/completions", json=body, headers=HEADERS, timeout=120).status_code == 200
+    pod = next(p for r in plane.revisions("tiny") for p in r["pods"] if p["state"] == "ready")
+    worker = psutil.Process(pod["pid"]).children()[0]  # gunicorn's one worker: it owns the engine
+    worker.kill()
+    worker.wait(10)
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(requests.post(
+        plane.url + "/v1/chat/completions", json=body, headers=HEADERS, timeout=120))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # gunicorn started a new worker, whose engine loaded again; the requests waited for it, none got a 503
+    assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
+    assert any(p["id"] == pod["id"] and p["state"] == "ready" for r in plane.revisions("tiny") for p in r["pods"])
+    assert f"replica {pod['id']} is not ready" in Path(plane.server.log_path).read_text()
+
+
 def test_models_list_shows_state(plane):
     data = requests.get(plane.url + "/v1/models", headers=HEADERS, timeout=10).json()["data"]
     states = {m["id"]: m["thaw"]["state"] for m in data}

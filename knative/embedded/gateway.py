@@ -29,6 +29,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from thaw.functions.engine import LOADING_HEADER
 from thaw.functions.protocol import error_body
 from thaw.json_body import InvalidJSON, decode
 
@@ -59,6 +60,10 @@ def _not_found(model: str) -> web.Response:
 def _sse_error(message: str, code: str) -> bytes:
     return (f"data: {json.dumps(error_body(message, 'server_error', None, code))}\n\n"
             "data: [DONE]\n\n").encode()
+
+
+class _NotReady(Exception):
+    """The replica answered that its engine is (again) loading: nothing was done with the request."""
 
 
 class _NotAnswered(Exception):
@@ -263,6 +268,8 @@ class Gateway:
                 # at least once anyway. Bounded, so a request that crashes replicas cannot crash them all.
                 if exc.refused or not replica.alive():
                     self.plane.unreachable(rev, replica)
+            except _NotReady:
+                self.plane.not_ready(rev, replica)  # the activator holds the retry until a replica is ready
             finally:
                 self.plane.release(rev, replica)
         return _error(502, f"The replicas serving '{rev.model.name}' failed {ATTEMPTS} times before answering",
@@ -277,6 +284,8 @@ class Gateway:
         try:
             async with self.session.request(request.method, url, data=body, headers=headers,
                                             timeout=aiohttp.ClientTimeout(total=max(0.001, remaining))) as upstream:
+                if upstream.status == 503 and LOADING_HEADER in upstream.headers:
+                    raise _NotReady()
                 answered = True
                 out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
                 out_headers["X-Thaw-Revision"] = rev.name

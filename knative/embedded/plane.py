@@ -40,6 +40,8 @@ log = logging.getLogger("thaw.plane")
 SAMPLE_INTERVAL = 0.1
 PROGRESS_DEADLINE = 600  # seconds a replica may take to become ready (Knative's progress-deadline)
 GPU_ROOM_POLL = 0.25  # how often a start or wake waiting for GPU memory looks again
+READINESS_PERIOD = 1.0  # how often ready replicas' /readyz is probed (a worker restarted inside one)
+READINESS_TIMEOUT = 5.0  # a probe answered no faster than this fails (a busy replica answers in ms)
 
 
 class UnknownModel(KeyError):
@@ -257,10 +259,42 @@ class ServingPlane:
         self._track(self.supervisor.stop(replica, 0))
         self._reconcile(rev)
 
+    def not_ready(self, rev: RevisionRuntime, replica: Replica) -> None:
+        """A ready replica's engine is loading again (its gunicorn worker was restarted): out of rotation
+        until its readiness probe passes, as Knative takes a pod whose readiness fails out of its endpoints."""
+        if replica.state == "ready":
+            log.warning("replica %s is not ready (its engine is loading again); holding its requests", replica.id)
+            replica.state = "unready"
+            rev.activator.remove_replica(replica)
+            self._report(rev)
+
+    async def _readiness_loop(self) -> None:
+        """Probe the /readyz of replicas in (or taken out of) rotation; move them out and back in."""
+        timeout = aiohttp.ClientTimeout(total=READINESS_TIMEOUT)
+
+        async def probe(rev: RevisionRuntime, replica: Replica) -> None:
+            try:
+                async with self.session.get(replica.url + "/readyz", timeout=timeout) as r:
+                    ready = r.status == 200
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                ready = False  # a dead process is the liveness loop's to handle
+            if not ready:
+                self.not_ready(rev, replica)
+            elif replica.state == "unready":
+                log.info("replica %s is ready again", replica.id)
+                replica.state = "ready"
+                rev.activator.add_replica(replica)
+                self._report(rev)
+
+        while True:
+            await asyncio.gather(*(probe(rev, replica) for rev in self._revisions() for replica in list(rev.replicas)
+                                   if replica.state in ("ready", "unready") and replica.alive()))
+            await asyncio.sleep(READINESS_PERIOD)
+
     def _wake(self, rev: RevisionRuntime) -> bool:
         """Poke a revision that has nothing running, starting or waking; whether it did. Its reconcile then
         wakes a parked replica if it has one, else starts one."""
-        if rev.ready or rev.launching + rev.count("starting", "waking"):
+        if rev.ready or rev.launching + rev.count("starting", "unready", "waking"):
             return False
         if rev.parked:
             self._begin_wake(rev, rev.parked[0])
@@ -285,7 +319,8 @@ class ServingPlane:
         self.events.start()
         await asyncio.to_thread(gpu_memory)  # NVML's first initialisation can take seconds: not on a request
         self.apply_spec(self.spec)
-        for coro in (self._tick_loop(), self._sample_loop(), self._liveness_loop(), self._watch_spec_loop(),
+        for coro in (self._tick_loop(), self._sample_loop(), self._liveness_loop(), self._readiness_loop(),
+                     self._watch_spec_loop(),
                      keep_warm_loop(self, lambda: self.spec.platform.optimizer)):
             self._tasks.append(asyncio.create_task(coro))
         for runtime in self.models.values():
@@ -433,7 +468,7 @@ class ServingPlane:
     def _reconcile(self, rev: RevisionRuntime) -> None:
         if self.stopping:
             return
-        running = rev.launching + rev.count("starting", "ready", "waking")
+        running = rev.launching + rev.count("starting", "ready", "unready", "waking")
         if rev.activator.queued:  # requests wait: the cheapest road back is waking a parked replica
             for replica in rev.parked[:max(0, rev.desired - running)]:
                 self._begin_wake(rev, replica)
@@ -447,7 +482,7 @@ class ServingPlane:
                 self._track(self._stop(rev, replica))
         if running > rev.desired:
             extra = running - rev.desired
-            candidates = sorted((r for r in rev.replicas if r.state in ("starting", "ready")),
+            candidates = sorted((r for r in rev.replicas if r.state in ("starting", "ready", "unready")),
                                 key=lambda r: (r.state == "ready", r.in_flight))
             for replica in candidates[:extra]:
                 last = rev.desired == 0 and replica is candidates[-1]
@@ -643,7 +678,7 @@ class ServingPlane:
                 revisions.append({
                     "name": rev.name, "percent": percent, "tag": tag, "desired": rev.desired,
                     "replicas": {s: rev.count(s) + (rev.launching if s == "starting" else 0)
-                                 for s in ("starting", "ready", "draining", "parked")},
+                                 for s in ("starting", "ready", "unready", "draining", "parked")},
                     "panic": rev.panicking, "queue": rev.activator.queued, "in_flight": rev.activator.in_flight,
                     "excess_burst_capacity": rev.excess_burst_capacity, "keep_warm": rev.keep_warm,
                     "last_start_phases": rev.last_phases,

@@ -40,7 +40,8 @@ class Replica:
     pid: int
     via_standby: bool
     log_path: Path
-    # starting -> ready -> draining -> stopped; ready -> parking -> parked -> waking -> ready; any -> dead
+    # starting -> ready -> draining -> stopped; ready -> parking -> parked -> waking -> ready;
+    # ready <-> unready (its readiness probe fails: a restarted gunicorn worker loads again); any -> dead
     state: str = "starting"
     in_flight: int = 0
     last_used: float = field(default_factory=time.time)
