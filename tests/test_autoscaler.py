@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import pytest
 
 from thaw.knative.embedded.autoscaler import (Autoscaler, ConcurrencyWindow, DeciderSpec, bounded_scale,
@@ -9,72 +12,194 @@ from thaw.knative.embedded.autoscaler import (Autoscaler, ConcurrencyWindow, Dec
 from thaw.spec import Scaling
 
 
-def spec(**kw) -> DeciderSpec:
-    base = dict(target_value=10, total_value=10, target_burst_capacity=0, panic_threshold=2.0,
-                stable_window=60, panic_window=6)
+# ---- knative/serving pkg/autoscaler/scaling/autoscaler_test.go, ported ----------------------------
+# Its harness: target utilisation 75 % (TotalValue = target / 0.75), panic threshold 2 (200 %), scale rates
+# 10 both ways, a 60 s stable window, reachable. `ebc` is its expectedEBC; it compares EBC within +-1.
+
+STABLE_WINDOW = 60.0
+TICK = 2.0
+
+
+def knative_spec(target: float, tbc: float, **kw) -> DeciderSpec:
+    base = dict(target_value=target, total_value=target / 0.75, target_burst_capacity=tbc, panic_threshold=2,
+                stable_window=STABLE_WINDOW, panic_window=STABLE_WINDOW / 10, max_scale_up_rate=10,
+                max_scale_down_rate=10, reachable=True)
     return DeciderSpec(**{**base, **kw})
 
 
-@pytest.mark.parametrize("stable,panic,ready,expected", [
-    (None, None, 0, -1),  # no data at zero: no decision, the revision stays at 0
-    (0, 0, 0, 0),  # data, but no load: zero
-    (10, 10, 1, 1),
-    (25, 25, 3, 3),  # stable: ceil(25/10)
-    (50, 50, 1, 5),  # panic (50/10/1 >= 2): ceil(50/10)
-    (1, 1, 10, 5),  # scale down at most halves: floor(10/2)
-    (0, 0, 1, 0),
+def ebc(target: float, tbc: float, concurrency: float, pods: float) -> int:
+    return math.floor(target / 0.75 * pods - tbc - concurrency)
+
+
+def expect(a: Autoscaler, stable, panic, ready: int, now: float, desired: int, excess: int | None = None,
+           valid: bool = True) -> None:
+    got = a.scale(stable, panic, ready, now)
+    assert (got.desired, got.valid) == (desired, valid), got
+    if excess is not None:
+        assert abs(got.excess_burst_capacity - excess) <= 1, got
+
+
+# TestAutoscalerScale: one decision each, from a fresh decider (label, target, tbc, stable, panic, ready pods,
+# prep, desired, ebc)
+@pytest.mark.parametrize("label,target,tbc,stable,panic,ready,prep,want,want_ebc", [
+    ("AutoscalerNoDataAtZeroNoAutoscale", 10, 100, 0, 0, 1, {}, 0, ebc(10, 100, 0, 1)),
+    ("AutoscalerStableModeUnlimitedTBC", 181, -1, 21, 26, 1, {}, 1, -1),
+    ("Autoscaler0TBC", 10, 0, 50, 49, 1, {}, 5, 0),
+    ("AutoscalerStableModeNoChange", 10, 100, 50, 50, 1, {}, 5, ebc(10, 100, 50, 1)),
+    ("AutoscalerPanicStableLargerThanPanic", 1, 100, 50, 30, 5, {"panic_ago": 5, "max_panic_pods": 5},
+     50, ebc(1, 100, 30, 5)),
+    ("AutoscalerPanicStableLessThanPanic", 1, 100, 20, 30, 5, {"panic_ago": 5, "max_panic_pods": 5},
+     30, ebc(1, 100, 30, 5)),
+    ("AutoscalerStableModeNoChangeAlreadyScaled", 10, 100, 50, 50, 5, {}, 5, ebc(10, 100, 50, 5)),
+    ("AutoscalerStableModeIncreaseWithSmallScaleUpRate", 1, 1982, 3, 3.1, 2, {"max_scale_up_rate": 1.1},
+     3, ebc(1, 1982, 3.1, 2)),
+    ("AutoscalerStableModeDecreaseWithSmallScaleDownRate", 10, 1982, 1, 1, 100, {"max_scale_down_rate": 1.1},
+     90, ebc(10, 1982, 1, 100)),
+    ("AutoscalerStableModeDecreaseNonReachable", 10, 1982, 1, 1, 100,
+     {"max_scale_down_rate": 1.1, "reachable": False}, 1, ebc(10, 1982, 1, 100)),
+    ("AutoscalerPanicModeDoublePodCount", 10, 84, 50, 100, 1, {}, 10, ebc(10, 84, 100, 1)),
 ])
-def test_decision_table(stable, panic, ready, expected):
-    assert Autoscaler(spec()).scale(stable, panic, ready, now=100).desired == expected
+def test_knative_autoscaler_scale_table(label, target, tbc, stable, panic, ready, prep, want, want_ebc):
+    prep = dict(prep)
+    panic_ago, max_panic_pods = prep.pop("panic_ago", None), prep.pop("max_panic_pods", 0)
+    a = Autoscaler.new(knative_spec(target, tbc, **prep), ready_pods=1, now=0)
+    now = 1000.0
+    if panic_ago is not None:
+        a.panic_time, a.max_panic_pods = now - panic_ago, max_panic_pods
+    expect(a, stable, panic, ready, now, want, want_ebc)
 
 
-def test_stable_versus_panic_selection():
-    a = Autoscaler(spec())
-    calm = a.scale(stable=20, panic=30, ready_pods=2, now=0)  # 30/10/2 = 1.5 < 2: stable
-    assert (calm.desired, calm.panicking) == (2, False)
-    surge = a.scale(stable=20, panic=80, ready_pods=2, now=1)  # 8/2 = 4 >= 2: panic picks 8
-    assert (surge.desired, surge.panicking) == (8, True)
+def test_no_data_no_autoscale():  # TestAutoscalerNoDataNoAutoscale
+    expect(Autoscaler.new(knative_spec(10, 100), 1, 0), None, None, 1, 0, 0, 0, valid=False)
 
 
-def test_panic_holds_its_peak_until_a_stable_window_passes():
-    a = Autoscaler(spec())
-    assert a.scale(10, 100, 1, now=0).desired == 10
-    assert a.scale(10, 40, 5, now=10).desired == 10  # over threshold? 4/5 < 2: no, but still panicking
-    assert a.scale(10, 10, 10, now=59).desired == 10  # within the stable window of the last panic
-    out = a.scale(10, 10, 10, now=61)  # a stable window after the panic began: back to stable
-    assert (out.desired, out.panicking) == (5, False)  # and halving is the most it may drop
+def test_scale_down_delay():  # TestAutoscalerScaleDownDelay
+    a = Autoscaler.new(knative_spec(10, 0, panic_threshold=100, scale_down_delay=300), 0, 0)
+    expect(a, 40, 40, 0, 2, 4)  # simple: scale up
+    expect(a, 0, 0, 0, 300, 4)  # five minutes at reduced concurrency: less than the delay
+    expect(a, 0, 0, 0, 302, 0)  # five minutes and two seconds: now down
+    expect(a, 40, 40, 0, 540, 4)  # gradual
+    expect(a, 30, 30, 0, 600, 4)  # 4 still dominates
+    expect(a, 0, 0, 0, 660, 4)
+    expect(a, 0, 0, 0, 840, 3)  # 4 scrolls out
+    expect(a, 0, 0, 0, 900, 0)  # everything scrolled out
 
 
-def test_rate_limits():
-    fast = Autoscaler(spec(max_scale_up_rate=2))
-    assert fast.scale(1000, 1000, 3, now=0).desired == 6  # at most 2x the ready pods
-    assert Autoscaler(spec(max_scale_up_rate=2)).scale(1000, 1000, 0, now=0).desired == 2  # zero counts as one
-    slow = Autoscaler(spec(max_scale_down_rate=4))
-    assert slow.scale(0, 0, 8, now=0).desired == 2  # at most down to a quarter
+def test_scale_down_delay_not_reachable():  # TestAutoscalerScaleDownDelayNotReachable
+    a = Autoscaler.new(knative_spec(10, 0, panic_threshold=100, scale_down_delay=300), 0, 0)
+    expect(a, 40, 40, 0, 2, 4)
+    expect(a, 0, 0, 0, 60, 4)  # within the delay
+    a.update(replace(a.spec, reachable=False))  # another revision takes the traffic
+    expect(a, 0, 0, 0, 62, 0)  # unreachable: no delay
 
 
-def test_scale_down_delay_keeps_the_max_of_the_window():
-    a = Autoscaler(spec(scale_down_delay=30))
-    assert a.scale(50, 50, 5, now=0).desired == 5
-    assert a.scale(0, 0, 5, now=10).desired == 5  # wanted 2 (halving), held at 5
-    assert a.scale(0, 0, 5, now=29).desired == 5
-    assert a.scale(0, 0, 5, now=31).desired == 2  # the 5 left the 30 s window
+def test_scale_down_delay_zero():  # TestAutoscalerScaleDownDelayZero
+    a = Autoscaler.new(knative_spec(10, 0, panic_threshold=100, scale_down_delay=0), 0, 0)
+    expect(a, 40, 40, 0, 0, 4)
+    expect(a, 20, 20, 0, 0.5, 2)  # no window: at once, even within the same tick
 
 
-def test_activation_scale():
-    a = Autoscaler(spec(activation_scale=3))
-    assert a.scale(5, 5, 0, now=0).desired == 3  # from zero: straight to 3
-    assert a.scale(0, 0, 0, now=1).desired == 0  # zero stays zero
+def test_stable_mode_increase():  # TestAutoscalerStableModeIncreaseWithConcurrencyDefault
+    a = Autoscaler.new(knative_spec(10, 101), 1, 0)
+    expect(a, 50, 10, 1, 0, 5, ebc(10, 101, 10, 1))
+    expect(a, 100, 10, 1, 0, 10, ebc(10, 101, 10, 1))
 
 
-@pytest.mark.parametrize("tbc,ready,panic,expected", [
-    (0, 3, 5, 0),  # 0: the activator leaves the path once pods are up
-    (-1, 3, 5, -1),  # -1: always in the path
-    (211, 1, 0, -201),  # default 211 with 1 pod of 10: the activator stays
-    (15, 3, 5, 10),  # floor(3*10 - 15 - 5)
-])
-def test_excess_burst_capacity(tbc, ready, panic, expected):
-    assert Autoscaler(spec(target_burst_capacity=tbc)).scale(5, panic, ready, now=0).excess_burst_capacity == expected
+def test_unpanic_after_slow_increase():  # TestAutoscalerUnpanicAfterSlowIncrease
+    a = Autoscaler.new(knative_spec(1, 98), 1, 0)
+    start = 1000.0
+    expect(a, 11, 25, 10, start, 25, ebc(1, 98, 25, 10))
+    assert a.panic_time == start
+    expect(a, 30, 41, 40, start + STABLE_WINDOW / 2, 41, ebc(1, 98, 41, 40))
+    assert a.panic_time == start  # 41/40 is under the threshold: the panic is not extended
+    expect(a, 50, 56, 55, start + STABLE_WINDOW + TICK, 50, ebc(1, 98, 56, 55))  # no longer in panic
+    assert a.panic_time is None
+
+
+def test_extend_panic_window():  # TestAutoscalerExtendPanicWindow
+    a = Autoscaler.new(knative_spec(1, 98), 1, 0)
+    start = 1000.0
+    expect(a, 11, 25, 10, start, 25, ebc(1, 98, 25, 10))
+    expect(a, 30, 80, 40, start + STABLE_WINDOW / 2, 80, ebc(1, 98, 80, 40))
+    assert a.panic_time == start + STABLE_WINDOW / 2
+
+
+def test_stable_mode_decrease():  # TestAutoscalerStableModeDecrease
+    a = Autoscaler.new(knative_spec(10, 98), 1, 0)
+    expect(a, 100, 100, 8, 0, 10, ebc(10, 98, 100, 8))
+    expect(a, 50, 50, 8, 0, 5, ebc(10, 98, 50, 8))
+
+
+def test_no_traffic_scales_to_zero():  # TestAutoscalerStableModeNoTrafficScaleToZero
+    a = Autoscaler.new(knative_spec(10, 75), 1, 0)
+    expect(a, 1, 0, 1, 0, 1, ebc(10, 75, 0, 1))
+    expect(a, 0, 0, 1, 0, 0, ebc(10, 75, 0, 1))
+
+
+def test_activation_scale():  # TestAutoscalerActivationScale
+    a = Autoscaler.new(knative_spec(10, 75, activation_scale=2), 1, 0)
+    expect(a, 0, 0, 1, 0, 0, ebc(10, 75, 0, 1))
+    expect(a, 1, 0, 1, 0, 2, ebc(10, 75, 0, 1))
+
+
+def test_activation_scale_applies_to_the_metric_not_the_bound():
+    # 10 ready pods and no load: the scale-down bound keeps 1 (floor(10/10)), but the metric wants none,
+    # so activation-scale does not lift it to 3
+    a = Autoscaler.new(knative_spec(10, 0, activation_scale=3), 1, 0)
+    expect(a, 0, 0, 10, 0, 1)
+
+
+def test_panic_mode_exponential_track_and_stabilize():  # TestAutoscalerPanicModeExponentialTrackAndStabilize
+    a = Autoscaler.new(knative_spec(1, 101), 1, 0)
+    expect(a, 6, 6, 1, 0, 6, ebc(1, 101, 6, 1))
+    tm = 1000.0
+    expect(a, 36, 36, 6, tm, 36, ebc(1, 101, 36, 6))
+    assert a.panic_time == tm
+    tm += 1
+    expect(a, 216, 216, 36, tm, 216, ebc(1, 101, 216, 36))
+    assert a.panic_time == tm
+    expect(a, 1296, 1296, 216, tm, 1296, ebc(1, 101, 1296, 216))
+    assert a.panic_time == tm
+    expect(a, 1296, 1296, 1296, tm + 1, 1296, ebc(1, 101, 1296, 1296))
+
+
+def test_panic_then_unpanic_scale_down():  # TestAutoscalerPanicThenUnPanicScaleDown
+    a = Autoscaler.new(knative_spec(10, 93), 1, 0)
+    expect(a, 100, 100, 1, 0, 10, ebc(10, 93, 100, 1))
+    panic_time = 1000.0
+    expect(a, 100, 1000, 10, panic_time, 100, ebc(10, 93, 1000, 10))
+    expect(a, 1, 1, 10, panic_time + 30, 100, ebc(10, 93, 1, 10))  # traffic gone, still in panic
+    expect(a, 1, 1, 10, panic_time + 61, 1, ebc(10, 93, 1, 10))  # a stable window later
+
+
+def test_rate_limit_scale_up():  # TestAutoscalerRateLimitScaleUp
+    a = Autoscaler.new(knative_spec(10, 61), 1, 0)
+    expect(a, 1000, 1001, 1, 0, 10, ebc(10, 61, 1001, 1))  # needs 100, may only go x10
+    expect(a, 1000, 1001, 10, 0, 100, ebc(10, 61, 1001, 10))
+
+
+def test_rate_limit_scale_down():  # TestAutoscalerRateLimitScaleDown
+    a = Autoscaler.new(knative_spec(10, 61), 1, 0)
+    expect(a, 1, 1, 100, 0, 10, ebc(10, 61, 1, 100))  # needs 1, may only go /10
+    expect(a, 1, 1, 10, 0, 1, ebc(10, 61, 1, 10))
+
+
+def test_one_pod_as_minimum_when_none_is_ready():  # TestAutoscalerUseOnePodAsMinimumIfEndpointsNotFound
+    a = Autoscaler.new(knative_spec(10, 81), 1, 0)
+    expect(a, 1000, 888, 0, 0, 10, ebc(10, 81, 888, 0))
+
+
+def test_update_target():  # TestAutoscalerUpdateTarget
+    a = Autoscaler.new(knative_spec(10, 77), 1, 0)
+    expect(a, 100, 101, 1, 0, 10, ebc(10, 77, 101, 1))
+    a.update(knative_spec(1, 71))
+    expect(a, 100, 101, 10, 0, 100, ebc(1, 71, 101, 10))
+
+
+@pytest.mark.parametrize("ready,panicking,max_panic_pods", [(0, False, 0), (1, False, 1), (2, True, 2)])
+def test_start_in_panic_mode(ready, panicking, max_panic_pods):  # TestStartInPanicMode
+    a = Autoscaler.new(knative_spec(100, 11, total_value=120, panic_threshold=220), ready, now=5)
+    assert (a.panic_time is not None, a.max_panic_pods) == (panicking, max_panic_pods)
 
 
 def test_resolve_spec_uses_knative_defaults_and_caps_target_by_concurrency():

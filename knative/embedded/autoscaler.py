@@ -22,19 +22,14 @@ TARGET_MIN = 0.01  # autoscaling.TargetMin
 
 @dataclass(frozen=True)
 class AutoscalerConfig:
-    """config-autoscaler: the cluster-wide defaults (Knative's names and values)."""
+    """config-autoscaler: the cluster-wide settings the embedded plane reads (Knative's names and values).
+    The per-revision defaults (target, utilisation, windows, panic) come from the spec's `Scaling`."""
 
     container_concurrency_target_default: float = 100
-    container_concurrency_target_percentage: float = 70
-    target_burst_capacity: float = 211
-    stable_window: float = 60
-    panic_window_percentage: float = 10
-    panic_threshold_percentage: float = 200
     max_scale_up_rate: float = 1000
     max_scale_down_rate: float = 2
     enable_scale_to_zero: bool = True
     scale_to_zero_grace_period: float = 30
-    scale_to_zero_pod_retention_period: float = 0
     tick_interval: float = 2
 
 
@@ -138,7 +133,7 @@ class MaxWindow:
 
 @dataclass(frozen=True)
 class ScaleResult:
-    desired: int  # -1 when there is no data to decide on (Knative's invalid result)
+    desired: int
     excess_burst_capacity: int
     valid: bool
     panicking: bool
@@ -153,26 +148,36 @@ class Autoscaler:
     max_panic_pods: int = 0
     delay_window: MaxWindow | None = field(default=None)
 
-    def __post_init__(self):
-        if self.delay_window is None and self.spec.scale_down_delay > 0:
-            self.delay_window = MaxWindow(self.spec.scale_down_delay)
+    @classmethod
+    def new(cls, spec: DeciderSpec, ready_pods: int, now: float) -> "Autoscaler":
+        """Knative's New: a decider created over more than one ready pod starts in panic mode, holding that
+        scale, since it has lost the metric history a scale-down would need."""
+        delay = MaxWindow(spec.scale_down_delay) if spec.scale_down_delay > 0 else None
+        if ready_pods > 1:
+            return cls(spec, panic_time=now, max_panic_pods=ready_pods, delay_window=delay)
+        return cls(spec, max_panic_pods=max(0, ready_pods), delay_window=delay)
+
+    def update(self, spec: DeciderSpec) -> None:
+        """Knative's Update: a new spec (a changed target, reachability), the panic state kept."""
+        self.spec = spec
 
     def scale(self, stable: float | None, panic: float | None, ready_pods: int, now: float) -> ScaleResult:
         """One decision from the stable and panic window averages of observed concurrency."""
         spec = self.spec
         if stable is None or panic is None:
-            return ScaleResult(-1, 0, False, self.panic_time is not None)
+            return ScaleResult(0, 0, False, self.panic_time is not None)  # no data: Knative's invalid result
         ready = max(1.0, float(ready_pods))
-        max_up = spec.max_scale_up_rate * ready
+        # Rounded up, so a slow rate (1.1 x 2 pods) still grows by a pod when one is needed.
+        max_up = math.ceil(spec.max_scale_up_rate * ready)
         max_down = math.floor(ready / spec.max_scale_down_rate) if spec.reachable else 0.0
         dspc = math.ceil(stable / spec.target_value)
         dppc = math.ceil(panic / spec.target_value)
         desired_stable = int(min(max(dspc, max_down), max_up))
         desired_panic = int(min(max(dppc, max_down), max_up))
-        if spec.activation_scale > 1:
-            if 0 < desired_stable < spec.activation_scale:
+        if spec.activation_scale > 1:  # applies when the metric wants a pod, not when the bounds keep one
+            if dspc > 0 and spec.activation_scale > desired_stable:
                 desired_stable = spec.activation_scale
-            if 0 < desired_panic < spec.activation_scale:
+            if dppc > 0 and spec.activation_scale > desired_panic:
                 desired_panic = spec.activation_scale
 
         over_threshold = dppc / ready >= spec.panic_threshold
@@ -189,7 +194,8 @@ class Autoscaler:
             self.max_panic_pods = max(self.max_panic_pods, desired)
             desired = self.max_panic_pods
 
-        if self.delay_window is not None:
+        # An unreachable revision (no route sends it traffic) goes down without the delay.
+        if self.delay_window is not None and spec.reachable:
             self.delay_window.record(now, desired)
             desired = self.delay_window.current()
 

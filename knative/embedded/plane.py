@@ -14,7 +14,7 @@ import contextlib
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -182,12 +182,19 @@ class ServingPlane:
             runtime.routes = resolve_traffic(model.traffic, latest["name"], set(runtime.revisions))
             routed = {r.revision for r in runtime.routes}
             for rev in runtime.revisions.values():
-                rev.routable = rev.name in routed
+                self._set_routable(rev, rev.name in routed)
         for name, runtime in self.models.items():
             if name not in wanted:
                 runtime.routes = []
                 for rev in runtime.revisions.values():
-                    rev.routable = False
+                    self._set_routable(rev, False)
+
+    @staticmethod
+    def _set_routable(rev: "RevisionRuntime", routable: bool) -> None:
+        """A revision no route sends traffic to is what Knative's decider calls unreachable: it scales down
+        without the max-scale-down-rate bound or the scale-down delay."""
+        rev.routable = routable
+        rev.autoscaler.update(replace(rev.autoscaler.spec, reachable=routable))
 
     def _new_revision(self, model: Model, name: str, generation: int) -> RevisionRuntime:
         decider = resolve_spec(model.scaling, model.containerConcurrency, self.config)
@@ -195,7 +202,8 @@ class ServingPlane:
         return RevisionRuntime(
             name=name, model=model, generation=generation,
             activator=Activator(self.spec.platform.activator.queueDepth, model.containerConcurrency),
-            autoscaler=Autoscaler(decider), window=ConcurrencyWindow(decider.stable_window),
+            autoscaler=Autoscaler.new(decider, ready_pods=0, now=time.time()),
+            window=ConcurrencyWindow(decider.stable_window),
             desired=initial, initial_reached=initial == 0)
 
     def _revision_object(self, rev: RevisionRuntime) -> dict[str, Any]:
@@ -442,9 +450,6 @@ class ServingPlane:
 
     def _decide(self, rev: RevisionRuntime, now: float) -> None:
         model = rev.model
-        if not rev.routable:
-            rev.desired = 0
-            return
         spec = rev.autoscaler.spec
         ready = len(rev.ready)
         result = rev.autoscaler.scale(rev.window.average(now, spec.stable_window),
