@@ -2,8 +2,6 @@
 decisions of KServe's router (`cmd/router`). The I/O that executes a graph is in router.py.
 
 Where thaw differs from KServe's router, on purpose:
-- `mapPredictionsToInstances` (in KServe's API, ignored by its router today): when a step sets it and its
-  response has `predictions`, the next step that takes `$response` receives `{"instances": predictions}`.
 - A Sequence's first step with a `condition` evaluates it on the node's input (KServe has no previous
   response there and answers 500).
 """
@@ -50,12 +48,26 @@ class InferenceRouter(BaseModel):
     steps: list[InferenceStep] = []
 
 
+class RouterTimeouts(BaseModel):
+    """KServe's `routerTimeouts`, in seconds: the router's HTTP server (read a request, write an answer, keep
+    an idle connection) and each call to a step (`serviceClient`; none by default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    serverRead: int | None = Field(None, ge=1)
+    serverWrite: int | None = Field(None, ge=1)
+    serverIdle: int | None = Field(None, ge=1)
+    serviceClient: int | None = Field(None, ge=1)
+
+
 class InferenceGraphSpec(BaseModel):
     """The `spec` of an InferenceGraph. Scheduling fields (resources, affinity, ...) are kept, not used here."""
 
     model_config = ConfigDict(extra="allow")
 
     nodes: dict[str, InferenceRouter] = Field(default_factory=dict)
+    routerTimeouts: RouterTimeouts = RouterTimeouts()
+    timeout: int | None = Field(None, ge=1)  # seconds a request to the graph may take (its Knative timeoutSeconds)
 
 
 class GraphInvalid(ValueError):
@@ -152,19 +164,21 @@ def pick_switch(steps: list[InferenceStep], node_input: bytes) -> InferenceStep 
     return next((s for s in steps if exists_in_bytes(node_input, s.condition)), None)
 
 
-def sequence_input(step: InferenceStep, index: int, request: bytes, previous: bytes | None,
-                   previous_step: InferenceStep | None) -> bytes:
-    """What step `index` of a Sequence is sent: the node's input, or the previous response."""
-    if step.data != "$response" or index == 0 or previous is None:
-        return request
-    if previous_step is not None and previous_step.mapPredictionsToInstances:
-        try:
-            body = json.loads(previous)
-        except NOT_JSON:
-            return previous
-        if isinstance(body, dict) and "predictions" in body:
-            return json.dumps({"instances": body["predictions"]}).encode()
-    return previous
+def sequence_input(step: InferenceStep, index: int, request: bytes, previous: bytes | None) -> bytes:
+    """What step `index` of a Sequence is sent: the node's input, or the previous response (`$response`).
+    With `mapPredictionsToInstances`, that body's `predictions` arrive as this step's `instances` (KServe:
+    "maps the predictions field from the previous step's response to the instances field of this step's
+    request"; for the first step, the node's input is what came before)."""
+    body = previous if step.data == "$response" and index > 0 and previous is not None else request
+    if not step.mapPredictionsToInstances:
+        return body
+    try:
+        data = json.loads(body)
+    except NOT_JSON:
+        return body
+    if not isinstance(data, dict) or "predictions" not in data:
+        return body
+    return json.dumps({"instances" if k == "predictions" else k: v for k, v in data.items()}).encode()
 
 
 def condition_holds(step: InferenceStep, previous: bytes | None, request: bytes) -> bool:

@@ -94,13 +94,21 @@ class GraphRouter:
         self.models_url = models_url.rstrip("/") if models_url else None
         self.patterns = header_patterns() if patterns is None else patterns
         self.on_begin = on_begin
-        extra = graph.model_extra or {}
-        self.timeout = timeout or float(extra.get("timeout") or 300)
+        # A whole request may take the graph's `timeout`, and no longer than its answer may take to write.
+        limits = [t for t in (graph.timeout, graph.routerTimeouts.serverWrite) if t]
+        self.timeout = timeout or float(min(limits, default=300))
+        step = graph.routerTimeouts.serviceClient
+        self.step_timeout = aiohttp.ClientTimeout(total=step) if step else None
 
     # ---- HTTP ------------------------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
+        try:
+            async with asyncio.timeout(self.graph.routerTimeouts.serverRead):  # None: no limit
+                body = await request.read()
+        except TimeoutError:
+            return error_response(408, f"the request body did not arrive within "
+                                       f"routerTimeouts.serverRead ({self.graph.routerTimeouts.serverRead}s)")
         event = None
         if events.looks_like_event(request.headers):
             try:
@@ -150,16 +158,14 @@ class GraphRouter:
     async def _sequence(self, steps: list[InferenceStep], node_input: bytes, call: Call,
                         stream_ok: bool) -> StepResult:
         result: StepResult | None = None
-        previous_step: InferenceStep | None = None
         for i, step in enumerate(steps):
             previous = result.body if result is not None else None
             if not condition_holds(step, previous, node_input):
                 # An unmet condition ends the sequence with the response so far, and 200.
                 return StepResult(previous if previous is not None else node_input, 200,
                                   result.content_type if result else "application/json")
-            request = sequence_input(step, i, node_input, previous, previous_step)
+            request = sequence_input(step, i, node_input, previous)
             result = await self.execute_step(step, request, call, stream_ok and i == len(steps) - 1)
-            previous_step = step
             if step.dependency == "Hard" and not successful(result.status):
                 return result
         return result or StepResult(node_input, 200)
@@ -219,14 +225,16 @@ class GraphRouter:
         if not any(k.lower() == "content-type" for k in headers):
             headers["Content-Type"] = "application/json"
         try:
-            response = await call.stack.enter_async_context(self.session.post(url, data=body, headers=headers))
+            response = await call.stack.enter_async_context(
+                self.session.post(url, data=body, headers=headers,
+                                  **({"timeout": self.step_timeout} if self.step_timeout else {})))
             content_type = response.headers.get("Content-Type", "application/json")
             if stream_ok and content_type.startswith("text/event-stream"):
                 return StepResult(b"", response.status, content_type, stream=response)
             result = StepResult(await response.read(), response.status, content_type, headers=dict(response.headers))
             response.release()
             return result
-        except (aiohttp.ClientError, OSError) as exc:
+        except (aiohttp.ClientError, OSError, ValueError) as exc:  # ValueError: a URL aiohttp cannot parse
             raise RoutingError(500, f"calling {url}: {type(exc).__name__}: {exc}") from None
 
 

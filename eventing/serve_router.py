@@ -40,7 +40,9 @@ def load_inference_graph(path: Path) -> tuple[str, InferenceGraphSpec]:
 async def _serve(name: str, graph: InferenceGraphSpec, host: str, port: int, gateway: str | None) -> None:
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
     router = GraphRouter(name, graph, session, models_url=gateway, patterns=header_patterns())
-    runner = web.AppRunner(router_app(router), access_log=None)
+    # routerTimeouts.serverIdle: aiohttp's keep-alive timer closes a connection with no whole request by then
+    runner = web.AppRunner(router_app(router), access_log=None,
+                           keepalive_timeout=graph.routerTimeouts.serverIdle or 60)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     log.info("graph %s on http://%s:%d", name, host, port)

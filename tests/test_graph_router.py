@@ -4,7 +4,9 @@ plus validation, streaming through, CloudEvents in and out, and the standalone `
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
+import time
 import textwrap
 
 import aiohttp
@@ -52,16 +54,26 @@ def post(url: str, body, headers: dict | None = None) -> requests.Response:
     return requests.post(url, json=body, headers=headers or {}, timeout=30)
 
 
-def test_chained_models_with_map_predictions_to_instances(upstreams, graph_url):
+def test_chained_models_with_map_predictions_to_instances(upstreams, graph_url):  # TestSimpleModelChainer
+    # the flag maps the predictions of what comes before the step (here the graph's input) to its instances
     spec = {"nodes": {"root": {"routerType": "Sequence", "steps": [
-        {"name": "model1", "serviceUrl": upstreams.reply("m1", {"predictions": ["a", "b"], "other": 1}),
-         "mapPredictionsToInstances": True},
+        {"name": "model1", "serviceUrl": upstreams.reply("m1", {"predictions": "1"}), "mapPredictionsToInstances": True},
         {"name": "model2", "serviceUrl": upstreams.reply("m2", {"predictions": "2"}), "data": "$response"},
     ]}}}
-    r = post(graph_url(spec), {"instances": ["test", "test2"]})
+    r = post(graph_url(spec), {"predictions": ["test", "test2"]})
     assert r.status_code == 200 and r.json() == {"predictions": "2"}
     assert upstreams.seen["m1"][0].body == {"instances": ["test", "test2"]}
-    assert upstreams.seen["m2"][0].body == {"instances": ["a", "b"]}
+    assert upstreams.seen["m2"][0].body == {"predictions": "1"}  # model2 does not set the flag
+
+
+def test_map_predictions_to_instances_on_a_response_step(upstreams, graph_url):
+    spec = {"nodes": {"root": {"routerType": "Sequence", "steps": [
+        {"serviceUrl": upstreams.reply("m1", {"predictions": ["a", "b"], "model_name": "m1"})},
+        {"serviceUrl": upstreams.reply("m2", {"predictions": "2"}), "data": "$response",
+         "mapPredictionsToInstances": True},
+    ]}}}
+    assert post(graph_url(spec), {"instances": [1]}).status_code == 200
+    assert upstreams.seen["m2"][0].body == {"instances": ["a", "b"], "model_name": "m1"}
 
 
 def test_sequence_without_response_data_sends_the_request_to_every_step(upstreams, graph_url):
@@ -204,6 +216,27 @@ def test_unreachable_step_is_500_with_kserves_error_shape(graph_url):
     assert r.json()["error"] == "Failed to process request" and "gone" in r.json()["cause"]
 
 
+def test_malformed_step_url_is_500(graph_url):  # TestMalformedURL
+    spec = {"nodes": {"root": {"routerType": "Sequence",
+                               "steps": [{"serviceUrl": "http://single-1.default.{$your-domain}/switch"}]}}}
+    r = post(graph_url(spec), {})
+    assert r.status_code == 500 and r.json()["error"] == "Failed to process request"
+
+
+def test_router_timeouts_service_client_bounds_each_step(upstreams, graph_url):
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(3)
+        return web.json_response({"predictions": "late"})
+
+    upstreams.handlers["slow"] = slow
+    spec = {"routerTimeouts": {"serviceClient": 1},
+            "nodes": {"root": {"routerType": "Sequence", "steps": [{"serviceUrl": upstreams.url("slow")}]}}}
+    r = post(graph_url(spec), {})
+    assert r.status_code == 500 and "Timeout" in r.json()["cause"]
+    spec = {"nodes": {"root": {"routerType": "Sequence", "steps": [{"serviceUrl": upstreams.url("slow")}]}}}
+    assert post(graph_url(spec), {}).json() == {"predictions": "late"}  # no serviceClient: no step limit
+
+
 def test_last_streaming_step_is_streamed_through(loop, upstreams, graph_url):
     release = asyncio.Event()
 
@@ -299,6 +332,7 @@ def test_standalone_thaw_router_serves_a_kserve_inferencegraph_file(tmp_path, up
               routerType: Sequence
               steps:
                 - {{name: only, serviceUrl: "{url}"}}
+          routerTimeouts: {{serverIdle: 1}}
         """))
     port = free_port()
     server = ServerProcess([sys.executable, "-m", "thaw.cli", "router", "--graph", str(graph), "--port", str(port)],
@@ -307,6 +341,11 @@ def test_standalone_thaw_router_serves_a_kserve_inferencegraph_file(tmp_path, up
         server.wait_http(f"http://127.0.0.1:{port}/readyz", 30)
         r = post(f"http://127.0.0.1:{port}/", {"instances": [1]})
         assert r.status_code == 200 and r.json() == {"predictions": ["standalone"]}
+        # routerTimeouts.serverIdle (1s here): a connection that sends no whole request is closed
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\n")
+            started = time.monotonic()
+            assert sock.recv(1024) == b"" and time.monotonic() - started < 10
     finally:
         server.stop()
 

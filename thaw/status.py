@@ -41,7 +41,8 @@ def show_status(url: str, token: str | None, as_json: bool, console: Console) ->
             reps = rev["replicas"]
             gpu_held = [p["gpu_bytes"] for p in rev["pods"] if p.get("gpu_bytes") is not None]
             table.add_row(model["name"], rev["name"], traffic, str(rev["desired"]), str(reps["starting"]),
-                          str(reps["ready"]), str(reps["draining"]), str(reps.get("parked", 0)),
+                          str(reps["ready"]) + (f" ({reps['unready']} unready)" if reps.get("unready") else ""),
+                          str(reps["draining"]), str(reps.get("parked", 0)),
                           "yes" if rev["panic"] else "no", str(rev["queue"]), str(rev["in_flight"]),
                           _gib(sum(gpu_held)) if gpu_held else "-",
                           _gib(sum(p.get("host_bytes", 0) for p in rev["pods"])))
