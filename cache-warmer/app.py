@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
 
 from thaw.eventing import events
 from thaw.spec import Model, Spec, SpecError, load_spec
@@ -75,6 +76,7 @@ class SpecFile:
 
 def create_warmer_app(spec_path: Path) -> Flask:
     app = Flask("thaw.cache_warmer")
+    app.config["MAX_CONTENT_LENGTH"] = 1 << 20  # an event is small: a larger body is a 413
     specs = SpecFile(spec_path)
     first = specs.get()
     tier = CacheTier(first.platform.cache.path, first.platform.cache.capacity_bytes)
@@ -129,6 +131,12 @@ def create_warmer_app(spec_path: Path) -> Flask:
             raise BadEvent(f"unsupported event type {kind!r}")
         except (events.InvalidEvent, BadEvent) as exc:
             return jsonify({"error": str(exc)}), 400
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        # unknown routes, wrong methods (with Allow), bodies over the limit: the same {"error"} as a bad event
+        headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
+        return jsonify({"error": exc.description or exc.name}), exc.code, headers
 
     @app.get("/healthz")
     def healthz():

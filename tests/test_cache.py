@@ -277,6 +277,17 @@ def test_warmer_refuses_invalid_cloudevents(warmer):
     r = requests.post(warmer[0] + "/", data=b"{}", headers={"ce-type": "dev.thaw.cache.warm", "ce-source": "/t",
                                                             "ce-specversion": "1.0"}, timeout=10)
     assert r.status_code == 400 and "id" in r.json()["error"]
+    structured = {"Content-Type": "application/cloudevents+json"}
+    deep = b'{"specversion": "1.0", "id": "1", "source": "/t", "type": "dev.thaw.cache.warm", "data": ' + \
+        b"[" * 100_000 + b"]" * 100_000 + b"}"
+    r = requests.post(warmer[0] + "/", data=deep, headers=structured, timeout=10)
+    assert r.status_code == 400 and "nested too deeply" in r.json()["error"]
+    r = requests.get(warmer[0] + "/nothing-here", timeout=10)
+    assert r.status_code == 404 and "error" in r.json()
+    r = requests.get(warmer[0] + "/", timeout=10)
+    assert r.status_code == 405 and "POST" in r.headers["Allow"] and "error" in r.json()
+    r = requests.post(warmer[0] + "/", data=b"x" * (2 << 20), headers=structured, timeout=10)
+    assert r.status_code == 413 and "error" in r.json()
 
 
 # ---- thaw up stages a new revision's weights before any request -------------------------------------
