@@ -11,7 +11,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 python3 -c "import thaw.eventing" 2>/dev/null ||
   python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit 1
 M=${THAW_GPU_MODELS:-$HOME/thaw-models}
-for size in small 8b; do
+for size in ${THAW_GPU_SIZES:-small 8b}; do
   [ -f "$M/$size/config.json" ] && ls "$M/$size"/*.safetensors >/dev/null 2>&1 ||
     python3 .gpu/shared/make_model.py --size $size --tok .gpu/tok --out "$M/$size" || exit 1
 done
