@@ -104,6 +104,7 @@ class Broker:
         self.session = session
         self._own_session = session is None
         self.stats = BrokerStats()
+        self.read_timeout = 60.0  # seconds an event's body may take to arrive (thaw up: the gateway's idleTimeout)
         self._heap: list[tuple[float, int, Delivery]] = []
         self._seq = itertools.count()
         self._wake = asyncio.Event()
@@ -154,9 +155,12 @@ class Broker:
             if refused:
                 return web.json_response({"error": refused[1]}, status=refused[0])
         try:
-            body = await request.read()
+            async with asyncio.timeout(self.read_timeout):
+                body = await request.read()
         except web.HTTPRequestEntityTooLarge as exc:
             return web.json_response({"error": exc.text}, status=413)
+        except TimeoutError:
+            return web.json_response({"error": f"the event did not arrive within {self.read_timeout:g}s"}, status=408)
         try:
             event = events.parse_http_event(request.headers, body)
         except events.InvalidEvent as exc:

@@ -10,6 +10,7 @@ from typing import Callable
 import aiohttp
 from aiohttp import web
 
+from thaw.durations import parse_duration
 from thaw.spec import Spec
 
 from .broker import Broker, brokers_in, triggers_from_spec
@@ -51,12 +52,14 @@ class EventingHost:
         self.spec = spec
         self.broker.brokers = brokers_in(spec)
         self.broker.triggers = triggers_from_spec(spec, self.gateway_url)
+        read_timeout = parse_duration(spec.platform.gateway.idleTimeout)
+        self.broker.read_timeout = read_timeout
         self.graphs = {}
         for name, raw in spec.graphs.items():
             graph = parse_graph(name, raw)
             begin = (lambda n, g=graph: self.on_graph_begin(n, g)) if self.on_graph_begin else None
             self.graphs[name] = GraphRouter(name, graph, self.session, models_url=self.gateway_url,
-                                            patterns=self.patterns, on_begin=begin)
+                                            patterns=self.patterns, on_begin=begin, read_timeout=read_timeout)
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/graphs/{name}", self.graph)

@@ -87,13 +87,16 @@ def error_response(status: int, cause: str) -> web.Response:
 class GraphRouter:
     def __init__(self, name: str, graph: InferenceGraphSpec, session: aiohttp.ClientSession, *,
                  models_url: str | None = None, patterns: list[re.Pattern] | None = None,
-                 on_begin: Callable[[str], None] | None = None, timeout: float | None = None):
+                 on_begin: Callable[[str], None] | None = None, timeout: float | None = None,
+                 read_timeout: float | None = None):
         self.name = name
         self.graph = graph
         self.session = session
         self.models_url = models_url.rstrip("/") if models_url else None
         self.patterns = header_patterns() if patterns is None else patterns
         self.on_begin = on_begin
+        # routerTimeouts.serverRead, else what the host serving the graph allows (thaw up: idleTimeout)
+        self.read_timeout = graph.routerTimeouts.serverRead or read_timeout
         # A whole request may take the graph's `timeout`, and no longer than its answer may take to write.
         limits = [t for t in (graph.timeout, graph.routerTimeouts.serverWrite) if t]
         self.timeout = timeout or float(min(limits, default=300))
@@ -104,11 +107,10 @@ class GraphRouter:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         try:
-            async with asyncio.timeout(self.graph.routerTimeouts.serverRead):  # None: no limit
+            async with asyncio.timeout(self.read_timeout):  # None: no limit
                 body = await request.read()
         except TimeoutError:
-            return error_response(408, f"the request body did not arrive within "
-                                       f"routerTimeouts.serverRead ({self.graph.routerTimeouts.serverRead}s)")
+            return error_response(408, f"the request body did not arrive within {self.read_timeout:g}s")
         event = None
         if events.looks_like_event(request.headers):
             try:

@@ -265,6 +265,20 @@ def raw_http(plane: Plane, request: bytes, timeout: float = 10) -> bytes:
         return answer
 
 
+def raw_http_answer(plane: Plane, request: bytes, timeout: float = 10) -> tuple[bytes, bytes]:
+    """Send bytes as they are; read one answer's head and its Content-Length body, without waiting for a close."""
+    with socket.create_connection(("127.0.0.1", int(plane.url.rsplit(":", 1)[1])), timeout=timeout) as sock:
+        sock.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536) or b"\r\n\r\n"
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+        while len(body) < length:
+            body += sock.recv(65536)
+        return head, body
+
+
 def test_without_a_valid_token_every_route_is_401_known_model_or_not(plane):
     for method, path, body in [("POST", "/v1/chat/completions", {"model": "nope", "messages": CHAT}),
                                ("POST", "/v1/chat/completions", {"model": "tiny", "messages": CHAT}),
@@ -323,6 +337,16 @@ def test_idle_and_slow_header_connections_are_closed(plane):
         started = time.monotonic()
         assert raw_http(plane, partial, timeout=30) == b""  # the server closed it
         assert time.monotonic() - started < 10
+    # a body that stops arriving: a 408 in each surface's shape once idleTimeout passes
+    for path, shape in (("/v1/chat/completions", "OpenAI"), ("/default/default", "broker"),
+                        ("/graphs/classify-then-chat", "KServe")):
+        started = time.monotonic()
+        head, body = raw_http_answer(plane, f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                                            "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                                            "{\"model\"".encode())
+        assert head.split()[1] == b"408" and time.monotonic() - started < 10, (path, head)
+        error = json.loads(body)["error"]
+        assert isinstance(error, dict) if shape == "OpenAI" else isinstance(error, str), (shape, body)
 
 
 def test_a_replica_whose_worker_restarts_is_held_out_of_rotation_until_ready(plane):
