@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from thaw.durations import GoDuration
 from thaw.eventing.delivery import parse_iso_duration
@@ -117,22 +117,33 @@ def _annotation_value(value: Any) -> str:
     return str(value)
 
 
+def quantity_value(text: str):
+    """A Kubernetes quantity's value (a Decimal); ValueError for anything Kubernetes refuses."""
+    from kubernetes.utils import parse_quantity  # slow to import: only when a quantity is read
+
+    try:
+        return parse_quantity(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a Kubernetes quantity such as '2', '500m' or '8Gi'") from None
+
+
+def quantity_bytes(text: str) -> int:
+    return int(quantity_value(text))
+
+
+def _check_quantity(text: str) -> str:
+    quantity_value(text)
+    return text
+
+
+# The spec's one typed field for Kubernetes quantities ("8Gi", "500m"), kept as written.
+Quantity = Annotated[str, AfterValidator(_check_quantity)]
+
+
 class Resources(SpecModel):
-    cpu: str | None = None
-    memory: str | None = None
+    cpu: Quantity | None = None
+    memory: Quantity | None = None
     gpu: int = Field(0, ge=0)
-
-    @field_validator("cpu", "memory")
-    @classmethod
-    def _quantity(cls, v: str | None) -> str | None:
-        if v is not None:
-            from kubernetes.utils import parse_quantity  # slow to import: only when a quantity is given
-
-            try:
-                parse_quantity(v)
-            except ValueError:
-                raise ValueError(f"{v!r} is not a Kubernetes quantity such as '2', '500m' or '8Gi'") from None
-        return v
 
 
 class CachePolicy(SpecModel):
@@ -245,20 +256,13 @@ class Gateway(SpecModel):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
     # The largest request body the gateway, the broker, graphs and each replica take (a quantity); more is a 413.
-    maxBodySize: str = "32Mi"
+    maxBodySize: Quantity = "32Mi"
     # A connection with no complete request (idle, or its headers or body arriving slower) is closed after this.
     idleTimeout: GoDuration(1, 3600) = "60s"
 
-    @field_validator("maxBodySize")
-    @classmethod
-    def _size(cls, v: str) -> str:
-        return Resources._quantity(v)
-
     @property
     def max_body_bytes(self) -> int:
-        from kubernetes.utils import parse_quantity
-
-        return int(parse_quantity(self.maxBodySize))
+        return quantity_bytes(self.maxBodySize)
 
     @property
     def local_url(self) -> str:
@@ -269,20 +273,12 @@ class Gateway(SpecModel):
 
 class CacheTier(SpecModel):
     path: str = ".thaw/cache"
-    capacity: str = "50Gi"
+    capacity: Quantity = "50Gi"
     dramPath: str = "/dev/shm/thaw-cache"  # the DRAM tier, for models with cache.tier: dram
-
-    @field_validator("capacity")
-    @classmethod
-    def _capacity(cls, v: str) -> str:
-        Resources._quantity(v)
-        return v
 
     @property
     def capacity_bytes(self) -> int:
-        from kubernetes.utils import parse_quantity
-
-        return int(parse_quantity(self.capacity))
+        return quantity_bytes(self.capacity)
 
 
 class S3Origin(SpecModel):
@@ -320,18 +316,11 @@ class Parking(SpecModel):
     """What parked replicas may hold: their weights sit in pinned host RAM while they sleep. When a new
     park would pass the budget, the least recently used parked replicas are stopped first."""
 
-    hostMemory: str = "64Gi"
-
-    @field_validator("hostMemory")
-    @classmethod
-    def _memory(cls, v: str) -> str:
-        return Resources._quantity(v)
+    hostMemory: Quantity = "64Gi"
 
     @property
     def host_memory_bytes(self) -> int:
-        from kubernetes.utils import parse_quantity
-
-        return int(parse_quantity(self.hostMemory))
+        return quantity_bytes(self.hostMemory)
 
 
 class Auth(SpecModel):
@@ -345,16 +334,11 @@ class Auth(SpecModel):
 class Optimizer(SpecModel):
     """The cold-start optimizer's budget: what it may keep warm for models likely to be called soon."""
 
-    memoryBudget: str = "0"  # weights kept prewarmed in memory
+    memoryBudget: Quantity = "0"  # weights kept prewarmed in memory
     replicaBudget: int = Field(0, ge=0)  # idle replicas kept up (0: every model may go to zero)
     window: GoDuration(1, 86400) = "600s"  # request history the call rate is measured over
     horizon: GoDuration(1, 86400) = "300s"  # "soon"
     interval: GoDuration(1, 86400) = "10s"
-
-    @field_validator("memoryBudget")
-    @classmethod
-    def _memory(cls, v: str) -> str:
-        return Resources._quantity(v)
 
 
 class FluidCache(SpecModel):
@@ -362,7 +346,7 @@ class FluidCache(SpecModel):
 
     runtime: Literal["JuiceFSRuntime", "ThinRuntime"] = "JuiceFSRuntime"
     mediumType: Literal["MEM", "SSD", "HDD"] = "SSD"
-    quota: str = "100Gi"
+    quota: Quantity = "100Gi"
     cachePath: str = "/var/cache/fluid"
     profileName: str | None = None  # ThinRuntime: the ThinRuntimeProfile to use
 
