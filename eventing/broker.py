@@ -33,6 +33,8 @@ import aiohttp
 from aiohttp import web
 from cloudevents.core.v1.event import CloudEvent
 
+from thaw.http_body import read_body
+
 from . import events
 from .delivery import (DEFAULT_BACKOFF_DELAY, DEFAULT_TIMEOUT, DeliveryPolicy, backoff, dead_letter_extensions,
                        next_step, parse_iso_duration)
@@ -155,12 +157,9 @@ class Broker:
             if refused:
                 return web.json_response({"error": refused[1]}, status=refused[0])
         try:
-            async with asyncio.timeout(self.read_timeout):
-                body = await request.read()
-        except web.HTTPRequestEntityTooLarge as exc:
-            return web.json_response({"error": exc.text}, status=413)
-        except TimeoutError:
-            return web.json_response({"error": f"the event did not arrive within {self.read_timeout:g}s"}, status=408)
+            body = await read_body(request, self.read_timeout)
+        except (web.HTTPRequestEntityTooLarge, web.HTTPRequestTimeout) as exc:
+            return web.json_response({"error": exc.text}, status=exc.status)
         try:
             event = events.parse_http_event(request.headers, body)
         except events.InvalidEvent as exc:

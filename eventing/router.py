@@ -33,6 +33,7 @@ import aiohttp
 from aiohttp import web
 from cloudevents.core.v1.event import CloudEvent
 
+from thaw.http_body import read_body
 from thaw.json_body import NOT_JSON
 
 from . import events
@@ -107,10 +108,9 @@ class GraphRouter:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         try:
-            async with asyncio.timeout(self.read_timeout):  # None: no limit
-                body = await request.read()
-        except TimeoutError:
-            return error_response(408, f"the request body did not arrive within {self.read_timeout:g}s")
+            body = await read_body(request, self.read_timeout)
+        except (web.HTTPRequestEntityTooLarge, web.HTTPRequestTimeout) as exc:
+            return error_response(exc.status, exc.text)
         event = None
         if events.looks_like_event(request.headers):
             try:

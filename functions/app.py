@@ -132,9 +132,9 @@ class FunctionService:
 
     def _refuse_unfit(self, texts: list[str], param: str) -> None:
         """Refuse, before tokenizing, a prompt with more bytes than max_model_len tokens can hold: tokenizing
-        megabytes takes seconds, and the tokenizer is shared with every other request."""
+        megabytes takes seconds of CPU that every other request on the replica shares."""
         size = sum(len(t.encode()) for t in texts)
-        if self.engine.max_prompt_bytes and size > self.engine.max_prompt_bytes:
+        if not self.engine.may_fit(size):
             raise p.APIError(
                 400, f"This model's maximum context length is {self.engine.max_model_len} tokens. However, your "
                      f"prompt is {size} bytes, more than {self.engine.max_prompt_bytes} bytes, the most that fit in "

@@ -16,6 +16,7 @@ finds it parked wakes it first, so a parked replica never refuses work.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import queue
@@ -128,7 +129,6 @@ class Engine:
         self.error: str | None = None
         self.phases: dict[str, float] = dict(phases or {})  # start-up phase -> seconds, in order
         self.max_model_len = args.max_model_len or 0
-        self.max_prompt_bytes = 0  # a prompt longer than this cannot fit in max_model_len tokens
         self.tokenizer = None
         self._tokenizer_lock = threading.Lock()
         self._fail_lock = threading.Lock()
@@ -165,6 +165,17 @@ class Engine:
     def tokenize_chat(self, messages: list[dict]) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.tokenize(text, add_special_tokens=False)
+
+    @functools.cached_property
+    def max_prompt_bytes(self) -> int:
+        """The most bytes of text that can fit in max_model_len tokens. Reading the vocabulary takes tens of
+        milliseconds, so it is read for the first prompt that might not fit, never at start-up."""
+        return self.max_model_len * max_token_bytes(self.tokenizer)
+
+    def may_fit(self, text_bytes: int) -> bool:
+        """False for text too long for the context whatever it says: decided without tokenizing it. Every
+        token's spelling has a character or more, so text under 4 bytes per position always may fit."""
+        return text_bytes <= 4 * self.max_model_len or text_bytes <= self.max_prompt_bytes
 
     @property
     def has_chat_template(self) -> bool:
@@ -283,7 +294,6 @@ class Engine:
             self._engine = LLMEngine.from_engine_args(engine_args)
         self.tokenizer = self._engine.get_tokenizer()
         self.max_model_len = self._engine.model_config.max_model_len
-        self.max_prompt_bytes = self.max_model_len * max_token_bytes(self.tokenizer)
         self.phases["engine_init"] = time.perf_counter() - t
         t = time.perf_counter()
         self._warm_up()

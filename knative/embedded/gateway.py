@@ -31,6 +31,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from thaw.functions.engine import LOADING_HEADER
 from thaw.functions.protocol import error_body
+from thaw.http_body import read_body
 from thaw.json_body import InvalidJSON, decode
 
 from .activator import QueueFull
@@ -101,15 +102,6 @@ async def shaped_errors(request: web.Request, handler) -> web.StreamResponse:
             return _surface_error(request, 404, f"No route {request.path}: the OpenAI routes are under /v1/, "
                                                 "a model's own under /models/<name>/")
         return _surface_error(request, exc.status, exc.text or HTTPStatus(exc.status).phrase)
-
-
-async def read_body(request: web.Request, timeout: float) -> bytes:
-    """The whole body, or HTTPRequestTimeout when the client sends it slower than `timeout` allows."""
-    try:
-        async with asyncio.timeout(timeout):
-            return await request.read()
-    except TimeoutError:
-        raise web.HTTPRequestTimeout(text=f"The request body did not arrive within {timeout:g}s") from None
 
 
 class _JSONErrorHandler(RequestHandler):
