@@ -22,7 +22,7 @@ from werkzeug.exceptions import HTTPException
 from thaw.eventing import events
 from thaw.spec import Model, Spec, SpecError, load_spec
 
-from .cli import stage_settings
+from .tier_commands import stage_settings
 from .ensure import ensure
 from .prewarm import read_into_page_cache
 from .origins import origin_for

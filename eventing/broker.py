@@ -164,12 +164,16 @@ class Broker:
             event = events.parse_http_event(request.headers, body)
         except events.InvalidEvent as exc:
             return web.json_response({"error": str(exc)}, status=400)
+        await self.publish(broker, event)
+        return web.Response(status=202)
+
+    async def publish(self, broker: str, event: CloudEvent) -> None:
+        """Accept an event as the ingress does, from inside this process (thaw up's revision events)."""
         new = self._prepare(broker, event, None)
         if new is not None:
             for row in await asyncio.wrap_future(self.store.add(new)):
                 self._schedule(row)
         self.stats.accepted += 1
-        return web.Response(status=202)
 
     def _prepare(self, broker: str, event: CloudEvent, ttl: int | None) -> NewEvent | None:
         """The event as stored (arrival time and TTL set) with one delivery per matching trigger."""
@@ -307,8 +311,13 @@ def resolve_destination(destination, spec, gateway_url: str) -> str:
     return base.rstrip("/") + "/" + destination.uri.lstrip("/") if destination.uri else base
 
 
-def triggers_from_spec(spec, gateway_url: str) -> list[BrokerTrigger]:
-    """The spec's triggers, plus thaw's own: inference requests to the model named by `thawmodel`."""
+WARMER_TIMEOUT = 3600.0  # the warmer answers once it has staged the weights: a delivery waits that long
+EVENT_SINK_TRIGGER = "thaw-event-sink"
+
+
+def triggers_from_spec(spec, gateway_url: str, warmer_url: str | None = None) -> list[BrokerTrigger]:
+    """The spec's triggers, plus thaw's own: inference requests to the model named by `thawmodel`; with a
+    warmer, its triggers (the ones `thaw render` writes); with `platform.eventSink`, revision events to it."""
     def timeout_for(destination) -> float:
         if destination.ref is not None and destination.ref.kind == "Model":
             return float(spec.model(destination.ref.name).timeoutSeconds)
@@ -330,6 +339,14 @@ def triggers_from_spec(spec, gateway_url: str) -> list[BrokerTrigger]:
     longest = max((m.timeoutSeconds for m in spec.models), default=300)
     out.append(BrokerTrigger(INFERENCE_TRIGGER, "default", {"type": events.INFERENCE_REQUEST}, [], model_route,
                              DeliveryPolicy(retry=2, backoff_delay=0.5, timeout=float(longest))))
+    if warmer_url:
+        out += [BrokerTrigger(name, "default", {"type": kind}, [], lambda attrs: warmer_url,
+                              DeliveryPolicy(retry=3, timeout=WARMER_TIMEOUT))
+                for name, kind in events.WARMER_TRIGGERS.items()]
+    sink = spec.platform.eventSink
+    if sink:
+        out.append(BrokerTrigger(EVENT_SINK_TRIGGER, "default", {}, [{"prefix": {"type": "dev.knative.apiserver."}}],
+                                 lambda attrs: sink, DeliveryPolicy(retry=3)))
     return out
 
 

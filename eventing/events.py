@@ -26,6 +26,11 @@ APISERVER_ADD = "dev.knative.apiserver.resource.add"
 APISERVER_UPDATE = "dev.knative.apiserver.resource.update"
 APISERVER_DELETE = "dev.knative.apiserver.resource.delete"
 
+# The cache warmer's triggers on the default broker: name -> the event type each passes. `thaw render`
+# writes them as Knative Triggers; `thaw up`'s local broker runs the same ones.
+WARMER_TRIGGERS = {"thaw-cache-warmer-add": APISERVER_ADD, "thaw-cache-warmer-update": APISERVER_UPDATE,
+                   "thaw-cache-warmer-warm": CACHE_WARM}
+
 # Extensions: the request an event answers, and the model an inference request is for.
 EXT_REQUEST_ID = "thawrequestid"
 EXT_MODEL = "thawmodel"

@@ -24,10 +24,12 @@ class EventingHost:
     def __init__(self, spec: Spec, gateway_url: str, state_dir: Path,
                  on_graph_begin: Callable[[str, object], None] | None = None,
                  authorize: Callable[[str | None], tuple[int, str] | None] | None = None,
-                 internal_token: str | None = None):
+                 internal_token: str | None = None, warmer_url: str | None = None):
         """With auth on, `authorize` gates the broker and the graphs, and the broker reaches models with
-        `internal_token` (graphs pass on their caller's token, so a model's allow list still applies)."""
+        `internal_token` (graphs pass on their caller's token, so a model's allow list still applies).
+        With `warmer_url`, the broker has the cache warmer's triggers, as a cluster's broker does."""
         self.authorize = authorize
+        self.warmer_url = warmer_url
         self.gateway_url = gateway_url
         self.on_graph_begin = on_graph_begin
         self.patterns = header_patterns()
@@ -51,7 +53,7 @@ class EventingHost:
     def apply_spec(self, spec: Spec) -> None:
         self.spec = spec
         self.broker.brokers = brokers_in(spec)
-        self.broker.triggers = triggers_from_spec(spec, self.gateway_url)
+        self.broker.triggers = triggers_from_spec(spec, self.gateway_url, self.warmer_url)
         read_timeout = parse_duration(spec.platform.gateway.idleTimeout)
         self.broker.read_timeout = read_timeout
         self.graphs = {}
@@ -60,6 +62,11 @@ class EventingHost:
             begin = (lambda n, g=graph: self.on_graph_begin(n, g)) if self.on_graph_begin else None
             self.graphs[name] = GraphRouter(name, graph, self.session, models_url=self.gateway_url,
                                             patterns=self.patterns, on_begin=begin, read_timeout=read_timeout)
+
+    async def publish(self, event) -> None:
+        """An event into the default broker from inside thaw up (the plane's revision events, the
+        optimizer's warm requests)."""
+        await self.broker.publish("default", event)
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/graphs/{name}", self.graph)

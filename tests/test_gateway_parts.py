@@ -1,4 +1,4 @@
-"""The serving plane's small parts, without processes: traffic, the activator's queue, auth."""
+"""The serving plane's small parts, without processes: traffic, the breaker and throttler, auth."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from thaw.knative.embedded.activator import Activator, QueueFull
+from thaw.knative.embedded.breaker import Breaker, QueueFull
+from thaw.knative.embedded.throttler import Throttler
 from thaw.knative.embedded.auth import Authenticator, AuthError, _parse_env, _parse_file
 from thaw.knative.embedded.revisions import (Route, RevisionHistory, pick_revision, resolve_traffic,
                                              revision_name, tagged_revision, validate_traffic)
@@ -72,9 +73,9 @@ class Pod:
     in_flight: int = 0
 
 
-def test_activator_queue_concurrency_and_order():
+def test_throttler_queue_concurrency_and_order():
     async def scenario():
-        act = Activator(queue_depth=2, container_concurrency=1)
+        act = Throttler(queue_depth=2, container_concurrency=1)
         first = asyncio.create_task(act.acquire(5))
         second = asyncio.create_task(act.acquire(5))
         await asyncio.sleep(0)
@@ -93,13 +94,60 @@ def test_activator_queue_concurrency_and_order():
     asyncio.run(scenario())
 
 
-def test_activator_unlimited_concurrency_picks_least_loaded():
+def test_throttler_unlimited_concurrency_picks_least_loaded():
     async def scenario():
-        act = Activator(queue_depth=1, container_concurrency=0)
+        act = Throttler(queue_depth=1, container_concurrency=0)
         a, b = Pod(3), Pod(1)
         act.add_replica(a)
         act.add_replica(b)
         assert await act.acquire(1) is b
+
+    asyncio.run(scenario())
+
+
+def test_throttler_capacity_follows_its_replicas():
+    """The breaker's capacity is containerConcurrency x replicas in rotation; a replica that leaves keeps
+    its in-flight requests counted until they finish, as in Knative's throttler."""
+    async def scenario():
+        act = Throttler(queue_depth=4, container_concurrency=2)
+        a, b = Pod(), Pod()
+        act.add_replica(a)
+        act.add_replica(b)
+        assert act.breaker.capacity == 4
+        held = [await act.acquire(1) for _ in range(3)]
+        assert sorted(p.in_flight for p in (a, b)) == [1, 2]
+        busy = max((a, b), key=lambda p: p.in_flight)
+        act.remove_replica(busy)  # it drains: its two requests still run
+        assert act.breaker.capacity == 2 and act.in_flight == 3
+        waiter = asyncio.create_task(act.acquire(5))
+        await asyncio.sleep(0)
+        assert not waiter.done() and act.queued == 1
+        for pod in held:
+            if pod is busy:
+                act.release(pod)
+        assert await waiter is not busy and act.in_flight == 2
+
+    asyncio.run(scenario())
+
+
+def test_breaker_refuses_beyond_its_queue_and_hands_slots_over_in_order():
+    async def scenario():
+        breaker = Breaker(queue_depth=2, capacity=1)
+        await breaker.acquire(1)
+        first, second = asyncio.create_task(breaker.acquire(5)), asyncio.create_task(breaker.acquire(5))
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull):
+            await breaker.acquire(1)
+        breaker.release()
+        await first
+        assert not second.done() and breaker.in_flight == 1
+        breaker.set_capacity(2)
+        await second
+        assert breaker.in_flight == 2 and breaker.waiting == 0
+        late = asyncio.create_task(breaker.acquire(0.01))
+        with pytest.raises(asyncio.TimeoutError):
+            await late
+        assert breaker.waiting == 0 and breaker.in_flight == 2
 
     asyncio.run(scenario())
 

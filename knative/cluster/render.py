@@ -242,8 +242,8 @@ def eventing_infra(spec: Spec) -> list[dict[str, Any]]:
                   "sink": {"ref": {"apiVersion": EVENTING, "kind": "Broker", "name": "default"}}}},
     ]
     warmer = _service_ref(WARMER, spec)
-    for kind, suffix in ((events.APISERVER_ADD, "add"), (events.APISERVER_UPDATE, "update"), (events.CACHE_WARM, "warm")):
-        out.append(_trigger(f"thaw-cache-warmer-{suffix}", "default", spec, warmer, {"type": kind}))
+    for name, kind in events.WARMER_TRIGGERS.items():
+        out.append(_trigger(name, "default", spec, warmer, {"type": kind}))
     return out
 
 

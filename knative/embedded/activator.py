@@ -1,93 +1,91 @@
-"""The activator of one revision: a bounded queue in front of its replicas' concurrency slots.
+"""One revision's activator: the request path between the gateway and a replica.
 
-Like Knative's activator throttler, a request takes a slot on a ready replica with room (no more than
-containerConcurrency per replica; 0 means unlimited) or waits, first come first served, in a queue of
-bounded depth; slots freed or replicas becoming ready hand the head of the queue a replica.
+As Knative's activator does for a revision in its path: a request at a revision with nothing running
+wakes it (a parked replica is woken, else the autoscaler is poked so 0 -> 1 never waits for a tick);
+the throttler holds the request, bounded, until a replica has room; the request is proxied. A replica
+whose connection fails before it answers, or that answers that its engine is loading again, is
+reported to the reconciler and the request goes to another (or a replacement), up to ATTEMPTS tries.
+Answers carry `X-Thaw-Revision` and `X-Thaw-Queue-Seconds` (how long the request was held).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import deque
-from typing import Protocol
+import time
+from typing import TYPE_CHECKING, Protocol
+
+import aiohttp
+from aiohttp import web
+
+from .breaker import QueueFull
+from .openai_errors import error_response
+from .proxy import NotAnswered, NotReady, proxy
+from .replica import Replica, State
+from .throttler import Throttler
+
+if TYPE_CHECKING:
+    from .revision import Revision
+
+ATTEMPTS = 3  # tries of a request whose replica's connection failed before it answered
 
 
-class Slot(Protocol):
-    in_flight: int
+class ReplicaMoves(Protocol):
+    """What the activator asks of the reconciler (reconciler.py)."""
 
-
-class QueueFull(Exception):
-    """The revision's queue is at its depth; the caller answers 503."""
+    def poke(self, rev: "Revision") -> None: ...
+    def wake_parked(self, rev: "Revision", replica: Replica) -> None: ...
+    def lost(self, rev: "Revision", replica: Replica) -> None: ...
+    def not_ready(self, rev: "Revision", replica: Replica) -> None: ...
 
 
 class Activator:
-    def __init__(self, queue_depth: int, container_concurrency: int):
-        self.queue_depth = queue_depth
-        self.container_concurrency = container_concurrency
-        self.replicas: list = []  # ready, not draining
-        self.waiting: deque[asyncio.Future] = deque()
+    def __init__(self, revision: "Revision", throttler: Throttler, moves: ReplicaMoves):
+        self.revision = revision
+        self.throttler = throttler
+        self.moves = moves
 
-    @property
-    def queued(self) -> int:
-        return len(self.waiting)
+    def wake(self) -> bool:
+        """Wake a revision that has nothing running, starting or waking; whether it did."""
+        rev = self.revision
+        if rev.launching or rev.count(State.READY, State.STARTING, State.UNREADY, State.WAKING):
+            return False
+        if rev.parked:
+            self.moves.wake_parked(rev, rev.parked[0])
+        self.moves.poke(rev)
+        return True
 
-    @property
-    def in_flight(self) -> int:
-        return sum(r.in_flight for r in self.replicas)
-
-    def _has_room(self, replica: Slot) -> bool:
-        return self.container_concurrency == 0 or replica.in_flight < self.container_concurrency
-
-    def _take(self):
-        candidates = [r for r in self.replicas if self._has_room(r)]
-        if not candidates:
-            return None
-        replica = min(candidates, key=lambda r: r.in_flight)
-        replica.in_flight += 1
-        return replica
-
-    async def acquire(self, timeout: float):
-        """A replica slot within `timeout` seconds; raises QueueFull or asyncio.TimeoutError."""
-        if not self.waiting:
-            replica = self._take()
-            if replica is not None:
-                return replica
-        if len(self.waiting) >= self.queue_depth:
-            raise QueueFull()
-        future = asyncio.get_running_loop().create_future()
-        self.waiting.append(future)
-        try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout)
-        except BaseException:
-            if future.done() and not future.cancelled() and future.exception() is None:
-                self.release(future.result())  # a slot was handed over just as we gave up
-            else:
-                future.cancel()
-            raise
-        finally:
-            if future in self.waiting:
-                self.waiting.remove(future)
-
-    def release(self, replica) -> None:
-        replica.in_flight -= 1
-        self.dispatch()
-
-    def dispatch(self) -> None:
-        """Hand free slots to waiting requests, oldest first."""
-        while self.waiting:
-            if self.waiting[0].done():
-                self.waiting.popleft()
-                continue
-            replica = self._take()
-            if replica is None:
-                return
-            self.waiting.popleft().set_result(replica)
-
-    def add_replica(self, replica) -> None:
-        if replica not in self.replicas:
-            self.replicas.append(replica)
-        self.dispatch()
-
-    def remove_replica(self, replica) -> None:
-        if replica in self.replicas:
-            self.replicas.remove(replica)
+    async def forward(self, session: aiohttp.ClientSession, request: web.Request, label: str, path: str,
+                      body: bytes) -> web.StreamResponse:
+        rev = self.revision
+        timeout_seconds = rev.model.timeoutSeconds
+        loop = asyncio.get_running_loop()
+        arrived = loop.time()
+        deadline = arrived + timeout_seconds
+        for _ in range(ATTEMPTS):
+            self.wake()
+            try:
+                replica = await self.throttler.acquire(deadline - loop.time())
+            except QueueFull:
+                return error_response(503, f"Too many requests are waiting for '{label}'; retry shortly",
+                                      "server_error", code="queue_full", headers={"Retry-After": "1"})
+            except asyncio.TimeoutError:
+                return error_response(504, f"No replica of '{label}' could take the request within "
+                                           f"{timeout_seconds}s", "server_error", code="timeout")
+            replica.last_used = time.time()
+            queued = loop.time() - arrived  # held here: a cold start, or no replica with room
+            try:
+                return await proxy(session, request, replica.url, path, body, deadline - loop.time(),
+                                   {"X-Thaw-Revision": rev.name, "X-Thaw-Queue-Seconds": f"{queued:.4f}"},
+                                   rev.model.name, timeout_seconds)
+            except NotAnswered as exc:
+                # Nothing came back, so nothing reached the client: another replica (or a replacement of
+                # a dead one) gets the request. Inference has no side effects to repeat; CloudEvents are
+                # at least once anyway. Bounded, so a request that crashes replicas cannot crash them all.
+                if exc.refused or not replica.alive():
+                    self.moves.lost(rev, replica)
+            except NotReady:
+                self.moves.not_ready(rev, replica)  # held here again until a replica is ready
+            finally:
+                self.throttler.release(replica)
+        return error_response(502, f"The replicas serving '{rev.model.name}' failed {ATTEMPTS} times before "
+                                   "answering", "server_error", code="replica_failed")

@@ -1,4 +1,5 @@
-"""The gateway: per-model routes in front of the activators, streaming passed through chunk by chunk.
+"""The gateway: HTTP, auth, and routing each request to a revision, whose activator (activator.py) takes it
+from there (wake, throttle, proxy to a replica: proxy.py).
 
 Routes
 - `POST /v1/chat/completions`, `POST /v1/completions`: to the model named in the body's `model`.
@@ -7,12 +8,8 @@ Routes
 - `GET /v1/models`, `GET /v1/models/<id>`: every model and its state, without waking anything.
 - `GET /healthz`, `GET /thaw/v1/status` (what `thaw status` shows).
 - The broker (`/<namespace>/<broker>`) and graphs (`/graphs/<name>`) join this app from eventing/host.py.
-Answers carry `X-Thaw-Revision` and `X-Thaw-Queue-Seconds` (how long the activator held the request).
-Errors use OpenAI's error object: 404 unknown model, 401/403 auth, 503 queue full (with Retry-After),
-504 past timeoutSeconds, 502 when a replica dies under a request (a stream gets an error chunk and
-`data: [DONE]` instead, since its status has already gone out). A request whose replica's connection
-fails before any answer goes to another replica (or a replacement) instead, up to ATTEMPTS tries.
-So do the answers aiohttp itself gives: unknown routes (404), wrong methods (405 with `Allow`), bodies
+Errors use OpenAI's error object: 404 unknown model, 401/403 auth; the activator's own (503 queue full,
+504 past timeoutSeconds, 502 a replica died under the request). So do the answers aiohttp itself gives: unknown routes (404), wrong methods (405 with `Allow`), bodies
 over `platform.gateway.maxBodySize` (413), bodies slower than the idle timeout (408), and requests its
 HTTP parser refuses (400); graph routes answer in KServe's shape instead, the broker in its own.
 With auth on, the token is checked before anything else, so no answer tells a stranger which models exist.
@@ -20,8 +17,6 @@ With auth on, the token is checked before anything else, so no answer tells a st
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 from http import HTTPStatus
 
@@ -29,25 +24,15 @@ import aiohttp
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from thaw.functions.engine import LOADING_HEADER
 from thaw.functions.protocol import error_body
 from thaw.http_body import read_body
 from thaw.json_body import InvalidJSON, decode
 
-from .activator import QueueFull
 from .auth import AuthError, Authenticator
-from .plane import RevisionRuntime, ServingPlane, UnknownModel
+from .openai_errors import error_response as _error
+from .plane import ServingPlane, UnknownModel
 
 log = logging.getLogger("thaw.gateway")
-
-ATTEMPTS = 3  # tries of a request whose replica's connection failed before it answered
-HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
-              "transfer-encoding", "upgrade", "host", "content-length", "authorization"}
-
-
-def _error(status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
-           param: str | None = None, headers: dict | None = None) -> web.Response:
-    return web.json_response(error_body(message, type, param, code), status=status, headers=headers)
 
 
 def _auth_error(exc: AuthError) -> web.Response:
@@ -56,23 +41,6 @@ def _auth_error(exc: AuthError) -> web.Response:
 
 def _not_found(model: str) -> web.Response:
     return _error(404, f"The model '{model}' does not exist", code="model_not_found", param="model")
-
-
-def _sse_error(message: str, code: str) -> bytes:
-    return (f"data: {json.dumps(error_body(message, 'server_error', None, code))}\n\n"
-            "data: [DONE]\n\n").encode()
-
-
-class _NotReady(Exception):
-    """The replica answered that its engine is (again) loading: nothing was done with the request."""
-
-
-class _NotAnswered(Exception):
-    """The replica's connection failed before any answer: refused, or reset or closed under the request."""
-
-    def __init__(self, refused: bool):
-        super().__init__()
-        self.refused = refused
 
 
 def _surface_error(request: web.Request, status: int, message: str, headers: dict | None = None) -> web.Response:
@@ -228,7 +196,7 @@ class Gateway:
         path = "/" + request.match_info["tail"]
         return await self._forward(request, model, tag or None, path, await read_body(request, self.idle_timeout))
 
-    # ---- forwarding ------------------------------------------------------------------------------
+    # ---- to the revision's activator -------------------------------------------------------------
 
     async def _forward(self, request: web.Request, model: str, tag: str | None, path: str,
                        body: bytes) -> web.StreamResponse:
@@ -239,71 +207,5 @@ class Gateway:
             return _not_found(model if tag is None else f"{model}@{tag}")
         except AuthError as exc:
             return _auth_error(exc)
-        loop = asyncio.get_running_loop()
-        arrived = loop.time()
-        deadline = arrived + rev.model.timeoutSeconds
-        for attempt in range(ATTEMPTS):
-            try:
-                replica = await self.plane.acquire(rev, deadline - loop.time(), count=attempt == 0)
-            except QueueFull:
-                return _error(503, f"Too many requests are waiting for '{model}'; retry shortly", "server_error",
-                              code="queue_full", headers={"Retry-After": "1"})
-            except asyncio.TimeoutError:
-                return _error(504, f"No replica of '{model}' could take the request within "
-                                   f"{rev.model.timeoutSeconds}s", "server_error", code="timeout")
-            queued = loop.time() - arrived  # held by the activator (a cold start, or no replica with room)
-            try:
-                return await self._proxy(request, rev, replica, path, body, deadline - loop.time(), queued)
-            except _NotAnswered as exc:
-                # Nothing came back, so nothing reached the client: another replica (or a replacement of
-                # a dead one) gets the request. Inference has no side effects to repeat; CloudEvents are
-                # at least once anyway. Bounded, so a request that crashes replicas cannot crash them all.
-                if exc.refused or not replica.alive():
-                    self.plane.unreachable(rev, replica)
-            except _NotReady:
-                self.plane.not_ready(rev, replica)  # the activator holds the retry until a replica is ready
-            finally:
-                self.plane.release(rev, replica)
-        return _error(502, f"The replicas serving '{rev.model.name}' failed {ATTEMPTS} times before answering",
-                      "server_error", code="replica_failed")
-
-    async def _proxy(self, request: web.Request, rev: RevisionRuntime, replica, path: str, body: bytes,
-                     remaining: float, queued: float) -> web.StreamResponse:
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-        url = replica.url + path + (f"?{request.query_string}" if request.query_string else "")
-        response: web.StreamResponse | None = None
-        answered = False
-        try:
-            async with self.session.request(request.method, url, data=body, headers=headers,
-                                            timeout=aiohttp.ClientTimeout(total=max(0.001, remaining))) as upstream:
-                if upstream.status == 503 and LOADING_HEADER in upstream.headers:
-                    raise _NotReady()
-                answered = True
-                out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
-                out_headers["X-Thaw-Revision"] = rev.name
-                out_headers["X-Thaw-Queue-Seconds"] = f"{queued:.4f}"
-                if not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
-                    return web.Response(body=await upstream.read(), status=upstream.status, headers=out_headers)
-                response = web.StreamResponse(status=upstream.status, headers=out_headers)
-                await response.prepare(request)
-                async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
-                await response.write_eof()
-                return response
-        except ConnectionResetError:  # our client left; leaving the block closed the upstream request too
-            return response or web.Response(status=499)
-        except asyncio.TimeoutError:
-            message, code, status = f"The request ran past timeoutSeconds ({rev.model.timeoutSeconds}s)", "timeout", 504
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-            if not answered and isinstance(exc, aiohttp.ClientConnectionError):
-                raise _NotAnswered(refused=isinstance(exc, aiohttp.ClientConnectorError)) from exc
-            message, code, status = (f"The replica serving '{rev.model.name}' went away mid-request ({type(exc).__name__})",
-                                     "replica_failed", 502)
-        if response is None:
-            return _error(status, message, "server_error", code=code)
-        try:
-            await response.write(_sse_error(message, code))
-            await response.write_eof()
-        except (ConnectionError, RuntimeError):
-            pass
-        return response
+        self.plane.record_call(rev.model.name)
+        return await rev.activator.forward(self.session, request, model, path, body)

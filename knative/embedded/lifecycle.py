@@ -2,8 +2,9 @@
 
 The embedded plane emits what a Knative ApiServerSource watching `serving.knative.dev/v1` Revisions
 would: `dev.knative.apiserver.resource.add|update|delete`, subject
-`/apis/serving.knative.dev/v1/namespaces/<ns>/revisions/<name>`, data the Revision object. The cache
-warmer consumes the same events from either source.
+`/apis/serving.knative.dev/v1/namespaces/<ns>/revisions/<name>`, data the Revision object. As on a
+cluster, they go into the default broker, whose triggers take them to the cache warmer (and to
+`platform.eventSink`); one event path in both modes.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import asyncio
 import json
 import logging
 import uuid
-from typing import Any
+from typing import Any, Awaitable, Callable
 
-import aiohttp
+from cloudevents.core.v1.event import CloudEvent
 
 from thaw.eventing import events
 
@@ -59,62 +60,43 @@ def revision_status(ready: int, desired: int) -> dict[str, Any]:
 
 
 class LifecycleEmitter:
-    """Posts events to each sink in the background, each sink with its own queue so a slow one (the
-    warmer answers once it has staged) holds up no other. A sink with one worker gets events in order.
-    A sink that is down is retried with backoff for about half a minute per event."""
+    """Publishes revision events into the broker in the order they happened (one worker), in the
+    background, so no plane decision waits for the broker's commit. Without a broker (a plane outside
+    thaw up), nothing is emitted."""
 
-    ATTEMPTS = 8
-
-    def __init__(self, sinks: list[tuple[str, int]], namespace: str):
-        self.sinks = [(url, workers) for url, workers in sinks if url]
+    def __init__(self, namespace: str, publish: Callable[[CloudEvent], Awaitable[None]] | None = None):
         self.namespace = namespace
-        self.queues = {url: asyncio.Queue() for url, _ in self.sinks}
+        self.publish = publish
         self.uids: dict[str, str] = {}
-        self._tasks: list[asyncio.Task] = []
-        self._session: aiohttp.ClientSession | None = None
+        self._queue: asyncio.Queue[CloudEvent] = asyncio.Queue()
+        self._task: asyncio.Task | None = None
 
     def start(self) -> None:
-        if not self.sinks:
-            return
-        # Staging a revision's weights can take a while; the warmer answers when it is done.
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600))
-        for url, workers in self.sinks:
-            self._tasks += [asyncio.create_task(self._run(url)) for _ in range(workers)]
+        if self.publish is not None:
+            self._task = asyncio.create_task(self._run())
 
     def emit(self, kind: str, revision: dict[str, Any]) -> None:
-        if not self.sinks:
+        if self.publish is None:
             return
         name = revision["metadata"]["name"]
-        event = events.make_event(kind, SOURCE, revision,
-                                  subject=f"/apis/serving.knative.dev/v1/namespaces/{self.namespace}/revisions/{name}")
-        for queue in self.queues.values():
-            queue.put_nowait(event)
+        self._queue.put_nowait(events.make_event(
+            kind, SOURCE, revision, subject=f"/apis/serving.knative.dev/v1/namespaces/{self.namespace}/revisions/{name}"))
 
     def uid(self, revision: str) -> str:
         return self.uids.setdefault(revision, str(uuid.uuid4()))
 
-    async def _run(self, sink: str) -> None:
+    async def _run(self) -> None:
         while True:
-            event = await self.queues[sink].get()
-            await self._post(sink, event)
-
-    async def _post(self, sink: str, event) -> None:
-        headers, body = events.to_http(event)
-        for attempt in range(self.ATTEMPTS):
+            event = await self._queue.get()
             try:
-                async with self._session.post(sink, data=body, headers=headers) as r:
-                    if r.status < 300:
-                        return
-                    log.warning("%s answered %d for %s", sink, r.status, event.get_type())
-                    if r.status < 500:
-                        return  # the sink refuses it; sending it again would not help
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                if attempt == self.ATTEMPTS - 1:
-                    log.warning("%s unreachable (%s); %s dropped", sink, exc, event.get_type())
-            await asyncio.sleep(min(5.0, 0.25 * 2 ** attempt))
+                await self.publish(event)
+            except Exception:  # noqa: BLE001 - one event the broker could not take must not stop the rest
+                log.exception("the broker refused %s", event.get_type())
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        if self._session is not None:
-            await self._session.close()
+        """Publish what is still queued (for up to 5 s), then stop."""
+        end = asyncio.get_running_loop().time() + 5
+        while self._task is not None and not self._queue.empty() and asyncio.get_running_loop().time() < end:
+            await asyncio.sleep(0.01)
+        if self._task is not None:
+            self._task.cancel()

@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -25,44 +24,12 @@ from thaw.launch import base_env, free_port, function_command
 from thaw.spec import Model
 from thaw.vllm_platform import detect
 
+from .replica import Replica, State
 from .standby import die_with_parent, spawn_from_standby
 
 log = logging.getLogger("thaw.supervisor")
 
 PROBE_INTERVAL = 0.025
-
-
-@dataclass(eq=False)
-class Replica:
-    id: str
-    revision: str
-    port: int
-    pid: int
-    via_standby: bool
-    log_path: Path
-    # starting -> ready -> draining -> stopped; ready -> parking -> parked -> waking -> ready;
-    # ready <-> unready (its readiness probe fails: a restarted gunicorn worker loads again); any -> dead
-    state: str = "starting"
-    in_flight: int = 0
-    last_used: float = field(default_factory=time.time)
-    host_bytes: int = 0  # host RAM it holds while parked (its weights)
-    gpu_bytes: int = 0  # GPU memory it holds (NVML), last read
-    started_at: float = field(default_factory=time.time)
-    ready_at: float | None = None
-    phases: dict = field(default_factory=dict)
-    popen: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def alive(self) -> bool:
-        if self.popen is not None:
-            return self.popen.poll() is None
-        try:
-            return psutil.Process(self.pid).status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
 
 
 def replica_command(model: Model, model_dir: Path | None, source_args: list[str] | None, port: int) -> list[str]:
@@ -114,7 +81,7 @@ class Supervisor:
         """Probe /readyz until 200 (True), the process dies or the deadline passes (False)."""
         end = time.monotonic() + deadline_s
         timeout = aiohttp.ClientTimeout(total=2)
-        while time.monotonic() < end and replica.state == "starting":
+        while time.monotonic() < end and replica.state == State.STARTING:
             if not replica.alive():
                 return False
             try:
@@ -130,7 +97,7 @@ class Supervisor:
 
     async def stop(self, replica: Replica, grace_s: float) -> None:
         """SIGTERM the replica's session, SIGKILL it after `grace_s` seconds."""
-        replica.state = "stopped"
+        replica.move(State.STOPPED)
         _signal_group(replica.pid, signal.SIGTERM)
         end = time.monotonic() + grace_s
         while time.monotonic() < end and _group_alive(replica.pid):

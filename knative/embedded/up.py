@@ -13,13 +13,14 @@ from aiohttp import web
 from rich.console import Console
 from rich.logging import RichHandler
 
-from thaw.cache_warmer.optimize import graph_look_ahead
+from thaw.cache_warmer.optimizer_loop import graph_look_ahead
 from thaw.eventing.host import EventingHost
 from thaw.durations import parse_duration
 from thaw.spec import Spec
 
 from .auth import Authenticator, Token, eventing_gate
 from .gateway import Gateway, GatewayRunner
+from .backend import EmbeddedBackend
 from .plane import ServingPlane
 
 log = logging.getLogger("thaw.up")
@@ -32,18 +33,25 @@ def configure_logging() -> None:
 
 
 async def serve(spec: Spec, spec_path: Path | None, ready: asyncio.Event | None = None) -> None:
-    plane = ServingPlane(spec, spec_path)
     auth = Authenticator.from_spec(spec.platform.auth)
     gate = eventing_gate(auth)
     internal = None
     if auth.enabled:  # the broker's deliveries to models: a per-process token nobody else holds
         internal = secrets.token_urlsafe(32)
         auth.tokens.append(Token(internal, None))
+    # Revision events and the optimizer's warm requests go into the local broker, whose triggers take
+    # them to the cache warmer: the event path a cluster has (ApiServerSource -> Broker -> Trigger).
+    eventing: EventingHost | None = None
+
+    async def publish(event) -> None:
+        await eventing.publish(event)
+
+    plane = ServingPlane(spec, spec_path, publish=publish)
+    eventing = EventingHost(spec, spec.platform.gateway.local_url, Path(spec.platform.stateDir),
+                            graph_look_ahead(EmbeddedBackend(plane)), gate, internal, plane.warmer_url)
     idle_timeout = parse_duration(spec.platform.gateway.idleTimeout)
     gateway = Gateway(plane, auth, spec.platform.gateway.max_body_bytes, idle_timeout)
     host, port = spec.platform.gateway.host, spec.platform.gateway.port
-    eventing = EventingHost(spec, spec.platform.gateway.local_url, Path(spec.platform.stateDir), graph_look_ahead(plane),
-                            gate, internal)
     plane.spec_listeners.append(eventing.apply_spec)
     app = gateway.app()
     eventing.add_routes(app)
@@ -55,8 +63,8 @@ async def serve(spec: Spec, spec_path: Path | None, ready: asyncio.Event | None 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    await eventing.start()  # before the plane: its first revision events go into the broker
     await plane.start()
-    await eventing.start()
     site = web.TCPSite(runner, host, port)
     await site.start()
     log.info("gateway on http://%s:%d  (OpenAI base_url http://%s:%d/v1); models: %s", host, port, host, port,
@@ -68,8 +76,8 @@ async def serve(spec: Spec, spec_path: Path | None, ready: asyncio.Event | None 
     finally:
         log.info("stopping: draining replicas and the standby")
         await runner.cleanup()
-        await eventing.stop()
         await plane.stop()
+        await eventing.stop()
         log.info("stopped")
 
 

@@ -42,7 +42,7 @@ def _model_folder(model: Model, spec: Spec, work: Path, console: Console) -> Pat
     """A local folder with the model's weights (staged once from its origin if it has one)."""
     if not model.source.startswith("s3://"):
         return Path(model.source).resolve()
-    from thaw.cache_warmer.cli import warm_model
+    from thaw.cache_warmer.tier_commands import warm_model
 
     local = spec.model_copy(update={"platform": spec.platform.model_copy(update={
         "cache": spec.platform.cache.model_copy(update={"path": str(work / "origin-copy")})})})

@@ -1,4 +1,5 @@
-"""The cache commands: `thaw warm`, `thaw cache ls|verify|evict`."""
+"""What `thaw warm` and `thaw cache ls|verify|evict` do to the cache tier, shown on a console (thaw/cli.py
+parses their arguments)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,51 @@
+"""The cold-start optimizer's effects on the embedded plane (knative/backend.py's ServingBackend): the
+plane's own request history, a keep-warm floor under a revision's scale, warm requests as CloudEvents
+into the local broker (its trigger takes them to the cache warmer, as on a cluster), start-ahead as a
+request at zero would wake the revision."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from thaw.cache_warmer.optimizer import Demand
+from thaw.eventing import events
+
+from .reconciler import weight_bytes
+
+if TYPE_CHECKING:
+    from .plane import ServingPlane
+
+SOURCE = "/thaw/optimizer"
+
+
+class EmbeddedBackend:
+    def __init__(self, plane: "ServingPlane"):
+        self.plane = plane
+
+    def demands(self) -> list[Demand]:
+        return [Demand(name, tuple(self.plane.calls.get(name, ())), weight_bytes(entry.model.source))
+                for name, entry in self.plane.models.items() if entry.routes]
+
+    def keep_replicas(self, models: frozenset[str]) -> None:
+        for name, entry in self.plane.models.items():
+            # one idle replica per kept model, on the revision that takes most of its traffic
+            main = max(entry.routes, key=lambda r: r.percent).revision if entry.routes else None
+            for rev in entry.revisions.values():
+                rev.keep_warm = 1 if name in models and rev.name == main else 0
+
+    async def warm(self, model: str) -> bool:
+        if self.plane.publish is None:
+            return True  # no broker, so no warmer: weights are staged when a replica starts
+        await self.plane.publish(events.make_event(events.CACHE_WARM, SOURCE, {"model": model}))
+        return True
+
+    def start_ahead(self, models: list[str]) -> list[str]:
+        started = []
+        for name in models:
+            try:
+                rev = self.plane.route(name)
+            except KeyError:
+                continue
+            if rev.activator.wake():
+                started.append(name)
+        return started

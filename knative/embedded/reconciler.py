@@ -1,0 +1,383 @@
+"""The reconcile loop: each revision's decision (revision.decide) and the replica moves that carry out its
+plan (revision.plan): start, drain, park, wake, stop; and the loops that feed it.
+
+Every 100 ms each revision's concurrency (requests at its replicas plus requests its activator holds) is
+sampled into per-second buckets; every tick (2 s by default) the KPA decides each revision's scale from
+the stable and panic window averages; a request at a revision with nothing running pokes its decision at
+once (activator.py), so 0 -> 1 never waits for a tick. Replicas are probed for liveness (100 ms) and,
+once ready, for readiness (1 s) as Knative's kubelet probes would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import aiohttp
+
+from thaw.durations import parse_duration
+from thaw.vllm_platform import detect, gpu_memory
+
+from .parking import Awake, Parked, decide_park, plan_gpu_room
+from .replica import Replica, State, can_move
+from .revision import Revision, ReplicaView, decide, plan
+from .supervisor import Supervisor
+
+if TYPE_CHECKING:
+    from .plane import ServingPlane
+
+log = logging.getLogger("thaw.reconciler")
+
+SAMPLE_INTERVAL = 0.1
+PROGRESS_DEADLINE = 600  # seconds a replica may take to become ready (Knative's progress-deadline)
+GPU_ROOM_POLL = 0.25  # how often a start or wake waiting for GPU memory looks again
+READINESS_PERIOD = 1.0  # how often ready replicas' /readyz is probed (a worker restarted inside one)
+READINESS_TIMEOUT = 5.0  # a probe answered no faster than this fails (a busy replica answers in ms)
+
+
+def weight_bytes(source: str) -> int:
+    """The bytes of a model's weights here; 0 for an s3 model not staged yet (it costs budgets nothing)."""
+    if source.startswith("s3://"):
+        return 0
+    folder = Path(source)
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors")) if folder.is_dir() else 0
+
+
+def _process_tree_rss(pid: int) -> int:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+    except psutil.Error:
+        return 0
+
+
+class Reconciler:
+    def __init__(self, plane: "ServingPlane", supervisor: Supervisor, start_args: Callable[[Revision], tuple]):
+        """`start_args(rev)` gives the supervisor's arguments for a new replica of `rev` (its weights here)."""
+        self.plane = plane
+        self.supervisor = supervisor
+        self.start_args = start_args
+        self.session: aiohttp.ClientSession | None = None
+        self.tasks: set[asyncio.Task] = set()
+        # On a GPU, one start or wake at a time claims memory (vLLM sizes its KV cache from what is free).
+        self.gpu_lock = asyncio.Lock() if detect().gpu else contextlib.nullcontext()
+        self.stopping = False
+
+    # ---- decide and reconcile --------------------------------------------------------------------
+
+    def decide(self, rev: Revision, now: float) -> None:
+        spec, scaling, config = rev.autoscaler.spec, rev.model.scaling, self.plane.config
+        ready = len(rev.ready)
+        result = rev.autoscaler.scale(rev.window.average(now, spec.stable_window),
+                                      rev.window.average(now, spec.panic_window), ready, now)
+        rev.panicking = result.panicking
+        rev.excess_burst_capacity = result.excess_burst_capacity
+        decision = decide(result, rev.desired, keep_warm=rev.keep_warm, min_scale=scaling.min_scale,
+                          max_scale=scaling.max_scale, initial_reached=rev.initial_reached, ready=ready,
+                          current=ready + rev.count(State.STARTING) + rev.launching,
+                          inactive_since=rev.inactive_since, now=now, grace=config.scale_to_zero_grace_period,
+                          retention=parse_duration(scaling.scale_to_zero_pod_retention_period),
+                          scale_to_zero=config.enable_scale_to_zero)
+        rev.desired, rev.initial_reached, rev.inactive_since = (decision.desired, decision.initial_reached,
+                                                                decision.inactive_since)
+
+    def reconcile(self, rev: Revision) -> None:
+        if self.stopping:
+            return
+        moves = plan([ReplicaView(r.id, r.state, r.in_flight) for r in rev.replicas], rev.launching, rev.desired,
+                     rev.throttler.queued, rev.routable)
+        by_id = {r.id: r for r in rev.replicas}
+        for rid in moves.wake:
+            self.wake_parked(rev, by_id[rid])
+        for _ in range(moves.start):
+            rev.launching += 1
+            self._track(self._run_replica(rev))
+        for rid in moves.stop:
+            self._track(self._stop(rev, by_id[rid]))
+        for rid in moves.shrink:
+            replica = by_id[rid]
+            if rid == moves.may_park and self._park_decision(rev, replica):
+                self._track(self._park(rev, replica))
+            else:
+                self._track(self._drain(rev, replica))
+        self.report(rev)
+
+    def poke(self, rev: Revision) -> None:
+        """What Knative's activator does for a revision at zero: report load now, decide now."""
+        now = time.time()
+        rev.window.record(now, rev.concurrency + 1)
+        self.decide(rev, now)
+        self.reconcile(rev)
+
+    def report(self, rev: Revision) -> None:
+        """A revision update event when what its status shows changed."""
+        state = (len(rev.ready), rev.desired, len(rev.parked))
+        if state != rev.last_reported:
+            rev.last_reported = state
+            self.plane.emit_revision("dev.knative.apiserver.resource.update", rev)
+
+    # ---- what the activator reports ----------------------------------------------------------------
+
+    def lost(self, rev: Revision, replica: Replica) -> None:
+        """A ready replica refused a connection: out of rotation now (the liveness loop would notice a
+        death only on its next pass), stopped, and replaced if the revision still wants it. A draining
+        replica is already out of rotation; its drain stops it without cutting its other streams."""
+        if replica.state != State.READY:
+            return
+        log.warning("replica %s refused a connection; replacing it", replica.id)
+        self._forget(rev, replica, State.DEAD)
+        self._track(self.supervisor.stop(replica, 0))
+        self.reconcile(rev)
+
+    def not_ready(self, rev: Revision, replica: Replica) -> None:
+        """A ready replica's engine is loading again (its gunicorn worker was restarted): out of rotation
+        until its readiness probe passes, as Knative takes a pod whose readiness fails out of its endpoints."""
+        if replica.state == State.READY:
+            log.warning("replica %s is not ready (its engine is loading again); holding its requests", replica.id)
+            replica.move(State.UNREADY)
+            rev.throttler.remove_replica(replica)
+            self.report(rev)
+
+    # ---- the loops -----------------------------------------------------------------------------------
+
+    def start(self, session: aiohttp.ClientSession) -> list[asyncio.Task]:
+        self.session = session
+        return [asyncio.create_task(c) for c in (self._tick_loop(), self._sample_loop(), self._liveness_loop(),
+                                                 self._readiness_loop())]
+
+    async def stop(self) -> None:
+        self.stopping = True
+        for task in list(self.tasks):
+            task.cancel()
+        replicas = [r for rev in self.plane.revisions() for r in rev.replicas if r.state != State.STOPPED]
+        grace = self.plane.spec.platform.activator.terminationGracePeriodSeconds
+        await asyncio.gather(*(self.supervisor.stop(r, grace) for r in replicas), return_exceptions=True)
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.plane.config.tick_interval)
+            now = time.time()
+            for rev in self.plane.revisions():
+                self.decide(rev, now)
+                self.reconcile(rev)
+            self.plane.delete_removed_models()
+
+    async def _sample_loop(self) -> None:
+        while True:
+            now = time.time()
+            for rev in self.plane.revisions():
+                rev.window.record(now, rev.concurrency)
+            await asyncio.sleep(SAMPLE_INTERVAL)
+
+    async def _liveness_loop(self) -> None:
+        while True:
+            for rev in self.plane.revisions():
+                for replica in list(rev.replicas):
+                    if replica.state not in (State.STARTING, State.STOPPED) and not replica.alive():
+                        log.warning("replica %s died", replica.id)
+                        self._forget(rev, replica, State.DEAD)
+                        self.reconcile(rev)
+            await asyncio.sleep(0.1)
+
+    async def _readiness_loop(self) -> None:
+        """Probe the /readyz of replicas in (or taken out of) rotation; move them out and back in."""
+        timeout = aiohttp.ClientTimeout(total=READINESS_TIMEOUT)
+
+        async def probe(rev: Revision, replica: Replica) -> None:
+            try:
+                async with self.session.get(replica.url + "/readyz", timeout=timeout) as r:
+                    ready = r.status == 200
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                ready = False  # a dead process is the liveness loop's to handle
+            if not ready:
+                self.not_ready(rev, replica)
+            elif replica.state == State.UNREADY:
+                log.info("replica %s is ready again", replica.id)
+                replica.move(State.READY)
+                rev.throttler.add_replica(replica)
+                self.report(rev)
+
+        while True:
+            await asyncio.gather(*(probe(rev, replica) for rev in self.plane.revisions()
+                                   for replica in list(rev.replicas)
+                                   if replica.state in (State.READY, State.UNREADY) and replica.alive()))
+            await asyncio.sleep(READINESS_PERIOD)
+
+    # ---- replica moves ---------------------------------------------------------------------------------
+
+    def _track(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _run_replica(self, rev: Revision) -> None:
+        async with self.gpu_lock:  # held until ready: the memory a start claims is known only then
+            await self._make_gpu_room(rev)
+            try:
+                replica = await self.supervisor.start(rev.name, rev.model, *self.start_args(rev), {})
+            except Exception:  # noqa: BLE001 - a failed launch is retried by the next reconcile
+                log.exception("could not start a replica of %s", rev.name)
+                return
+            finally:
+                rev.launching -= 1
+            rev.replicas.append(replica)
+            ok = await self.supervisor.wait_ready(replica, self.session, PROGRESS_DEADLINE)
+        if ok and replica.state == State.STARTING:
+            replica.move(State.READY)
+            rev.throttler.add_replica(replica)
+            log.info("replica %s ready after %.2fs", replica.id, replica.ready_at - replica.started_at)
+            self.report(rev)
+        elif replica.state == State.STARTING:
+            log.error("replica %s never became ready; see %s", replica.id, replica.log_path)
+            self._forget(rev, replica, State.DEAD)
+            await self.supervisor.stop(replica, 0)
+            await asyncio.sleep(1)  # do not spin on a replica that cannot start
+            self.reconcile(rev)
+
+    @staticmethod
+    async def _leave_rotation(rev: Revision, replica: Replica, state: State) -> bool:
+        """No new requests; those in flight (streams too) get up to timeoutSeconds to finish. False if the
+        replica had already gone another way (died, stopped) since the move was planned."""
+        if not can_move(replica.state, state):
+            return False
+        replica.move(state)
+        rev.throttler.remove_replica(replica)
+        end = time.monotonic() + rev.model.timeoutSeconds
+        while replica.in_flight > 0 and time.monotonic() < end and replica.alive():
+            await asyncio.sleep(0.05)
+        return True
+
+    async def _drain(self, rev: Revision, replica: Replica) -> None:
+        """No new requests; in-flight ones (streams too) get up to timeoutSeconds; then stop it."""
+        if await self._leave_rotation(rev, replica, State.DRAINING):
+            await self._stop(rev, replica)
+
+    async def _stop(self, rev: Revision, replica: Replica) -> None:
+        if replica.state == State.STOPPED:
+            return
+        rev.throttler.remove_replica(replica)
+        await self.supervisor.stop(replica, self.plane.spec.platform.activator.terminationGracePeriodSeconds)
+        self._forget(rev, replica, State.STOPPED)
+        self.report(rev)
+
+    @staticmethod
+    def _forget(rev: Revision, replica: Replica, state: State) -> None:
+        replica.move(state)
+        rev.throttler.remove_replica(replica)
+        if replica in rev.replicas:
+            rev.replicas.remove(replica)
+
+    # ---- parking -----------------------------------------------------------------------------------------
+
+    def _park_decision(self, rev: Revision, replica: Replica) -> bool:
+        """Whether a replica the revision gives up parks (stopping older parked replicas to make room in
+        the host-RAM budget) rather than stops."""
+        why_not = ("the model does not park" if not rev.model.park
+                   else "the revision has no traffic" if not rev.routable else detect().park_problem())
+        parked = [(r, other) for other in self.plane.revisions() for r in other.replicas
+                  if r.state in (State.PARKED, State.PARKING)]
+        decision = decide_park(why_not, weight_bytes(rev.model.source) or replica.gpu_bytes,
+                               [Parked(r.id, r.host_bytes, r.last_used) for r, _ in parked],
+                               self.plane.spec.platform.parking.host_memory_bytes)
+        if rev.model.park and not decision.park:
+            log.info("replica %s not parked: %s", replica.id, decision.reason)
+        for r, other in parked:
+            if r.id in decision.evict:
+                log.info("stopping parked replica %s to make room in the parking budget", r.id)
+                self._track(self._stop(other, r))
+        return decision.park
+
+    async def _park(self, rev: Revision, replica: Replica) -> None:
+        """Out of rotation, in-flight requests finish, then the engine sleeps: GPU memory released."""
+        if not await self._leave_rotation(rev, replica, State.PARKING):
+            return
+        try:
+            body = await self._engine_call(replica, "/sleep?level=1")
+        except Exception as exc:  # noqa: BLE001 - a replica that cannot park is stopped as Knative would
+            log.warning("replica %s could not park (%s); stopping it", replica.id, exc)
+            await self._stop(rev, replica)
+            self.reconcile(rev)  # a request that came meanwhile gets a new replica
+            return
+        if replica.state != State.PARKING:  # stopped meanwhile (spec change, plane stopping)
+            return
+        replica.move(State.PARKED)
+        replica.host_bytes = _process_tree_rss(replica.pid)
+        replica.gpu_bytes = (body.get("gpu") or {}).get("held", 0)
+        log.info("replica %s parked in %.2fs (host %.1f GiB, GPU %.1f GiB)", replica.id, body.get("seconds", 0),
+                 replica.host_bytes / 2**30, replica.gpu_bytes / 2**30)
+        self.reconcile(rev)  # reports the parked replica; wakes it if a request came while it was parking
+
+    def wake_parked(self, rev: Revision, replica: Replica) -> None:
+        replica.move(State.WAKING)
+        self._track(self._unpark(rev, replica))
+
+    async def _unpark(self, rev: Revision, replica: Replica) -> None:
+        """Wake a parked replica for a request the activator holds; a wake is a cold start of its own kind."""
+        t = time.time()
+        try:
+            async with self.gpu_lock:
+                await self._make_gpu_room(rev, exclude=replica)
+                body = await self._engine_call(replica, "/wake_up")
+        except Exception as exc:  # noqa: BLE001 - a replica that cannot wake is replaced by a fresh one
+            log.warning("replica %s could not wake (%s); replacing it", replica.id, exc)
+            await self._stop(rev, replica)
+            self.reconcile(rev)
+            return
+        if replica.state != State.WAKING:
+            return
+        replica.move(State.READY)
+        replica.host_bytes = 0
+        replica.gpu_bytes = (body.get("gpu") or {}).get("held", 0)
+        replica.phases = {"wake": body.get("seconds", 0.0), "wake_total": time.time() - t}
+        replica.ready_at = time.time()
+        rev.throttler.add_replica(replica)
+        log.info("replica %s woken in %.2fs", replica.id, time.time() - t)
+        self.report(rev)  # an update event whose status carries the wake phase
+
+    async def _engine_call(self, replica: Replica, path: str) -> dict:
+        """POST one of vLLM's sleep-mode routes on the replica; its JSON answer, or why it failed."""
+        async with self.session.post(replica.url + path, timeout=aiohttp.ClientTimeout(total=120)) as r:
+            body = await r.json()
+            if r.status != 200:
+                raise RuntimeError(body.get("error", {}).get("message", r.status))
+            return body
+
+    async def _make_gpu_room(self, rev: Revision, exclude: Replica | None = None) -> None:
+        """Before a replica of `rev` starts or wakes: park or stop idle replicas (least recently used first)
+        until its share of the GPU (gpu_memory_utilization) is free; wait while busy ones leave too little."""
+        end = time.monotonic() + PROGRESS_DEADLINE
+        while time.monotonic() < end and not self.stopping:
+            memory = await asyncio.to_thread(gpu_memory)
+            if memory is None:
+                return
+            need = int(rev.model.engine.gpu_memory_utilization * memory.total)
+            holders = []
+            for other in self.plane.revisions():
+                for r in other.ready:
+                    if r is exclude:
+                        continue
+                    holders.append((Awake(r.id, memory.held_by(r.pid), r.in_flight == 0 and other.throttler.queued == 0,
+                                          r.last_used, other.model.park and detect().sleep_mode), other, r))
+            room = plan_gpu_room(need, memory.free, [a for a, _, _ in holders])
+            if room is None:
+                await asyncio.sleep(GPU_ROOM_POLL)
+                continue
+            if not room.park and not room.stop:
+                return
+            moves = []
+            for awake, other, r in holders:
+                if awake.id in room.park and self._park_decision(other, r):  # within the host-RAM budget too
+                    log.info("parking %s to make GPU room for %s", r.id, rev.name)
+                    moves.append(self._park(other, r))
+                elif awake.id in room.park + room.stop:
+                    log.info("stopping %s to make GPU room for %s", r.id, rev.name)
+                    moves.append(self._drain(other, r))
+            await asyncio.gather(*moves)
+        log.warning("no GPU room for %s within %ss; starting anyway", rev.name, PROGRESS_DEADLINE)
+

@@ -1,0 +1,127 @@
+"""A revision's state in the embedded plane, and its two decisions as pure functions (table-tested):
+
+- `decide`: the scale to aim for, from the KPA's result (autoscaler.py) and the bounds, initial scale,
+  the optimizer's keep-warm floor and the scale-to-zero gate, as Knative's KPA reconciler applies them;
+- `plan`: the moves that take the revision's replicas there (wake parked ones for waiting requests,
+  start, drain or park, stop parked replicas of a revision without traffic).
+The reconciler (reconciler.py) feeds them the revision's state and carries out what they return.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from thaw.spec import Model
+
+from .activator import Activator
+from .autoscaler import Autoscaler, ConcurrencyWindow, ScaleResult, bounded_scale, scale_to_zero_gate
+from .replica import RUNNING, Replica, State
+from .throttler import Throttler
+
+
+@dataclass(eq=False)
+class Revision:
+    name: str
+    model: Model  # the revision's own snapshot of the model's settings
+    generation: int
+    autoscaler: Autoscaler
+    window: ConcurrencyWindow
+    desired: int
+    throttler: Throttler
+    activator: Activator | None = None  # set once the revision exists (it points back at it)
+    replicas: list[Replica] = field(default_factory=list)
+    launching: int = 0  # replicas asked of the supervisor, not yet a process
+    routable: bool = True  # a route sends it traffic (Knative's "reachable")
+    inactive_since: float | None = None
+    initial_reached: bool = False
+    panicking: bool = False
+    excess_burst_capacity: int = 0
+    keep_warm: int = 0  # idle replicas the optimizer wants kept (a floor under the KPA's decision)
+    last_reported: tuple = ()
+
+    @property
+    def last_phases(self) -> dict[str, float]:
+        """Where the newest replica that reported its start spent it ({} before any did)."""
+        return next((r.phases for r in reversed(self.replicas) if r.phases), {})
+
+    def count(self, *states: State) -> int:
+        return sum(1 for r in self.replicas if r.state in states)
+
+    @property
+    def ready(self) -> list[Replica]:
+        return [r for r in self.replicas if r.state == State.READY]
+
+    @property
+    def parked(self) -> list[Replica]:
+        return [r for r in self.replicas if r.state == State.PARKED]
+
+    @property
+    def concurrency(self) -> int:
+        """What the autoscaler sees: requests at replicas plus requests the activator holds."""
+        return self.throttler.in_flight + self.throttler.queued
+
+
+@dataclass(frozen=True)
+class Decision:
+    desired: int
+    initial_reached: bool
+    inactive_since: float | None
+
+
+def decide(kpa: ScaleResult, previous: int, *, keep_warm: int, min_scale: int, max_scale: int,
+           initial_reached: bool, ready: int, current: int, inactive_since: float | None, now: float,
+           grace: float, retention: float, scale_to_zero: bool) -> Decision:
+    """The scale to aim for. `kpa` is the decider's result (an invalid one keeps `previous`); the optimizer's
+    `keep_warm` is a floor inside min/max-scale; until the initial scale was once reached (`ready` >=
+    `previous`) the scale does not drop below it; a decision of 0 waits for the grace and retention
+    periods while `current` (ready + starting) replicas exist."""
+    desired = kpa.desired if kpa.valid else previous
+    desired = bounded_scale(max(desired, keep_warm), min_scale, max_scale)
+    if not initial_reached:
+        if ready >= previous:
+            initial_reached = True
+        else:
+            desired = max(desired, previous)
+    desired, inactive_since = scale_to_zero_gate(desired, current, inactive_since, now, grace, retention,
+                                                 scale_to_zero)
+    return Decision(desired, initial_reached, inactive_since)
+
+
+@dataclass(frozen=True)
+class ReplicaView:
+    id: str
+    state: State
+    in_flight: int = 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    wake: tuple[str, ...] = ()  # parked replicas to wake for waiting requests
+    start: int = 0  # new replicas
+    stop: tuple[str, ...] = ()  # parked replicas of a revision no route sends traffic to
+    shrink: tuple[str, ...] = ()  # replicas the revision no longer wants, drained: idle and not-ready first
+    may_park: str | None = None  # of `shrink`, the revision's last replica: parked instead, if it may
+
+
+def plan(replicas: list[ReplicaView], launching: int, desired: int, queued: int, routable: bool) -> Plan:
+    """The moves from the replicas there are to `desired`. Waking a parked replica is the cheapest road
+    back, so waiting requests wake parked ones first. A parked (or parking) replica stands for one the
+    autoscaler wants: it wakes when a request comes for it, never by itself (one parked to make GPU room
+    for another model must not wake at once and take the room back)."""
+    running = launching + sum(1 for r in replicas if r.state in RUNNING)
+    parked = [r.id for r in replicas if r.state == State.PARKED]
+    wake = tuple(parked[:max(0, desired - running)]) if queued else ()
+    running += len(wake)
+    standing_by = len(parked) - len(wake) + sum(1 for r in replicas if r.state == State.PARKING)
+    start = max(0, desired - running - standing_by)
+    stop = () if routable else tuple(p for p in parked if p not in wake)
+    shrink, may_park = (), None
+    if running > desired:
+        candidates = sorted((r for r in replicas if r.state in (State.STARTING, State.READY, State.UNREADY)),
+                            key=lambda r: (r.state == State.READY, r.in_flight))
+        chosen = candidates[:running - desired]
+        shrink = tuple(r.id for r in chosen)
+        last = candidates[-1] if candidates else None
+        if desired == 0 and last in chosen and last.state == State.READY:
+            may_park = last.id
+    return Plan(wake, start, stop, shrink, may_park)

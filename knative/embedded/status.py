@@ -1,0 +1,41 @@
+"""What `thaw status` and `GET /thaw/v1/status` show of the embedded plane: per model, its revisions with
+traffic, desired scale, replicas by state, panic, queue, GPU and host memory; the platform and the GPU."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from thaw.vllm_platform import detect, gpu_memory
+
+from .replica import State
+
+if TYPE_CHECKING:
+    from .plane import ServingPlane
+
+SHOWN = (State.STARTING, State.READY, State.UNREADY, State.DRAINING, State.PARKED)
+
+
+def plane_status(plane: "ServingPlane") -> dict[str, Any]:
+    memory = gpu_memory()
+    models = []
+    for name, entry in plane.models.items():
+        percents = {r.revision: (r.percent, r.tag) for r in entry.routes}
+        revisions = []
+        for rev in entry.revisions.values():
+            percent, tag = percents.get(rev.name, (0, None))
+            revisions.append({
+                "name": rev.name, "percent": percent, "tag": tag, "desired": rev.desired,
+                "replicas": {str(s): rev.count(s) + (rev.launching if s == State.STARTING else 0) for s in SHOWN},
+                "panic": rev.panicking, "queue": rev.throttler.queued, "in_flight": rev.throttler.in_flight,
+                "excess_burst_capacity": rev.excess_burst_capacity, "keep_warm": rev.keep_warm,
+                "last_start_phases": rev.last_phases,
+                "pods": [{"id": r.id, "pid": r.pid, "port": r.port, "state": str(r.state), "in_flight": r.in_flight,
+                          "standby": r.via_standby, "gpu_bytes": memory.held_by(r.pid) if memory else None,
+                          "host_bytes": r.host_bytes if r.state == State.PARKED else 0} for r in rev.replicas],
+            })
+        models.append({"name": name, "served_name": entry.model.served_name,
+                       "weights": str(entry.model.source), "revisions": revisions})
+    platform = detect()
+    return {"models": models, "standby": plane.supervisor.standby_ready(),
+            "platform": {"device": platform.device, "vllm": platform.vllm, "sleep_mode": platform.sleep_mode},
+            "gpu": {"total": memory.total, "free": memory.free} if memory else None}
