@@ -1,6 +1,7 @@
 """A recording stand-in for a Kubernetes API server (there is none on these machines): it takes
 server-side apply PATCHes, GETs, label-selected LISTs and DELETEs on namespaced objects, keeps the
-objects in memory, marks Knative objects Ready, and records every request for the tests to check.
+objects in memory (an apply merges into what is there, as server-side apply does for fields the patch
+names), marks Knative objects Ready, and records every request for the tests to check.
 It is a test double for the API server only; the client side (kubernetes' ApiClient, kubeconfig
 loading, thaw's deploy logic) is the real code."""
 
@@ -29,6 +30,8 @@ class StandIn:
     objects: dict[str, dict] = field(default_factory=dict)  # path -> object
     requests: list[Recorded] = field(default_factory=list)
     never_ready: set[str] = field(default_factory=set)  # names whose Ready stays False
+    url_base: str = ""  # Services' status.url: http://<name>.<ns>.example.com, or <url_base>/<name>
+    actual_replicas: dict[str, int] = field(default_factory=dict)  # revision -> status.actualReplicas (else 1)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -45,7 +48,7 @@ class StandIn:
         # /api/v1/namespaces/ns/plural[/name] or /apis/group/version/namespaces/ns/plural[/name]
         named = len(parts) == (6 if parts[0] == "api" else 7)
         if request.method == "PATCH":
-            obj = dict(body)
+            obj = _merge(self.objects.get(request.path, {}), body)
             if request.query.get("dryRun") != "All":
                 obj["metadata"] = {**obj["metadata"], "generation": 1}
                 obj["status"] = self._status(obj)
@@ -53,7 +56,8 @@ class StandIn:
             return web.json_response(obj)
         if request.method == "GET" and named:
             if "/revisions/" in request.path:
-                return web.json_response({"kind": "Revision", "status": {"actualReplicas": 1}})
+                actual = self.actual_replicas.get(parts[-1], 1)
+                return web.json_response({"kind": "Revision", "status": {"actualReplicas": actual}})
             if request.path not in self.objects:
                 return web.json_response({"kind": "Status", "code": 404, "reason": "NotFound"}, status=404)
             return web.json_response(self.objects[request.path])
@@ -76,12 +80,20 @@ class StandIn:
         status = {"observedGeneration": 1, "conditions": [{"type": "Ready", "status": ready,
                                                            **({"reason": "RevisionFailed"} if ready == "False" else {})}]}
         if obj["kind"] == "Service":
-            status.update(url=f"http://{name}.{obj['metadata']['namespace']}.example.com",
+            status.update(url=f"{self.url_base}/{name}" if self.url_base
+                          else f"http://{name}.{obj['metadata']['namespace']}.example.com",
                           latestReadyRevisionName=f"{name}-00001")
         return status
 
     def applied(self) -> list[Recorded]:
         return [r for r in self.requests if r.method == "PATCH"]
+
+
+def _merge(old: dict, new: dict) -> dict:
+    out = dict(old)
+    for key, value in new.items():
+        out[key] = _merge(old[key], value) if isinstance(value, dict) and isinstance(old.get(key), dict) else value
+    return out
 
 
 def write_kubeconfig(path: Path, server: str) -> Path:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import thaw_cli
+from conftest import poll, thaw_cli
 from k8s_standin import StandIn, write_kubeconfig
 from loop_servers import LoopThread
 from thaw.knative.cluster.render import render
@@ -280,3 +280,60 @@ def test_status_cluster_reads_knatives_status(standin, tmp_path):
     rows = {row["name"]: row for row in json.loads(r.stdout)}
     assert rows["smollm2"]["url"] == "http://smollm2.default.example.com"
     assert rows["smollm2"]["latestReadyRevision"] == "smollm2-00001" and rows["smollm2"]["actualReplicas"] == 1
+
+
+def test_the_optimizer_drives_a_cluster_through_knative(standin, tmp_path):
+    """The keep-warm loop and graph look-ahead that drive thaw up drive a cluster through ClusterBackend:
+    min-scale through server-side apply under its own field manager, a warm request as a CloudEvent to the
+    warmer's Service, a start-ahead request through the model's route. The Services' routes are a loopback
+    recorder here (Knative's routes need a cluster)."""
+    import asyncio
+
+    from thaw.cache_warmer.optimizer_loop import graph_look_ahead, keep_warm_loop
+    from thaw.eventing.graph import parse_graph
+    from thaw.knative.cluster.backend import ClusterBackend
+    from thaw.knative.cluster.deploy import ClusterClient
+    from loop_servers import Upstreams
+
+    routes = Upstreams()
+    loop = LoopThread()
+    routes.base = loop.serve(routes.app())
+    routes.reply("thaw-cache-warmer", {})
+    routes.reply("smollm2/healthz", {"status": "alive"})
+    standin.url_base = routes.base
+    assert thaw("deploy", "-f", str(EXAMPLE), "--kubeconfig", str(standin.kubeconfig)).returncode == 0
+    raw = yaml.safe_load(EXAMPLE.read_text())
+    raw["platform"]["optimizer"] = {"replicaBudget": 1, "interval": "1s"}
+    spec = parse_spec(yaml.safe_dump(raw))
+    backend = ClusterBackend(spec, ClusterClient(kubeconfig=str(standin.kubeconfig)))
+    standin.requests.clear()
+
+    async def run_until_kept():
+        task = asyncio.create_task(keep_warm_loop(backend, lambda: spec.platform.optimizer))
+        try:
+            for _ in range(100):
+                if any(p.query.get("fieldManager") == "thaw-optimizer" for p in standin.applied()):
+                    return
+                await asyncio.sleep(0.1)
+        finally:
+            task.cancel()
+
+    asyncio.run(run_until_kept())
+    # smollm2 had a replica at each look (the stand-in's Revision reports one): called, so kept warm
+    patch = next(p for p in standin.applied() if p.query.get("fieldManager") == "thaw-optimizer")
+    assert patch.path.endswith("/services/smollm2") and patch.query.get("force") == "true"
+    assert patch.body["spec"]["template"]["metadata"]["annotations"] == {"autoscaling.knative.dev/min-scale": "1"}
+    assert set(patch.body["spec"]) == {"template"}  # only the field it owns
+    live = standin.objects[patch.path]
+    assert live["spec"]["template"]["spec"]["containers"]  # the rest of the Service is still deploy's
+    warm = routes.seen["thaw-cache-warmer"][0]
+    assert warm.headers["ce-type"] == "dev.thaw.cache.warm" and warm.body == {"model": "smollm2"}
+    # look-ahead: a graph's later model at zero gets a request through its route; one with a replica does not
+    standin.actual_replicas["smollm2-00001"] = 0
+    graph = parse_graph("g", {"nodes": {"root": {"routerType": "Sequence", "steps": [
+        {"name": "a", "serviceName": "smollm2"}]}}})
+    graph_look_ahead(backend)("g", graph)
+    poll(lambda: routes.seen.get("smollm2/healthz"), 10, what="start-ahead request")
+    standin.actual_replicas["smollm2-00001"] = 1
+    assert backend.start_ahead(["smollm2"]) == []
+    loop.close()

@@ -338,6 +338,31 @@ def _cluster_status(spec, context, namespace, as_json: bool) -> int:
     return 0
 
 
+@app.command()
+def optimize(
+    file: Path = typer.Option(Path("thaw.yaml"), "-f", "--file"),
+    context: Optional[str] = typer.Option(None, "--context", help="kubeconfig context."),
+    kubeconfig: Optional[str] = typer.Option(None, "--kubeconfig", envvar="KUBECONFIG"),
+) -> None:
+    """The cold-start optimizer's keep-warm loop against a Knative cluster (thaw up runs it itself)."""
+    import asyncio
+
+    from thaw.cache_warmer.optimizer_loop import keep_warm_loop
+    from thaw.knative.cluster.backend import ClusterBackend
+    from thaw.knative.cluster.deploy import ClusterClient
+
+    spec = _spec(file)
+    try:
+        client = ClusterClient(context, kubeconfig)
+    except Exception as exc:  # noqa: BLE001 - kubeconfig problems, said plainly
+        _fail([f"cannot reach the cluster: {type(exc).__name__}: {exc}"])
+    console.print(f"optimizing {len(spec.models)} models in namespace {spec.platform.namespace}; Ctrl-C stops")
+    try:
+        asyncio.run(keep_warm_loop(ClusterBackend(spec, client), lambda: spec.platform.optimizer))
+    except KeyboardInterrupt:
+        pass
+
+
 @app.command("cache-warmer")
 def cache_warmer(
     file: Path = typer.Option(Path("thaw.yaml"), "-f", "--file"),

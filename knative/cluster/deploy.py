@@ -83,9 +83,9 @@ class ClusterClient:
             raise ApiException(http_resp=response)
         return json.loads(response.data) if response.data else {}
 
-    def apply(self, obj: dict[str, Any], dry_run: bool) -> dict[str, Any]:
+    def apply(self, obj: dict[str, Any], dry_run: bool = False, field_manager: str = FIELD_MANAGER) -> dict[str, Any]:
         meta = obj["metadata"]
-        query = [("fieldManager", FIELD_MANAGER), ("force", "true")] + ([("dryRun", "All")] if dry_run else [])
+        query = [("fieldManager", field_manager), ("force", "true")] + ([("dryRun", "All")] if dry_run else [])
         return self.call("PATCH", object_path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"]),
                          query, obj, "application/apply-patch+yaml")
 
