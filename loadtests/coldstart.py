@@ -15,7 +15,7 @@ import time
 import gevent
 from locust import HttpUser, constant, task
 
-from sse import auth_headers, model_weights, stream_chat
+from openai_user import auth_headers, model_weights, stream_chat
 
 BURST = int(os.environ.get("THAW_BURST", "8"))
 AT_ZERO_TIMEOUT = float(os.environ.get("THAW_AT_ZERO_TIMEOUT", "300"))

@@ -23,7 +23,7 @@ from gevent.event import AsyncResult
 from gevent.pywsgi import WSGIServer
 from locust import HttpUser, between, events, task
 
-from sse import CHAT, auth_headers, model_weights
+from openai_user import CHAT, auth_headers, model_weights
 
 SINK_PORT = int(os.environ.get("THAW_SINK_PORT", "8899"))
 TIMEOUT = float(os.environ.get("THAW_EVENT_TIMEOUT", "120"))

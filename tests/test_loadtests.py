@@ -4,6 +4,7 @@ and this process's boto3 do not mix) against a real `thaw up` serving the tiny m
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -40,24 +41,37 @@ def plane(tiny_model, tmp_path_factory):
 
 
 def run_locust(plane, locustfile: str, users: int, seconds: int, **env) -> dict[tuple[str, str], dict]:
+    """Locust's stats by (type, name); the run's own report (metrics.py) under ("report", "")."""
     prefix = plane["work"] / Path(locustfile).stem
-    environment = base_env(THAW_MODELS="tiny", THAW_SINK_PORT=str(plane["sink_port"]), **env)
+    environment = base_env(THAW_MODELS="tiny", THAW_SINK_PORT=str(plane["sink_port"]),
+                           THAW_REPORT=f"{prefix}_report.json", **env)
     out = subprocess.run([LOCUST, "-f", str(ROOT / "loadtests" / locustfile), "--headless", "-u", str(users),
                           "-r", str(users), "-t", f"{seconds}s", "--host", plane["url"], "--csv", str(prefix),
                           "--only-summary", "--stop-timeout", "30"],
                          capture_output=True, text=True, env=environment, timeout=seconds + 120)
     assert out.returncode == 0, out.stderr[-3000:]
     with open(f"{prefix}_stats.csv") as f:
-        return {(row["Type"], row["Name"]): row for row in csv.DictReader(f)}
+        stats = {(row["Type"], row["Name"]): row for row in csv.DictReader(f)}
+    report = Path(f"{prefix}_report.json")
+    if report.exists():
+        stats[("report", "")] = json.loads(report.read_text())
+    return stats
 
 
 def test_openai_streaming_users_record_ttft_itl_and_tokens_per_s(plane):
-    stats = run_locust(plane, "openai_stream.py", users=4, seconds=20, THAW_MAX_TOKENS="16")
-    assert int(stats[("POST", "chat tiny")]["Request Count"]) > 0
+    stats = run_locust(plane, "openai_stream.py", users=4, seconds=20, THAW_MAX_TOKENS="16", THAW_RATE="2",
+                       THAW_GOODPUT="ttft:60000 tpot:60000")
+    requests_made = int(stats[("POST", "chat tiny")]["Request Count"])
+    assert requests_made > 0
     assert int(stats[("POST", "chat tiny")]["Failure Count"]) == 0
-    for kind in ("TTFT", "ITL", "tokens/s"):
-        assert int(stats[(kind, "tiny")]["Request Count"]) == int(stats[("POST", "chat tiny")]["Request Count"])
+    for kind in ("TTFT", "TPOT", "E2EL", "tokens/s"):
+        assert int(stats[(kind, "tiny")]["Request Count"]) == requests_made
+    assert int(stats[("ITL", "tiny")]["Request Count"]) == 15 * requests_made  # every gap of 16 tokens' chunks
     assert float(stats[("tokens/s", "tiny")]["Average Response Time"]) > 1  # a rate, in tokens per second
+    report = stats[("report", "")]
+    assert report["completed"] == requests_made and report["itl"]["count"] == 15 * requests_made
+    assert report["ttft"]["p50"] <= report["ttft"]["p90"] <= report["ttft"]["p99"] <= report["e2el"]["p99"]
+    assert report["goodput"]["good"] == requests_made  # SLOs no request misses
 
 
 def test_cold_start_burst_waits_for_zero_and_records_first_response_and_queue(plane):
@@ -67,6 +81,9 @@ def test_cold_start_burst_waits_for_zero_and_records_first_response_and_queue(pl
     assert int(stats[("POST", "chat tiny")]["Failure Count"]) == 0
     # at zero the activator held every request of the burst while the replica started
     assert float(stats[("queued", "tiny")]["Min Response Time"]) > 100
+    # and the gateway marked each as cold: cold TTFT is the first response of every burst request
+    assert int(stats[("cold TTFT", "tiny")]["Request Count"]) == int(first["Request Count"])
+    assert stats[("report", "")]["cold_ttft"]["count"] == int(first["Request Count"])
 
 
 def test_event_driven_round_trip_through_the_broker(plane):

@@ -61,7 +61,7 @@ def test_runtime_code_imports_only_base_dependencies():
 
 
 def test_feature_code_imports_its_extra():
-    for extra, paths in (("bench", files("thaw/bench", "loadtests")), ("demo", [ROOT / "thaw/model_build.py"])):
+    for extra, paths in (("bench", files("loadtests")), ("demo", [ROOT / "thaw/model_build.py"])):
         missing = {d: f for d, f in imported_distributions(paths).items() if d not in declared(extra) | WITH_VLLM}
         assert not missing, f"imported for '{extra}' but not declared in it: {missing}"
 

@@ -459,7 +459,7 @@ def bench_function(
     out: Path = typer.Option(Path("bench-results/function.json"), "--out"),
 ) -> None:
     """Launch-to-first-token and streaming throughput: the function versus vLLM's own server."""
-    from thaw.bench.function import run_function_bench
+    from thaw.loadtests.bench.function import run_function_bench
 
     run_function_bench(model_dir, runs, clients, max_tokens, requests_per_client, out, console)
 
@@ -473,7 +473,7 @@ def bench_eventing(
     out: Path = typer.Option(Path("bench-results/eventing.json"), "--out"),
 ) -> None:
     """The broker's durable events/s and delivery latency; the graph router's overhead per step."""
-    from thaw.bench.eventing import run_eventing_bench
+    from thaw.loadtests.bench.eventing import run_eventing_bench
 
     run_eventing_bench(events_total, senders, router_requests, rounds, out, console)
 
@@ -488,7 +488,7 @@ def bench_coldstart(
     out: Path = typer.Option(Path("bench-results/coldstart"), "--out", help="Folder for JSON, report and plots."),
 ) -> None:
     """First token from zero: pre-staged with/without standby, not staged (capped origin), vLLM's server cold."""
-    from thaw.bench.coldstart import run_coldstart_bench
+    from thaw.loadtests.bench.coldstart import run_coldstart_bench
 
     run_coldstart_bench(_spec(file), model, runs, burst, bandwidth_mbps, out, console)
 
@@ -504,7 +504,7 @@ def bench_gpu(
     out: Path = typer.Option(Path("bench-results/gpu"), "--out", help="Folder for results.json, report.md, plots."),
 ) -> None:
     """On a GPU node: vLLM's server launched cold vs thaw from zero, parked, caches cold; the warm path."""
-    from thaw.bench.gpu import PARTS, run_gpu_bench
+    from thaw.loadtests.bench.gpu import PARTS, run_gpu_bench
 
     chosen = [p.strip() for p in parts.split(",") if p.strip()]
     unknown = [p for p in chosen if p not in PARTS]
@@ -526,7 +526,7 @@ def bench_staging(
     out: Path = typer.Option(Path("bench-results/staging.json"), "--out"),
 ) -> None:
     """The stager vs boto3's download_file; first request pre-staged vs fetched from a capped origin."""
-    from thaw.bench.staging import run_staging_bench
+    from thaw.loadtests.bench.staging import run_staging_bench
 
     run_staging_bench(model_dir, files, file_mib, rounds, runs, bandwidth_mbps, out, console)
 

@@ -465,7 +465,7 @@ class Spec(SpecModel):
     triggers: list[Trigger] = []
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "Spec":
+    def _names_are_unique(self) -> "Spec":
         for what, names in (("model", [m.name for m in self.models]), ("trigger", [t.name for t in self.triggers])):
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
@@ -474,6 +474,11 @@ class Spec(SpecModel):
         dupes = sorted({n for n in served if served.count(n) > 1})
         if dupes:
             raise ValueError(f"served names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> "Spec":
+        """Graph steps name models of this spec; trigger refs name its models and graphs."""
         known = {m.name for m in self.models} | {m.served_name for m in self.models}
         for name, graph in self.graphs.items():
             try:

@@ -5,7 +5,9 @@ wakes it (a parked replica is woken, else the autoscaler is poked so 0 -> 1 neve
 the throttler holds the request, bounded, until a replica has room; the request is proxied. A replica
 whose connection fails before it answers, or that answers that its engine is loading again, is
 reported to the reconciler and the request goes to another (or a replacement), up to ATTEMPTS tries.
-Answers carry `X-Thaw-Revision` and `X-Thaw-Queue-Seconds` (how long the request was held).
+Answers carry `X-Thaw-Revision`, `X-Thaw-Queue-Seconds` (how long the request was held) and, for a
+request that found no replica of its revision ready, `X-Thaw-Cold-Start`: `zero` (it waited for a start
+from zero) or `parked` (for a parked replica to wake): what load tests call a cold request.
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ class Activator:
         loop = asyncio.get_running_loop()
         arrived = loop.time()
         deadline = arrived + timeout_seconds
+        headers = {"X-Thaw-Revision": rev.name}
+        if not rev.ready:
+            headers["X-Thaw-Cold-Start"] = "parked" if rev.parked or rev.count(State.WAKING) else "zero"
         for _ in range(ATTEMPTS):
             self.wake()
             try:
@@ -75,8 +80,8 @@ class Activator:
             queued = loop.time() - arrived  # held here: a cold start, or no replica with room
             try:
                 return await proxy(session, request, replica.url, path, body, deadline - loop.time(),
-                                   {"X-Thaw-Revision": rev.name, "X-Thaw-Queue-Seconds": f"{queued:.4f}"},
-                                   rev.model.name, timeout_seconds)
+                                   {**headers, "X-Thaw-Queue-Seconds": f"{queued:.4f}"}, rev.model.name,
+                                   timeout_seconds)
             except NotAnswered as exc:
                 # Nothing came back, so nothing reached the client: another replica (or a replacement of
                 # a dead one) gets the request. Inference has no side effects to repeat; CloudEvents are

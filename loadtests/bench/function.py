@@ -11,7 +11,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress
 
-from thaw.bench.common import (first_token_after_launch, mean, percentile, ratio_table, run_streaming_load,
+from thaw.loadtests.metrics import percentile
+from thaw.loadtests.bench.common import (first_token_after_launch, mean, ratio_table, run_streaming_load,
                                write_json)
 from thaw.demo import DEMO_ENGINE_ARGS
 from thaw.launch import ServerProcess, free_port, function_command, vllm_server_command

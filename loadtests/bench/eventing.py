@@ -21,21 +21,22 @@ import yaml
 from rich.console import Console
 from rich.progress import Progress
 
-from thaw.bench.common import PlaneUnderTest, percentile, ratio_table, write_json
+from thaw.loadtests.bench.common import PlaneUnderTest, ratio_table, write_json
+from thaw.loadtests.metrics import percentile
 from thaw.eventing import events
 from thaw.launch import ServerProcess, free_port, wait_until
 
 
 def _noop(work: Path) -> tuple[ServerProcess, str]:
     port = free_port()
-    server = ServerProcess([sys.executable, "-m", "thaw.bench.noop_server", str(port)], work / "noop.log")
+    server = ServerProcess([sys.executable, "-m", "thaw.loadtests.bench.noop_server", str(port)], work / "noop.log")
     url = f"http://127.0.0.1:{port}"
     server.wait_http(url + "/stats", 30)
     return server, url
 
 
 async def _send_events(url: str, total: int, senders: int, progress, task) -> tuple[float, int]:
-    template, body = events.to_http(events.make_event("dev.thaw.bench", "/bench", {"n": 1}))
+    template, body = events.to_http(events.make_event("dev.thaw.loadtests.bench", "/bench", {"n": 1}))
     failures = 0
 
     async def sender(session: aiohttp.ClientSession, count: int):

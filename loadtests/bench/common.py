@@ -16,16 +16,7 @@ import yaml
 from rich.table import Table
 
 from thaw.launch import ServerProcess, base_env, wait_until
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile, q in [0, 100]."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q / 100
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+from thaw.loadtests.metrics import RequestRecord, percentile, report
 
 
 @dataclass
@@ -36,21 +27,21 @@ class StreamResult:
     output_tokens: int = 0
     error: str | None = None
     queued: float = float("nan")  # how long thaw's activator held the request (X-Thaw-Queue-Seconds)
+    record: RequestRecord | None = None  # its timings, for metrics.report
 
 
 async def stream_chat(session: aiohttp.ClientSession, url: str, model: str, max_tokens: int,
                       prompt: str = "Write a story about a lighthouse.") -> StreamResult:
-    """One streamed chat completion; time to first content token and the usage-counted tokens."""
+    """One streamed chat completion, timed chunk by chunk (metrics.RequestRecord)."""
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
-    ttft = None
-    tokens = 0
+    record = RequestRecord(time.perf_counter())
     try:
         async with session.post(url + "/v1/chat/completions", json=body) as r:
             if r.status != 200:
                 return StreamResult(False, error=f"HTTP {r.status}: {(await r.text())[:200]}")
             queued = float(r.headers.get("X-Thaw-Queue-Seconds", "nan"))
+            record.cold = r.headers.get("X-Thaw-Cold-Start")
             async for raw in r.content:
                 line = raw.decode().strip()
                 if not line.startswith("data: ") or line == "data: [DONE]":
@@ -59,13 +50,15 @@ async def stream_chat(session: aiohttp.ClientSession, url: str, model: str, max_
                 if "error" in chunk:
                     return StreamResult(False, error=chunk["error"]["message"])
                 if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-                if ttft is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
-                    ttft = time.perf_counter() - start
+                    record.output_tokens = chunk["usage"]["completion_tokens"]
+                if any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                    record.chunks.append(time.perf_counter())
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         return StreamResult(False, error=f"{type(exc).__name__}: {exc}")
-    return StreamResult(ttft is not None, ttft if ttft is not None else float("nan"),
-                        time.perf_counter() - start, tokens, None if ttft is not None else "no token", queued)
+    if not record.chunks:
+        return StreamResult(False, total=time.perf_counter() - record.sent, error="no token", queued=queued)
+    return StreamResult(True, record.ttft, time.perf_counter() - record.sent, record.output_tokens, None, queued,
+                        record)
 
 
 @dataclass
@@ -79,6 +72,7 @@ class LoadResult:
     ttft_p50: float
     ttft_p95: float
     errors: list[str] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)  # metrics.report: TTFT, TPOT, ITL, E2EL p50/p90/p99
 
 
 async def _load(url: str, model: str, clients: int, per_client: int, max_tokens: int, on_done) -> LoadResult:
@@ -99,7 +93,7 @@ async def _load(url: str, model: str, clients: int, per_client: int, max_tokens:
     ttfts = [r.ttft for r in good]
     return LoadResult(clients, len(results), len(results) - len(good), wall, tokens, tokens / wall,
                       percentile(ttfts, 50), percentile(ttfts, 95),
-                      sorted({r.error for r in results if r.error})[:5])
+                      sorted({r.error for r in results if r.error})[:5], report([r.record for r in good], wall))
 
 
 def run_streaming_load(url: str, model: str, clients: int, per_client: int, max_tokens: int,

@@ -22,7 +22,7 @@ import requests
 from rich.console import Console
 from rich.progress import Progress
 
-from thaw.bench.common import PlaneUnderTest, mean, ratio_table, write_json
+from thaw.loadtests.bench.common import PlaneUnderTest, mean, ratio_table, write_json
 from thaw.demo import DEMO_ENGINE_ARGS
 from thaw.launch import free_port
 

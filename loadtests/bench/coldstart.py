@@ -25,9 +25,10 @@ import requests
 from rich.console import Console
 from rich.progress import Progress
 
-from thaw.bench.common import (PlaneUnderTest, first_token_after_launch, mean, percentile, ratio_table,
-                               stream_chat, write_json)
-from thaw.bench.staging import BUCKET, s3_client, start_s3
+from thaw.loadtests.bench.common import (PlaneUnderTest, first_token_after_launch, mean, ratio_table, stream_chat,
+                                         write_json)
+from thaw.loadtests.metrics import percentile, summary
+from thaw.loadtests.bench.staging import BUCKET, s3_client, start_s3
 from thaw.launch import ServerProcess, base_env, free_port, vllm_server_command
 from thaw.spec import Model, Spec
 
@@ -55,7 +56,8 @@ def ask(url: str, model: str, n: int = 1) -> list[dict]:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as session:
             return await asyncio.gather(*(stream_chat(session, url, model, 8, "What is the capital of France?")
                                           for _ in range(n)))
-    return [{"ok": r.ok, "first_token": r.ttft, "queued": r.queued, "error": r.error} for r in asyncio.run(run())]
+    return [{"ok": r.ok, "first_token": r.ttft, "queued": r.queued, "error": r.error,
+             "cold": r.record.cold if r.record else None} for r in asyncio.run(run())]
 
 
 def breakdown(first_token: float, queued: float, phases: dict[str, float]) -> dict[str, float]:
@@ -193,8 +195,11 @@ def _summary(result: dict) -> dict:
     starts = result["starts"]
     first = {k: mean([r["first_token"] for r in v]) for k, v in starts.items()}
     burst = [r["first_token"] for r in result["burst"] if r.get("ok")]
+    # every thaw request that found its revision at zero: each run's first request and the whole burst
+    cold = [r["first_token"] for k, v in starts.items() if k != "vllm" for r in v if r.get("cold")]
+    cold += [r["first_token"] for r in result["burst"] if r.get("ok") and r.get("cold")]
     return {"first": first, "burst_ok": len(burst), "burst_total": len(result["burst"]),
-            "burst_p50": percentile(burst, 50), "burst_p95": percentile(burst, 95)}
+            "burst_p50": percentile(burst, 50), "burst_p95": percentile(burst, 95), "cold_ttft": summary(cold)}
 
 
 def _print(result: dict, console: Console) -> None:
@@ -206,6 +211,9 @@ def _print(result: dict, console: Console) -> None:
         ("thaw: pre-staged, no standby", s["first"]["nostandby"], vllm, ""),
         ("thaw: not staged, capped origin", s["first"]["fetched"], vllm, ""),
     ], "thaw", "vLLM server cold"))
+    c = s["cold_ttft"]
+    console.print(f"cold TTFT over {c['count']} cold requests (all variants and the burst): p50 {c['p50']:.2f} s, "
+                  f"p90 {c['p90']:.2f} s, p99 {c['p99']:.2f} s")
     console.print(ratio_table(f"burst of {s['burst_total']} requests at zero ({s['burst_ok']} succeeded)", [
         ("p95 first response vs one cold start", s["burst_p95"], s["first"]["prestaged"], "<= 1.5x"),
         ("p50 first response vs one cold start", s["burst_p50"], s["first"]["prestaged"], ""),

@@ -23,7 +23,7 @@ from typing import Iterator
 from rich.console import Console
 from rich.table import Table
 
-from thaw.bench.common import (PlaneUnderTest, first_answer, first_token_after_launch, mean, run_streaming_load,
+from thaw.loadtests.bench.common import (PlaneUnderTest, first_answer, first_token_after_launch, mean, run_streaming_load,
                                write_json)
 from thaw.launch import ServerProcess, base_env, free_port, vllm_server_command
 from thaw.vllm_platform import detect, gpu_memory

@@ -1,0 +1,1 @@
+"""Load tests that measure cold start: the locustfiles (run by the `locust` command) and `thaw bench`."""
