@@ -3,7 +3,7 @@
 Files are split into parts fetched in parallel with ranged reads and written in place (pwrite). Each
 finished part is fsynced and then recorded in the file's journal, so after a crash (even SIGKILL) a
 rerun fetches only what is missing. A part that fails (5xx, reset, timeout, a body cut short) is retried
-with exponential backoff. Every file is verified at the end: its size, its MD5 against a plain S3 ETag,
+with exponential backoff and jitter (tenacity). Every file is verified at the end: its size, its MD5 against a plain S3 ETag,
 and its sha256 goes to the manifest. An optional bandwidth limit reproduces a shared link.
 """
 
@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import tenacity
+
 from .origins import ObjectInfo, Origin
 from .tier import CacheError, safe_name
 
@@ -31,7 +33,7 @@ class StageSettings:
     parallel: int = 8
     part_size: int = 8 << 20
     attempts: int = 6
-    backoff: float = 0.2  # seconds before the first retry; doubles each time
+    backoff: float = 0.2  # seconds: retry n waits a random time up to backoff x 2^n (at most 30 s)
     bandwidth: float | None = None  # bytes per second for the whole stage, None for no limit
 
 
@@ -137,17 +139,19 @@ def _fetch(origin: Origin, name: str, start: int, end: int, limiter: RateLimiter
 
 def _fetch_with_retries(origin, name, start, end, limiter, settings: StageSettings,
                         on_retry: Callable[[str], None]) -> bytes:
-    delay = settings.backoff
-    for attempt in range(1, settings.attempts + 1):
-        try:
-            return _fetch(origin, name, start, end, limiter)
-        except Exception as exc:  # noqa: BLE001 - classified just below
-            if attempt == settings.attempts or not _retryable(exc):
-                raise CacheError(f"{name} bytes {start}-{end}: {type(exc).__name__}: {exc}") from exc
-            on_retry(f"{type(exc).__name__}: {exc}")
-            time.sleep(delay)
-            delay *= 2
-    raise AssertionError("unreachable")
+    """A range, retried on what a retry can cure (5xx, 408, 429, connection errors, a short read) with
+    exponential backoff and full jitter, so many parallel ranges do not retry in step."""
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(settings.attempts),
+        wait=tenacity.wait_random_exponential(multiplier=settings.backoff, max=30),
+        retry=tenacity.retry_if_exception(_retryable),
+        before_sleep=lambda state: on_retry(f"{type(state.outcome.exception()).__name__}: "
+                                            f"{state.outcome.exception()}"),
+        reraise=True)
+    try:
+        return retrying(_fetch, origin, name, start, end, limiter)
+    except Exception as exc:  # noqa: BLE001 - the last error, or one no retry can cure
+        raise CacheError(f"{name} bytes {start}-{end}: {type(exc).__name__}: {exc}") from exc
 
 
 def _digest(path: Path) -> tuple[str, str]:

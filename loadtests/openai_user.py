@@ -41,12 +41,12 @@ def stream_chat(user, model: str, max_tokens: int = MAX_TOKENS) -> dict | None:
     body = {"model": model, "messages": CHAT, "max_tokens": max_tokens, "stream": True, "temperature": 0,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
     record = RequestRecord(time.perf_counter())
-    RECORDS.append(record)
     error, queued = None, None
     with user.client.post("/v1/chat/completions", json=body, headers=auth_headers(), stream=True,
                           name=f"chat {model}", catch_response=True) as response:
         if response.status_code != 200:
             record.ok = False
+            RECORDS.append(record)
             response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
             return None
         queued = float(response.headers.get("X-Thaw-Queue-Seconds", "nan"))
@@ -62,8 +62,9 @@ def stream_chat(user, model: str, max_tokens: int = MAX_TOKENS) -> dict | None:
                 record.output_tokens = chunk["usage"]["completion_tokens"]
             if any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
                 record.chunks.append(time.perf_counter())
-        if error or not record.chunks:
-            record.ok = False
+        record.ok = bool(record.chunks) and not error
+        RECORDS.append(record)  # only once it ended: a request cut off when locust stops is not counted
+        if not record.ok:
             response.failure(error or "no tokens")
             return None
         response.success()

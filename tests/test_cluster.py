@@ -87,6 +87,10 @@ def test_rendered_example_validates_and_is_kustomize_ready(tmp_path):
     assert {"Service", "Broker", "Trigger", "ApiServerSource", "ConfigMap", "Role"} <= {o["kind"] for o in objects}
     assert sorted(p.name for p in (out / "docker").iterdir()) == ["Dockerfile.cache-warmer", "Dockerfile.function",
                                                                  "Dockerfile.router"]
+    # the function's image is built on the vLLM that the engine adapter runs against on GPU nodes
+    from thaw.vllm_platform import VLLM_CUDA_VERSION
+    assert f"ARG VLLM_VERSION={VLLM_CUDA_VERSION}\n" in (out / "docker/Dockerfile.function").read_text()
+    assert (out / "docker/Dockerfile.router").read_text() == (ROOT / "eventing/Dockerfile.router").read_text()
     spec_cm = by_kind(objects, "ConfigMap")["thaw-spec"]
     assert parse_spec(spec_cm["data"]["thaw.yaml"]).models == load_spec(EXAMPLE).models
 

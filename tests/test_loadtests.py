@@ -69,9 +69,12 @@ def test_openai_streaming_users_record_ttft_itl_and_tokens_per_s(plane):
     assert int(stats[("ITL", "tiny")]["Request Count"]) == 15 * requests_made  # every gap of 16 tokens' chunks
     assert float(stats[("tokens/s", "tiny")]["Average Response Time"]) > 1  # a rate, in tokens per second
     report = stats[("report", "")]
-    assert report["completed"] == requests_made and report["itl"]["count"] == 15 * requests_made
+    # the report also counts requests that ended after locust wrote its statistics (during --stop-timeout)
+    completed = report["completed"]
+    assert completed >= requests_made and report["itl"]["count"] == 15 * completed
+    assert report["tpot"]["count"] == report["e2el"]["count"] == completed
     assert report["ttft"]["p50"] <= report["ttft"]["p90"] <= report["ttft"]["p99"] <= report["e2el"]["p99"]
-    assert report["goodput"]["good"] == requests_made  # SLOs no request misses
+    assert report["goodput"]["good"] == completed  # SLOs no request misses
 
 
 def test_cold_start_burst_waits_for_zero_and_records_first_response_and_queue(plane):
@@ -83,7 +86,7 @@ def test_cold_start_burst_waits_for_zero_and_records_first_response_and_queue(pl
     assert float(stats[("queued", "tiny")]["Min Response Time"]) > 100
     # and the gateway marked each as cold: cold TTFT is the first response of every burst request
     assert int(stats[("cold TTFT", "tiny")]["Request Count"]) == int(first["Request Count"])
-    assert stats[("report", "")]["cold_ttft"]["count"] == int(first["Request Count"])
+    assert stats[("report", "")]["cold_ttft"]["count"] >= int(first["Request Count"])
 
 
 def test_event_driven_round_trip_through_the_broker(plane):

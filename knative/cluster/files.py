@@ -3,6 +3,7 @@ folder is built beside the target and swapped in whole, so a crash never leaves 
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 import shutil
 import tempfile
@@ -10,8 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from thaw.vllm_platform import VLLM_CUDA_VERSION
 
 from .render import needed_feature_flags
 
@@ -22,38 +21,15 @@ GROUPS = (  # file name, kinds it holds (apply order follows the kustomization's
     ("30-eventing.yaml", {"Broker", "ApiServerSource", "Trigger"}),
 )
 
-DOCKERFILES = {
-    "Dockerfile.function": f"""\
-# The function: vLLM's CUDA build, the version thaw's engine adapter runs against on GPU nodes (docs/gpu.md),
-# plus thaw with its own dependencies; `thaw function serve` is the container's args.
-FROM vllm/vllm-openai:v{VLLM_CUDA_VERSION}
-WORKDIR /src
-COPY . /src
-RUN pip install --no-cache-dir "/src[gpu]"
-ENV HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-ENTRYPOINT ["thaw"]
-""",
-    "Dockerfile.cache-warmer": """\
-# The cache warmer: no vLLM, only the stager and its CloudEvents service.
-FROM python:3.11-slim
-WORKDIR /src
-COPY . /src
-RUN pip install --no-cache-dir --no-deps /src && pip install --no-cache-dir \\
-      flask gunicorn pydantic typer rich boto3 cloudevents prometheus_client pyyaml aiohttp psutil kubernetes
-ENV PYTHONUNBUFFERED=1
-ENTRYPOINT ["thaw"]
-""",
-    "Dockerfile.router": """\
-# The inference-graph router: aiohttp, no model.
-FROM python:3.11-slim
-WORKDIR /src
-COPY . /src
-RUN pip install --no-cache-dir --no-deps /src && pip install --no-cache-dir \\
-      aiohttp uvloop pydantic typer rich cloudevents pyyaml
-ENV PYTHONUNBUFFERED=1
-ENTRYPOINT ["thaw"]
-""",
-}
+# The images' Dockerfiles live beside the code they package; the output folder gets a copy of each.
+DOCKERFILES = {"Dockerfile.function": ("thaw.functions", "Dockerfile"),
+               "Dockerfile.cache-warmer": ("thaw.cache_warmer", "Dockerfile"),
+               "Dockerfile.router": ("thaw.eventing", "Dockerfile.router")}
+
+
+def dockerfile(name: str) -> str:
+    package, filename = DOCKERFILES[name]
+    return importlib.resources.files(package).joinpath(filename).read_text()
 
 
 def _dump_all(objects: list[dict[str, Any]]) -> str:
@@ -95,8 +71,8 @@ def write_output(objects: list[dict[str, Any]], out: Path) -> dict[str, str]:
             + yaml.safe_dump(autoscaler, sort_keys=False))
     docker = staging / "docker"
     docker.mkdir()
-    for name, text in DOCKERFILES.items():
-        (docker / name).write_text(text)
+    for name in DOCKERFILES:
+        (docker / name).write_text(dockerfile(name))
     for path in staging.rglob("*"):
         if path.is_file():
             with open(path, "rb") as f:
