@@ -14,7 +14,9 @@ docs/benchmarks.md maps each name to AIPerf's, GuideLLM's and LLMPerf's.
 
 from __future__ import annotations
 
+import json
 import statistics
+import time
 from dataclasses import dataclass, field
 
 PERCENTILES = (50, 90, 99)
@@ -27,6 +29,23 @@ class RequestRecord:
     output_tokens: int = 0
     cold: str | None = None  # "zero" or "parked": found its revision with no replica ready
     ok: bool = True
+
+    def read_line(self, line: str | bytes) -> str | None:
+        """One line of a streamed (SSE) completion: content chunks are timed, usage counted. Returns the
+        message of an error chunk (the stream failed), else None. The one SSE reader of the load tools."""
+        if isinstance(line, bytes):
+            line = line.decode()
+        line = line.strip()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            return None
+        chunk = json.loads(line[6:])
+        if "error" in chunk:
+            return chunk["error"].get("message", "error")
+        if chunk.get("usage"):
+            self.output_tokens = chunk["usage"]["completion_tokens"]
+        if any(c.get("delta", {}).get("content") or c.get("text") for c in chunk.get("choices", [])):
+            self.chunks.append(time.perf_counter())
+        return None
 
     @property
     def ttft(self) -> float:

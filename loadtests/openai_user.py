@@ -52,16 +52,9 @@ def stream_chat(user, model: str, max_tokens: int = MAX_TOKENS) -> dict | None:
         queued = float(response.headers.get("X-Thaw-Queue-Seconds", "nan"))
         record.cold = response.headers.get("X-Thaw-Cold-Start")
         for line in response.iter_lines():
-            if not line or not line.startswith(b"data: ") or line == b"data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                error = chunk["error"].get("message", "error")
+            error = record.read_line(line)
+            if error:
                 break
-            if chunk.get("usage"):
-                record.output_tokens = chunk["usage"]["completion_tokens"]
-            if any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
-                record.chunks.append(time.perf_counter())
         record.ok = bool(record.chunks) and not error
         RECORDS.append(record)  # only once it ended: a request cut off when locust stops is not counted
         if not record.ok:

@@ -1,4 +1,5 @@
-"""A recording stand-in for a Kubernetes API server (there is none on these machines): it takes
+"""A recording stand-in for a Kubernetes API server (there is none on these machines): it answers
+discovery (/version, /api, /apis and each group version's resource list, for the kinds thaw uses), takes
 server-side apply PATCHes, GETs, label-selected LISTs and DELETEs on namespaced objects, keeps the
 objects in memory (an apply merges into what is there, as server-side apply does for fields the patch
 names), marks Knative objects Ready, and records every request for the tests to check.
@@ -13,6 +14,35 @@ from pathlib import Path
 
 import yaml
 from aiohttp import web
+
+
+# The kinds this stand-in serves: (apiVersion, kind) -> plural, as each API group's discovery lists them.
+KINDS = {("v1", "ConfigMap"): "configmaps", ("v1", "ServiceAccount"): "serviceaccounts",
+         ("rbac.authorization.k8s.io/v1", "Role"): "roles", ("rbac.authorization.k8s.io/v1", "RoleBinding"): "rolebindings",
+         ("serving.knative.dev/v1", "Service"): "services", ("serving.knative.dev/v1", "Revision"): "revisions",
+         ("eventing.knative.dev/v1", "Broker"): "brokers", ("eventing.knative.dev/v1", "Trigger"): "triggers",
+         ("sources.knative.dev/v1", "ApiServerSource"): "apiserversources",
+         ("data.fluid.io/v1alpha1", "Dataset"): "datasets", ("data.fluid.io/v1alpha1", "JuiceFSRuntime"): "juicefsruntimes",
+         ("data.fluid.io/v1alpha1", "ThinRuntime"): "thinruntimes", ("data.fluid.io/v1alpha1", "DataLoad"): "dataloads"}
+
+
+def discovery(path: str) -> dict | None:
+    """What an API server answers to a discovery request, or None if `path` is not one."""
+    if path == "/version":
+        return {"major": "1", "minor": "31", "gitVersion": "v1.31.0"}
+    if path == "/api":
+        return {"kind": "APIVersions", "versions": ["v1"]}
+    group_versions = sorted({gv for gv, _ in KINDS if "/" in gv})
+    if path == "/apis":
+        return {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
+            {"name": gv.split("/")[0], "versions": [{"groupVersion": gv, "version": gv.split("/")[1]}],
+             "preferredVersion": {"groupVersion": gv, "version": gv.split("/")[1]}} for gv in group_versions]}
+    gv = path.removeprefix("/api/").removeprefix("/apis/")
+    if gv == "v1" or gv in group_versions:
+        return {"kind": "APIResourceList", "groupVersion": gv, "resources": [
+            {"name": plural, "singularName": kind.lower(), "namespaced": True, "kind": kind,
+             "verbs": ["get", "list", "patch", "delete"]} for (v, kind), plural in KINDS.items() if v == gv]}
+    return None
 
 
 @dataclass
@@ -39,6 +69,8 @@ class StandIn:
         return app
 
     async def handle(self, request: web.Request) -> web.Response:
+        if request.method == "GET" and discovery(request.path) is not None:
+            return web.json_response(discovery(request.path))
         raw = await request.read()
         body = json.loads(raw) if raw else None
         self.requests.append(Recorded(request.method, request.path, dict(request.query),

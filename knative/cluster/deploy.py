@@ -3,7 +3,6 @@ Ready conditions between waves, pruning what thaw applied before and the spec no
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,10 +13,6 @@ from rich.progress import Progress
 from .render import MANAGED, WAVE
 
 FIELD_MANAGER = "thaw"
-PLURALS = {"ConfigMap": "configmaps", "ServiceAccount": "serviceaccounts", "Role": "roles",
-           "RoleBinding": "rolebindings", "Service": "services", "Revision": "revisions", "Broker": "brokers",
-           "Trigger": "triggers", "ApiServerSource": "apiserversources", "Dataset": "datasets",
-           "JuiceFSRuntime": "juicefsruntimes", "ThinRuntime": "thinruntimes", "DataLoad": "dataloads"}
 # What thaw may have applied, so what pruning looks at (apiVersion, kind).
 PRUNABLE = [("v1", "ConfigMap"), ("v1", "ServiceAccount"), ("rbac.authorization.k8s.io/v1", "Role"),
             ("rbac.authorization.k8s.io/v1", "RoleBinding"), ("serving.knative.dev/v1", "Service"),
@@ -26,12 +21,6 @@ PRUNABLE = [("v1", "ConfigMap"), ("v1", "ServiceAccount"), ("rbac.authorization.
             ("data.fluid.io/v1alpha1", "JuiceFSRuntime"), ("data.fluid.io/v1alpha1", "ThinRuntime"),
             ("data.fluid.io/v1alpha1", "DataLoad")]
 SELECTOR = ",".join(f"{k}={v}" for k, v in MANAGED.items())
-
-
-def object_path(api_version: str, kind: str, namespace: str, name: str | None = None) -> str:
-    base = f"/apis/{api_version}" if "/" in api_version else f"/api/{api_version}"
-    path = f"{base}/namespaces/{namespace}/{PLURALS[kind]}"
-    return f"{path}/{name}" if name else path
 
 
 def readiness(obj: dict[str, Any]) -> tuple[bool, str]:
@@ -53,50 +42,41 @@ def readiness(obj: dict[str, Any]) -> tuple[bool, str]:
 
 
 class ClusterClient:
-    """The few REST calls thaw needs, through the official client (kubeconfig, auth, TLS)."""
+    """The calls thaw makes, through the official client's DynamicClient: kubeconfig, auth and TLS, and
+    the API server's own discovery for where each kind lives (Knative's, Fluid's, any CRD)."""
 
     def __init__(self, context: str | None = None, kubeconfig: str | None = None):
-        from kubernetes import client, config
-
-        self.api = client.ApiClient(configuration=self._configuration(config, context, kubeconfig))
-
-    @staticmethod
-    def _configuration(config, context, kubeconfig):
-        from kubernetes import client
+        from kubernetes import client, config, dynamic
 
         configuration = client.Configuration()
         config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
-        return configuration
+        self.dynamic = dynamic.DynamicClient(client.ApiClient(configuration))
 
-    def call(self, method: str, path: str, query: list | None = None, body: Any = None,
-             content_type: str = "application/json") -> Any:
-        from kubernetes.client import ApiException
-
-        # The body goes as JSON text: YAML's superset, which apply-patch+yaml takes as is.
-        method, url, headers, payload, post = self.api.param_serialize(
-            method=method, resource_path=path, query_params=query or [],
-            header_params={"Content-Type": content_type, "Accept": "application/json"},
-            body=json.dumps(body) if body is not None else None, auth_settings=["BearerToken"])
-        response = self.api.call_api(method, url, header_params=headers, body=payload, post_params=post)
-        response.read()
-        if not 200 <= response.status < 300:
-            raise ApiException(http_resp=response)
-        return json.loads(response.data) if response.data else {}
+    def _resource(self, api_version: str, kind: str):
+        return self.dynamic.resources.get(api_version=api_version, kind=kind)
 
     def apply(self, obj: dict[str, Any], dry_run: bool = False, field_manager: str = FIELD_MANAGER) -> dict[str, Any]:
-        meta = obj["metadata"]
-        query = [("fieldManager", field_manager), ("force", "true")] + ([("dryRun", "All")] if dry_run else [])
-        return self.call("PATCH", object_path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"]),
-                         query, obj, "application/apply-patch+yaml")
+        """Server-side apply: the fields `obj` names become `field_manager`'s, conflicts forced."""
+        return self.dynamic.server_side_apply(
+            self._resource(obj["apiVersion"], obj["kind"]), body=obj, namespace=obj["metadata"]["namespace"],
+            field_manager=field_manager, force_conflicts=True, **({"dry_run": "All"} if dry_run else {})).to_dict()
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any]:
-        return self.call("GET", object_path(api_version, kind, namespace, name))
+        return self._resource(api_version, kind).get(name=name, namespace=namespace).to_dict()
 
     def list(self, api_version: str, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
-        return self.call("GET", object_path(api_version, kind, namespace), [("labelSelector", selector)]).get("items", [])
+        """Objects of a kind with these labels; [] when the cluster does not have that kind's API."""
+        from kubernetes.dynamic.exceptions import ResourceNotFoundError
+
+        try:
+            resource = self._resource(api_version, kind)
+        except ResourceNotFoundError:
+            return []
+        return resource.get(namespace=namespace, label_selector=selector).to_dict().get("items", [])
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str, dry_run: bool) -> None:
-        self.call("DELETE", object_path(api_version, kind, namespace, name), [("dryRun", "All")] if dry_run else [])
+        self._resource(api_version, kind).delete(name=name, namespace=namespace,
+                                                 **({"dry_run": "All"} if dry_run else {}))
 
 
 @dataclass
@@ -153,14 +133,8 @@ def deploy(objects: list[dict[str, Any]], client: ClusterClient, namespace: str,
                     time.sleep(poll)
             progress.update(ready_task, description=f"wave {wave}: Ready")
     wanted = {(o["apiVersion"], o["kind"], o["metadata"]["name"]) for o in objects}
-    for api_version, kind in PRUNABLE:
-        try:
-            live = client.list(api_version, kind, namespace, SELECTOR)
-        except ApiException as exc:
-            if exc.status == 404:  # that API (Fluid, say) is not installed: nothing of it to prune
-                continue
-            raise
-        for item in live:
+    for api_version, kind in PRUNABLE:  # an API the cluster lacks (Fluid, say) lists nothing
+        for item in client.list(api_version, kind, namespace, SELECTOR):
             if (api_version, kind, item["metadata"]["name"]) not in wanted:
                 client.delete(api_version, kind, namespace, item["metadata"]["name"], dry_run)
                 report.pruned.append(f"{kind}/{item['metadata']['name']}")

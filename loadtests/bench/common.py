@@ -43,16 +43,9 @@ async def stream_chat(session: aiohttp.ClientSession, url: str, model: str, max_
             queued = float(r.headers.get("X-Thaw-Queue-Seconds", "nan"))
             record.cold = r.headers.get("X-Thaw-Cold-Start")
             async for raw in r.content:
-                line = raw.decode().strip()
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    return StreamResult(False, error=chunk["error"]["message"])
-                if chunk.get("usage"):
-                    record.output_tokens = chunk["usage"]["completion_tokens"]
-                if any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
-                    record.chunks.append(time.perf_counter())
+                error = record.read_line(raw)
+                if error:
+                    return StreamResult(False, error=error)
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         return StreamResult(False, error=f"{type(exc).__name__}: {exc}")
     if not record.chunks:
