@@ -16,7 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, after_this_request, jsonify, request
+from openai.types import Completion, CompletionChoice, CompletionUsage
+from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
+from openai.types.chat.chat_completion import Choice as ChatChoice
+from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice, ChoiceDelta
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from werkzeug.exceptions import HTTPException
 
@@ -119,6 +123,12 @@ def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
+def _sse_chunk(chunk: ChatCompletionChunk | Completion) -> str:
+    # Chunks are built without validation, as the openai SDK reads them: a completion chunk's
+    # finish_reason is null until its last chunk, which the whole-response type does not allow.
+    return f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"
+
+
 class FunctionService:
     """Turns OpenAI requests into generations and generations into OpenAI responses."""
 
@@ -204,7 +214,20 @@ class FunctionService:
         ]
         gen = self.engine.submit(p.new_id("chatcmpl" if chat else "cmpl"), prompts, sampling)
         self.metrics.in_flight.inc()
+
+        @after_this_request
+        def clean_up_on_close(response: Response) -> Response:
+            # One clean-up for every way the response ends: answered, streamed to the end, failed, or
+            # its client gone (then the engine stops generating for nobody).
+            response.call_on_close(lambda: self.finish(gen))
+            return response
+
         return req, gen, sum(len(ids) for ids in prompts), arrived
+
+    def finish(self, gen: Generation) -> None:
+        self.metrics.in_flight.dec()
+        if not gen.ended:
+            self.engine.abort(gen)
 
     # ---- generations to responses ----------------------------------------------------------------
 
@@ -222,6 +245,7 @@ class FunctionService:
             if item is None:
                 continue
             if isinstance(item, Exception):
+                gen.ended = True
                 raise item
             if first:
                 self.metrics.ttft.observe(time.perf_counter() - arrived)
@@ -229,6 +253,7 @@ class FunctionService:
             self.metrics.generated_tokens.inc(item.token_count)
             if item.finish_reason is not None:
                 finished += 1
+                gen.ended = finished == gen.choices
             yield item
 
     def complete(self, req, gen: Generation, prompt_tokens: int, arrived: float, environ: dict) -> dict:
@@ -238,7 +263,6 @@ class FunctionService:
         logprobs: dict[int, list] = {i: [] for i in range(gen.choices)}
         reasons: dict[int, str | None] = {}
         completion_tokens = 0
-        done = False
         try:
             for d in self.deltas(gen, environ, arrived):
                 texts[d.index].append(d.text)
@@ -246,34 +270,20 @@ class FunctionService:
                 completion_tokens += d.token_count
                 if d.finish_reason is not None:
                     reasons[d.index] = d.finish_reason
-            done = True
         except EngineFailed as exc:
-            done = True
             raise p.APIError(500, f"The engine failed: {exc}", code="engine_failed") from None
-        except p.APIError:
-            done = True
-            raise
-        finally:
-            self.metrics.in_flight.dec()
-            if not done:
-                self.engine.abort(gen)
-        choices = []
-        for i in range(gen.choices):
-            text = "".join(texts[i])
-            lp = _logprobs(chat, logprobs[i]) if req.logprobs_count is not None else None
-            if chat:
-                choices.append({"index": i, "message": {"role": "assistant", "content": text},
-                                "logprobs": lp, "finish_reason": reasons.get(i)})
-            else:
-                choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": reasons.get(i)})
-        return {
-            "id": gen.request_id,
-            "object": "chat.completion" if chat else "text_completion",
-            "created": p.now(),
-            "model": self.config.served_name,
-            "choices": choices,
-            "usage": p.usage(prompt_tokens, completion_tokens),
-        }
+        common = {"id": gen.request_id, "created": p.now(), "model": self.config.served_name,
+                  "usage": CompletionUsage(**p.usage(prompt_tokens, completion_tokens))}
+        lps = {i: _logprobs(chat, logprobs[i]) if req.logprobs_count is not None else None for i in texts}
+        if chat:
+            body = ChatCompletion(object="chat.completion", **common, choices=[
+                ChatChoice(index=i, message=ChatCompletionMessage(role="assistant", content="".join(texts[i])),
+                           logprobs=lps[i], finish_reason=reasons.get(i)) for i in texts])
+        else:
+            body = Completion(object="text_completion", **common, choices=[
+                CompletionChoice(index=i, text="".join(texts[i]), logprobs=lps[i], finish_reason=reasons.get(i))
+                for i in texts])
+        return body.model_dump(mode="json", exclude_unset=True)
 
     def first_delta(self, gen: Generation, environ: dict, arrived: float) -> Iterator[Delta]:
         """Wait for the first delta before a stream's headers go out, so early failures keep their status."""
@@ -281,15 +291,7 @@ class FunctionService:
         try:
             first = next(stream)
         except EngineFailed as exc:
-            self.metrics.in_flight.dec()
             raise p.APIError(500, f"The engine failed: {exc}", code="engine_failed") from None
-        except p.APIError:
-            self.metrics.in_flight.dec()
-            raise
-        except BaseException:
-            self.metrics.in_flight.dec()
-            self.engine.abort(gen)
-            raise
 
         def chained():
             yield first
@@ -300,45 +302,41 @@ class FunctionService:
     def stream(self, req, gen: Generation, prompt_tokens: int, deltas: Iterator[Delta]) -> Iterator[str]:
         """Server-sent events: one chunk per delta, usage if asked, an error chunk if the engine fails."""
         chat = isinstance(req, p.ChatCompletionRequest)
-        created = p.now()
-        usage_field = {"usage": None} if req.include_usage else {}
+        common = {"id": gen.request_id, "created": p.now(), "model": self.config.served_name}
+        if req.include_usage:
+            common["usage"] = None  # on every chunk, as OpenAI sends it; the last chunk carries the counts
 
-        def chunk(choices: list[dict]) -> str:
-            return _sse({"id": gen.request_id, "object": "chat.completion.chunk" if chat else "text_completion",
-                         "created": created, "model": self.config.served_name, "choices": choices,
-                         **usage_field})
+        def chunk(index: int, text: str | None, finish_reason: str | None, logprobs, role: str | None = None) -> str:
+            if chat:
+                delta = ChoiceDelta.model_construct(**({"role": role} if role else {}),
+                                                    **({"content": text} if text is not None else {}))
+                return _sse_chunk(ChatCompletionChunk.model_construct(object="chat.completion.chunk", **common, choices=[
+                    ChunkChoice.model_construct(index=index, delta=delta, logprobs=logprobs,
+                                                finish_reason=finish_reason)]))
+            return _sse_chunk(Completion.model_construct(object="text_completion", **common, choices=[
+                CompletionChoice.model_construct(index=index, text=text, logprobs=logprobs,
+                                                 finish_reason=finish_reason)]))
 
         completion_tokens = 0
-        finished = False
         try:
             if chat:
                 for i in range(gen.choices):
-                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
-                                  "logprobs": None, "finish_reason": None}])
+                    yield chunk(i, "", None, None, role="assistant")
             for d in deltas:
                 completion_tokens += d.token_count
                 lp = _logprobs(chat, list(d.logprobs)) if d.logprobs is not None else None
-                if chat:
-                    delta = {"content": d.text} if d.text or d.finish_reason is None else {}
-                    yield chunk([{"index": d.index, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason}])
-                else:
-                    yield chunk([{"index": d.index, "text": d.text, "logprobs": lp,
-                                  "finish_reason": d.finish_reason}])
+                text = d.text if d.text or d.finish_reason is None or not chat else None
+                yield chunk(d.index, text, d.finish_reason, lp)
             if req.include_usage:
-                yield _sse({"id": gen.request_id, "object": "chat.completion.chunk" if chat else "text_completion",
-                            "created": created, "model": self.config.served_name, "choices": [],
-                            "usage": p.usage(prompt_tokens, completion_tokens)})
-            finished = True
+                usage = CompletionUsage(**p.usage(prompt_tokens, completion_tokens))
+                last = ChatCompletionChunk if chat else Completion
+                yield _sse_chunk(last.model_construct(object="chat.completion.chunk" if chat else "text_completion",
+                                                      **{**common, "usage": usage}, choices=[]))
         except ClientGone:
             return
         except (EngineFailed, p.APIError) as exc:
-            finished = True
             message = f"The engine failed: {exc}" if isinstance(exc, EngineFailed) else exc.message
             yield _sse(p.error_body(message, "server_error", None, "engine_failed"))
-        finally:
-            self.metrics.in_flight.dec()
-            if not finished:
-                self.engine.abort(gen)
         yield _sse("[DONE]")
 
 

@@ -89,6 +89,7 @@ class Generation:
     request_id: str
     choices: int
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    ended: bool = False  # every choice finished, or the engine failed it: nothing left to abort
 
     def next(self, timeout: float) -> Delta | EngineFailed | None:
         try:
