@@ -114,6 +114,8 @@ def report(records: list[RequestRecord], duration: float, slos: dict[str, float]
         "e2el": summary([r.e2el for r in done]),
         "cold_ttft": summary([r.ttft for r in done if r.cold]),
         "warm_ttft": summary([r.ttft for r in done if not r.cold]),
+        "ttft_samples": {"cold": sorted(r.ttft for r in done if r.cold),
+                         "warm": sorted(r.ttft for r in done if not r.cold)},
     }
     if slos:
         good = sum(1 for r in done if meets(r, slos))

@@ -2,17 +2,19 @@
 locust request metrics in vLLM's `vllm bench serve` language (metrics.py): TTFT, TPOT, ITL (each gap),
 E2EL, tokens/s, and "cold TTFT" for a request that found its revision at zero or parked. When locust
 quits, the whole run's report (p50/p90/p99, goodput against THAW_GOODPUT="ttft:MS tpot:MS") is printed
-and, with THAW_REPORT=FILE, written as JSON. Imported only by locustfiles (which run under `locust`)."""
+and, with THAW_REPORT=FILE.json, written as JSON, with the TTFT distribution beside it as FILE.png. Imported only by locustfiles (which run under `locust`)."""
 
 from __future__ import annotations
 
 import json
 import os
 import time
+from pathlib import Path
 
 from locust import events
 
 from metrics import RequestRecord, parse_goodput, report, report_table
+from plots import plot_ttft
 
 CHAT = [{"role": "user", "content": os.environ.get("THAW_PROMPT", "Write one sentence about the sea.")}]
 MAX_TOKENS = int(os.environ.get("THAW_MAX_TOKENS", "32"))
@@ -88,5 +90,6 @@ def _report(environment, **kwargs):
     result = report(RECORDS, time.perf_counter() - _started, parse_goodput(os.environ.get("THAW_GOODPUT", "")))
     print(report_table(result), flush=True)
     if os.environ.get("THAW_REPORT"):
-        with open(os.environ["THAW_REPORT"], "w") as f:
-            json.dump(result, f, indent=1)
+        path = Path(os.environ["THAW_REPORT"])
+        path.write_text(json.dumps(result, indent=1))
+        plot_ttft({path.stem: result}, path.with_suffix(".png"))
