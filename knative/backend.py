@@ -1,6 +1,6 @@
-"""What the cold-start optimizer drives in a serving backend. The embedded plane (`knative/embedded/
-plane.py`) implements it with its own replicas and warmer; a cluster backend implements the same
-calls through Knative (min-scale, the cache warmer's Service, a request to wake a revision)."""
+"""What the cold-start optimizer drives in a serving backend: `knative/embedded/backend.py` implements it
+with the embedded plane's own revisions and the local broker; `knative/cluster/backend.py` through
+Knative (min-scale by server-side apply, the cache warmer's Service, a request through a model's route)."""
 
 from __future__ import annotations
 

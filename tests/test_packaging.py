@@ -33,7 +33,7 @@ def declared(*extras: str) -> set[str]:
 def imported_distributions(paths: list[Path]) -> dict[str, str]:
     """Distribution -> a file importing it, for every third-party top-level module the files import."""
     by_module = metadata.packages_distributions()
-    local = {p.stem for p in paths}  # a sibling module (loadtests/sse.py)
+    local = {p.stem for p in paths}  # a sibling module (loadtests/openai_user.py)
     out = {}
     for path in paths:
         for node in ast.walk(ast.parse(path.read_text())):
