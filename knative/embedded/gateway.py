@@ -8,10 +8,11 @@ Routes
 - `GET /v1/models`, `GET /v1/models/<id>`: every model and its state, without waking anything.
 - `GET /healthz`, `GET /thaw/v1/status` (what `thaw status` shows).
 - The broker (`/<namespace>/<broker>`) and graphs (`/graphs/<name>`) join this app from eventing/host.py.
-Errors use OpenAI's error object: 404 unknown model, 401/403 auth; the activator's own (503 queue full,
-504 past timeoutSeconds, 502 a replica died under the request). So do the answers aiohttp itself gives: unknown routes (404), wrong methods (405 with `Allow`), bodies
-over `platform.gateway.maxBodySize` (413), bodies slower than the idle timeout (408), and requests its
-HTTP parser refuses (400); graph routes answer in KServe's shape instead, the broker in its own.
+Errors use OpenAI's error object: 404 unknown model, 401/403 auth, and the activator's own (503 queue
+full, 504 past timeoutSeconds, 502 a replica died under the request). So do the answers aiohttp itself
+gives: unknown routes (404), wrong methods (405 with `Allow`), bodies over
+`platform.gateway.maxBodySize` (413), bodies slower than the idle timeout (408), and requests its HTTP
+parser refuses (400); graph routes answer in KServe's shape instead, the broker in its own.
 With auth on, the token is checked before anything else, so no answer tells a stranger which models exist.
 """
 
