@@ -87,6 +87,9 @@ def run_function_bench(model_dir: Path, runs: int, clients: int, max_tokens: int
             [("output tokens/s", a.tokens_per_second, b.tokens_per_second, ">= 0.9x"),
              ("TTFT p50 (s)", a.ttft_p50, b.ttft_p50, "<= 1.1x"),
              ("TTFT p95 (s)", a.ttft_p95, b.ttft_p95, ""),
+             ("TPOT p50 (s)", a.metrics["tpot"]["p50"], b.metrics["tpot"]["p50"], ""),
+             ("ITL p99 (s)", a.metrics["itl"]["p99"], b.metrics["itl"]["p99"], ""),
+             ("E2EL p50 (s)", a.metrics["e2el"]["p50"], b.metrics["e2el"]["p50"], ""),
              ("failures", a.failures, b.failures, "0")],
             kind, "vLLM server"))
     console.print(f"results: {out}")

@@ -53,8 +53,10 @@ def _drop_page_cache() -> bool:
 def _warm_path(url: str, clients: int, tokens: int) -> dict:
     run_streaming_load(url, NAME, 2, 1, 8)  # a first pass outside the timing
     load = run_streaming_load(url, NAME, clients, 2, tokens)
+    m = load.metrics
     return {"tokens_per_second": load.tokens_per_second, "ttft_p50": load.ttft_p50, "ttft_p95": load.ttft_p95,
-            "failures": load.failures, "requests": load.requests}
+            "tpot_p50": m["tpot"]["p50"], "itl_p50": m["itl"]["p50"], "itl_p99": m["itl"]["p99"],
+            "e2el_p50": m["e2el"]["p50"], "failures": load.failures, "requests": load.requests}
 
 
 def _plane_spec(work: Path, model_dir: Path, engine: dict, **model) -> dict:
@@ -244,15 +246,18 @@ def write_report(results: dict, out: Path, console: Console) -> None:
     base = rows[-1][1]
     if any(w for _, w in rows):
         lines += ["", "## Warm path (16 streaming clients x 2 requests x 128 tokens, ready replica)", "",
-                  "| server | tokens/s | TTFT p50 (s) | TTFT p95 (s) | tokens/s vs vLLM | TTFT p50 vs vLLM |",
-                  "|---|---|---|---|---|---|"]
+                  "| server | tokens/s | TTFT p50 (s) | TTFT p95 (s) | TPOT p50 (ms) | ITL p50 / p99 (ms) | "
+                  "E2EL p50 (s) | tokens/s vs vLLM | TTFT p50 vs vLLM |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for label, w in rows:
             if not w:
                 continue
             tps = f"{w['tokens_per_second'] / base['tokens_per_second']:.2f}x" if base and w is not base else "-"
             ttft = f"{w['ttft_p50'] / base['ttft_p50']:.2f}x" if base and w is not base else "-"
+            ms = {k: f"{w[k] * 1000:.1f}" if k in w else "-" for k in ("tpot_p50", "itl_p50", "itl_p99")}
+            e2el = f"{w['e2el_p50']:.3f}" if "e2el_p50" in w else "-"  # results from before these were kept
             lines.append(f"| {label} | {w['tokens_per_second']:.0f} | {w['ttft_p50']:.4f} | {w['ttft_p95']:.4f} | "
-                         f"{tps} | {ttft} |")
+                         f"{ms['tpot_p50']} | {ms['itl_p50']} / {ms['itl_p99']} | {e2el} | {tps} | {ttft} |")
     other = (results.get("other_core") or {}).get("zero") or []
     if other:
         ft = [r["first_token"] for r in other]
