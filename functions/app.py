@@ -125,7 +125,7 @@ def _sse(payload: dict | str) -> str:
 
 def _sse_chunk(chunk: ChatCompletionChunk | Completion) -> str:
     # Chunks are built without validation, as the openai SDK reads them: a completion chunk's
-    # finish_reason is null until its last chunk, which the whole-response type does not allow.
+    # finish_reason is null until its last chunk, which the type (shared with whole responses) does not allow.
     return f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"
 
 
@@ -273,16 +273,19 @@ class FunctionService:
         except EngineFailed as exc:
             raise p.APIError(500, f"The engine failed: {exc}", code="engine_failed") from None
         common = {"id": gen.request_id, "created": p.now(), "model": self.config.served_name,
-                  "usage": CompletionUsage(**p.usage(prompt_tokens, completion_tokens))}
+                  "usage": CompletionUsage.model_construct(**p.usage(prompt_tokens, completion_tokens))}
         lps = {i: _logprobs(chat, logprobs[i]) if req.logprobs_count is not None else None for i in texts}
+        # Built without validation, as the chunks are: a finish reason vLLM adds beyond OpenAI's list passes
+        # through, as vLLM's own server passes it, rather than failing a finished answer.
         if chat:
-            body = ChatCompletion(object="chat.completion", **common, choices=[
-                ChatChoice(index=i, message=ChatCompletionMessage(role="assistant", content="".join(texts[i])),
-                           logprobs=lps[i], finish_reason=reasons.get(i)) for i in texts])
-        else:
-            body = Completion(object="text_completion", **common, choices=[
-                CompletionChoice(index=i, text="".join(texts[i]), logprobs=lps[i], finish_reason=reasons.get(i))
+            body = ChatCompletion.model_construct(object="chat.completion", **common, choices=[
+                ChatChoice.model_construct(index=i, message=ChatCompletionMessage.model_construct(
+                    role="assistant", content="".join(texts[i])), logprobs=lps[i], finish_reason=reasons.get(i))
                 for i in texts])
+        else:
+            body = Completion.model_construct(object="text_completion", **common, choices=[
+                CompletionChoice.model_construct(index=i, text="".join(texts[i]), logprobs=lps[i],
+                                                 finish_reason=reasons.get(i)) for i in texts])
         return body.model_dump(mode="json", exclude_unset=True)
 
     def first_delta(self, gen: Generation, environ: dict, arrived: float) -> Iterator[Delta]:
