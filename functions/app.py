@@ -331,7 +331,7 @@ class FunctionService:
                 text = d.text if d.text or d.finish_reason is None or not chat else None
                 yield chunk(d.index, text, d.finish_reason, lp)
             if req.include_usage:
-                usage = CompletionUsage(**p.usage(prompt_tokens, completion_tokens))
+                usage = CompletionUsage.model_construct(**p.usage(prompt_tokens, completion_tokens))
                 last = ChatCompletionChunk if chat else Completion
                 yield _sse_chunk(last.model_construct(object="chat.completion.chunk" if chat else "text_completion",
                                                       **{**common, "usage": usage}, choices=[]))

@@ -22,7 +22,7 @@ from aiohttp import web
 from .breaker import QueueFull
 from .openai_errors import error_response
 from .proxy import NotAnswered, NotReady, proxy
-from .replica import Replica, State
+from .replica import RUNNING, Replica, State
 from .throttler import Throttler
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ class Activator:
     def wake(self) -> bool:
         """Wake a revision that has nothing running, starting or waking; whether it did."""
         rev = self.revision
-        if rev.launching or rev.count(State.READY, State.STARTING, State.UNREADY, State.WAKING):
+        if rev.launching or rev.count(*RUNNING):
             return False
         if rev.parked:
             self.moves.wake_parked(rev, rev.parked[0])

@@ -92,11 +92,15 @@ class LifecycleEmitter:
                 await self.publish(event)
             except Exception:  # noqa: BLE001 - one event the broker could not take must not stop the rest
                 log.exception("the broker refused %s", event.get_type())
+            finally:
+                self._queue.task_done()
 
     async def stop(self) -> None:
         """Publish what is still queued (for up to 5 s), then stop."""
-        end = asyncio.get_running_loop().time() + 5
-        while self._task is not None and not self._queue.empty() and asyncio.get_running_loop().time() < end:
-            await asyncio.sleep(0.01)
-        if self._task is not None:
-            self._task.cancel()
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait_for(self._queue.join(), 5)
+        except asyncio.TimeoutError:
+            log.warning("%d revision events not published before stopping", self._queue.qsize())
+        self._task.cancel()
