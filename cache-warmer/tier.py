@@ -6,7 +6,9 @@ Layout under the root:
     locks/<key>.lock         one flock per key: concurrent stagers make one download, the rest wait
     leases/<key>/<pid>       in use by a live process (a lease dies with its process)
     pins/<key>               never evicted
-    compile/<key>/<engine>/  vLLM's compile cache for that version and engine configuration (VLLM_CACHE_ROOT)
+    compile/<arch>/<engine>/ vLLM's compile cache for an architecture and engine configuration (VLLM_CACHE_ROOT):
+                             shared by every weights version of that architecture, kept when a version goes
+    views/<arch>/            an architecture's config files, the model path a GPU engine starts from
 A key is a hash of the source URI and the origin's file names, sizes and ETags, so a changed object makes
 a new version and a name never becomes a path. Publishing is a rename, so readers see only whole
 versions; eviction (least recently used first) never takes a pinned version or one with a live lease.
@@ -109,15 +111,16 @@ class CacheTier:
     def staging_dir(self, key: str) -> Path:
         return self.root / "staging" / check_key(key)
 
-    def compile_dir(self, key: str, engine_config: str) -> Path:
-        """VLLM_CACHE_ROOT for one engine configuration of a version: torch.compile's artifacts (inductor
+    def compile_dir(self, arch: str, engine_config: str) -> Path:
+        """VLLM_CACHE_ROOT for one engine configuration of an architecture (functions/engine_plan.arch_id):
+        torch.compile's artifacts (inductor
         and Triton kernels included) outlive the replica, so the next start from zero loads them instead of
         compiling. vLLM's `modelinfos` (its inspection of model classes, keyed by vLLM's own code, the same
         for every version) is shared: without it each new version's first start spends seconds inspecting
         the model class again in a subprocess."""
         if not re.match(r"^[0-9a-f]{16}$", engine_config):
             raise CacheError(f"{engine_config!r} is not an engine configuration id (16 hex digits)")
-        path = self.root / "compile" / check_key(key) / engine_config
+        path = self.root / "compile" / check_key(arch) / engine_config
         path.mkdir(parents=True, exist_ok=True)
         shared = self.root / "compile" / "shared-modelinfos"
         if not shared.exists():
@@ -223,7 +226,6 @@ class CacheTier:
             trash = self.root / "staging" / f".evicting-{key}-{os.getpid()}"
             os.rename(src, trash)
             shutil.rmtree(trash, ignore_errors=True)
-            shutil.rmtree(self.root / "compile" / key, ignore_errors=True)
 
     # ---- publishing ------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import logging
 import os
 import select
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from thaw.spec import EngineArgs, S3Origin
 from thaw.vllm_platform import detect, gpu_memory
 
 from . import protocol as p
+from .engine_plan import arch_id
 from .engine import Delta, Engine, EngineFailed, Generation, Sampling
 from .metrics import FunctionMetrics
 
@@ -63,11 +65,12 @@ class FunctionConfig:
 def weights_fetcher(config: FunctionConfig):
     """The boot step of a replica: its weights (ensured in the cache tier when it has a source: instant when
     pre-staged, leased for this process's life; otherwise read into the page cache where they are) and,
-    with a cache tier, vLLM's compile cache in the tier, per weights version and engine configuration."""
+    with a cache tier, vLLM's compile cache in the tier, per architecture and engine configuration: compiled
+    artifacts depend on those, not on weight values, so a new weights version finds them (on a GPU the
+    engine starts from the architecture's view, functions/engine_plan.py, so vLLM's own key agrees)."""
 
     def fetch() -> tuple[Path, dict[str, float]]:
-        from thaw.cache_warmer.origins import DirOrigin
-        from thaw.cache_warmer.tier import CacheTier, version_key
+        from thaw.cache_warmer.tier import CacheTier
 
         timings: dict[str, float] = {}
         if config.source:
@@ -81,16 +84,18 @@ def weights_fetcher(config: FunctionConfig):
                             settings=StageSettings(bandwidth=link_rate(config.cache.s3.bandwidthMbps)))
             log.info("weights of %s at %s (%s)", config.source, result.path,
                      "staged now" if result.staged else "already staged")
-            path, key, timings = result.path, result.key, result.timings
+            path, timings = result.path, result.timings
         else:
             path = config.model_dir
-            read_into_page_cache(path)
+            if detect().gpu:  # read on in the background: the engine initialises meanwhile, without weights
+                threading.Thread(target=read_into_page_cache, args=(path,), daemon=True).start()
+            else:
+                read_into_page_cache(path)
             if config.cache is None:
                 return path, timings
             tier = CacheTier(config.cache.root, config.cache.capacity)
-            key = version_key(str(path), DirOrigin(path).list())
         platform = detect()
-        compile_dir = tier.compile_dir(key, platform.resolve(config.engine).config_id(platform.vllm))
+        compile_dir = tier.compile_dir(arch_id(path), platform.resolve(config.engine).config_id(platform.vllm))
         # vLLM points Inductor and Triton at its cache only on the paths where it compiles; kernels JIT-compiled
         # elsewhere (the sampler's, attention's) would land in the home folder and be lost with the node.
         os.environ.update({"VLLM_CACHE_ROOT": str(compile_dir), "TRITON_CACHE_DIR": str(compile_dir / "triton"),
@@ -387,7 +392,8 @@ def create_app(config: FunctionConfig, engine: Engine | None = None) -> Flask:
     # vLLM's kernel registration calls hasattr() on every module global; on werkzeug's context-local
     # proxies (flask.request, ...) that raises outside a request, so the engine loads inside one.
     engine = engine or Engine(config.engine, weights_fetcher(config), load_context=app.test_request_context,
-                              phases=phases, served_name=config.served_name).start()
+                              phases=phases, served_name=config.served_name,
+                              view_root=config.cache.root / "views" if config.cache else None).start()
     service = FunctionService(config, engine, metrics)
     app.extensions["thaw"] = service
 
@@ -430,23 +436,28 @@ def create_app(config: FunctionConfig, engine: Engine | None = None) -> Flask:
         return Response(json.dumps(body), status, mimetype="application/json")  # keeps the phases in order
 
     # vLLM's own routes for its sleep mode (its server has them in dev mode), used by the serving plane to
-    # park an idle replica and wake it for the next request.
+    # park (level 1) or hibernate (level 2; on a parked engine: drop its host copy) an idle replica and wake
+    # it for the next request.
     @app.post("/sleep")
     def sleep():
         level = request.args.get("level", "1")
         if not level.isdigit():
             raise p.APIError(400, f"level must be 1 or 2, got {level!r}", param="level")
         seconds = engine.park(int(level))
-        return jsonify({"is_sleeping": True, "seconds": seconds, "gpu": _gpu_held()})
+        return jsonify({"is_sleeping": True, "level": engine.sleep_level, "seconds": seconds, "gpu": _gpu_held()})
 
     @app.post("/wake_up")
     def wake_up():
         seconds = engine.wake()
         return jsonify({"is_sleeping": False, "seconds": seconds, "gpu": _gpu_held()})
 
+    @app.post("/reserve_host")
+    def reserve_host():
+        return jsonify({"bytes": engine.reserve_host()})
+
     @app.get("/is_sleeping")
     def is_sleeping():
-        return jsonify({"is_sleeping": engine.state == "parked"})
+        return jsonify({"is_sleeping": engine.state == "parked", "level": engine.sleep_level})
 
     @app.get("/metrics")
     def metrics_route():

@@ -9,14 +9,18 @@ With `engine_core="inproc"` the engine core runs inside this process (no engine-
 no second import of torch and vLLM: the fast start); with `"mp"` vLLM runs it in a process of its own.
 
 Where the platform has vLLM's sleep mode and the engine was started with it, the engine can be parked
-(level 1: weights to host RAM, KV cache dropped, GPU memory released) and woken again; a request that
-finds it parked wakes it first, so a parked replica never refuses work.
+(level 1: weights to pinned host RAM, KV cache dropped, GPU memory released) or hibernated (level 2:
+weights dropped too; a wake streams them back from the page cache or the tier), and woken again; a request
+that finds it asleep wakes it first, so a sleeping replica never refuses work. On a GPU the engine starts
+as functions/engine_plan.py plans it (dummy weights streamed over by the real ones, a KV cache sized for
+the replica's batch) with thaw's worker extension (functions/worker_ext.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import queue
@@ -26,7 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from thaw.spec import EngineArgs
-from thaw.vllm_platform import detect
+from thaw.vllm_platform import detect, gpu_memory
 
 from .protocol import APIError
 
@@ -117,16 +121,21 @@ class Engine:
     """Loads vLLM in the background and serves generations once it is ready."""
 
     def __init__(self, args: EngineArgs, fetch_weights, load_context=contextlib.nullcontext,
-                 phases: dict[str, float] | None = None, served_name: str | None = None):
+                 phases: dict[str, float] | None = None, served_name: str | None = None,
+                 view_root: Path | None = None):
         """`fetch_weights` returns (model dir, its phase timings): the weights ensured in the cache tier or
         read into the page cache where they are (functions/app.py's weights_fetcher). `served_name` is the
-        `model_name` label of vLLM's metrics."""
+        `model_name` label of vLLM's metrics. `view_root` (in the cache tier) holds the per-architecture
+        model views a GPU engine starts from (functions/engine_plan.py)."""
         self.model_dir: Path | None = None
+        self.view_root = view_root
+        self.sleep_level = 0  # 0 awake, 1 parked (weights in pinned host RAM), 2 hibernated (weights dropped)
+        self.stream_weights = False  # the weights go in through thaw's worker extension, not vLLM's loader
         self.served_name = served_name
         self._fetch_weights = fetch_weights
         self.args = detect().resolve(args)
         self._load_context = load_context
-        self.state = "loading"  # loading -> ready | failed; ready <-> parked; ready -> failed | stopped
+        self.state = "loading"  # loading -> ready | failed; ready <-> parked (sleep level 1 or 2); -> failed | stopped
         self.error: str | None = None
         self.phases: dict[str, float] = dict(phases or {})  # start-up phase -> seconds, in order
         self.max_model_len = args.max_model_len or 0
@@ -196,13 +205,22 @@ class Engine:
             self._commands.put(("abort", gen))
 
     def park(self, level: int = 1) -> float:
-        """Put the engine to sleep (vLLM's sleep mode); the seconds it took (0 if it already slept)."""
+        """Put the engine to sleep (vLLM's sleep mode); the seconds it took (0 if it already slept that deep).
+        Level 2 on a parked engine hibernates it: its host copy of the weights is dropped without a wake."""
         if not self.args.enable_sleep_mode:
             raise APIError(400, "This engine runs without sleep mode: set `park: true` on the model, on a "
                                 "platform whose vLLM has sleep mode (CUDA)", code="sleep_mode_off")
         if level not in (1, 2):
             raise APIError(400, f"level must be 1 or 2, got {level}", param="level")
         return self._engine_call("sleep", level)
+
+    def reserve_host(self) -> int:
+        """Pin, in the background, the host buffers a park will copy the weights into; the bytes. The plane
+        asks for it once a parkable replica is ready and its parking budget has room."""
+        if not (self.args.enable_sleep_mode and detect().gpu):
+            raise APIError(400, "This engine cannot park (no sleep mode on this engine or platform)",
+                           code="sleep_mode_off")
+        return self._engine_call("reserve")
 
     def wake(self) -> float:
         """Wake a parked engine; the seconds it took (0 if it was awake)."""
@@ -289,13 +307,19 @@ class Engine:
         t = time.perf_counter()
         # Stats on: vLLM's own Prometheus metrics (vllm:time_to_first_token_seconds, ...) are what existing
         # dashboards and autoscalers read; /metrics serves them beside thaw's.
-        engine_args = vllm.EngineArgs(model=str(self.model_dir), served_model_name=self.served_name,
-                                      disable_log_stats=False, **self.args.vllm_kwargs())
+        kwargs = {"model": str(self.model_dir), **self.args.vllm_kwargs()}
+        if detect().gpu:
+            kwargs.update(self._gpu_plan(kwargs))
+        engine_args = vllm.EngineArgs(served_model_name=self.served_name, disable_log_stats=False, **kwargs)
         with self._load_context():
             self._engine = LLMEngine.from_engine_args(engine_args)
         self.tokenizer = self._engine.get_tokenizer()
         self.max_model_len = self._engine.model_config.max_model_len
         self.phases["engine_init"] = time.perf_counter() - t
+        if self.stream_weights:
+            t = time.perf_counter()
+            self._load_weights()
+            self.phases["weights_to_gpu"] = time.perf_counter() - t
         t = time.perf_counter()
         self._warm_up()
         self.phases["warmup"] = time.perf_counter() - t
@@ -304,6 +328,29 @@ class Engine:
     def _weights(self) -> None:
         self.model_dir, timings = self._fetch_weights()
         self.phases.update(timings)
+
+    def _gpu_plan(self, kwargs: dict) -> dict:
+        from .engine_plan import ensure_view, gpu_plan
+        from .weights import fast_load_problem
+
+        problem = fast_load_problem(self.model_dir)
+        view = ensure_view(self.view_root, self.model_dir) if self.view_root and problem is None else None
+        config_path = self.model_dir / "config.json"
+        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        weights = sum(p.stat().st_size for p in self.model_dir.glob("*.safetensors"))
+        memory = gpu_memory()
+        plan = gpu_plan(kwargs, self.model_dir, view, problem, config, weights, memory.total if memory else None)
+        for note in plan.notes:
+            log.info("%s", note)
+        self.stream_weights = plan.stream_weights
+        return plan.kwargs
+
+    def _load_weights(self) -> None:
+        """The real weights into the engine's parameters (after a dummy start, or a level-2 sleep)."""
+        if self.stream_weights:
+            self._engine.collective_rpc("thaw_load_weights", args=(str(self.model_dir),))
+        else:
+            self._engine.collective_rpc("reload_weights")  # vLLM's own loader, from the model's files
 
     def _warm_up(self) -> None:
         """One short generation: /readyz promises a replica that has already produced tokens."""
@@ -351,35 +398,48 @@ class Engine:
                     self._routes[engine_id] = (gen, p * n + i, s.logprobs)
         elif command[0] == "abort":
             self._abort(command[1])
-        elif command[0] in ("sleep", "wake"):
+        elif command[0] in ("sleep", "wake", "reserve"):
             done = command[1]
+            calls = {"sleep": lambda: self._sleep(command[2]), "wake": self._wake,
+                     "reserve": lambda: self._engine.collective_rpc("thaw_reserve_host")[0]}
             try:
-                done.set_result(self._sleep(command[2]) if command[0] == "sleep" else self._wake())
+                done.set_result(calls[command[0]]())
             except BaseException as exc:  # noqa: BLE001 - the caller gets the failure
                 done.set_exception(exc)
 
     def _sleep(self, level: int) -> float:
-        if self.state == "parked":
+        if self.state == "parked" and level <= self.sleep_level:
             return 0.0
         if self._routes:
             raise APIError(409, f"{len(self._routes)} requests are running; park an idle engine",
                            code="engine_busy")
         t = time.perf_counter()
-        self._engine.sleep(level)
-        self.state = "parked"
+        if self.state == "parked":  # level 1 -> 2: drop the host copy; the buffers were kept at park time
+            self._engine.collective_rpc("thaw_hibernate")
+        else:
+            if level == 1 and detect().gpu:
+                self._engine.collective_rpc("thaw_reserved")  # the host buffers reserved at start are pinned
+                self._engine.collective_rpc("thaw_keep_buffers")
+            self._engine.sleep(level)
+        self.state, self.sleep_level = "parked", level
         seconds = time.perf_counter() - t
-        log.info("engine parked (sleep level %d) in %.2fs", level, seconds)
+        log.info("engine %s (sleep level %d) in %.2fs", "parked" if level == 1 else "hibernated", level, seconds)
         return seconds
 
     def _wake(self) -> float:
         if self.state != "parked":
             return 0.0
         t = time.perf_counter()
-        self._engine.wake_up()
-        self.state = "ready"
+        if self.sleep_level == 1:
+            self._engine.wake_up()
+        else:  # weights first, into the parameters CUDA graphs point at; the KV cache once they are in
+            self._engine.wake_up(tags=["weights"])
+            self._load_weights()
+            self._engine.wake_up(tags=["kv_cache"])
+        level, self.state, self.sleep_level = self.sleep_level, "ready", 0
         seconds = time.perf_counter() - t
         self.phases["wake"] = seconds
-        log.info("engine woken in %.2fs", seconds)
+        log.info("engine woken from sleep level %d in %.2fs", level, seconds)
         return seconds
 
     def _abort(self, gen: Generation) -> None:
@@ -452,6 +512,16 @@ class Engine:
     def _shutdown_engine(self) -> None:
         engine, self._engine = self._engine, None
         if engine is not None:
+            if self.sleep_level and self.args.engine_core == "mp":
+                # A sleeping engine's memory is unmapped: vLLM's teardown would free it again and print CUDA
+                # errors for each block. It holds nothing worth keeping, so its process ends at once; marked
+                # dead first, so vLLM's monitor does not report the end as a crash.
+                resources = getattr(engine.engine_core, "resources", None)
+                if resources is not None:
+                    resources.engine_dead = True
+                for proc in getattr(getattr(resources, "engine_manager", None), "processes", []):
+                    proc.kill()
+                    proc.join(5)
             try:
                 engine.engine_core.shutdown()
             except Exception:  # noqa: BLE001 - best effort at exit

@@ -139,6 +139,75 @@ def test_waking_when_gpu_memory_is_short_parks_the_idle_model_first(plane):
     assert plane.pod("alpha", "parked") and plane.pod("beta", "ready")
 
 
+@pytest.fixture(scope="module")
+def hibernating(tmp_path_factory):
+    """A plane whose parking budget is 0: a replica at zero hibernates (sleep level 2: weights dropped)."""
+    work = tmp_path_factory.mktemp("gpu-hibernate")
+    port = free_port()
+    engine = {"max_model_len": 1024, "enforce_eager": True, "gpu_memory_utilization": 0.3}
+    spec = {"platform": {"gateway": {"port": port}, "stateDir": str(work / "state"),
+                         "cache": {"path": str(work / "cache")}, "parking": {"hostMemory": "0"},
+                         "autoscaler": {"scale-to-zero-grace-period": "1s", "tick-interval": "1s"}},
+            "models": [{"name": "gamma", "source": str(_model_dir()), "engine": engine, "park": True,
+                        "containerConcurrency": 8, "scaling": {"window": "6s"}}]}
+    (work / "thaw.yaml").write_text(yaml.safe_dump(spec))
+    server = ServerProcess([sys.executable, "-m", "thaw.cli", "up", "-f", str(work / "thaw.yaml")], work / "up.log",
+                           env=base_env())
+    url = f"http://127.0.0.1:{port}"
+    try:
+        server.wait_http(url + "/healthz", 60)
+        poll(lambda: requests.get(url + "/thaw/v1/status", timeout=5).json()["standby"], 180, 0.2, "standby ready")
+        yield Plane(url, server)
+    finally:
+        server.stop(60)
+
+
+def test_weights_streamed_over_dummy_ones_answer_as_vllms_own_loader_does(hibernating):
+    """The replica starts on dummy weights and streams the real ones in (functions/weights.py); vLLM's own
+    loader, in a process of its own, must give the same greedy answer."""
+    ours = hibernating.answer("gamma", max_tokens=24)
+    script = textwrap.dedent(f"""
+        from vllm import LLM, SamplingParams
+        llm = LLM(model={str(_model_dir())!r}, enforce_eager=True, gpu_memory_utilization=0.2, max_model_len=1024)
+        out = llm.chat({CHAT!r}, SamplingParams(max_tokens=24, temperature=0))
+        print("ANSWER=" + repr(out[0].outputs[0].text))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=400,
+                          env=base_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"))
+    line = next((l for l in done.stdout.splitlines() if l.startswith("ANSWER=")), None)
+    assert line is not None, done.stderr[-3000:]
+    assert eval(line.removeprefix("ANSWER=")) == ours
+
+
+def test_a_hibernated_replica_drops_its_weights_and_wakes_with_the_same_output(hibernating):
+    before = hibernating.answer("gamma", max_tokens=32)
+    held_awake = hibernating.pod("gamma", "ready")["gpu_bytes"]
+    poll(lambda: hibernating.pod("gamma", "parked"), 60, 0.2, "gamma asleep after its scale-to-zero")
+    asleep = hibernating.pod("gamma", "parked")
+    assert asleep["sleep_level"] == 2 and hibernating.revision("gamma")["hibernated"] == 1
+    assert asleep["gpu_bytes"] < held_awake / 4
+    assert asleep["host_bytes"] < 6 << 30  # the process, without a host copy of the weights
+    after = hibernating.answer("gamma", max_tokens=32)
+    assert after == before
+    rev = hibernating.revision("gamma")
+    assert rev["replicas"]["ready"] == 1 and rev["last_start_phases"]["wake_level"] == 2
+    assert hibernating.pod("gamma", "ready")["pid"] == asleep["pid"]
+
+
+def test_a_burst_at_a_sleeping_model_loses_nothing(hibernating):
+    import asyncio
+
+    poll(lambda: hibernating.pod("gamma", "parked"), 60, 0.2, "gamma asleep")
+    client = openai.AsyncOpenAI(base_url=hibernating.url + "/v1", api_key="none", max_retries=0, timeout=300)
+
+    async def burst():
+        return await asyncio.gather(*(client.chat.completions.create(model="gamma", messages=CHAT, max_tokens=8,
+                                                                     temperature=0) for _ in range(12)))
+
+    answers = asyncio.run(burst())
+    assert len(answers) == 12 and len({a.choices[0].message.content for a in answers}) == 1
+
+
 def test_the_standby_refuses_to_fork_once_cuda_is_initialised(tmp_path):
     """A standby that has touched the GPU (here on purpose) must refuse to fork, saying why."""
     socket_path = tmp_path / "standby.sock"

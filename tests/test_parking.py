@@ -1,4 +1,4 @@
-"""Parked replicas: the pure decisions (park, make GPU room) as tables, and what a CPU machine says and does.
+"""Sleeping replicas: the pure decisions (park or hibernate, make GPU room) as tables, and what a CPU machine says and does.
 
 Sleep mode needs vLLM's CUDA build, so parking itself runs in tests/test_gpu.py on the GPU host; here the
 decisions are checked row by row, and the CPU build's refusals end to end.
@@ -15,33 +15,47 @@ import requests
 import yaml
 
 from conftest import poll, start_function, thaw_cli
-from thaw.knative.embedded.parking import Awake, ParkDecision, Parked, RoomPlan, decide_park, plan_gpu_room
+from thaw.knative.embedded.parking import (HIBERNATED, PARKED, Awake, ParkDecision, RoomPlan, Sleeper, decide_park,
+                                           plan_gpu_room)
 from thaw.launch import base_env
 
 GiB = 1 << 30
 
 
-@pytest.mark.parametrize("allowed, weights, parked, budget, expected", [
+def parked(id_, gib, used, level=PARKED):
+    return Sleeper(id_, level, gib * GiB, used)
+
+
+@pytest.mark.parametrize("allowed, weights, sleepers, budget, contexts, expected", [
     # the model or platform does not allow it: stop, as Knative would
-    ("the model does not park", GiB, [], 64 * GiB, ParkDecision(False, reason="the model does not park")),
-    # room in the budget: park, nothing else moves
-    (None, 16 * GiB, [], 64 * GiB, ParkDecision(True, (), "parked")),
-    (None, 16 * GiB, [Parked("a", 16 * GiB, 1.0)], 64 * GiB, ParkDecision(True, (), "parked")),
+    ("the model does not park", GiB, [], 64 * GiB, 8, ParkDecision(0, reason="the model does not park")),
+    # no sleeping replicas allowed at all
+    (None, GiB, [], 64 * GiB, 0, ParkDecision(0, reason="the budget of sleeping replicas (gpuContexts) is 0")),
+    # room in the host-RAM budget: park, nothing else moves
+    (None, 16 * GiB, [], 64 * GiB, 8, ParkDecision(PARKED, reason="parked")),
+    (None, 16 * GiB, [parked("a", 16, 1.0)], 64 * GiB, 8, ParkDecision(PARKED, reason="parked")),
     # exactly full after parking is still within the budget
-    (None, 16 * GiB, [Parked("a", 48 * GiB, 1.0)], 64 * GiB, ParkDecision(True, (), "parked")),
-    # over the budget: the least recently used parked replicas go first, only as many as needed
-    (None, 16 * GiB, [Parked("new", 30 * GiB, 9.0), Parked("old", 30 * GiB, 1.0)], 64 * GiB,
-     ParkDecision(True, ("old",), "parked; 1 older parked stopped")),
-    (None, 40 * GiB, [Parked("b", 20 * GiB, 5.0), Parked("a", 20 * GiB, 2.0), Parked("c", 20 * GiB, 8.0)],
-     64 * GiB, ParkDecision(True, ("a", "b"), "parked; 2 older parked stopped")),
-    # weights alone larger than the budget: never parked (and nothing else is evicted for it)
-    (None, 80 * GiB, [Parked("a", GiB, 1.0)], 64 * GiB,
-     ParkDecision(False, reason=f"its weights ({80 * GiB} bytes) exceed the parking budget ({64 * GiB})")),
-    # a zero budget turns parking off
-    (None, GiB, [], 0, ParkDecision(False, reason=f"its weights ({GiB} bytes) exceed the parking budget (0)")),
+    (None, 16 * GiB, [parked("a", 48, 1.0)], 64 * GiB, 8, ParkDecision(PARKED, reason="parked")),
+    # over the host budget: the least recently used parked replicas hibernate, only as many as needed
+    (None, 16 * GiB, [parked("new", 30, 9.0), parked("old", 30, 1.0)], 64 * GiB, 8,
+     ParkDecision(PARKED, ("old",), (), "parked; 1 older parked hibernated")),
+    (None, 40 * GiB, [parked("b", 20, 5.0), parked("a", 20, 2.0), parked("c", 20, 8.0)], 64 * GiB, 8,
+     ParkDecision(PARKED, ("b", "a"), (), "parked; 2 older parked hibernated")),
+    # a hibernated replica holds little host RAM: it never blocks a park, and it stays hibernated
+    (None, 60 * GiB, [parked("h", 1, 9.0, HIBERNATED)], 64 * GiB, 8, ParkDecision(PARKED, reason="parked")),
+    # weights alone larger than the host budget: hibernated, and nothing else moves for it
+    (None, 80 * GiB, [parked("a", 1, 1.0)], 64 * GiB, 8,
+     ParkDecision(HIBERNATED, reason="hibernated (its weights do not fit the parking budget)")),
+    (None, GiB, [], 0, 8, ParkDecision(HIBERNATED, reason="hibernated (its weights do not fit the parking budget)")),
+    # past the budget of sleeping replicas: the least recently used stop, whatever their rung
+    (None, 16 * GiB, [parked("b", 16, 5.0), parked("a", 1, 2.0, HIBERNATED), parked("c", 16, 8.0)], 64 * GiB, 3,
+     ParkDecision(PARKED, (), ("a",), "parked; 1 older sleeping stopped")),
+    # both at once: 8 models of 16 GiB, room for 3 parked and 6 sleeping in all
+    (None, 16 * GiB, [parked(f"m{i}", 16, float(i)) for i in range(7)], 48 * GiB, 6,
+     ParkDecision(PARKED, ("m4", "m3", "m2"), ("m1", "m0"), "parked; 3 older parked hibernated; 2 older sleeping stopped")),
 ])
-def test_decide_park(allowed, weights, parked, budget, expected):
-    assert decide_park(allowed, weights, parked, budget) == expected
+def test_decide_park(allowed, weights, sleepers, budget, contexts, expected):
+    assert decide_park(allowed, weights, sleepers, budget, contexts) == expected
 
 
 def awake(id_, gib, idle=True, used=0.0, parks=True):

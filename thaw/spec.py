@@ -45,6 +45,9 @@ class EngineArgs(SpecModel):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     tensor_parallel_size: int = Field(1, ge=1)
     max_num_seqs: int | None = Field(None, ge=1)
+    # The KV cache's size on a GPU. None: thaw sizes it for max_num_seqs sequences of max_model_len tokens
+    # when both are known and it fits, else vLLM profiles and takes gpu_memory_utilization's share.
+    kv_cache_memory_bytes: int | None = Field(None, ge=1)
     seed: int | None = None
     # CPU builds size the KV cache from VLLM_CPU_KVCACHE_SPACE (GiB); without it vLLM takes far too much.
     kv_cache_gib: int = Field(1, ge=1)
@@ -244,8 +247,16 @@ class Model(SpecModel):
 
     def replica_engine(self) -> EngineArgs:
         """The engine a replica runs. A parking model's engine has sleep mode on from its first start, so
-        the revision's engine configuration (and vLLM's compile cache key) never changes."""
-        return self.engine.model_copy(update={"enable_sleep_mode": True}) if self.park else self.engine
+        the revision's engine configuration (and vLLM's compile cache key) never changes. A replica never
+        gets more than containerConcurrency requests at once, so its engine batches no more sequences
+        (unless the spec says otherwise): vLLM then captures CUDA graphs only up to twice that batch, and
+        a GPU engine sizes its KV cache for it (functions/engine_plan.py)."""
+        update: dict[str, Any] = {}
+        if self.park:
+            update["enable_sleep_mode"] = True
+        if self.containerConcurrency and self.engine.max_num_seqs is None:
+            update["max_num_seqs"] = self.containerConcurrency
+        return self.engine.model_copy(update=update)
 
     def revision_template(self) -> dict[str, Any]:
         """What makes a revision: every setting but the name and the traffic block."""
@@ -313,10 +324,13 @@ class Activator(SpecModel):
 
 
 class Parking(SpecModel):
-    """What parked replicas may hold: their weights sit in pinned host RAM while they sleep. When a new
-    park would pass the budget, the least recently used parked replicas are stopped first."""
+    """What sleeping replicas may hold. Parked ones keep their weights in pinned host RAM (hostMemory bounds
+    them together); hibernated ones dropped them and hold a process and a CUDA context (about 1 GiB of GPU
+    memory) each, as parked ones do (gpuContexts bounds how many sleep at all). The most recently used
+    sleepers park, the next hibernate, the least recently used stop (knative/embedded/parking.py)."""
 
     hostMemory: Quantity = "64Gi"
+    gpuContexts: int = Field(8, ge=0)
 
     @property
     def host_memory_bytes(self) -> int:

@@ -9,6 +9,11 @@ from rich.console import Console
 from rich.table import Table
 
 
+def _sleeping(asleep: int, hibernated: int) -> str:
+    """Sleeping replicas, those hibernated (weights dropped) said apart from the parked."""
+    return f"{asleep} ({hibernated} hibernated)" if hibernated else str(asleep)
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB"
 
@@ -42,7 +47,7 @@ def show_status(url: str, token: str | None, as_json: bool, console: Console) ->
             gpu_held = [p["gpu_bytes"] for p in rev["pods"] if p.get("gpu_bytes") is not None]
             table.add_row(model["name"], rev["name"], traffic, str(rev["desired"]), str(reps["starting"]),
                           str(reps["ready"]) + (f" ({reps['unready']} unready)" if reps.get("unready") else ""),
-                          str(reps["draining"]), str(reps.get("parked", 0)),
+                          str(reps["draining"]), _sleeping(reps.get("parked", 0), rev.get("hibernated", 0)),
                           "yes" if rev["panic"] else "no", str(rev["queue"]), str(rev["in_flight"]),
                           _gib(sum(gpu_held)) if gpu_held else "-",
                           _gib(sum(p.get("host_bytes", 0) for p in rev["pods"])))

@@ -22,7 +22,7 @@ import aiohttp
 from thaw.durations import parse_duration
 from thaw.vllm_platform import detect, gpu_memory
 
-from .parking import Awake, Parked, decide_park, plan_gpu_room
+from .parking import PARKED, Awake, Sleeper, decide_park, plan_gpu_room
 from .replica import Replica, State, can_move
 from .revision import Revision, ReplicaView, decide, plan
 from .supervisor import Supervisor
@@ -102,8 +102,9 @@ class Reconciler:
             self._track(self._stop(rev, by_id[rid]))
         for rid in moves.shrink:
             replica = by_id[rid]
-            if rid == moves.may_park and self._park_decision(rev, replica):
-                self._track(self._park(rev, replica))
+            level = self._park_decision(rev, replica) if rid == moves.may_park else 0
+            if level:
+                self._track(self._park(rev, replica, level))
             else:
                 self._track(self._drain(rev, replica))
         self.report(rev)
@@ -233,6 +234,7 @@ class Reconciler:
             rev.throttler.add_replica(replica)
             log.info("replica %s ready after %.2fs", replica.id, replica.ready_at - replica.started_at)
             self.report(rev)
+            self._track(self._reserve_host(rev, replica))
         elif replica.state == State.STARTING:
             log.error("replica %s never became ready; see %s", replica.id, replica.log_path)
             self._forget(rev, replica, State.DEAD)
@@ -275,30 +277,67 @@ class Reconciler:
 
     # ---- parking -----------------------------------------------------------------------------------------
 
-    def _park_decision(self, rev: Revision, replica: Replica) -> bool:
-        """Whether a replica the revision gives up parks (stopping older parked replicas to make room in
-        the host-RAM budget) rather than stops."""
+    def _park_decision(self, rev: Revision, replica: Replica) -> int:
+        """The sleep level of a replica the revision gives up (parking.decide_park: parked while the host-RAM
+        budget holds it, hibernated while the budget of sleeping replicas allows), or 0: it stops. Older
+        sleepers are hibernated or stopped to make room."""
         why_not = ("the model does not park" if not rev.model.park
                    else "the revision has no traffic" if not rev.routable else detect().park_problem())
-        parked = [(r, other) for other in self.plane.revisions() for r in other.replicas
-                  if r.state in (State.PARKED, State.PARKING)]
+        sleeping = [(r, other) for other in self.plane.revisions() for r in other.replicas
+                    if r.state in (State.PARKED, State.PARKING)]
+        budget = self.plane.spec.platform.parking
         decision = decide_park(why_not, weight_bytes(rev.model.source) or replica.gpu_bytes,
-                               [Parked(r.id, r.host_bytes, r.last_used) for r, _ in parked],
-                               self.plane.spec.platform.parking.host_memory_bytes)
-        if rev.model.park and not decision.park:
-            log.info("replica %s not parked: %s", replica.id, decision.reason)
-        for r, other in parked:
+                               [Sleeper(r.id, r.sleep_level or PARKED, r.host_bytes, r.last_used)
+                                for r, _ in sleeping], budget.host_memory_bytes, budget.gpuContexts)
+        if rev.model.park:
+            log.info("replica %s: %s", replica.id, decision.reason)
+        for r, other in sleeping:
             if r.id in decision.evict:
-                log.info("stopping parked replica %s to make room in the parking budget", r.id)
+                log.info("stopping sleeping replica %s: past the budget of sleeping replicas", r.id)
                 self._track(self._stop(other, r))
-        return decision.park
+            elif r.id in decision.hibernate:
+                self._track(self._hibernate(other, r))
+        return decision.level
 
-    async def _park(self, rev: Revision, replica: Replica) -> None:
+    async def _reserve_host(self, rev: Revision, replica: Replica) -> None:
+        """A ready replica that may park pins its park's host buffers now, in the background, while the
+        parking budget has room for them beside what parked and reserving replicas hold: its first park then
+        takes what later ones take, instead of pinning 15+ GiB of fresh memory while a request waits."""
+        if not (rev.model.park and detect().sleep_mode):
+            return
+        held = sum(r.host_bytes if r.state == State.PARKED and r.sleep_level == PARKED else r.reserved
+                   for other in self.plane.revisions() for r in other.replicas)
+        if held + weight_bytes(rev.model.source) > self.plane.spec.platform.parking.host_memory_bytes:
+            log.info("replica %s reserves no host buffers: the parking budget is held by others", replica.id)
+            return
+        try:
+            body = await self._engine_call(replica, "/reserve_host")
+        except Exception as exc:  # noqa: BLE001 - without a reservation its first park is only slower
+            log.warning("replica %s could not reserve host buffers (%s)", replica.id, exc)
+            return
+        replica.reserved = body.get("bytes", 0)
+
+    async def _hibernate(self, rev: Revision, replica: Replica) -> None:
+        """A parked replica drops its host copy of the weights (sleep level 2) without waking."""
+        if replica.state != State.PARKED or replica.sleep_level != PARKED:
+            return
+        try:
+            body = await self._engine_call(replica, "/sleep?level=2")
+        except Exception as exc:  # noqa: BLE001 - one that cannot hibernate frees its host RAM by stopping
+            log.warning("replica %s could not hibernate (%s); stopping it", replica.id, exc)
+            await self._stop(rev, replica)
+            return
+        if replica.state == State.PARKED:
+            replica.sleep_level = body.get("level", 2)
+            replica.host_bytes = _process_tree_rss(replica.pid)
+            log.info("replica %s hibernated (host %.1f GiB)", replica.id, replica.host_bytes / 2**30)
+
+    async def _park(self, rev: Revision, replica: Replica, level: int = PARKED) -> None:
         """Out of rotation, in-flight requests finish, then the engine sleeps: GPU memory released."""
         if not await self._leave_rotation(rev, replica, State.PARKING):
             return
         try:
-            body = await self._engine_call(replica, "/sleep?level=1")
+            body = await self._engine_call(replica, f"/sleep?level={level}")
         except Exception as exc:  # noqa: BLE001 - a replica that cannot park is stopped as Knative would
             log.warning("replica %s could not park (%s); stopping it", replica.id, exc)
             await self._stop(rev, replica)
@@ -307,9 +346,12 @@ class Reconciler:
         if replica.state != State.PARKING:  # stopped meanwhile (spec change, plane stopping)
             return
         replica.move(State.PARKED)
+        replica.sleep_level, replica.reserved = level, 0
+        replica.park_seconds = body.get("seconds", 0.0)
         replica.host_bytes = _process_tree_rss(replica.pid)
         replica.gpu_bytes = (body.get("gpu") or {}).get("held", 0)
-        log.info("replica %s parked in %.2fs (host %.1f GiB, GPU %.1f GiB)", replica.id, body.get("seconds", 0),
+        log.info("replica %s %s in %.2fs (host %.1f GiB, GPU %.1f GiB)", replica.id,
+                 "parked" if level == PARKED else "hibernated", body.get("seconds", 0),
                  replica.host_bytes / 2**30, replica.gpu_bytes / 2**30)
         self.reconcile(rev)  # reports the parked replica; wakes it if a request came while it was parking
 
@@ -332,13 +374,15 @@ class Reconciler:
         if replica.state != State.WAKING:
             return
         replica.move(State.READY)
-        replica.host_bytes = 0
+        level, replica.sleep_level, replica.host_bytes = replica.sleep_level, 0, 0
         replica.gpu_bytes = (body.get("gpu") or {}).get("held", 0)
-        replica.phases = {"wake": body.get("seconds", 0.0), "wake_total": time.time() - t}
+        replica.phases = {"wake": body.get("seconds", 0.0), "wake_total": time.time() - t, "wake_level": level}
         replica.ready_at = time.time()
         rev.throttler.add_replica(replica)
         log.info("replica %s woken in %.2fs", replica.id, time.time() - t)
         self.report(rev)  # an update event whose status carries the wake phase
+        if level != PARKED:  # hibernation gave its pinned buffers back
+            self._track(self._reserve_host(rev, replica))
 
     async def _engine_call(self, replica: Replica, path: str) -> dict:
         """POST one of vLLM's sleep-mode routes on the replica; its JSON answer, or why it failed."""
@@ -372,9 +416,10 @@ class Reconciler:
                 return
             moves = []
             for awake, other, r in holders:
-                if awake.id in room.park and self._park_decision(other, r):  # within the host-RAM budget too
-                    log.info("parking %s to make GPU room for %s", r.id, rev.name)
-                    moves.append(self._park(other, r))
+                level = self._park_decision(other, r) if awake.id in room.park else 0  # within the budgets too
+                if level:
+                    log.info("putting %s to sleep (level %d) to make GPU room for %s", r.id, level, rev.name)
+                    moves.append(self._park(other, r, level))
                 elif awake.id in room.park + room.stop:
                     log.info("stopping %s to make GPU room for %s", r.id, rev.name)
                     moves.append(self._drain(other, r))

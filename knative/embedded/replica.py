@@ -2,7 +2,8 @@
 
     starting -> ready <-> unready            (a restarted gunicorn worker loads its engine again)
                 ready -> draining            (leaves rotation, in-flight requests finish, then stopped)
-                ready -> parking -> parked -> waking -> ready     (vLLM sleep mode, on CUDA)
+                ready -> parking -> parked -> waking -> ready     (vLLM sleep mode, on CUDA; `sleep_level`
+                                                                   1 parked or 2 hibernated)
     starting, unready -> draining            (the autoscaler wants fewer)
     any -> stopped                           (a stop: SIGTERM, then SIGKILL after the grace period)
     any but stopped -> dead                  (its process died, or it refused a connection)
@@ -74,7 +75,10 @@ class Replica:
     state: State = State.STARTING
     in_flight: int = 0
     last_used: float = field(default_factory=time.time)
-    host_bytes: int = 0  # host RAM it holds while parked (its weights)
+    host_bytes: int = 0  # host RAM it holds while asleep (parked: its weights)
+    sleep_level: int = 0  # asleep: 1 parked (weights in host RAM), 2 hibernated (weights dropped)
+    reserved: int = 0  # pinned host RAM it reserved, awake, for its next park
+    park_seconds: float | None = None  # how long its last sleep took
     gpu_bytes: int = 0  # GPU memory it holds (NVML), last read
     started_at: float = field(default_factory=time.time)
     ready_at: float | None = None

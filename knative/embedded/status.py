@@ -31,7 +31,10 @@ def plane_status(plane: "ServingPlane") -> dict[str, Any]:
                 "last_start_phases": rev.last_phases,
                 "pods": [{"id": r.id, "pid": r.pid, "port": r.port, "state": str(r.state), "in_flight": r.in_flight,
                           "standby": r.via_standby, "gpu_bytes": memory.held_by(r.pid) if memory else None,
-                          "host_bytes": r.host_bytes if r.state == State.PARKED else 0} for r in rev.replicas],
+                          "host_bytes": r.host_bytes if r.state == State.PARKED else 0,
+                          "sleep_level": r.sleep_level, "reserved_bytes": r.reserved,
+                          "park_seconds": r.park_seconds} for r in rev.replicas],
+                "hibernated": sum(1 for r in rev.replicas if r.state == State.PARKED and r.sleep_level == 2),
             })
         models.append({"name": name, "served_name": entry.model.served_name,
                        "weights": str(entry.model.source), "revisions": revisions})

@@ -96,9 +96,14 @@ class Supervisor:
         return False
 
     async def stop(self, replica: Replica, grace_s: float) -> None:
-        """SIGTERM the replica's session, SIGKILL it after `grace_s` seconds."""
+        """SIGTERM the replica's main process (gunicorn's master: it stops its worker, whose engine shuts its
+        engine-core process down in order), SIGKILL the whole session after `grace_s` seconds. A SIGTERM to
+        the whole session would reach the engine core first, and the function would see its engine die."""
         replica.move(State.STOPPED)
-        _signal_group(replica.pid, signal.SIGTERM)
+        try:
+            os.kill(replica.pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
         end = time.monotonic() + grace_s
         while time.monotonic() < end and _group_alive(replica.pid):
             await asyncio.sleep(0.05)

@@ -6,7 +6,11 @@ Variants (each `runs` times, the same model folder and engine arguments for all)
   (b) zero:   thaw from zero, standby and caches warm: a request at zero -> first token, through the gateway;
   (c) parked: thaw parked (vLLM sleep mode) -> first token, through the gateway; GPU memory free meanwhile;
   (d) cold:   thaw from zero with the compile cache in the tier wiped and the page cache dropped (the first
-              start of a new revision on a fresh node).
+              start of a new revision on a fresh node);
+  (e) hibernated: thaw hibernated (sleep level 2, weights dropped) -> first token, and the host RAM it holds;
+  (f) swap:   three models sharing the GPU with room for two awake: round robin (each request wakes its
+              model and puts the least recently used to sleep), then a burst of 8 at a sleeping one.
+The first park of each parked replica (its host buffers reserved ahead, or not) is reported with (c).
 Warm path: 16 streaming clients x 128 tokens, on a ready replica: thaw (engine core in-process and in its
 own process) and vLLM's server. Parts (`--parts`) may run in separate calls; results accumulate in
 `--out`/results.json and the report and plots are rewritten from whatever has been measured.
@@ -28,11 +32,12 @@ from thaw.loadtests.bench.common import (PlaneUnderTest, first_answer, first_tok
 from thaw.launch import ServerProcess, base_env, free_port, vllm_server_command
 from thaw.vllm_platform import detect, gpu_memory
 
-PARTS = ("vllm", "zero", "other-core", "park")
+PARTS = ("vllm", "zero", "other-core", "park", "hibernate", "swap")
 NAME = "bench"
 SETTLE = {"scale-to-zero-grace-period": "1s", "tick-interval": "1s"}
 VARIANT_LABELS = {"vllm": "(a) vLLM server launched cold", "zero": "(b) thaw from zero, standby + caches warm",
-                  "parked": "(c) thaw parked -> first token", "cold": "(d) thaw from zero, caches cold"}
+                  "parked": "(c) thaw parked -> first token", "cold": "(d) thaw from zero, caches cold",
+                  "hibernated": "(e) thaw hibernated -> first token", "swap": "(f) swap: wake one, park another"}
 
 
 def _load(out: Path) -> dict:
@@ -59,18 +64,21 @@ def _warm_path(url: str, clients: int, tokens: int) -> dict:
             "e2el_p50": m["e2el"]["p50"], "failures": load.failures, "requests": load.requests}
 
 
-def _plane_spec(work: Path, model_dir: Path, engine: dict, **model) -> dict:
+def _plane_spec(work: Path, model_dir: Path, engine: dict, names=(NAME,), parking: dict | None = None,
+                **model) -> dict:
+    # containerConcurrency 16: the warm path's 16 streams fit one replica, and the engine is sized for them
     return {"platform": {"gateway": {"port": free_port()}, "stateDir": str(work / "state"),
                          "cache": {"path": str(work.parent / "tier"), "capacity": "200Gi"},
-                         "autoscaler": SETTLE},
-            "models": [{"name": NAME, "source": str(model_dir), "engine": engine, "containerConcurrency": 0,
-                        "scaling": {"window": "6s", "max-scale": 1}, **model}]}
+                         "autoscaler": SETTLE, **({"parking": parking} if parking else {})},
+            "models": [{"name": name, "source": str(model_dir), "engine": engine, "containerConcurrency": 16,
+                        "scaling": {"window": "6s", "max-scale": 1}, **model} for name in names]}
 
 
 @contextlib.contextmanager
-def _plane(work: Path, model_dir: Path, engine: dict, **model) -> Iterator[PlaneUnderTest]:
-    """`thaw up` serving the model, once its standby is ready; stopped afterwards."""
-    plane = PlaneUnderTest(work, _plane_spec(work, model_dir, engine, **model))
+def _plane(work: Path, model_dir: Path, engine: dict, names=(NAME,), parking: dict | None = None,
+           **model) -> Iterator[PlaneUnderTest]:
+    """`thaw up` serving the model(s), once its standby is ready; stopped afterwards."""
+    plane = PlaneUnderTest(work, _plane_spec(work, model_dir, engine, names, parking, **model))
     try:
         plane.wait(plane.standby_ready, 300, "thaw up and its standby")
         yield plane
@@ -78,11 +86,11 @@ def _plane(work: Path, model_dir: Path, engine: dict, **model) -> Iterator[Plane
         plane.server.stop()
 
 
-def _from_zero(plane: PlaneUnderTest) -> dict:
-    """One streamed request to a model at zero (or parked): the user's first token, and where it went."""
+def _from_zero(plane: PlaneUnderTest, name: str = NAME) -> dict:
+    """One streamed request to a model at zero (or asleep): the user's first token, and where it went."""
     start = time.perf_counter()
-    result = first_answer(plane.url, NAME)
-    rev = plane.status(NAME)
+    result = first_answer(plane.url, name)
+    rev = plane.status(name)
     # the activator held the request while the replica started (or woke); then it went to the replica
     phases = {**rev["last_start_phases"], "activator_hold": result.queued,
               "after_release": result.ttft - result.queued}
@@ -158,23 +166,83 @@ def bench_other_core(model_dir: Path, engine: dict, runs: int, work: Path, conso
     return out
 
 
+def _asleep(plane: PlaneUnderTest, name: str = NAME) -> dict:
+    """Wait for the model's replica to fall asleep; its status entry."""
+    plane.wait(lambda: plane.status(name)["replicas"]["parked"] == 1, 180, f"{name} asleep")
+    return next(p for p in plane.status(name)["pods"] if p["state"] == "parked")
+
+
+def _sleep_runs(plane: PlaneUnderTest, runs: int, label: str, console: Console, save, out: dict, key: str) -> None:
+    for i in range(runs):
+        pod = _asleep(plane)
+        time.sleep(0.5)  # let the driver settle its accounting before reading free memory
+        memory = gpu_memory()
+        run = _from_zero(plane)
+        run.update({"gpu_free": memory.free if memory else None, "gpu_total": memory.total if memory else None,
+                    "parked_gpu_bytes": pod["gpu_bytes"], "parked_host_bytes": pod["host_bytes"],
+                    "sleep_level": pod.get("sleep_level"), "park_seconds": pod.get("park_seconds")})
+        out[key].append(run)
+        save(out)
+        console.print(f"{label} run {i + 1}: first token {run['first_token']:.3f}s (slept in "
+                      f"{run['park_seconds'] or 0:.2f}s, level {run['sleep_level']}), host held "
+                      f"{(run['parked_host_bytes'] or 0) / 2**30:.1f} GiB, GPU free "
+                      f"{(run['gpu_free'] or 0) / 2**30:.1f} of {(run['gpu_total'] or 0) / 2**30:.1f} GiB")
+
+
 def bench_park(model_dir: Path, engine: dict, runs: int, work: Path, console: Console, save) -> dict:
     out = {"first_start": None, "parked": []}
     with _plane(work, model_dir, engine, park=True) as plane:
         out["first_start"] = _from_zero(plane)
         save(out)
-        for i in range(runs):
-            plane.wait(lambda: plane.status(NAME)["replicas"]["parked"] == 1, 120, "parked")
-            time.sleep(0.5)  # let the driver settle its accounting before reading free memory
-            memory = gpu_memory()
-            pod = next(p for p in plane.status(NAME)["pods"] if p["state"] == "parked")
-            run = _from_zero(plane)
-            run.update({"gpu_free": memory.free if memory else None, "gpu_total": memory.total if memory else None,
-                        "parked_gpu_bytes": pod["gpu_bytes"], "parked_host_bytes": pod["host_bytes"]})
-            out["parked"].append(run)
+        _sleep_runs(plane, runs, "(c) parked", console, save, out, "parked")
+    return out
+
+
+def bench_hibernate(model_dir: Path, engine: dict, runs: int, work: Path, console: Console, save) -> dict:
+    """A parking budget of 0: every sleep is a hibernation (its weights dropped, streamed back at a wake)."""
+    out = {"first_start": None, "hibernated": []}
+    with _plane(work, model_dir, engine, park=True, parking={"hostMemory": "0"}) as plane:
+        out["first_start"] = _from_zero(plane)
+        save(out)
+        _sleep_runs(plane, runs, "(e) hibernated", console, save, out, "hibernated")
+    return out
+
+
+def bench_swap(model_dir: Path, engine: dict, runs: int, work: Path, console: Console, save) -> dict:
+    """Three models, each claiming 45 % of the GPU: two awake at most. Round robin, then a burst."""
+    import asyncio
+
+    import aiohttp
+
+    from thaw.loadtests.bench.common import stream_chat
+
+    names = ("swap-a", "swap-b", "swap-c")
+    swap_engine = {**engine, "gpu_memory_utilization": 0.45}
+    out = {"swap": [], "burst": None}
+    with _plane(work, model_dir, swap_engine, names, park=True) as plane:
+        for name in names:  # each started once, and put to sleep (the third start parks the first)
+            _from_zero(plane, name)
+        for i in range(max(2, runs) * len(names)):
+            name = names[i % len(names)]
+            _asleep(plane, name)
+            run = _from_zero(plane, name)
+            run["model"] = name
+            out["swap"].append(run)
             save(out)
-            console.print(f"(c) parked run {i + 1}: first token {run['first_token']:.3f}s, GPU free "
-                          f"{(run['gpu_free'] or 0) / 2**30:.1f} of {(run['gpu_total'] or 0) / 2**30:.1f} GiB")
+            console.print(f"(f) swap to {name}: first token {run['first_token']:.3f}s {run['phases']}")
+        target = names[len(out["swap"]) % len(names)]
+        _asleep(plane, target)
+
+        async def burst():
+            async with aiohttp.ClientSession() as session:
+                return await asyncio.gather(*(stream_chat(session, plane.url, target, 32) for _ in range(8)))
+
+        results = asyncio.run(burst())
+        out["burst"] = {"model": target, "requests": len(results), "failed": sum(not r.ok for r in results),
+                        "ttft": sorted(r.ttft for r in results if r.ok)}
+        save(out)
+        console.print(f"(f) burst of 8 at sleeping {target}: {out['burst']['failed']} failed, TTFT "
+                      f"{[round(t, 3) for t in out['burst']['ttft']]}")
     return out
 
 
@@ -183,7 +251,8 @@ def run_gpu_bench(model_dir: Path, engine: dict, runs: int, parts: list[str], ou
     results = _load(out)
     results.update({"model_dir": str(model_dir), "engine": engine})
     benches = {"vllm": ("vllm", bench_vllm), "zero": ("zero", bench_zero),
-               "other-core": ("other_core", bench_other_core), "park": ("park", bench_park)}
+               "other-core": ("other_core", bench_other_core), "park": ("park", bench_park),
+               "hibernate": ("hibernate", bench_hibernate), "swap": ("swap", bench_swap)}
     for part in parts:
         work = out / "work" / part
         shutil.rmtree(work, ignore_errors=True)
@@ -201,7 +270,9 @@ def run_gpu_bench(model_dir: Path, engine: dict, runs: int, parts: list[str], ou
 
 def _variants(results: dict) -> dict[str, list[dict]]:
     return {"vllm": results.get("vllm", {}).get("runs", []), "zero": results.get("zero", {}).get("zero", []),
-            "parked": results.get("park", {}).get("parked", []), "cold": results.get("zero", {}).get("cold", [])}
+            "parked": results.get("park", {}).get("parked", []), "cold": results.get("zero", {}).get("cold", []),
+            "hibernated": results.get("hibernate", {}).get("hibernated", []),
+            "swap": results.get("swap", {}).get("swap", [])}
 
 
 def write_report(results: dict, out: Path, console: Console) -> None:
@@ -229,6 +300,16 @@ def write_report(results: dict, out: Path, console: Console) -> None:
                      f"{ratio} | {ratio_warm} | {phase_text} |")
         table.add_row(VARIANT_LABELS[key], str(len(ft)), f"{mean(ft):.3f}", f"{min(ft):.2f}/{max(ft):.2f}", ratio,
                       ratio_warm)
+    for key in ("parked", "hibernated"):
+        sleeps = [r.get("park_seconds") for r in variants[key] if r.get("park_seconds") is not None]
+        if sleeps:
+            lines += ["", f"{VARIANT_LABELS[key]}: the replica fell asleep in {', '.join(f'{s:.2f}' for s in sleeps)} s "
+                          f"(first sleep first), holding {mean([r['parked_host_bytes'] or 0 for r in variants[key]]) / 2**30:.1f} "
+                          f"GiB of host RAM asleep."]
+    burst = (results.get("swap") or {}).get("burst")
+    if burst:
+        lines += ["", f"(f) burst of {burst['requests']} at sleeping {burst['model']}: {burst['failed']} failed; "
+                      f"TTFT {', '.join(f'{t:.2f}' for t in burst['ttft'])} s."]
     parked = variants["parked"]
     if parked and parked[0].get("gpu_total"):
         free = mean([r["gpu_free"] / r["gpu_total"] for r in parked])
@@ -280,7 +361,7 @@ def _plot(variants: dict[str, list[dict]], out: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(9, 4))
     values = [mean([r["first_token"] for r in variants[k]]) for k in keys]
-    ax.barh([VARIANT_LABELS[k] for k in keys], values, color=["#888", "#2a7", "#27a", "#a72"][:len(keys)])
+    ax.barh([VARIANT_LABELS[k] for k in keys], values, color=["#888", "#2a7", "#27a", "#a72", "#72a", "#a27"][:len(keys)])
     for i, (k, v) in enumerate(zip(keys, values)):
         runs = [r["first_token"] for r in variants[k]]
         ax.text(max(runs + [v]) * 1.15, i, f"mean {v:.2f} s", va="center")

@@ -1,0 +1,21 @@
+#!/bin/bash
+# On the lent GPU host, inside .ci/gpu-host.sh: the GPU tests and the start-ladder bench (issue 19), each part
+# bounded so that one call fits its 10 minutes; logs and results go to $OUT. Usage: gpu-ladder.sh tests|bench
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; B=$HOME/bench/8b
+mkdir -p "$OUT" "$B"
+case "$1" in
+  tests)
+    timeout ${TESTS_S:-330} python3 -m pytest -m gpu tests/test_gpu.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+    timeout ${BENCH_S:-200} python3 -m thaw.cli bench gpu --model-dir "$THAW_GPU_8B_MODEL" --out "$B" --parts park --runs 3 \
+      2>&1 | tee "$OUT/bench-park.log" ;;
+  bench)
+    for part in ${PARTS:-hibernate:150 swap:170 zero:130 vllm:130}; do
+      timeout "${part#*:}" python3 -m thaw.cli bench gpu --model-dir "$THAW_GPU_8B_MODEL" --out "$B" \
+        --parts "${part%%:*}" --runs ${RUNS:-2} 2>&1 | tee "$OUT/bench-${part%%:*}.log"
+    done ;;
+esac
+cp "$B"/results.json "$B"/report.md "$B"/first_token.png "$OUT"/ 2>/dev/null
+grep -h "engine ready\|weights streamed\|reserved\|woken from\|hibernated\|parked (sleep\|KV cache\|capture\|Dynamo\|Directly load\|torch.compile takes" \
+  "$B"/work/*/state/replicas/*.log 2>/dev/null | cut -c1-300 | tail -120 > "$OUT/timeline.log"
+true

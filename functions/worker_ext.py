@@ -1,0 +1,109 @@
+"""thaw's extension of vLLM's GPU worker (vLLM's `worker_extension_cls`): the worker-side steps of the
+start ladder, called by name through `collective_rpc` with plain arguments (no pickled code crosses to the
+engine-core process).
+
+- `thaw_load_weights`: the real weights into the parameters the engine was built with (dummy at start,
+  discarded in hibernation), streamed through a pinned ring (functions/weights.py).
+- `thaw_reserve_host`: pins, in the background, host buffers of the sizes a level-1 sleep copies the
+  weights into, and leaves them in torch's pinned-memory cache: the first park of a replica then costs
+  what later ones cost (pinning 15 GiB of fresh memory took 10-15 s, on a request's critical path).
+- `thaw_keep_buffers` / `thaw_hibernate`: a parked (level 1) engine drops its host copy of the weights and
+  becomes hibernated (level 2) without waking: the model's buffers, kept at park time, are restored by
+  vLLM's own wake, the weights by `thaw_load_weights`.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+
+log = logging.getLogger("thaw.function.worker")
+
+
+def _weights_allocations():
+    from vllm.device_allocator.cumem import CuMemAllocator
+
+    return [d for d in CuMemAllocator.get_instance().pointer_to_data.values() if d.tag == "weights"]
+
+
+def _empty_host_cache() -> None:
+    """Give torch's cached pinned host blocks back to the system (where this torch can)."""
+    import torch
+
+    for fn in (getattr(torch._C, "_host_emptyCache", None), getattr(torch.cuda, "empty_host_cache", None)):
+        if fn is not None:
+            fn()
+            return
+
+
+class ThawWorker:
+    def thaw_load_weights(self, model_dir: str) -> dict:
+        import torch
+
+        from .weights import PinnedRing, read_index, stream_weights
+
+        t = time.perf_counter()
+        if getattr(self, "_thaw_ring", None) is None:
+            self._thaw_ring = PinnedRing()
+        model = self.model_runner.get_model()
+        entries = read_index(model_dir)
+        with torch.no_grad():
+            loaded = model.load_weights(stream_weights(entries, "cuda", self._thaw_ring))
+        missing = {name for name, _ in model.named_parameters()} - set(loaded or ())
+        if loaded is not None and missing:
+            raise RuntimeError(f"the checkpoint in {model_dir} lacks {sorted(missing)[:5]}")
+        # Dummy initialisation also randomised attention's quantisation scales (persistent buffers): back to
+        # the 1.0 an unquantized KV cache reads, as vLLM's loader leaves them.
+        for module in model.modules():
+            for name in ("_k_scale", "_v_scale", "_q_scale", "_prob_scale"):
+                buf = getattr(module, name, None)
+                if isinstance(buf, torch.Tensor):
+                    buf.fill_(1.0)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the per-tensor staging blocks
+        seconds = time.perf_counter() - t
+        size = sum(e.end - e.start for e in entries)
+        log.info("weights streamed in %.2fs (%.1f GB/s)", seconds, size / seconds / 1e9)
+        return {"seconds": seconds, "bytes": size}
+
+    def thaw_reserve_host(self) -> int:
+        """Start pinning; the bytes it will hold. `thaw_reserved` waits for it (before a sleep)."""
+        import torch
+
+        sizes = [d.handle[1] for d in _weights_allocations()]
+
+        def pin() -> None:
+            t = time.perf_counter()
+            held = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for size in sizes]
+            del held  # back to torch's pinned cache, where the sleep's copies find them
+            log.info("reserved %.1f GiB of pinned host memory for parking in %.2fs", sum(sizes) / 2**30,
+                     time.perf_counter() - t)
+
+        self._thaw_reserving = threading.Thread(target=pin, name="thaw-reserve-host", daemon=True)
+        self._thaw_reserving.start()
+        return sum(sizes)
+
+    def thaw_reserved(self) -> None:
+        reserving = getattr(self, "_thaw_reserving", None)
+        if reserving is not None:
+            reserving.join()
+
+    def thaw_keep_buffers(self) -> None:
+        """Before a level-1 sleep: the model's buffers (rotary caches and the like) on the host, so the
+        engine can later hibernate without waking (level 2 saves them the same way)."""
+        model = self.model_runner.get_model()
+        self._thaw_buffers = {name: buf.cpu().clone() for name, buf in model.named_buffers()}
+
+    def thaw_hibernate(self) -> int:
+        """A parked engine lets go of its host copy of the weights; the bytes released."""
+        released = 0
+        for data in _weights_allocations():
+            if data.cpu_backup_tensor is not None:
+                released += data.cpu_backup_tensor.numel()
+                data.cpu_backup_tensor = None
+        self._sleep_saved_buffers = getattr(self, "_thaw_buffers", {})  # restored by the worker's wake_up
+        gc.collect()
+        _empty_host_cache()
+        return released
