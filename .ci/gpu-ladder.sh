@@ -17,5 +17,5 @@ case "$1" in
 esac
 cp "$B"/results.json "$B"/report.md "$B"/first_token.png "$OUT"/ 2>/dev/null
 grep -h "engine ready\|weights streamed\|reserved\|woken from\|hibernated\|parked (sleep\|KV cache\|capture\|Dynamo\|Directly load\|torch.compile takes" \
-  "$B"/work/*/state/replicas/*.log 2>/dev/null | cut -c1-300 | tail -120 > "$OUT/timeline.log"
+  "$B"/work/*/state/logs/*.log 2>/dev/null | cut -c1-300 | tail -120 > "$OUT/timeline.log"
 true
