@@ -98,7 +98,9 @@ def test_a_cpu_function_refuses_to_sleep_with_openais_error_shape(tiny_model, tm
         r = requests.post(running.url + "/sleep?level=1", timeout=10)
         assert r.status_code == 400
         assert r.json()["error"]["code"] == "sleep_mode_off"
-        assert requests.get(running.url + "/is_sleeping", timeout=5).json() == {"is_sleeping": False}
+        assert requests.get(running.url + "/is_sleeping", timeout=5).json() == {"is_sleeping": False, "level": 0}
+        r = requests.post(running.url + "/reserve_host", timeout=10)  # nothing to reserve for: no parking here
+        assert r.status_code == 400 and r.json()["error"]["code"] == "sleep_mode_off"
         assert requests.post(running.url + "/sleep?level=x", timeout=5).status_code == 400
         # and it still serves
         r = requests.post(running.url + "/v1/completions", timeout=60,
