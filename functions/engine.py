@@ -36,6 +36,8 @@ from .protocol import APIError
 
 log = logging.getLogger("thaw.function.engine")
 
+PIN_PIECE = 256 << 20  # pinned per idle turn of the engine thread (one weights allocation at least)
+
 # On a 503 of an engine still loading (a new replica, or a gunicorn worker restarted in a ready one): the
 # gateway then takes the replica out of rotation until its readiness probe passes, and requeues the request.
 LOADING_HEADER = "X-Thaw-Engine-Loading"
@@ -110,6 +112,15 @@ def max_token_bytes(tokenizer) -> int:
     return 4 * max(len(token) for token in tokenizer.get_vocab())
 
 
+def next_piece(sizes: list[int], limit: int) -> tuple[list[int], list[int]]:
+    """The next sizes to pin, in order, up to `limit` bytes but at least one; and the rest."""
+    total, n = 0, 0
+    while n < len(sizes) and (n == 0 or total + sizes[n] <= limit):
+        total += sizes[n]
+        n += 1
+    return sizes[:n], sizes[n:]
+
+
 def _timed(fn, *args) -> float:
     """Seconds `fn(*args)` took."""
     t = time.perf_counter()
@@ -131,6 +142,7 @@ class Engine:
         self.view_root = view_root
         self.sleep_level = 0  # 0 awake, 1 parked (weights in pinned host RAM), 2 hibernated (weights dropped)
         self.stream_weights = False  # the weights go in through thaw's worker extension, not vLLM's loader
+        self._to_pin: list[int] = []  # sizes of the park's host buffers still to pin while idle
         self.served_name = served_name
         self._fetch_weights = fetch_weights
         self.args = detect().resolve(args)
@@ -215,8 +227,9 @@ class Engine:
         return self._engine_call("sleep", level)
 
     def reserve_host(self) -> int:
-        """Pin, in the background, the host buffers a park will copy the weights into; the bytes. The plane
-        asks for it once a parkable replica is ready and its parking budget has room."""
+        """Pin the host buffers a park will copy the weights into, a few at a time while the engine is idle
+        (pinning stalls the engine's own GPU work while it runs); the bytes. The plane asks for it once a
+        parkable replica is ready and its parking budget has room."""
         if not (self.args.enable_sleep_mode and detect().gpu):
             raise APIError(400, "This engine cannot park (no sleep mode on this engine or platform)",
                            code="sleep_mode_off")
@@ -365,9 +378,11 @@ class Engine:
         while True:
             busy = self._engine.has_unfinished_requests()
             try:
-                command = self._commands.get(block=not busy)
+                command = self._commands.get(block=not busy and not self._to_pin)
             except queue.Empty:
                 command = None
+                if not busy and self._to_pin:
+                    self._pin_some()
             while command is not None:
                 if command[0] == "stop":
                     self._fail_all(EngineFailed("the function is shutting down"))
@@ -400,12 +415,26 @@ class Engine:
             self._abort(command[1])
         elif command[0] in ("sleep", "wake", "reserve"):
             done = command[1]
-            calls = {"sleep": lambda: self._sleep(command[2]), "wake": self._wake,
-                     "reserve": lambda: self._engine.collective_rpc("thaw_reserve_host")[0]}
+            calls = {"sleep": lambda: self._sleep(command[2]), "wake": self._wake, "reserve": self._plan_reserve}
             try:
                 done.set_result(calls[command[0]]())
             except BaseException as exc:  # noqa: BLE001 - the caller gets the failure
                 done.set_exception(exc)
+
+    def _plan_reserve(self) -> int:
+        if self.state != "ready" or self._to_pin:
+            return sum(self._to_pin)
+        self._to_pin = self._engine.collective_rpc("thaw_park_sizes")[0]
+        return sum(self._to_pin)
+
+    def _pin_some(self) -> None:
+        """Pin up to PIN_PIECE bytes of the park's host buffers (at least one): what an arriving request may
+        wait for. Once all are pinned they go to torch's pinned cache."""
+        piece, self._to_pin = next_piece(self._to_pin, PIN_PIECE)
+        self._engine.collective_rpc("thaw_pin", args=(piece,))
+        if not self._to_pin:
+            log.info("reserved %.1f GiB of pinned host memory for parking",
+                     self._engine.collective_rpc("thaw_pinned")[0] / 2**30)
 
     def _sleep(self, level: int) -> float:
         if self.state == "parked" and level <= self.sleep_level:
@@ -418,7 +447,8 @@ class Engine:
             self._engine.collective_rpc("thaw_hibernate")
         else:
             if level == 1 and detect().gpu:
-                self._engine.collective_rpc("thaw_reserved")  # the host buffers reserved at start are pinned
+                self._to_pin = []  # what is pinned so far serves the sleep; it pins the rest itself
+                self._engine.collective_rpc("thaw_pinned")
                 self._engine.collective_rpc("thaw_keep_buffers")
             self._engine.sleep(level)
         self.state, self.sleep_level = "parked", level

@@ -4,9 +4,10 @@ engine-core process).
 
 - `thaw_load_weights`: the real weights into the parameters the engine was built with (dummy at start,
   discarded in hibernation), streamed through a pinned ring (functions/weights.py).
-- `thaw_reserve_host`: pins, in the background, host buffers of the sizes a level-1 sleep copies the
-  weights into, and leaves them in torch's pinned-memory cache: the first park of a replica then costs
-  what later ones cost (pinning 15 GiB of fresh memory took 10-15 s, on a request's critical path).
+- `thaw_park_sizes` / `thaw_pin` / `thaw_pinned`: host buffers of the sizes a level-1 sleep copies the
+  weights into, pinned a few at a time while the engine is idle (pinning serialises with the engine's own
+  CUDA work: 15 GiB pinned in one go stalled a request for 11 s), then left in torch's pinned-memory
+  cache: the first park of a replica costs what later ones cost (10-15 s before, 0.37 s after).
 - `thaw_keep_buffers` / `thaw_hibernate`: a parked (level 1) engine drops its host copy of the weights and
   becomes hibernated (level 2) without waking: the model's buffers, kept at park time, are restored by
   vLLM's own wake, the weights by `thaw_load_weights`.
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import threading
 import time
 
 log = logging.getLogger("thaw.function.worker")
@@ -68,27 +68,23 @@ class ThawWorker:
         log.info("weights streamed in %.2fs (%.1f GB/s)", seconds, size / seconds / 1e9)
         return {"seconds": seconds, "bytes": size}
 
-    def thaw_reserve_host(self) -> int:
-        """Start pinning; the bytes it will hold. `thaw_reserved` waits for it (before a sleep)."""
+    def thaw_park_sizes(self) -> list[int]:
+        """The sizes of the host copies a level-1 sleep makes (one per weights allocation)."""
+        return [d.handle[1] for d in _weights_allocations()]
+
+    def thaw_pin(self, sizes: list[int]) -> None:
+        """Pin host buffers of these sizes and hold them (equal sizes must be distinct buffers)."""
         import torch
 
-        sizes = [d.handle[1] for d in _weights_allocations()]
+        held = self.__dict__.setdefault("_thaw_pinned", [])
+        held.extend(torch.empty(size, dtype=torch.uint8, pin_memory=True) for size in sizes)
 
-        def pin() -> None:
-            t = time.perf_counter()
-            held = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for size in sizes]
-            del held  # back to torch's pinned cache, where the sleep's copies find them
-            log.info("reserved %.1f GiB of pinned host memory for parking in %.2fs", sum(sizes) / 2**30,
-                     time.perf_counter() - t)
-
-        self._thaw_reserving = threading.Thread(target=pin, name="thaw-reserve-host", daemon=True)
-        self._thaw_reserving.start()
-        return sum(sizes)
-
-    def thaw_reserved(self) -> None:
-        reserving = getattr(self, "_thaw_reserving", None)
-        if reserving is not None:
-            reserving.join()
+    def thaw_pinned(self) -> int:
+        """Hand the held buffers to torch's pinned-memory cache, where the sleep's copies find them."""
+        held = self.__dict__.pop("_thaw_pinned", [])
+        size = sum(t.numel() for t in held)
+        del held
+        return size
 
     def thaw_keep_buffers(self) -> None:
         """Before a level-1 sleep: the model's buffers (rotary caches and the like) on the host, so the

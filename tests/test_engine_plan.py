@@ -106,3 +106,19 @@ def test_what_streams_and_what_is_left_to_vllms_loader(tiny_model, tmp_path):
     (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(EOFError):
         list(stream_weights(read_index(truncated), "cpu", PinnedRing(chunk_bytes=1 << 16, slots=2, pinned=False)))
+
+
+@pytest.mark.parametrize("sizes, limit, piece, rest", [
+    ([], 10, [], []),
+    ([4, 4, 4], 10, [4, 4], [4]),
+    ([4, 6, 1], 10, [4, 6], [1]),
+    # one allocation larger than the limit still goes alone: every turn makes progress
+    ([30, 1], 10, [30], [1]),
+    ([1, 30], 10, [1], [30]),
+])
+def test_the_park_buffers_are_pinned_in_bounded_pieces(sizes, limit, piece, rest):
+    """While the engine is idle it pins the park's host buffers a piece at a time (pinning stalls its GPU
+    work): a request that arrives waits for one piece at most."""
+    from thaw.functions.engine import next_piece
+
+    assert next_piece(sizes, limit) == (piece, rest)
