@@ -8,12 +8,14 @@ at once: waking one must park the other first.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import openai
@@ -54,16 +56,13 @@ class Plane:
         return r.choices[0].message.content
 
 
-@pytest.fixture(scope="module")
-def plane(tmp_path_factory):
-    work = tmp_path_factory.mktemp("gpu-plane")
+@contextlib.contextmanager
+def _up(work: Path, models: list[dict], **platform) -> Iterator[Plane]:
+    """`thaw up` on these models, once its standby is ready; stopped afterwards."""
     port = free_port()
-    engine = {"max_model_len": 1024, "enforce_eager": True, "gpu_memory_utilization": 0.6}
-    models = [{"name": name, "source": str(_model_dir()), "engine": engine, "park": True, "standby": True,
-               "scaling": {"window": "6s"}} for name in ("alpha", "beta")]
     spec = {"platform": {"gateway": {"port": port}, "stateDir": str(work / "state"),
                          "cache": {"path": str(work / "cache")},
-                         "autoscaler": {"scale-to-zero-grace-period": "1s", "tick-interval": "1s"}},
+                         "autoscaler": {"scale-to-zero-grace-period": "1s", "tick-interval": "1s"}, **platform},
             "models": models}
     (work / "thaw.yaml").write_text(yaml.safe_dump(spec))
     server = ServerProcess([sys.executable, "-m", "thaw.cli", "up", "-f", str(work / "thaw.yaml")], work / "up.log",
@@ -75,6 +74,15 @@ def plane(tmp_path_factory):
         yield Plane(url, server)
     finally:
         server.stop(60)
+
+
+@pytest.fixture(scope="module")
+def plane(tmp_path_factory):
+    engine = {"max_model_len": 1024, "enforce_eager": True, "gpu_memory_utilization": 0.6}
+    with _up(tmp_path_factory.mktemp("gpu-plane"), [
+            {"name": name, "source": str(_model_dir()), "engine": engine, "park": True, "standby": True,
+             "scaling": {"window": "6s"}} for name in ("alpha", "beta")]) as up:
+        yield up
 
 
 def test_chat_from_zero_runs_on_the_gpu_in_a_replica_forked_from_the_standby(plane):
@@ -142,24 +150,11 @@ def test_waking_when_gpu_memory_is_short_parks_the_idle_model_first(plane):
 @pytest.fixture(scope="module")
 def hibernating(tmp_path_factory):
     """A plane whose parking budget is 0: a replica at zero hibernates (sleep level 2: weights dropped)."""
-    work = tmp_path_factory.mktemp("gpu-hibernate")
-    port = free_port()
     engine = {"max_model_len": 1024, "enforce_eager": True, "gpu_memory_utilization": 0.3}
-    spec = {"platform": {"gateway": {"port": port}, "stateDir": str(work / "state"),
-                         "cache": {"path": str(work / "cache")}, "parking": {"hostMemory": "0"},
-                         "autoscaler": {"scale-to-zero-grace-period": "1s", "tick-interval": "1s"}},
-            "models": [{"name": "gamma", "source": str(_model_dir()), "engine": engine, "park": True,
-                        "containerConcurrency": 8, "scaling": {"window": "6s"}}]}
-    (work / "thaw.yaml").write_text(yaml.safe_dump(spec))
-    server = ServerProcess([sys.executable, "-m", "thaw.cli", "up", "-f", str(work / "thaw.yaml")], work / "up.log",
-                           env=base_env())
-    url = f"http://127.0.0.1:{port}"
-    try:
-        server.wait_http(url + "/healthz", 60)
-        poll(lambda: requests.get(url + "/thaw/v1/status", timeout=5).json()["standby"], 180, 0.2, "standby ready")
-        yield Plane(url, server)
-    finally:
-        server.stop(60)
+    with _up(tmp_path_factory.mktemp("gpu-hibernate"), [
+            {"name": "gamma", "source": str(_model_dir()), "engine": engine, "park": True,
+             "containerConcurrency": 8, "scaling": {"window": "6s"}}], parking={"hostMemory": "0"}) as up:
+        yield up
 
 
 def test_weights_streamed_over_dummy_ones_answer_as_vllms_own_loader_does(hibernating):

