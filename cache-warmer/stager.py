@@ -1,14 +1,18 @@
 """The stager: a model version from its origin into the tier's staging folder, fast and resumable.
 
 Files are split into parts fetched in parallel with ranged reads and written in place (pwrite). Each
-finished part is fsynced and then recorded in the file's journal, so after a crash (even SIGKILL) a
-rerun fetches only what is missing. A part that fails (5xx, reset, timeout, a body cut short) is retried
-with exponential backoff and jitter (tenacity). Every file is verified at the end: its size, its MD5 against a plain S3 ETag,
-and its sha256 goes to the manifest. An optional bandwidth limit reproduces a shared link.
+finished part is fsynced and then recorded in the file's journal with the digest of the bytes the origin
+sent, so after a crash (even SIGKILL) a rerun fetches only what is missing. A part that fails (5xx, reset,
+timeout, a body cut short) is retried with exponential backoff and jitter (tenacity). The space is
+allocated before the first byte is fetched, and every write is checked, so a full disk is one clear error.
+Every file is verified at the end by reading it back: each part against the digest of what the origin
+sent, its MD5 against a plain S3 ETag; only then does its sha256 go to the manifest, so a version is never
+published with bytes the origin did not send. An optional bandwidth limit reproduces a shared link.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -79,8 +83,20 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, (BotoCoreError, OSError, ConnectionError, Truncated))
 
 
+def part_digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _disk_error(exc: OSError, path: Path, what: str) -> Exception:
+    """A full disk (or quota) as an error that says what to do; any other OSError as it is."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return CacheError(f"the cache tier's disk is full ({path.parent}): {what}; free space there or give "
+                          "the tier a smaller capacity")
+    return exc
+
+
 class _FileState:
-    """One file being staged: its preallocated target, its journal of finished parts."""
+    """One file being staged: its preallocated target, its journal of finished parts and their digests."""
 
     def __init__(self, staging: Path, info: ObjectInfo):
         self.info = info
@@ -90,19 +106,26 @@ class _FileState:
         self.journal.parent.mkdir(exist_ok=True)
         self.lock = threading.Lock()
         if not self.path.exists() or self.path.stat().st_size != info.size:
-            with open(self.path, "wb") as f:
-                f.truncate(info.size)
             self.journal.unlink(missing_ok=True)
+            with open(self.path, "wb") as f:
+                try:  # the whole file's blocks now: a disk without room says so before any download
+                    if info.size:
+                        os.posix_fallocate(f.fileno(), 0, info.size)
+                    else:
+                        f.truncate(0)
+                except OSError as exc:
+                    self.path.unlink(missing_ok=True)
+                    raise _disk_error(exc, self.path, f"{info.name} needs {info.size} bytes") from exc
         self.done = self._read_journal()
 
-    def _read_journal(self) -> set[tuple[int, int]]:
+    def _read_journal(self) -> dict[tuple[int, int], str]:
         if not self.journal.exists():
-            return set()
-        done = set()
+            return {}
+        done = {}
         for line in self.journal.read_text().splitlines():
             parts = line.split()
-            if len(parts) == 2:  # a torn last line (crash mid-append) is simply refetched
-                done.add((int(parts[0]), int(parts[1])))
+            if len(parts) == 3:  # a torn last line (crash mid-append), or an old one without a digest: refetched
+                done[(int(parts[0]), int(parts[1]))] = parts[2]
         return done
 
     def parts(self, size: int) -> list[tuple[int, int]]:
@@ -112,15 +135,43 @@ class _FileState:
     def write(self, start: int, data: bytes) -> None:
         fd = os.open(self.path, os.O_WRONLY)
         try:
-            os.pwrite(fd, data, start)
+            view, done = memoryview(data), 0
+            while done < len(view):  # pwrite may write less than asked: the rest goes again
+                done += os.pwrite(fd, view[done:], start + done)
             os.fsync(fd)
+        except OSError as exc:
+            raise _disk_error(exc, self.path, f"writing {self.info.name} at byte {start + done}") from exc
         finally:
             os.close(fd)
+        digest = part_digest(data)
         with self.lock:
-            with open(self.journal, "a") as j:
-                j.write(f"{start} {start + len(data)}\n")
-                j.flush()
-                os.fsync(j.fileno())
+            self.done[(start, start + len(data))] = digest
+            try:
+                with open(self.journal, "a") as j:
+                    j.write(f"{start} {start + len(data)} {digest}\n")
+                    j.flush()
+                    os.fsync(j.fileno())
+            except OSError as exc:
+                raise _disk_error(exc, self.journal, "recording a finished part") from exc
+
+    def check(self) -> tuple[str, str] | None:
+        """Read the file back: its (sha256, md5) if every part holds what the origin sent and the parts
+        cover the file; None otherwise."""
+        sha, md5 = hashlib.sha256(), hashlib.md5()
+        expected_start = 0
+        with open(self.path, "rb") as f:
+            for (start, end), digest in sorted(self.done.items()):
+                if start != expected_start:
+                    return None
+                data = f.read(end - start)
+                if len(data) != end - start or part_digest(data) != digest:
+                    return None
+                sha.update(data)
+                md5.update(data)
+                expected_start = end
+            if expected_start != self.info.size or f.read(1):
+                return None
+        return sha.hexdigest(), md5.hexdigest()
 
     def reset(self) -> None:
         self.journal.unlink(missing_ok=True)
@@ -154,15 +205,6 @@ def _fetch_with_retries(origin, name, start, end, limiter, settings: StageSettin
         raise CacheError(f"{name} bytes {start}-{end}: {type(exc).__name__}: {exc}") from exc
 
 
-def _digest(path: Path) -> tuple[str, str]:
-    sha, md5 = hashlib.sha256(), hashlib.md5()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            sha.update(chunk)
-            md5.update(chunk)
-    return sha.hexdigest(), md5.hexdigest()
-
-
 def stage_files(origin: Origin, files: list[ObjectInfo], staging: Path, settings: StageSettings = StageSettings(),
                 on_bytes: Callable[[int], None] = lambda n: None,
                 on_retry: Callable[[str], None] = lambda m: None) -> list[dict]:
@@ -185,11 +227,12 @@ def stage_files(origin: Origin, files: list[ObjectInfo], staging: Path, settings
                 job.result()
             failed = []
             for state in states:
-                sha, md5 = _digest(state.path)
+                digests = state.check()
                 etag = state.info.etag
-                if MD5_ETAG.match(etag) and md5 != etag:
+                if digests is None or (MD5_ETAG.match(etag) and digests[1] != etag):
                     failed.append(state)
                     continue
+                sha, _ = digests
                 entries.append({"name": state.info.name, "size": state.info.size, "sha256": sha, "etag": etag})
             if not failed:
                 break

@@ -246,19 +246,28 @@ class CacheTier:
         return self.version_dir(key)
 
     def verify(self, key: str) -> list[str]:
-        """Files whose size or sha256 no longer match the manifest (empty: the version is intact)."""
+        """Files whose size or sha256 no longer match the manifest, or whose MD5 differs from the origin's
+        own (a plain S3 ETag, kept in the manifest): empty when the version is intact. The manifest's sha256
+        was taken from bytes checked against what the origin sent (stager.py)."""
         bad = []
         folder = self.version_dir(key)
         for f in self.manifest(key)["files"]:
             path = folder / safe_name(f["name"])
-            if not path.exists() or path.stat().st_size != f["size"] or file_sha256(path) != f["sha256"]:
+            if not path.exists() or path.stat().st_size != f["size"]:
+                bad.append(f["name"])
+                continue
+            sha, md5 = file_digests(path)
+            etag = f.get("etag", "")
+            if sha != f["sha256"] or (re.match(r"^[0-9a-f]{32}$", etag) and md5 != etag):
                 bad.append(f["name"])
         return bad
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
+def file_digests(path: Path) -> tuple[str, str]:
+    """(sha256, md5) of a file."""
+    sha, md5 = hashlib.sha256(), hashlib.md5()
     with open(path, "rb") as f:
         while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+            sha.update(chunk)
+            md5.update(chunk)
+    return sha.hexdigest(), md5.hexdigest()

@@ -118,6 +118,60 @@ def test_sigkill_mid_download_then_rerun_resumes_and_verifies(s3, tmp_path):
     assert thaw("cache", "verify", "-f", str(spec)).returncode == 0
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MiB filesystem (tmpfs), smaller than the test model's 3.3 MB."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_staging_onto_a_full_disk_is_one_clear_error_and_publishes_nothing(s3, small_disk):
+    proxy, _ = s3
+    spec = _spec(small_disk, proxy)
+    out = thaw("warm", "tiny", "-f", str(spec))
+    assert out.returncode == 1
+    assert "disk is full" in out.stderr and "Traceback" not in out.stderr + out.stdout, out.stderr
+    assert not list((small_disk / "cache" / "versions").iterdir())
+    assert thaw("cache", "ls", "-f", str(spec)).returncode == 0
+
+
+@pytest.mark.parametrize("from_folder", [False, True])
+def test_a_part_damaged_on_disk_after_its_write_is_fetched_again(s3, tmp_path, monkeypatch, from_folder):
+    """A write that reported success but left other bytes (a disk that lies, a short write unnoticed): the
+    read-back check finds it before publishing, and the file is fetched again. A folder origin has no
+    checksum of its own: the digests of what it sent are the reference."""
+    from thaw.cache_warmer import stager
+    from thaw.cache_warmer.origins import DirOrigin
+
+    proxy, _ = s3
+    source = origin(proxy)
+    if from_folder:
+        folder = tmp_path / "source"
+        folder.mkdir()
+        for name, data in FILES.items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_bytes(data)
+        source = DirOrigin(folder)
+    real_write, damaged = stager._FileState.write, []
+
+    def write_then_damage(state, start, data):
+        real_write(state, start, data)
+        if not damaged and state.info.name == "model.safetensors":
+            damaged.append(start)
+            with open(state.path, "r+b") as f:  # zeros from here on, as a full disk left them
+                f.seek(start + len(data) // 2)
+                f.write(bytes(len(data) - len(data) // 2))
+
+    monkeypatch.setattr(stager._FileState, "write", write_then_damage)
+    retries = []
+    result = ensure(CacheTier(tmp_path / "tier", 1 << 30), source, settings=SETTINGS, on_retry=retries.append)
+    assert damaged and any("checksum mismatch" in r for r in retries)
+    assert_same_bytes(result.path)
+
+
 def test_corrupted_file_is_found_by_verify_and_restaged(s3, tmp_path):
     proxy, _ = s3
     spec = _spec(tmp_path, proxy)
@@ -133,6 +187,27 @@ def test_corrupted_file_is_found_by_verify_and_restaged(s3, tmp_path):
     assert repaired.returncode == 0 and "re-staged" in repaired.stdout
     assert_same_bytes(version)
     assert "tiny/v1" in thaw("cache", "ls", "-f", str(spec)).stdout
+
+
+def test_verify_holds_a_version_to_the_origins_own_checksum_not_only_its_manifest(s3, tmp_path):
+    """Damaged bytes whose manifest was rewritten to match them: the origin's MD5 (its ETag) still tells."""
+    import json
+
+    from thaw.cache_warmer.tier import file_digests
+
+    proxy, _ = s3
+    spec = _spec(tmp_path, proxy)
+    assert thaw("warm", "tiny", "-f", str(spec)).returncode == 0
+    version = next((tmp_path / "cache" / "versions").iterdir())
+    damaged = version / "model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:-3] + b"xyz")
+    manifest = json.loads((version / "manifest.json").read_text())
+    for f in manifest["files"]:
+        if f["name"] == "model.safetensors":
+            f["sha256"] = file_digests(damaged)[0]
+    (version / "manifest.json").write_text(json.dumps(manifest))
+    found = thaw("cache", "verify", "-f", str(spec), "--no-repair")
+    assert found.returncode == 1 and "model.safetensors" in found.stdout
 
 
 @pytest.mark.parametrize("entries,capacity,incoming,expected", [
