@@ -66,13 +66,16 @@ def parse_engine_args(pairs: list[str]) -> EngineArgs:
 @app.command()
 def up(file: Path = typer.Option(Path("thaw.yaml"), "-f", "--file", help="The platform spec.")) -> None:
     """Run the embedded platform in the foreground: gateway, activator, KPA autoscaler, replicas."""
-    from thaw.knative.embedded.up import run_up
+    from thaw.knative.embedded.up import StartConflict, run_up
 
     try:
         spec = load_spec(file)
     except SpecError as exc:
         _fail(exc.problems)
-    run_up(spec, file)
+    try:
+        run_up(spec, file)
+    except StartConflict as exc:
+        _fail([str(exc)])
 
 
 @app.command()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import logging
+import os
 import secrets
 import signal
 from pathlib import Path
@@ -24,6 +27,29 @@ from .backend import EmbeddedBackend
 from .plane import ServingPlane
 
 log = logging.getLogger("thaw.up")
+
+
+class StartConflict(Exception):
+    """thaw up cannot start here: another instance holds the state directory, or the port is taken."""
+
+
+def hold_state_dir(state_dir: Path):
+    """One thaw up per state directory (its broker's log, standby socket, replicas' logs): a lock held for
+    the process's life; the open file is returned to keep it. A second instance gets StartConflict."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(state_dir / "thaw-up.lock", "a+")
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        lock.close()
+        raise StartConflict(f"another thaw up (pid {holder}) runs on the state directory {state_dir}: stop "
+                            "it, or give this spec another platform.stateDir") from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
 
 
 def configure_logging() -> None:
@@ -63,15 +89,21 @@ async def serve(spec: Spec, spec_path: Path | None, ready: asyncio.Event | None 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await eventing.start()  # before the plane: its first revision events go into the broker
-    await plane.start()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    log.info("gateway on http://%s:%d  (OpenAI base_url http://%s:%d/v1); models: %s", host, port, host, port,
-             ", ".join(m.name for m in spec.models) or "none")
-    if ready is not None:
-        ready.set()
     try:
+        await eventing.start()  # before the plane: its first revision events go into the broker
+        await plane.start()
+        site = web.TCPSite(runner, host, port)
+        try:
+            await site.start()
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            raise StartConflict(f"the gateway's address {host}:{port} is taken: stop what listens there, or "
+                                "set platform.gateway.port") from None
+        log.info("gateway on http://%s:%d  (OpenAI base_url http://%s:%d/v1); models: %s", host, port, host,
+                 port, ", ".join(m.name for m in spec.models) or "none")
+        if ready is not None:
+            ready.set()
         await stop.wait()
     finally:
         log.info("stopping: draining replicas and the standby")
@@ -82,6 +114,8 @@ async def serve(spec: Spec, spec_path: Path | None, ready: asyncio.Event | None 
 
 
 def run_up(spec: Spec, spec_path: Path | None) -> None:
+    """Raises StartConflict (before anything starts, or after what had started is stopped again)."""
+    lock = hold_state_dir(Path(spec.platform.stateDir))  # noqa: F841 - held until the process ends
     configure_logging()
     # uvloop: the gateway copies every streamed chunk; on a small machine its CPU is the replicas' CPU.
     uvloop.run(serve(spec, spec_path))
