@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .origins import Origin
+from .origins import Origin, UnsafeSource
 from .prewarm import copy_to_dram, read_into_page_cache
 from .stager import StageSettings, stage_files
 from .tier import CacheError, CacheTier, safe_name, version_key
@@ -35,6 +35,8 @@ def ensure(tier: CacheTier, origin: Origin, *, settings: StageSettings = StageSe
     try:
         files = origin.list()
         key = version_key(origin.source, files)
+    except UnsafeSource as exc:  # refused, not unreachable: nothing older stands in for it
+        raise CacheError(str(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - an unreachable origin still leaves what is staged
         key = tier.latest_for(origin.source)
         if key is None:

@@ -14,6 +14,11 @@ from pathlib import Path
 from typing import Iterator, Protocol
 
 
+
+class UnsafeSource(ValueError):
+    """A source that would put into the tier what is not the model's (a link out of its folder)."""
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     name: str  # path relative to the version's prefix, "/"-separated
@@ -41,7 +46,12 @@ class DirOrigin:
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root} is not a folder")
         out = []
+        root = self.root.resolve()
         for p in sorted(self.root.rglob("*")):
+            if p.is_symlink() and not p.resolve().is_relative_to(root):
+                # a link out of the model folder would copy whatever it points at into the tier
+                raise UnsafeSource(f"refusing {p}: a symbolic link to {p.resolve()}, outside the model folder "
+                                 f"{root}; copy the file into the folder instead")
             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(self.root).parts):
                 st = p.stat()
                 tag = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]

@@ -452,3 +452,23 @@ def test_a_replica_served_from_a_folder_keeps_its_compile_cache_in_the_tier(tiny
     folder = tmp_path / "tier" / "compile" / key / engine.config_id(detect().vllm)
     assert (folder / "modelinfos").is_symlink()
     assert f"vLLM's compile cache at {folder}" in server.log_path.read_text()
+
+
+def test_a_symlink_out_of_a_model_folder_is_refused_and_nothing_is_staged(tmp_path):
+    from thaw.cache_warmer.origins import DirOrigin
+    from thaw.cache_warmer.tier import CacheError
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not a model file")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "inside.json").symlink_to(folder / "config.json")  # a link within the folder is fine
+    (folder / "tokenizer.json").symlink_to(secret)
+    tier = CacheTier(tmp_path / "tier", 1 << 30)
+    with pytest.raises(CacheError, match="outside the model folder"):
+        ensure(tier, DirOrigin(folder), settings=SETTINGS)
+    assert not list((tmp_path / "tier" / "versions").iterdir())
+    (folder / "tokenizer.json").unlink()
+    result = ensure(tier, DirOrigin(folder), settings=SETTINGS)
+    assert (result.path / "inside.json").read_text() == "{}"

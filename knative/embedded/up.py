@@ -61,10 +61,10 @@ def configure_logging() -> None:
 async def serve(spec: Spec, spec_path: Path | None, ready: asyncio.Event | None = None) -> None:
     auth = Authenticator.from_spec(spec.platform.auth)
     gate = eventing_gate(auth)
-    internal = None
-    if auth.enabled:  # the broker's deliveries to models: a per-process token nobody else holds
-        internal = secrets.token_urlsafe(32)
-        auth.tokens.append(Token(internal, None))
+    # The broker's deliveries to models: a per-process token nobody else holds (it matters once auth is on,
+    # which a spec reload may do at any time).
+    internal = secrets.token_urlsafe(32)
+    auth.internal = Token(internal, None)
     # Revision events and the optimizer's warm requests go into the local broker, whose triggers take
     # them to the cache warmer: the event path a cluster has (ApiServerSource -> Broker -> Trigger).
     eventing: EventingHost | None = None
@@ -79,6 +79,16 @@ async def serve(spec: Spec, spec_path: Path | None, ready: asyncio.Event | None 
     gateway = Gateway(plane, auth, spec.platform.gateway.max_body_bytes, idle_timeout)
     host, port = spec.platform.gateway.host, spec.platform.gateway.port
     plane.spec_listeners.append(eventing.apply_spec)
+
+    def reload_auth(new: Spec) -> None:
+        try:
+            auth.reload(new.platform.auth)
+        except (OSError, ValueError) as exc:
+            log.error("tokens not reloaded, the previous ones stay in force: %s", exc)
+            return
+        log.info("auth: %d token(s) in force", len(auth.tokens))
+
+    plane.spec_listeners.append(reload_auth)
     app = gateway.app()
     eventing.add_routes(app)
     # aiohttp's keep-alive timer runs from a connection's start and from each answer, and closes the
