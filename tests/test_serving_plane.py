@@ -505,6 +505,24 @@ def test_invalid_traffic_is_refused_and_the_plane_keeps_running(plane):
     assert out.returncode == 1 and "traffic percents must sum to 100, got 80" in out.stderr
 
 
+def test_a_spec_edit_that_cannot_apply_is_refused_whole_and_later_edits_apply(plane):
+    spec = json.loads(json.dumps(plane.spec))
+    spec["models"][0]["traffic"] = [{"revisionName": "tiny-00099", "percent": 100}]
+    spec["models"][1]["timeoutSeconds"] = 77  # a change that would make a revision of another model
+    before = {m: [r["name"] for r in plane.revisions(m)] for m in ("tiny", "burst")}
+    bad = plane.spec_path.parent / "unknown-revision.yaml"
+    bad.write_text(yaml.safe_dump(spec))
+    out = thaw_cli("validate", "-f", str(bad))  # the state directory's history says which revisions exist
+    assert out.returncode == 1 and "'tiny-00099' does not exist" in out.stderr, out.stderr
+    plane.write_spec(spec)
+    refused = poll(lambda: plane.status()["spec_refused"], 20, 0.2, "the edit refused")
+    assert "tiny-00099" in refused[0]
+    assert {m: [r["name"] for r in plane.revisions(m)] for m in ("tiny", "burst")} == before  # nothing applied
+    assert client(plane).completions.create(model="tiny", prompt="x", max_tokens=2).choices
+    plane.write_spec(plane.spec)  # a later edit applies, and the refusal is gone
+    poll(lambda: plane.status()["spec_refused"] == [], 20, 0.2, "the next edit applied")
+
+
 def test_status_command(plane):
     env = {**os.environ, "THAW_TOKEN": TOKEN}
     out = subprocess.run([sys.executable, "-m", "thaw.cli", "status", "-f", str(plane.spec_path), "--json"],

@@ -42,6 +42,12 @@ def validate(file: Path = typer.Option(Path("thaw.yaml"), "-f", "--file", help="
         spec = load_spec(file)
     except SpecError as exc:
         _fail(exc.problems)
+    from thaw.knative.embedded.revisions import RevisionHistory, traffic_problems
+
+    # Traffic may name revisions only the state directory's history knows (revisions of this machine).
+    problems = traffic_problems(spec.models, RevisionHistory(Path(spec.platform.stateDir) / "revisions.json"))
+    if problems:
+        _fail([f"{file}: {p}" for p in problems])
     for line in spec_warnings(spec, str(file)):
         err.print(f"[yellow]warning[/yellow] {line}", highlight=False, soft_wrap=True)
     console.print(f"{file}: valid ({len(spec.models)} models, {len(spec.graphs)} graphs, "
@@ -66,6 +72,7 @@ def parse_engine_args(pairs: list[str]) -> EngineArgs:
 @app.command()
 def up(file: Path = typer.Option(Path("thaw.yaml"), "-f", "--file", help="The platform spec.")) -> None:
     """Run the embedded platform in the foreground: gateway, activator, KPA autoscaler, replicas."""
+    from thaw.knative.embedded.revisions import SpecRefused
     from thaw.knative.embedded.up import StartConflict, run_up
 
     try:
@@ -76,6 +83,8 @@ def up(file: Path = typer.Option(Path("thaw.yaml"), "-f", "--file", help="The pl
         run_up(spec, file)
     except StartConflict as exc:
         _fail([str(exc)])
+    except SpecRefused as exc:
+        _fail([f"{file}: {p}" for p in exc.problems])
 
 
 @app.command()

@@ -52,6 +52,8 @@ def show_status(url: str, token: str | None, as_json: bool, console: Console) ->
                           _gib(sum(gpu_held)) if gpu_held else "-",
                           _gib(sum(p.get("host_bytes", 0) for p in rev["pods"])))
     console.print(table)
+    for problem in data.get("spec_refused") or []:
+        console.print(f"[red]the newest spec edit was refused[/red] (the running configuration stays): {problem}")
     for model in data["models"]:
         console.print(f"{model['name']}: weights at {model['weights']}", highlight=False)
     return 0

@@ -32,7 +32,8 @@ from .autoscaler import Autoscaler, AutoscalerConfig, ConcurrencyWindow, bounded
 from .backend import EmbeddedBackend
 from .reconciler import Reconciler
 from .revision import Revision
-from .revisions import Route, RevisionHistory, pick_revision, resolve_traffic, tagged_revision
+from .revisions import (Route, RevisionHistory, SpecRefused, pick_revision, resolve_traffic, tagged_revision,
+                        traffic_problems)
 from .status import plane_status
 from .supervisor import Supervisor, start_standby, start_warmer
 from .throttler import Throttler
@@ -85,6 +86,7 @@ class ServingPlane:
         for warning in spec_warnings(spec, str(spec_path or "thaw.yaml")):
             log.warning(warning)
         self.spec_listeners: list = []  # called with each new spec (eventing follows spec changes)
+        self.spec_refused: list[str] = []  # why the newest edit of the spec file was not applied
 
     @property
     def supervisor(self) -> Supervisor:
@@ -102,7 +104,11 @@ class ServingPlane:
 
     def apply_spec(self, spec: Spec) -> None:
         """Make the running plane match a spec: new revisions for changed models, traffic re-split,
-        revisions without traffic (and removed models) drained to zero."""
+        revisions without traffic (and removed models) drained to zero. A spec applies whole or not at all:
+        one that cannot (traffic to a revision that does not exist) raises SpecRefused, changing nothing."""
+        problems = traffic_problems(spec.models, self.history)
+        if problems:
+            raise SpecRefused(problems)
         self.spec = spec
         wanted = {m.name for m in spec.models}
         for model in spec.models:
@@ -234,11 +240,13 @@ class ServingPlane:
             self._spec_mtime = mtime
             try:
                 spec = load_spec(self.spec_path)
-            except SpecError as exc:
-                log.error("spec change ignored:\n%s", "\n".join(exc.problems))
+                self.apply_spec(spec)
+            except (SpecError, SpecRefused) as exc:
+                self.spec_refused = exc.problems
+                log.error("spec change refused, the running configuration stays:\n%s", "\n".join(exc.problems))
                 continue
-            log.info("spec changed: applying")
-            self.apply_spec(spec)
+            self.spec_refused = []
+            log.info("spec changed: applied")
             for listener in self.spec_listeners:
                 listener(spec)
             for rev in self.revisions():

@@ -67,12 +67,41 @@ def tagged_revision(routes: list[Route], tag: str) -> str | None:
     return next((r.revision for r in routes if r.tag == tag), None)
 
 
+class SpecRefused(Exception):
+    """A spec that cannot apply whole; nothing of it was applied."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def traffic_problems(models: Iterable, history: "RevisionHistory") -> list[str]:
+    """Traffic targets naming revisions that will not exist once the models are applied (the history's,
+    plus the one a changed template makes)."""
+    problems = []
+    for model in models:
+        if model.traffic:
+            known = history.names_after_sync(model.name, model.revision_template())
+            problems += [f"models[{model.name}].traffic: revision {t.revisionName!r} does not exist "
+                         f"(known: {', '.join(sorted(known))})"
+                         for t in model.traffic if t.revisionName and t.revisionName not in known]
+    return problems
+
+
 class RevisionHistory:
     """Every revision ever made, per model, kept in the state dir so numbering survives restarts."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.data: dict[str, list[dict[str, Any]]] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def names_after_sync(self, model: str, template: dict[str, Any]) -> set[str]:
+        """The model's revision names as `sync` would leave them, without changing anything."""
+        revisions = self.data.get(model, [])
+        names = {r["name"] for r in revisions}
+        if not revisions or revisions[-1]["template"] != template:
+            names.add(revision_name(model, len(revisions) + 1))
+        return names
 
     def sync(self, model: str, template: dict[str, Any]) -> tuple[list[dict[str, Any]], bool]:
         """The model's revisions, with a new one appended if its template changed; and whether it did."""

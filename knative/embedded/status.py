@@ -39,6 +39,6 @@ def plane_status(plane: "ServingPlane") -> dict[str, Any]:
         models.append({"name": name, "served_name": entry.model.served_name,
                        "weights": str(entry.model.source), "revisions": revisions})
     platform = detect()
-    return {"models": models, "standby": plane.supervisor.standby_ready(),
+    return {"models": models, "standby": plane.supervisor.standby_ready(), "spec_refused": plane.spec_refused,
             "platform": {"device": platform.device, "vllm": platform.vllm, "sleep_mode": platform.sleep_mode},
             "gpu": {"total": memory.total, "free": memory.free} if memory else None}

@@ -25,6 +25,7 @@ from .auth import Authenticator, Token, eventing_gate
 from .gateway import Gateway, GatewayRunner
 from .backend import EmbeddedBackend
 from .plane import ServingPlane
+from .revisions import RevisionHistory, SpecRefused, traffic_problems
 
 log = logging.getLogger("thaw.up")
 
@@ -124,8 +125,12 @@ async def serve(spec: Spec, spec_path: Path | None, ready: asyncio.Event | None 
 
 
 def run_up(spec: Spec, spec_path: Path | None) -> None:
-    """Raises StartConflict (before anything starts, or after what had started is stopped again)."""
+    """Raises StartConflict (before anything starts, or after what had started is stopped again), and
+    SpecRefused for a spec that cannot apply (before anything starts)."""
     lock = hold_state_dir(Path(spec.platform.stateDir))  # noqa: F841 - held until the process ends
+    problems = traffic_problems(spec.models, RevisionHistory(Path(spec.platform.stateDir) / "revisions.json"))
+    if problems:  # refused before anything starts, as a reload would refuse it
+        raise SpecRefused(problems)
     configure_logging()
     # uvloop: the gateway copies every streamed chunk; on a small machine its CPU is the replicas' CPU.
     uvloop.run(serve(spec, spec_path))
