@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from thaw.wsgi import GunicornApp
 
 from .app import FunctionConfig, create_app
@@ -9,4 +11,9 @@ from .gunicorn_conf import options
 
 
 def serve(config: FunctionConfig, host: str = "127.0.0.1", port: int = 8000, threads: int = 64) -> None:
+    # The cores the serving plane placed this replica on (knative/embedded/node.py): the whole process tree
+    # runs there (gunicorn's worker and vLLM's engine inherit it; vLLM's CPU engine binds its threads there).
+    cores = os.environ.get("THAW_CPU_CORES")
+    if cores:
+        os.sched_setaffinity(0, {int(c) for c in cores.split(",")})
     GunicornApp(lambda: create_app(config), options(host, port, threads)).run()

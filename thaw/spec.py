@@ -144,9 +144,20 @@ Quantity = Annotated[str, AfterValidator(_check_quantity)]
 
 
 class Resources(SpecModel):
+    """A replica's requests, as a pod's: it starts only where they fit (knative/embedded/node.py)."""
+
     cpu: Quantity | None = None
     memory: Quantity | None = None
     gpu: int = Field(0, ge=0)
+
+
+class NodeResources(SpecModel):
+    """What the embedded plane may allocate to replicas, as a node's allocatable; left out: the machine's
+    (the cores this process may run on, its RAM, its GPUs)."""
+
+    cpu: Quantity | None = None  # whole cores, the first of those this process may use
+    memory: Quantity | None = None
+    gpus: int | None = Field(None, ge=0)
 
 
 class CachePolicy(SpecModel):
@@ -405,6 +416,7 @@ class Platform(SpecModel):
     auth: Auth = Auth()
     optimizer: Optimizer = Optimizer()
     parking: Parking = Parking()
+    node: NodeResources = NodeResources()
     # Where the serving plane sends revision lifecycle CloudEvents (ApiServerSource format).
     eventSink: str | None = None
     cluster: Cluster = Cluster()

@@ -52,6 +52,10 @@ def show_status(url: str, token: str | None, as_json: bool, console: Console) ->
                           _gib(sum(gpu_held)) if gpu_held else "-",
                           _gib(sum(p.get("host_bytes", 0) for p in rev["pods"])))
     console.print(table)
+    for model in data["models"]:
+        for rev in model["revisions"]:
+            if rev.get("pending"):
+                console.print(f"[yellow]{rev['name']}[/yellow]: a wanted replica is Pending: {rev['pending']}")
     for problem in data.get("spec_refused") or []:
         console.print(f"[red]the newest spec edit was refused[/red] (the running configuration stays): {problem}")
     for model in data["models"]:

@@ -151,6 +151,17 @@ def gpu_memory() -> GpuMemory | None:
         return None
 
 
+def gpu_count() -> int:
+    """The GPUs of this machine (NVML; no CUDA context), 0 without any."""
+    if not detect().gpu:
+        return 0
+    try:
+        pynvml, _ = _nvml()
+        return int(pynvml.nvmlDeviceGetCount())
+    except Exception:  # noqa: BLE001 - no NVML: as if no GPU could be handed out
+        return 0
+
+
 def cuda_initialised() -> bool:
     """Whether this process has created a CUDA context (through torch); a fork would inherit a broken one."""
     import sys

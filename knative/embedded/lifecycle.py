@@ -52,11 +52,16 @@ def revision_object(name: str, model_name: str, namespace: str, template: dict[s
     }
 
 
-def revision_status(ready: int, desired: int) -> dict[str, Any]:
+def revision_status(ready: int, desired: int, pending: str | None = None) -> dict[str, Any]:
+    """A Revision's status as Knative writes it; a replica that cannot be scheduled shows as Knative shows an
+    unschedulable pod: ResourcesAvailable False, reason Unschedulable, the scheduler's message."""
     ready_cond = "True" if ready > 0 else ("Unknown" if desired > 0 else "False")
-    return {"actualReplicas": ready, "desiredReplicas": desired,
-            "conditions": [{"type": "Ready", "status": ready_cond},
-                           {"type": "Active", "status": "True" if ready > 0 else "False"}]}
+    conditions = [{"type": "Ready", "status": ready_cond},
+                  {"type": "Active", "status": "True" if ready > 0 else "False"}]
+    if pending:
+        conditions.append({"type": "ResourcesAvailable", "status": "False", "reason": "Unschedulable",
+                           "message": pending})
+    return {"actualReplicas": ready, "desiredReplicas": desired, "conditions": conditions}
 
 
 class LifecycleEmitter:

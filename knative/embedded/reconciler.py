@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -20,10 +22,11 @@ from typing import TYPE_CHECKING, Callable
 import aiohttp
 
 from thaw.durations import parse_duration
-from thaw.vllm_platform import detect, gpu_memory
+from thaw.vllm_platform import detect, gpu_count, gpu_memory
 
+from .node import Claim, Node, node_of, place, request_of, shared_cores
 from .parking import PARKED, Awake, Sleeper, decide_park, plan_gpu_room
-from .replica import Replica, State, can_move
+from .replica import RUNNING, Replica, State, can_move
 from .revision import Revision, ReplicaView, decide, plan
 from .supervisor import Supervisor
 
@@ -35,6 +38,7 @@ log = logging.getLogger("thaw.reconciler")
 SAMPLE_INTERVAL = 0.1
 PROGRESS_DEADLINE = 600  # seconds a replica may take to become ready (Knative's progress-deadline)
 GPU_ROOM_POLL = 0.25  # how often a start or wake waiting for GPU memory looks again
+PLACEMENT_POLL = 0.25  # how often a Pending replica looks for room on the node again
 READINESS_PERIOD = 1.0  # how often ready replicas' /readyz is probed (a worker restarted inside one)
 READINESS_TIMEOUT = 5.0  # a probe answered no faster than this fails (a busy replica answers in ms)
 
@@ -68,6 +72,8 @@ class Reconciler:
         # On a GPU, one start or wake at a time claims memory (vLLM sizes its KV cache from what is free).
         self.gpu_lock = asyncio.Lock() if detect().gpu else contextlib.nullcontext()
         self.stopping = False
+        self.claims: dict[str, Claim] = {}  # replica id (or a launch's placeholder) -> what it holds of the node
+        self._launches = itertools.count(1)
 
     # ---- decide and reconcile --------------------------------------------------------------------
 
@@ -118,7 +124,7 @@ class Reconciler:
 
     def report(self, rev: Revision) -> None:
         """A revision update event when what its status shows changed."""
-        state = (len(rev.ready), rev.desired, len(rev.parked))
+        state = (len(rev.ready), rev.desired, len(rev.parked), rev.pending)
         if state != rev.last_reported:
             rev.last_reported = state
             self.plane.emit_revision("dev.knative.apiserver.resource.update", rev)
@@ -217,16 +223,68 @@ class Reconciler:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
+    @property
+    def node(self) -> Node:
+        """The node's allocatable: the machine's, or what the spec's platform.node says."""
+        import psutil
+
+        return node_of(self.plane.spec.platform.node, tuple(sorted(os.sched_getaffinity(0))),
+                       psutil.virtual_memory().total, gpu_count())
+
+    async def _place(self, rev: Revision, key: str) -> Claim | None:
+        """Room on the node for one more replica of `rev`, held under `key`; while there is none the replica
+        is Pending with the scheduler's reason. None: the revision no longer wants it."""
+        request = request_of(rev.model.resources)
+        while not self.stopping:
+            held = sum(r.host_bytes for other in self.plane.revisions() for r in other.replicas
+                       if r.state == State.PARKED and r.sleep_level == PARKED)
+            claim = place(request, self.node, list(self.claims.values()), held)
+            if isinstance(claim, Claim):
+                self.claims[key] = claim
+                if rev.pending:
+                    rev.pending = None
+                    self.report(rev)
+                return claim
+            if rev.desired < rev.count(*RUNNING) + rev.launching:
+                break
+            if rev.pending != claim:
+                rev.pending = claim
+                log.warning("a replica of %s is Pending: %s", rev.name, claim)
+                self.report(rev)
+            await asyncio.sleep(PLACEMENT_POLL)
+        rev.pending = None
+        return None
+
+    def _placement_env(self, claim: Claim) -> dict[str, str]:
+        """Where the replica runs: its cores (the function pins itself there, vLLM's CPU engine binds its
+        threads there) and its GPUs."""
+        cores = ",".join(map(str, claim.cores or shared_cores(self.node, list(self.claims.values()))))
+        env = {"THAW_CPU_CORES": cores}
+        if not detect().gpu:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = cores
+        if claim.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, claim.gpus))
+        return env
+
     async def _run_replica(self, rev: Revision) -> None:
+        key = f"launch-{next(self._launches)}"
+        claim = await self._place(rev, key)
+        if claim is None:
+            rev.launching -= 1
+            self.report(rev)
+            return
         async with self.gpu_lock:  # held until ready: the memory a start claims is known only then
             await self._make_gpu_room(rev)
             try:
-                replica = await self.supervisor.start(rev.name, rev.model, *self.start_args(rev), {})
+                replica = await self.supervisor.start(rev.name, rev.model, *self.start_args(rev),
+                                                      self._placement_env(claim))
             except Exception:  # noqa: BLE001 - a failed launch is retried by the next reconcile
                 log.exception("could not start a replica of %s", rev.name)
+                self.claims.pop(key, None)
                 return
             finally:
                 rev.launching -= 1
+            self.claims[replica.id] = self.claims.pop(key)
             rev.replicas.append(replica)
             ok = await self.supervisor.wait_ready(replica, self.session, PROGRESS_DEADLINE)
         if ok and replica.state == State.STARTING:
@@ -268,8 +326,8 @@ class Reconciler:
         self._forget(rev, replica, State.STOPPED)
         self.report(rev)
 
-    @staticmethod
-    def _forget(rev: Revision, replica: Replica, state: State) -> None:
+    def _forget(self, rev: Revision, replica: Replica, state: State) -> None:
+        self.claims.pop(replica.id, None)  # what it held of the node is free again
         replica.move(state)
         rev.throttler.remove_replica(replica)
         if replica in rev.replicas:

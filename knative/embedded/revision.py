@@ -37,6 +37,7 @@ class Revision:
     panicking: bool = False
     excess_burst_capacity: int = 0
     keep_warm: int = 0  # idle replicas the optimizer wants kept (a floor under the KPA's decision)
+    pending: str | None = None  # why a wanted replica cannot start now (the scheduler's message), if one cannot
     last_reported: tuple = ()
 
     @property

@@ -1,0 +1,89 @@
+"""The machine as one Kubernetes node: what it can allocate and where a replica fits (pure; the reconciler
+does the I/O and table tests in tests/test_node.py check each rule).
+
+The KPA decides how many replicas a revision wants, as Knative does; placement decides which of them run,
+as Kubernetes' scheduler and the kubelet would on a single node:
+- a replica fits when its CPU, memory and GPU requests fit what the node has left after the other
+  replicas' requests; a request left out asks for none of that resource (and always fits it);
+- CPU: a replica that requests CPU gets whole cores of its own (the kubelet's static CPU manager policy;
+  a fractional request rounds up, a deliberate difference: two CPU vLLM engines on one core fall from
+  200+ to 5 tokens/s); replicas without a CPU request share the cores nobody holds;
+- memory: requests, plus the host RAM that parked replicas hold pinned (the kernel cannot page it out);
+- GPUs: whole devices of their own (`nvidia.com/gpu`); replicas without a GPU request share the GPUs by
+  memory, as sleeping replicas need (knative/embedded/parking.py).
+A replica that does not fit is Pending, with the scheduler's own message, e.g.
+"0/1 nodes are available: 1 Insufficient cpu."
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Node:
+    cores: tuple[int, ...]  # CPU ids this plane may hand out
+    memory: int  # bytes
+    gpus: tuple[int, ...] = ()  # device indices
+
+
+@dataclass(frozen=True)
+class Request:
+    cpu_millis: int = 0
+    memory: int = 0
+    gpus: int = 0
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What one replica holds: its own cores and devices, and its memory request."""
+
+    cores: tuple[int, ...] = ()
+    memory: int = 0
+    gpus: tuple[int, ...] = ()
+
+
+def request_of(resources) -> Request:
+    """A spec's `resources` as a request (CPU in millicores, memory in bytes, whole GPUs)."""
+    from thaw.spec import quantity_bytes, quantity_value
+
+    return Request(math.ceil(quantity_value(resources.cpu) * 1000) if resources.cpu else 0,
+                   quantity_bytes(resources.memory) if resources.memory else 0, resources.gpu)
+
+
+def node_of(spec_node, cores: tuple[int, ...], memory: int, gpus: int) -> Node:
+    """The node from the machine's figures, each overridden where the spec's `platform.node` sets it."""
+    from thaw.spec import quantity_bytes, quantity_value
+
+    if spec_node.cpu is not None:
+        cores = cores[:max(1, math.floor(quantity_value(spec_node.cpu)))]
+    if spec_node.memory is not None:
+        memory = quantity_bytes(spec_node.memory)
+    return Node(tuple(cores), memory, tuple(range(gpus if spec_node.gpus is None else spec_node.gpus)))
+
+
+def place(request: Request, node: Node, claims: list[Claim], held_memory: int = 0) -> Claim | str:
+    """Where a replica with `request` runs, or why it cannot now (the scheduler's message). `held_memory`
+    is host RAM held outside requests (parked replicas' pinned weights)."""
+    taken_cores = {c for claim in claims for c in claim.cores}
+    taken_gpus = {g for claim in claims for g in claim.gpus}
+    free_cores = [c for c in node.cores if c not in taken_cores]
+    free_gpus = [g for g in node.gpus if g not in taken_gpus]
+    cores = math.ceil(request.cpu_millis / 1000)
+    short = []
+    if cores > len(free_cores):
+        short.append("cpu")
+    if request.memory and request.memory > node.memory - held_memory - sum(c.memory for c in claims):
+        short.append("memory")
+    if request.gpus > len(free_gpus):
+        short.append("nvidia.com/gpu")
+    if short:
+        return "0/1 nodes are available: " + ", ".join(f"1 Insufficient {s}" for s in sorted(short)) + "."
+    return Claim(tuple(free_cores[:cores]), request.memory, tuple(free_gpus[:request.gpus]))
+
+
+def shared_cores(node: Node, claims: list[Claim]) -> tuple[int, ...]:
+    """The cores a replica without a CPU request runs on: those no replica holds (all, if every one is)."""
+    taken = {c for claim in claims for c in claim.cores}
+    return tuple(c for c in node.cores if c not in taken) or node.cores

@@ -1,0 +1,88 @@
+"""The machine as one Kubernetes node (knative/embedded/node.py): placement as a table, then a real
+`thaw up` whose second replica does not fit and stays Pending with the scheduler's reason."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import openai
+import psutil
+import pytest
+import requests
+import yaml
+
+from conftest import poll
+from thaw.knative.embedded.node import Claim, Node, Request, place, shared_cores
+from thaw.launch import ServerProcess, base_env, free_port
+
+GiB = 1 << 30
+NODE = Node(cores=(0, 1, 2, 3), memory=16 * GiB, gpus=(0, 1))
+
+
+@pytest.mark.parametrize("request_, claims, held, expected", [
+    # nothing asked: fits, holds nothing of its own
+    (Request(), [], 0, Claim()),
+    # whole cores of its own, the lowest free first; memory and GPUs as asked
+    (Request(2000, 4 * GiB, 1), [], 0, Claim((0, 1), 4 * GiB, (0,))),
+    (Request(2000), [Claim((0, 1))], 0, Claim((2, 3))),
+    # a fractional request rounds up to a whole core
+    (Request(500), [Claim((0, 1, 2))], 0, Claim((3,))),
+    # not enough left: the scheduler's own message
+    (Request(2000), [Claim((0, 1, 2))], 0, "0/1 nodes are available: 1 Insufficient cpu."),
+    (Request(memory=10 * GiB), [Claim(memory=8 * GiB)], 0, "0/1 nodes are available: 1 Insufficient memory."),
+    # parked replicas' pinned host RAM counts against memory
+    (Request(memory=4 * GiB), [], 13 * GiB, "0/1 nodes are available: 1 Insufficient memory."),
+    (Request(gpus=1), [Claim(gpus=(0,)), Claim(gpus=(1,))], 0,
+     "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."),
+    # several short at once: each named, in order
+    (Request(8000, 32 * GiB, 4), [], 0,
+     "0/1 nodes are available: 1 Insufficient cpu, 1 Insufficient memory, 1 Insufficient nvidia.com/gpu."),
+])
+def test_place(request_, claims, held, expected):
+    assert place(request_, NODE, claims, held) == expected
+
+
+def test_replicas_without_a_cpu_request_share_the_cores_nobody_holds():
+    assert shared_cores(NODE, [Claim((0, 1))]) == (2, 3)
+    assert shared_cores(NODE, [Claim((0, 1, 2, 3))]) == NODE.cores  # never an empty set
+
+
+def test_a_replica_that_does_not_fit_stays_pending_with_the_schedulers_reason(tmp_path, tiny_model):
+    port = free_port()
+    spec = {"platform": {"gateway": {"port": port}, "stateDir": str(tmp_path / "state"),
+                         "node": {"cpu": "1"},
+                         "autoscaler": {"scale-to-zero-grace-period": "1s", "tick-interval": "1s"}},
+            "models": [{"name": "tiny", "source": str(tiny_model), "engine": {"max_model_len": 512},
+                        "containerConcurrency": 1, "timeoutSeconds": 20, "resources": {"cpu": "1"},
+                        "scaling": {"window": "6s", "max-scale": 3}}]}
+    (tmp_path / "thaw.yaml").write_text(yaml.safe_dump(spec))
+    server = ServerProcess([sys.executable, "-m", "thaw.cli", "up", "-f", str(tmp_path / "thaw.yaml")],
+                           tmp_path / "up.log", env=base_env())
+    url = f"http://127.0.0.1:{port}"
+
+    def revision() -> dict:
+        return requests.get(url + "/thaw/v1/status", timeout=5).json()["models"][0]["revisions"][0]
+
+    try:
+        server.wait_http(url + "/healthz", 60)
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+        async def load():
+            # one replica takes one request at a time: the KPA wants three, the node holds one
+            return await asyncio.gather(*(client.completions.create(
+                model="tiny", prompt="x", max_tokens=64, extra_body={"ignore_eos": True})
+                for _ in range(3)), return_exceptions=True)
+
+        results = asyncio.run(load())
+        rev = revision()
+        assert rev["pending"] == "0/1 nodes are available: 1 Insufficient cpu.", rev
+        assert rev["desired"] > 1 and len(rev["pods"]) == 1  # never more replicas than the node holds
+        assert all(not isinstance(r, Exception) for r in results), results  # each served by the one replica
+        pod = rev["pods"][0]
+        assert psutil.Process(pod["pid"]).cpu_affinity() == [0]  # pinned to the core it was given
+        logged = " ".join((tmp_path / "up.log").read_text().split())  # rich wraps long lines
+        assert "Pending: 0/1 nodes are available: 1 Insufficient cpu." in logged
+        poll(lambda: not revision()["pending"], 60, 0.5, "no replica pending once the load is gone")
+    finally:
+        server.stop()
