@@ -86,3 +86,30 @@ def test_a_replica_that_does_not_fit_stays_pending_with_the_schedulers_reason(tm
         poll(lambda: not revision()["pending"], 60, 0.5, "no replica pending once the load is gone")
     finally:
         server.stop()
+
+
+def test_a_replica_that_cannot_boot_is_failed_at_once_and_held_requests_are_told_why(tmp_path, tiny_model):
+    """A model bigger than the cache tier: the replica's engine fails at boot. The plane sees it failed (not
+    'starting' until its progress deadline), backs off before the next start, and says why."""
+    port = free_port()
+    spec = {"platform": {"gateway": {"port": port}, "stateDir": str(tmp_path / "state"),
+                         "cache": {"path": str(tmp_path / "tier"), "capacity": "1Ki"},
+                         "autoscaler": {"scale-to-zero-grace-period": "1s", "tick-interval": "1s"}},
+            "models": [{"name": "tiny", "source": str(tiny_model), "cache": {"stage": True}, "standby": False,
+                        "engine": {"max_model_len": 512}, "timeoutSeconds": 15}]}
+    (tmp_path / "thaw.yaml").write_text(yaml.safe_dump(spec))
+    server = ServerProcess([sys.executable, "-m", "thaw.cli", "up", "-f", str(tmp_path / "thaw.yaml")],
+                           tmp_path / "up.log", env=base_env())
+    url = f"http://127.0.0.1:{port}"
+    try:
+        server.wait_http(url + "/healthz", 60)
+        r = requests.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 504
+        message = r.json()["error"]["message"]
+        assert "failed to start" in message and "CacheError" in message and "cannot fit" in message, message
+        rev = requests.get(url + "/thaw/v1/status", timeout=5).json()["models"][0]["revisions"][0]
+        assert "CacheError" in rev["failure"] and not rev["pods"]
+        # one start, then the back-off (10 s first): no start loop while the request waited
+        assert len(list((tmp_path / "state" / "logs").glob("tiny-*.log"))) == 1
+    finally:
+        server.stop()

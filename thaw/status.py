@@ -56,6 +56,8 @@ def show_status(url: str, token: str | None, as_json: bool, console: Console) ->
         for rev in model["revisions"]:
             if rev.get("pending"):
                 console.print(f"[yellow]{rev['name']}[/yellow]: a wanted replica is Pending: {rev['pending']}")
+            if rev.get("failure"):
+                console.print(f"[red]{rev['name']}[/red]: {rev['failure']}")
     for problem in data.get("spec_refused") or []:
         console.print(f"[red]the newest spec edit was refused[/red] (the running configuration stays): {problem}")
     for model in data["models"]:

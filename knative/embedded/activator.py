@@ -74,7 +74,8 @@ class Activator:
                 return error_response(503, f"Too many requests are waiting for '{label}'; retry shortly",
                                       "server_error", code="queue_full", headers={"Retry-After": "1"})
             except asyncio.TimeoutError:
-                why = f": its replica is Pending: {rev.pending}" if rev.pending else ""
+                why = (f": its replica is Pending: {rev.pending}" if rev.pending
+                       else f": {rev.failure}" if rev.failure and not rev.ready else "")
                 return error_response(504, f"No replica of '{label}' could take the request within "
                                            f"{timeout_seconds}s{why}", "server_error", code="timeout")
             replica.last_used = time.time()

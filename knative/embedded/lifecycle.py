@@ -52,15 +52,19 @@ def revision_object(name: str, model_name: str, namespace: str, template: dict[s
     }
 
 
-def revision_status(ready: int, desired: int, pending: str | None = None) -> dict[str, Any]:
+def revision_status(ready: int, desired: int, pending: str | None = None, failure: str | None = None) -> dict[str, Any]:
     """A Revision's status as Knative writes it; a replica that cannot be scheduled shows as Knative shows an
-    unschedulable pod: ResourcesAvailable False, reason Unschedulable, the scheduler's message."""
+    unschedulable pod: ResourcesAvailable False, reason Unschedulable, the scheduler's message; one whose
+    replica failed to start, ContainerHealthy False."""
     ready_cond = "True" if ready > 0 else ("Unknown" if desired > 0 else "False")
     conditions = [{"type": "Ready", "status": ready_cond},
                   {"type": "Active", "status": "True" if ready > 0 else "False"}]
     if pending:
         conditions.append({"type": "ResourcesAvailable", "status": "False", "reason": "Unschedulable",
                            "message": pending})
+    if failure:
+        conditions.append({"type": "ContainerHealthy", "status": "False", "reason": "ReplicaFailed",
+                           "message": failure})
     return {"actualReplicas": ready, "desiredReplicas": desired, "conditions": conditions}
 
 

@@ -157,7 +157,7 @@ class ServingPlane:
     def emit_revision(self, kind: str, rev: Revision) -> None:
         self.events.emit(kind, lifecycle.revision_object(
             rev.name, rev.model.name, self.spec.platform.namespace, rev.model.revision_template(), rev.generation,
-            lifecycle.revision_status(len(rev.ready), rev.desired, rev.pending), self.events.uid(rev.name),
+            lifecycle.revision_status(len(rev.ready), rev.desired, rev.pending, rev.failure), self.events.uid(rev.name),
             rev.last_phases or None))
 
     def revisions(self) -> list[Revision]:

@@ -39,6 +39,7 @@ SAMPLE_INTERVAL = 0.1
 PROGRESS_DEADLINE = 600  # seconds a replica may take to become ready (Knative's progress-deadline)
 GPU_ROOM_POLL = 0.25  # how often a start or wake waiting for GPU memory looks again
 PLACEMENT_POLL = 0.25  # how often a Pending replica looks for room on the node again
+BACKOFF_FIRST, BACKOFF_MAX = 10.0, 300.0  # Kubernetes' CrashLoopBackOff: 10 s, doubling, at most 5 minutes
 READINESS_PERIOD = 1.0  # how often ready replicas' /readyz is probed (a worker restarted inside one)
 READINESS_TIMEOUT = 5.0  # a probe answered no faster than this fails (a busy replica answers in ms)
 
@@ -101,7 +102,7 @@ class Reconciler:
         by_id = {r.id: r for r in rev.replicas}
         for rid in moves.wake:
             self.wake_parked(rev, by_id[rid])
-        for _ in range(moves.start):
+        for _ in range(moves.start if time.monotonic() >= rev.retry_at else 0):
             rev.launching += 1
             self._track(self._run_replica(rev))
         for rid in moves.stop:
@@ -124,7 +125,7 @@ class Reconciler:
 
     def report(self, rev: Revision) -> None:
         """A revision update event when what its status shows changed."""
-        state = (len(rev.ready), rev.desired, len(rev.parked), rev.pending)
+        state = (len(rev.ready), rev.desired, len(rev.parked), rev.pending, rev.failure)
         if state != rev.last_reported:
             rev.last_reported = state
             self.plane.emit_revision("dev.knative.apiserver.resource.update", rev)
@@ -289,16 +290,20 @@ class Reconciler:
             ok = await self.supervisor.wait_ready(replica, self.session, PROGRESS_DEADLINE)
         if ok and replica.state == State.STARTING:
             replica.move(State.READY)
+            rev.failure, rev.failures = None, 0
             rev.throttler.add_replica(replica)
             log.info("replica %s ready after %.2fs", replica.id, replica.ready_at - replica.started_at)
             self.report(rev)
             self._track(self._reserve_host(rev, replica))
         elif replica.state == State.STARTING:
-            log.error("replica %s never became ready; see %s", replica.id, replica.log_path)
+            rev.failures += 1
+            wait = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (rev.failures - 1))
+            rev.failure = f"replica {replica.id} failed to start: {replica.error}"
+            rev.retry_at = time.monotonic() + wait
+            log.error("%s; the next start in %.0fs (see %s)", rev.failure, wait, replica.log_path)
             self._forget(rev, replica, State.DEAD)
             await self.supervisor.stop(replica, 0)
-            await asyncio.sleep(1)  # do not spin on a replica that cannot start
-            self.reconcile(rev)
+            self.report(rev)
 
     @staticmethod
     async def _leave_rotation(rev: Revision, replica: Replica, state: State) -> bool:

@@ -79,6 +79,7 @@ class Replica:
     sleep_level: int = 0  # asleep: 1 parked (weights in host RAM), 2 hibernated (weights dropped)
     reserved: int = 0  # pinned host RAM it reserved, awake, for its next park
     park_seconds: float | None = None  # how long its last sleep took
+    error: str | None = None  # why it never became ready
     gpu_bytes: int = 0  # GPU memory it holds (NVML), last read
     started_at: float = field(default_factory=time.time)
     ready_at: float | None = None

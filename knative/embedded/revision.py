@@ -38,6 +38,9 @@ class Revision:
     excess_burst_capacity: int = 0
     keep_warm: int = 0  # idle replicas the optimizer wants kept (a floor under the KPA's decision)
     pending: str | None = None  # why a wanted replica cannot start now (the scheduler's message), if one cannot
+    failure: str | None = None  # why its last replica failed to start (cleared by one that starts)
+    failures: int = 0  # starts failed in a row: the next waits, doubling (Kubernetes' CrashLoopBackOff)
+    retry_at: float = 0.0  # no new replica before this time (monotonic)
     last_reported: tuple = ()
 
     @property

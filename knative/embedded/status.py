@@ -26,7 +26,7 @@ def plane_status(plane: "ServingPlane") -> dict[str, Any]:
             revisions.append({
                 "name": rev.name, "percent": percent, "tag": tag, "desired": rev.desired,
                 "replicas": {str(s): rev.count(s) + (rev.launching if s == State.STARTING else 0) for s in SHOWN},
-                "pending": rev.pending, "panic": rev.panicking, "queue": rev.throttler.queued, "in_flight": rev.throttler.in_flight,
+                "pending": rev.pending, "failure": rev.failure, "panic": rev.panicking, "queue": rev.throttler.queued, "in_flight": rev.throttler.in_flight,
                 "excess_burst_capacity": rev.excess_burst_capacity, "keep_warm": rev.keep_warm,
                 "last_start_phases": rev.last_phases,
                 "pods": [{"id": r.id, "pid": r.pid, "port": r.port, "state": str(r.state), "in_flight": r.in_flight,

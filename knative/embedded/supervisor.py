@@ -78,21 +78,28 @@ class Supervisor:
         return replica
 
     async def wait_ready(self, replica: Replica, session: aiohttp.ClientSession, deadline_s: float) -> bool:
-        """Probe /readyz until 200 (True), the process dies or the deadline passes (False)."""
+        """Probe /readyz until 200 (True), or until the function says its engine failed, the process dies or
+        the deadline passes (False, with `replica.error` saying which)."""
         end = time.monotonic() + deadline_s
         timeout = aiohttp.ClientTimeout(total=2)
         while time.monotonic() < end and replica.state == State.STARTING:
             if not replica.alive():
+                replica.error = f"its process exited during start-up (see {replica.log_path})"
                 return False
             try:
                 async with session.get(replica.url + "/readyz", timeout=timeout) as r:
+                    body = await r.json(content_type=None)
                     if r.status == 200:
-                        replica.phases = (await r.json()).get("phases", {})
+                        replica.phases = body.get("phases", {})
                         replica.ready_at = time.time()
                         return True
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+                    if body.get("status") == "failed":  # it will never be ready: no need to wait it out
+                        replica.error = body.get("error") or "its engine failed to load"
+                        return False
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
                 pass
             await asyncio.sleep(PROBE_INTERVAL)
+        replica.error = replica.error or f"not ready within {deadline_s:.0f}s (see {replica.log_path})"
         return False
 
     async def stop(self, replica: Replica, grace_s: float) -> None:
