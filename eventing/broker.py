@@ -126,12 +126,19 @@ class Broker:
             self._schedule(delivery)
         self._dispatcher = asyncio.create_task(self._dispatch_loop())
 
-    async def stop(self) -> None:
+    async def stop_dispatching(self) -> None:
+        """No more deliveries: those in flight are cancelled, and every undelivered event stays in the store,
+        to be delivered after the next start (at least once). Ingress still accepts (and stores) events.
+        thaw up calls this first, while the gateway its deliveries go through is still up: otherwise they
+        fail against a closed gateway, run out of retries and are dropped."""
         if self._dispatcher:
             self._dispatcher.cancel()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def stop(self) -> None:
+        await self.stop_dispatching()
         await asyncio.to_thread(self.store.close)
         if self._own_session and self.session is not None:
             await self.session.close()

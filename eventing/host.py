@@ -46,6 +46,9 @@ class EventingHost:
         self.apply_spec(self.spec)
         await self.broker.start()
 
+    async def stop_dispatching(self) -> None:
+        await self.broker.stop_dispatching()
+
     async def stop(self) -> None:
         await self.broker.stop()
         await self.session.close()

@@ -297,3 +297,39 @@ def test_accepted_events_survive_a_sigkill_of_thaw_up(tmp_path, loop):
              what="all five delivered after the restart")
     finally:
         server.stop()
+
+
+def test_inference_events_accepted_before_a_sigterm_are_answered_after_the_restart(tmp_path, loop, tiny_model):
+    """thaw up stopped (SIGTERM) with inference events accepted and on their way to a model at zero: none
+    is dropped for want of the gateway the broker delivers through; each is answered after the restart."""
+    port, sink_port = free_port(), free_port()
+    spec = {"platform": {"gateway": {"port": port}, "stateDir": str(tmp_path / "state"),
+                         "autoscaler": {"scale-to-zero-grace-period": "1s", "tick-interval": "1s"}},
+            "models": [{"name": "tiny", "source": str(tiny_model), "engine": {"max_model_len": 512},
+                        "standby": False}],
+            "triggers": [{"name": "answers", "filter": {"attributes": {"type": events.INFERENCE_RESPONSE}},
+                          "subscriber": {"uri": f"http://127.0.0.1:{sink_port}/answers"}}]}
+    path = tmp_path / "thaw.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    sink = Upstreams()
+    sink.replies["answers"] = (202, {})
+    sink.base = loop.serve(sink.app(), sink_port)
+
+    def up() -> ServerProcess:
+        server = ServerProcess([sys.executable, "-m", "thaw.cli", "up", "-f", str(path)], tmp_path / "up.log")
+        server.wait_http(f"http://127.0.0.1:{port}/healthz", 60)
+        return server
+
+    server = up()
+    sent = [send(f"http://127.0.0.1:{port}/default/default", type=events.INFERENCE_REQUEST,
+                 data={"prompt": "x", "max_tokens": 1}, thawmodel="tiny") for _ in range(20)]
+    assert [r.status_code for r in sent] == [202] * 20
+    os.kill(server.pid, signal.SIGTERM)  # thaw up alone, as a service manager stops it
+    server.proc.wait(60)
+    assert "dropping event" not in (tmp_path / "up.log").read_text()
+    server = up()
+    try:
+        poll(lambda: len({s.headers["ce-thawrequestid"] for s in sink.seen.get("answers", [])}) == 20, 120, 0.5,
+             "every accepted event answered")
+    finally:
+        server.stop()

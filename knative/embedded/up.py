@@ -118,6 +118,7 @@ async def serve(spec: Spec, spec_path: Path | None, ready: asyncio.Event | None 
         await stop.wait()
     finally:
         log.info("stopping: draining replicas and the standby")
+        await eventing.stop_dispatching()  # before the gateway its deliveries go through closes
         await runner.cleanup()
         await plane.stop()
         await eventing.stop()
