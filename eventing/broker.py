@@ -23,7 +23,9 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import json
 import logging
+import re
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -40,6 +42,8 @@ from .delivery import (DEFAULT_BACKOFF_DELAY, DEFAULT_TIMEOUT, DeliveryPolicy, b
                        next_step, parse_iso_duration)
 from .filters import matches
 from .store import Delivery, EventStore, NewEvent
+
+SCOPE_EXTENSION = "thawscope"  # the models an event's sender may use, noted by the ingress (never a sender's)
 
 log = logging.getLogger("thaw.broker")
 
@@ -94,10 +98,14 @@ class Broker:
     def __init__(self, store_path, namespace: str, brokers: set[str], triggers: list[BrokerTrigger],
                  session: aiohttp.ClientSession | None = None,
                  authorize: Callable[[str | None], tuple[int, str] | None] | None = None,
-                 gateway_auth: tuple[str, str] | None = None):
+                 gateway_auth: tuple[str, str] | None = None,
+                 scope: Callable[[str | None], frozenset[str] | None] | None = None):
         """`authorize(Authorization header)` returns (status, message) to refuse an event; `gateway_auth`
-        is (URL prefix, Authorization value) for deliveries to thaw's own gateway."""
+        is (URL prefix, Authorization value) for deliveries to thaw's own gateway; `scope(Authorization
+        header)` is the models the sender may use (None: all), which its event keeps through the store and
+        its replies: a delivery it could not make itself is refused (least privilege)."""
         self.authorize = authorize
+        self.scope = scope
         self.gateway_auth = gateway_auth
         self.namespace = namespace
         self.brokers = brokers
@@ -171,20 +179,25 @@ class Broker:
             event = events.parse_http_event(request.headers, body)
         except events.InvalidEvent as exc:
             return web.json_response({"error": str(exc)}, status=400)
-        await self.publish(broker, event)
+        await self.publish(broker, event, self.scope(request.headers.get("Authorization")) if self.scope else None)
         return web.Response(status=202)
 
-    async def publish(self, broker: str, event: CloudEvent) -> None:
-        """Accept an event as the ingress does, from inside this process (thaw up's revision events)."""
-        new = self._prepare(broker, event, None)
+    async def publish(self, broker: str, event: CloudEvent, scope: frozenset[str] | None = None) -> None:
+        """Accept an event as the ingress does (with the sender's `scope`), or from inside this process
+        (thaw up's revision events: no scope)."""
+        new = self._prepare(broker, event, None, _scope_value(scope))
         if new is not None:
             for row in await asyncio.wrap_future(self.store.add(new)):
                 self._schedule(row)
         self.stats.accepted += 1
 
-    def _prepare(self, broker: str, event: CloudEvent, ttl: int | None) -> NewEvent | None:
-        """The event as stored (arrival time and TTL set) with one delivery per matching trigger."""
+    def _prepare(self, broker: str, event: CloudEvent, ttl: int | None, scope: str | None) -> NewEvent | None:
+        """The event as stored (arrival time, TTL and the sender's scope set) with one delivery per matching
+        trigger. A scope is never taken from the event itself."""
         attributes = dict(event.get_attributes())
+        attributes.pop(SCOPE_EXTENSION, None)
+        if scope is not None:
+            attributes[SCOPE_EXTENSION] = scope
         attributes[ARRIVAL_EXTENSION] = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
         if ttl is None:
             try:
@@ -273,6 +286,11 @@ class Broker:
 
     async def _send(self, delivery: Delivery, timeout: float) -> tuple[int | None, dict, bytes]:
         headers = dict(delivery.headers)
+        scope = headers.pop(f"ce-{SCOPE_EXTENSION}", None)  # the broker's own note: no subscriber sees it
+        refused = self._out_of_scope(delivery, headers, scope)
+        if refused:
+            log.warning("broker: refusing %s's delivery to %s: %s", delivery.trigger, delivery.target, refused)
+            return 403, {}, refused.encode()
         headers.update({f"ce-{k}": v for k, v in delivery.extra.items()})
         if self.gateway_auth and delivery.target.startswith(self.gateway_auth[0]):
             headers["Authorization"] = self.gateway_auth[1]
@@ -283,6 +301,28 @@ class Broker:
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
             return None, {}, b""
 
+    def _out_of_scope(self, delivery: Delivery, headers: dict, scope: str | None) -> str | None:
+        """Why the sender may not have this delivery made (None: it may). Deliveries through thaw's gateway
+        go with the broker's own all-model token, so the sender's models are checked here: the model a
+        gateway target names, and the model a cache warm request names."""
+        if scope is None:
+            return None
+        allowed = set(scope.split(",")) - {""}
+        if self.gateway_auth and delivery.target.startswith(self.gateway_auth[0]):
+            path = "/" + delivery.target[len(self.gateway_auth[0]):]
+            match = re.match(r"^/models/([^/@?]+)", path)
+            if match is None or match.group(1) not in allowed:
+                return f"the sender may not use {match.group(1) if match else path!r} (its token allows " \
+                       f"{', '.join(sorted(allowed)) or 'no model'})"
+        if headers.get("ce-type") == events.CACHE_WARM:
+            try:
+                model = json.loads(delivery.body).get("model")
+            except (ValueError, AttributeError):
+                model = None
+            if model not in allowed:
+                return f"the sender may not warm or pin {model!r}"
+        return None
+
     async def _finish_with_reply(self, delivery: Delivery, headers: dict, body: bytes) -> None:
         reply = None
         if events.looks_like_event(headers):
@@ -290,7 +330,7 @@ class Broker:
                 event = events.parse_http_event(headers, body)
                 ttl = int(delivery.headers.get(f"ce-{TTL_EXTENSION}", DEFAULT_TTL)) - 1
                 broker = self._trigger(delivery.trigger).broker
-                reply = self._prepare(broker, event, ttl)
+                reply = self._prepare(broker, event, ttl, delivery.headers.get(f"ce-{SCOPE_EXTENSION}"))
             except (events.InvalidEvent, ValueError) as exc:
                 log.warning("broker: %s answered with an invalid event, not re-entered: %s", delivery.target, exc)
         rows = await asyncio.wrap_future(self.store.finish(delivery, reply))
@@ -298,6 +338,11 @@ class Broker:
             self.stats.replies += 1
         for row in rows:
             self._schedule(row)
+
+
+def _scope_value(scope: frozenset[str] | None) -> str | None:
+    """A sender's models as the broker notes them on its event ("" for none); None: every model."""
+    return None if scope is None else ",".join(sorted(scope))
 
 
 # ---- from the spec -----------------------------------------------------------------------------------

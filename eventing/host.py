@@ -24,9 +24,11 @@ class EventingHost:
     def __init__(self, spec: Spec, gateway_url: str, state_dir: Path,
                  on_graph_begin: Callable[[str, object], None] | None = None,
                  authorize: Callable[[str | None], tuple[int, str] | None] | None = None,
-                 internal_token: str | None = None, warmer_url: str | None = None):
+                 internal_token: str | None = None, warmer_url: str | None = None,
+                 scope: Callable[[str | None], frozenset[str] | None] | None = None):
         """With auth on, `authorize` gates the broker and the graphs, and the broker reaches models with
-        `internal_token` (graphs pass on their caller's token, so a model's allow list still applies).
+        `internal_token` (graphs pass on their caller's token, so a model's allow list still applies), never
+        further than the sender's own `scope` (its token's models) allows.
         With `warmer_url`, the broker has the cache warmer's triggers, as a cluster's broker does."""
         self.authorize = authorize
         self.warmer_url = warmer_url
@@ -37,7 +39,8 @@ class EventingHost:
         self.spec = spec
         # brokers and triggers come from apply_spec, at start and on each spec change
         self.broker = Broker(Path(state_dir) / "broker.db", spec.platform.namespace, set(), [], authorize=authorize,
-                             gateway_auth=(gateway_url + "/", f"Bearer {internal_token}") if internal_token else None)
+                             gateway_auth=(gateway_url + "/", f"Bearer {internal_token}") if internal_token else None,
+                             scope=scope)
         self.graphs: dict[str, GraphRouter] = {}
 
     async def start(self) -> None:

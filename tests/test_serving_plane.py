@@ -586,6 +586,33 @@ def test_event_driven_invocation_answers_into_the_broker(plane):
     assert requests.post(plane.url + "/default/default", headers=event, data=b"{}", timeout=10).status_code == 401
 
 
+def test_an_event_reaches_only_the_models_its_senders_token_may_use(plane):
+    """The broker delivers to models with its own all-model token: a token limited to 'split' must not get
+    'zero' invoked, warmed or pinned through an event; its event for 'split' is answered as usual."""
+    from thaw.eventing import events as ev
+
+    def send(type_: str, data: dict, **extensions) -> str:
+        event = ev.make_event(type_, "/tests", data, **extensions)
+        headers, body = ev.to_http(event)
+        r = requests.post(plane.url + "/default/default", data=body, timeout=10,
+                          headers={**headers, "Authorization": f"Bearer {LIMITED}"})
+        assert r.status_code == 202, r.text
+        return event.get_id()
+
+    assert plane.ready("zero") == 0
+    # a sender cannot claim a wider scope by naming it on its event
+    send(ev.INFERENCE_REQUEST, {"prompt": "x", "max_tokens": 2}, thawmodel="zero", thawscope="zero")
+    send(ev.CACHE_WARM, {"model": "zero", "pin": True})
+    allowed = send(ev.INFERENCE_REQUEST, {"prompt": "x", "max_tokens": 2}, thawmodel="split")
+    poll(lambda: [e for e in plane.sink.received if e.get_type() == ev.INFERENCE_RESPONSE
+                  and e.get_extension("thawrequestid") == allowed], 120, 0.2, "the allowed event answered")
+    logged = " ".join(plane.server.log_path.read_text().split())
+    assert "the sender may not use 'zero'" in logged and "the sender may not warm or pin 'zero'" in logged
+    zero = plane.revisions("zero")[0]
+    assert zero["desired"] == 0 and not zero["pods"]  # never started for the limited sender
+    assert all(e.get_extension("thawscope") is None for e in plane.sink.received)  # no subscriber sees it
+
+
 def test_graph_starts_later_models_ahead_and_streams_the_last_step(plane):
     """Look-ahead: while the graph's first step is still working, its second step's model (at zero)
     is already starting; then the last step's tokens stream through the graph."""

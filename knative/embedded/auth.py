@@ -96,6 +96,12 @@ class Authenticator:
         if model is not None and token.models is not None and model not in token.models:
             raise AuthError(403, f"This token is not allowed to use the model '{model}'")
 
+    def models_of(self, header: str | None) -> frozenset[str] | None:
+        """The models a request's token may use (None: every model, or auth off). Call after `check`."""
+        if not self.enabled:
+            return None
+        return self._match(header).models
+
     def allowed(self, header: str | None, model: str) -> bool:
         try:
             self.check(header, model)

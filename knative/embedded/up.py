@@ -75,7 +75,8 @@ async def serve(spec: Spec, spec_path: Path | None, ready: asyncio.Event | None 
 
     plane = ServingPlane(spec, spec_path, publish=publish)
     eventing = EventingHost(spec, spec.platform.gateway.local_url, Path(spec.platform.stateDir),
-                            graph_look_ahead(EmbeddedBackend(plane)), gate, internal, plane.warmer_url)
+                            graph_look_ahead(EmbeddedBackend(plane)), gate, internal, plane.warmer_url,
+                            scope=auth.models_of)
     idle_timeout = parse_duration(spec.platform.gateway.idleTimeout)
     gateway = Gateway(plane, auth, spec.platform.gateway.max_body_bytes, idle_timeout)
     host, port = spec.platform.gateway.host, spec.platform.gateway.port
