@@ -513,7 +513,8 @@ def test_a_spec_edit_that_cannot_apply_is_refused_whole_and_later_edits_apply(pl
     bad = plane.spec_path.parent / "unknown-revision.yaml"
     bad.write_text(yaml.safe_dump(spec))
     out = thaw_cli("validate", "-f", str(bad))  # the state directory's history says which revisions exist
-    assert out.returncode == 1 and "'tiny-00099' does not exist" in out.stderr, out.stderr
+    assert out.returncode == 1 and "models[0].traffic[0].revisionName: 'tiny-00099' is not a revision of tiny" \
+        in " ".join(out.stderr.split()), out.stderr
     plane.write_spec(spec)
     refused = poll(lambda: plane.status()["spec_refused"], 20, 0.2, "the edit refused")
     assert "tiny-00099" in refused[0]

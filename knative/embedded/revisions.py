@@ -79,12 +79,12 @@ def traffic_problems(models: Iterable, history: "RevisionHistory") -> list[str]:
     """Traffic targets naming revisions that will not exist once the models are applied (the history's,
     plus the one a changed template makes)."""
     problems = []
-    for model in models:
+    for i, model in enumerate(models):
         if model.traffic:
             known = history.names_after_sync(model.name, model.revision_template())
-            problems += [f"models[{model.name}].traffic: revision {t.revisionName!r} does not exist "
-                         f"(known: {', '.join(sorted(known))})"
-                         for t in model.traffic if t.revisionName and t.revisionName not in known]
+            problems += [f"models[{i}].traffic[{j}].revisionName: {t.revisionName!r} is not a revision of "
+                         f"{model.name} (it has {', '.join(sorted(known))})"
+                         for j, t in enumerate(model.traffic) if t.revisionName and t.revisionName not in known]
     return problems
 
 
