@@ -172,11 +172,16 @@ def test_a_part_damaged_on_disk_after_its_write_is_fetched_again(s3, tmp_path, m
     assert_same_bytes(result.path)
 
 
-def test_corrupted_file_is_found_by_verify_and_restaged(s3, tmp_path):
+def _warmed(s3, tmp_path: Path) -> tuple[Path, Path]:
+    """`thaw warm` of the test model: the spec, and the published version's folder."""
     proxy, _ = s3
     spec = _spec(tmp_path, proxy)
     assert thaw("warm", "tiny", "-f", str(spec)).returncode == 0
-    version = next((tmp_path / "cache" / "versions").iterdir())
+    return spec, next((tmp_path / "cache" / "versions").iterdir())
+
+
+def test_corrupted_file_is_found_by_verify_and_restaged(s3, tmp_path):
+    spec, version = _warmed(s3, tmp_path)
     damaged = version / "model.safetensors"
     data = bytearray(damaged.read_bytes())
     data[1000] ^= 0xFF
@@ -195,10 +200,7 @@ def test_verify_holds_a_version_to_the_origins_own_checksum_not_only_its_manifes
 
     from thaw.cache_warmer.tier import file_digests
 
-    proxy, _ = s3
-    spec = _spec(tmp_path, proxy)
-    assert thaw("warm", "tiny", "-f", str(spec)).returncode == 0
-    version = next((tmp_path / "cache" / "versions").iterdir())
+    spec, version = _warmed(s3, tmp_path)
     damaged = version / "model.safetensors"
     damaged.write_bytes(damaged.read_bytes()[:-3] + b"xyz")
     manifest = json.loads((version / "manifest.json").read_text())
