@@ -446,11 +446,14 @@ class Engine:
         if self.state == "parked":  # level 1 -> 2: drop the host copy; the buffers were kept at park time
             self._engine.collective_rpc("thaw_hibernate")
         else:
-            if level == 1 and detect().gpu:
-                self._to_pin = []  # what is pinned so far serves the sleep; it pins the rest itself
+            if detect().gpu:
+                self._to_pin = []  # what is pinned so far serves a level-1 sleep; it pins the rest itself
                 self._engine.collective_rpc("thaw_pinned")
-                self._engine.collective_rpc("thaw_keep_buffers")
+                if level == 1:
+                    self._engine.collective_rpc("thaw_keep_buffers")
             self._engine.sleep(level)
+            if level == 2 and detect().gpu:
+                self._engine.collective_rpc("thaw_release_host")  # what was pinned for a park goes back
         self.state, self.sleep_level = "parked", level
         seconds = time.perf_counter() - t
         log.info("engine %s (sleep level %d) in %.2fs", "parked" if level == 1 else "hibernated", level, seconds)

@@ -100,6 +100,11 @@ class ThawWorker:
                 released += data.cpu_backup_tensor.numel()
                 data.cpu_backup_tensor = None
         self._sleep_saved_buffers = getattr(self, "_thaw_buffers", {})  # restored by the worker's wake_up
+        self.thaw_release_host()
+        return released
+
+    def thaw_release_host(self) -> None:
+        """Pinned host memory nothing holds (torch keeps it cached for reuse) back to the system: a
+        hibernated engine keeps little host RAM."""
         gc.collect()
         _empty_host_cache()
-        return released
