@@ -34,7 +34,10 @@ def _empty_host_cache() -> None:
 
     for fn in (getattr(torch._C, "_host_emptyCache", None), getattr(torch.cuda, "empty_host_cache", None)):
         if fn is not None:
-            fn()
+            try:
+                fn()
+            except RuntimeError as exc:  # the memory stays cached for the next park: slower RAM, not wrong
+                log.warning("pinned host memory not released: %s", exc)
             return
 
 
