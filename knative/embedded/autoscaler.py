@@ -4,8 +4,9 @@ This reproduces knative/serving `pkg/autoscaler/scaling/autoscaler.go` `Scale()`
 resolution of `pkg/reconciler/autoscaling/kpa/resources`: stable and panic windows over per-second
 concurrency averages, the panic threshold and panic mode holding its peak until a stable window has
 passed, the max scale-up and scale-down rates, the target times its utilisation, activation-scale,
-the scale-down-delay window, and the excess burst capacity that decides whether the activator stays in
-the request path. Bounds and scale-to-zero timing (min/max/initial scale, grace and retention periods)
+the scale-down-delay window, and the excess burst capacity (which in Knative decides whether the
+activator stays in the request path; the embedded plane always routes through its activator, so here it is
+computed and shown in `thaw status`, not acted on). Bounds and scale-to-zero timing (min/max/initial scale, grace and retention periods)
 are applied after the decision by `bounded_scale`, as Knative's KPA scaler does.
 
 Nothing here reads a clock or a socket: time is a float of seconds passed in by the caller.

@@ -1,4 +1,5 @@
-"""Replicas as real processes: start (cold, or forked from the standby), probe, drain, stop, replace.
+"""Replicas as real processes: start (cold, or forked from the standby), probe until ready, stop. Draining,
+replacing and placing them are the reconciler's (reconciler.py).
 
 Each replica is the function under gunicorn on a free loopback port, in a session of its own so that
 stopping it stops its whole tree. It gets traffic only after /readyz answers 200, probed every 25 ms as
