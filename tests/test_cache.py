@@ -409,7 +409,8 @@ def test_dram_tier_serves_a_whole_copy(tmp_path):
     result = ensure(CacheTier(tmp_path / "cache", 1 << 20), origin, dram_root=tmp_path / "shm", prewarm=True)
     assert result.path == tmp_path / "shm" / result.key
     assert (result.path / "w.safetensors").read_bytes() == (tmp_path / "d" / "w.safetensors").read_bytes()
-    assert (result.path / "manifest.json").exists() and result.timings["prewarm"] >= 0
+    assert (result.path / "manifest.json").exists()
+    assert result.timings["prewarm"] > 0  # the copy into DRAM was made (and timed), not skipped
     assert not [p for p in (tmp_path / "shm").iterdir() if p.name.startswith(".")]  # no half copy left
 
 

@@ -122,7 +122,8 @@ def test_a_request_while_the_last_replica_parks_waits_for_it_rather_than_startin
     rev = revision(plane)
     replica(rev, "parking")
     rev.activator.wake()
-    assert "_run_replica" not in plane.moves
+    assert rev.desired == 1  # the poke was decided: the request wants a replica...
+    assert plane.moves == []  # ...and the one parking stands for it: nothing starts, nothing else moves
 
 
 def test_a_burst_beyond_the_parked_replica_starts_the_rest(tmp_path, monkeypatch, tiny_model):
