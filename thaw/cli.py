@@ -45,7 +45,7 @@ def validate(file: Path = typer.Option(Path("thaw.yaml"), "-f", "--file", help="
     from thaw.knative.embedded.revisions import RevisionHistory, traffic_problems
 
     # Traffic may name revisions only the state directory's history knows (revisions of this machine).
-    problems = traffic_problems(spec.models, RevisionHistory(Path(spec.platform.stateDir) / "revisions.json"))
+    problems = traffic_problems(spec.models, RevisionHistory.of_state_dir(spec.platform.stateDir))
     if problems:
         _fail([f"{file}: {p}" for p in problems])
     for line in spec_warnings(spec, str(file)):

@@ -69,7 +69,7 @@ class ServingPlane:
         self.state_dir = Path(spec.platform.stateDir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.models: dict[str, ModelRoutes] = {}
-        self.history = RevisionHistory(self.state_dir / "revisions.json")
+        self.history = RevisionHistory.of_state_dir(self.state_dir)
         self.use_standby = any(m.standby for m in spec.models) if use_standby is None else use_standby
         self.standby = None
         self.session: aiohttp.ClientSession | None = None

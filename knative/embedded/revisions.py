@@ -91,6 +91,10 @@ def traffic_problems(models: Iterable, history: "RevisionHistory") -> list[str]:
 class RevisionHistory:
     """Every revision ever made, per model, kept in the state dir so numbering survives restarts."""
 
+    @classmethod
+    def of_state_dir(cls, state_dir: str | Path) -> "RevisionHistory":
+        return cls(Path(state_dir) / "revisions.json")
+
     def __init__(self, path: Path):
         self.path = Path(path)
         self.data: dict[str, list[dict[str, Any]]] = json.loads(self.path.read_text()) if self.path.exists() else {}

@@ -130,7 +130,7 @@ def run_up(spec: Spec, spec_path: Path | None) -> None:
     """Raises StartConflict (before anything starts, or after what had started is stopped again), and
     SpecRefused for a spec that cannot apply (before anything starts)."""
     lock = hold_state_dir(Path(spec.platform.stateDir))  # noqa: F841 - held until the process ends
-    problems = traffic_problems(spec.models, RevisionHistory(Path(spec.platform.stateDir) / "revisions.json"))
+    problems = traffic_problems(spec.models, RevisionHistory.of_state_dir(spec.platform.stateDir))
     if problems:  # refused before anything starts, as a reload would refuse it
         raise SpecRefused(problems)
     configure_logging()
