@@ -91,9 +91,11 @@ class ThawWorker:
 
     def thaw_keep_buffers(self) -> None:
         """Before a level-1 sleep: the model's buffers (rotary caches and the like) on the host, so the
-        engine can later hibernate without waking (level 2 saves them the same way)."""
-        model = self.model_runner.get_model()
-        self._thaw_buffers = {name: buf.cpu().clone() for name, buf in model.named_buffers()}
+        engine can later hibernate without waking (level 2 saves them the same way). They do not change
+        while it serves, so the first park's copy serves every later one."""
+        if getattr(self, "_thaw_buffers", None) is None:
+            model = self.model_runner.get_model()
+            self._thaw_buffers = {name: buf.cpu().clone() for name, buf in model.named_buffers()}
 
     def thaw_hibernate(self) -> int:
         """A parked engine lets go of its host copy of the weights; the bytes released."""

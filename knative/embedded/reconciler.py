@@ -237,9 +237,7 @@ class Reconciler:
         is Pending with the scheduler's reason. None: the revision no longer wants it."""
         request = request_of(rev.model.resources)
         while not self.stopping:
-            held = sum(r.host_bytes for other in self.plane.revisions() for r in other.replicas
-                       if r.state == State.PARKED and r.sleep_level == PARKED)
-            claim = place(request, self.node, list(self.claims.values()), held)
+            claim = place(request, self.node, list(self.claims.values()), self._pinned_host_bytes())
             if isinstance(claim, Claim):
                 self.claims[key] = claim
                 if rev.pending:
@@ -362,15 +360,20 @@ class Reconciler:
                 self._track(self._hibernate(other, r))
         return decision.level
 
+    def _pinned_host_bytes(self) -> int:
+        """Host RAM pinned outside any request: parked replicas' weights and the park buffers awake replicas
+        reserved. The parking budget bounds it; the node's memory counts it."""
+        return sum(r.host_bytes if r.state == State.PARKED and r.sleep_level == PARKED else r.reserved
+                   for other in self.plane.revisions() for r in other.replicas)
+
     async def _reserve_host(self, rev: Revision, replica: Replica) -> None:
         """A ready replica that may park pins its park's host buffers now, in the background, while the
         parking budget has room for them beside what parked and reserving replicas hold: its first park then
         takes what later ones take, instead of pinning 15+ GiB of fresh memory while a request waits."""
         if not (rev.model.park and detect().sleep_mode):
             return
-        held = sum(r.host_bytes if r.state == State.PARKED and r.sleep_level == PARKED else r.reserved
-                   for other in self.plane.revisions() for r in other.replicas)
-        if held + weight_bytes(rev.model.source) > self.plane.spec.platform.parking.host_memory_bytes:
+        budget = self.plane.spec.platform.parking.host_memory_bytes
+        if self._pinned_host_bytes() + weight_bytes(rev.model.source) > budget:
             log.info("replica %s reserves no host buffers: the parking budget is held by others", replica.id)
             return
         try:
