@@ -17,15 +17,19 @@ import requests
 from conftest import poll, start_function
 
 
-# A generation long enough that it cannot finish before the kill lands, even when the test's own process
-# gets little CPU beside the engine on a 2-core machine (460 tokens once finished first in CI).
-MAX_MODEL_LEN = 2048
-LONG = 2000
+# A generation that cannot finish before the kill lands: on a busy 2-core machine the test's own process can
+# starve for seconds while the engine runs on (all of 2000 tokens once finished first in CI), so the model
+# takes a long context and the generation runs for tens of seconds; the kill comes at the first token read.
+MAX_MODEL_LEN = 32768
+LONG = 32000
 
 
 @pytest.fixture(scope="module")
-def mp_function(tiny_model, tmp_path_factory):
-    running = start_function(tiny_model, tmp_path_factory.mktemp("logs"), engine_core="mp",
+def mp_function(tmp_path_factory):
+    from thaw.model_build import build_tiny
+
+    model = build_tiny(tmp_path_factory.mktemp("models") / "tiny-long", max_positions=MAX_MODEL_LEN)
+    running = start_function(model, tmp_path_factory.mktemp("logs"), engine_core="mp",
                              max_model_len=MAX_MODEL_LEN)
     yield running
     running.server.stop()
@@ -52,7 +56,7 @@ def test_engine_death_mid_stream_gives_error_chunk_then_done(mp_function):
             if not line.startswith("data: "):
                 continue
             events.append(line[6:])
-            if len(events) == 3 and not killed:
+            if not killed:
                 os.kill(core.pid, signal.SIGKILL)
                 killed = True
     assert events[-1] == "[DONE]"

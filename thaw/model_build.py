@@ -59,7 +59,7 @@ def _tiny_tokenizer():
     return tokenizer
 
 
-def build_tiny(out_dir: Path, seed: int = 0) -> Path:
+def build_tiny(out_dir: Path, seed: int = 0, max_positions: int = 2048) -> Path:
     """A random 2-layer Llama (hidden 128, head_dim 64: the smallest shape vLLM's CPU attention takes)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -74,7 +74,7 @@ def build_tiny(out_dir: Path, seed: int = 0) -> Path:
             num_attention_heads=2,
             num_key_value_heads=1,
             head_dim=64,
-            max_position_embeddings=2048,
+            max_position_embeddings=max_positions,
             tie_word_embeddings=True,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
