@@ -27,7 +27,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from thaw.spec import EngineArgs
 from thaw.vllm_platform import detect, gpu_memory
@@ -73,7 +73,7 @@ class TokenLogprob:
     top: tuple[tuple[str, float], ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Delta:
     """New output of one choice since its previous delta."""
 
@@ -88,20 +88,35 @@ class EngineFailed(Exception):
     """The engine stopped working; every request in it ends with this."""
 
 
-@dataclass
 class Generation:
-    """One API request in the engine: one engine request per choice, all feeding one queue."""
+    """One API request in the engine: one engine request per choice, all feeding one buffer.
 
-    request_id: str
-    choices: int
-    events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
-    ended: bool = False  # every choice finished, or the engine failed it: nothing left to abort
+    The engine thread appends each step's deltas and wakes the request's thread once; that thread takes
+    everything buffered since its last take. A thread that falls behind (the GIL, a slow client) then finds
+    several steps' deltas and writes them at once, instead of waking once per token."""
 
-    def next(self, timeout: float) -> Delta | EngineFailed | None:
-        try:
-            return self.events.get(timeout=timeout)
-        except queue.Empty:
-            return None
+    def __init__(self, request_id: str, choices: int):
+        self.request_id = request_id
+        self.choices = choices
+        self.ended = False  # every choice finished, or the engine failed it: nothing left to abort
+        self._lock = threading.Lock()
+        self._pending: list = []
+        self._woken = threading.Event()
+
+    def put(self, items: list) -> None:
+        """Deltas (or the exception that ends the generation) from the engine thread."""
+        with self._lock:
+            self._pending.extend(items)
+        self._woken.set()
+
+    def take(self, timeout: float) -> list:
+        """Everything put since the last take, waiting up to `timeout` seconds for something; [] if none."""
+        if not self._woken.wait(timeout):
+            return []
+        with self._lock:
+            items, self._pending = self._pending, []
+            self._woken.clear()
+        return items
 
 
 def max_token_bytes(tokenizer) -> int:
@@ -313,6 +328,7 @@ class Engine:
         read = weights.submit(_timed, self._weights)
         import vllm  # noqa: F401 - timed on its own: in a standby process this costs nothing
         from vllm.engine.llm_engine import LLMEngine
+        from vllm.usage.usage_lib import UsageContext
 
         self.phases["imports"] = time.perf_counter() - t
         self.phases["weights"] = read.result()
@@ -325,7 +341,9 @@ class Engine:
             kwargs.update(self._gpu_plan(kwargs))
         engine_args = vllm.EngineArgs(served_model_name=self.served_name, disable_log_stats=False, **kwargs)
         with self._load_context():
-            self._engine = LLMEngine.from_engine_args(engine_args)
+            # As vLLM's OpenAI server: its defaults for a server (the prefill chunk per step, the batch), not
+            # the offline ones, whose larger prefill chunks stall every stream's next token behind a prompt.
+            self._engine = LLMEngine.from_engine_args(engine_args, usage_context=UsageContext.OPENAI_API_SERVER)
         self.tokenizer = self._engine.get_tokenizer()
         self.max_model_len = self._engine.model_config.max_model_len
         self.phases["engine_init"] = time.perf_counter() - t
@@ -394,8 +412,7 @@ class Engine:
                 except queue.Empty:
                     command = None
             if self._engine.has_unfinished_requests():
-                for output in self._engine.step():
-                    self._dispatch(output)
+                self._dispatch(self._engine.step())
 
     def _apply(self, command: tuple) -> None:
         if command[0] == "add":
@@ -408,7 +425,7 @@ class Engine:
                         self._engine.add_request(engine_id, {"prompt_token_ids": prompt}, self._params(s))
                     except Exception as exc:  # noqa: BLE001 - a request vLLM refuses fails alone
                         self._abort(gen)
-                        gen.events.put(APIError(400, str(exc)))
+                        gen.put([APIError(400, str(exc))])
                         return
                     self._routes[engine_id] = (gen, p * n + i, s.logprobs)
         elif command[0] == "abort":
@@ -497,29 +514,31 @@ class Engine:
             output_kind=RequestOutputKind.DELTA,
         )
 
-    def _dispatch(self, output) -> None:
-        route = self._routes.get(output.request_id)
-        if route is None:
-            return
-        gen, index, k = route
-        ended = output.finished and next((c.finish_reason for c in output.outputs
-                                          if c.finish_reason in ("abort", "error")), None)
-        if ended:
-            # vLLM ended a request its client still waits for (a client's own abort removes the route first):
-            # a failure, which vLLM says must reach the client as one, not as a finish_reason.
-            self._abort(gen)
-            gen.events.put(EngineFailed(f"the engine ended the request ({ended})"))
-            return
-        for completion in output.outputs:
-            gen.events.put(Delta(
-                index=index,
-                text=completion.text,
-                token_count=len(completion.token_ids),
-                logprobs=self._logprobs(completion, k) if k is not None else None,
-                finish_reason=completion.finish_reason if output.finished else None,
-            ))
-        if output.finished:
-            del self._routes[output.request_id]
+    def _dispatch(self, outputs) -> None:
+        """One step's outputs to their generations: one put, so one wake-up, per generation per step."""
+        steps: dict[int, tuple[Generation, list]] = {}
+        for output in outputs:
+            route = self._routes.get(output.request_id)
+            if route is None:
+                continue
+            gen, index, k = route
+            items = steps.setdefault(id(gen), (gen, []))[1]
+            ended = output.finished and next((c.finish_reason for c in output.outputs
+                                              if c.finish_reason in ("abort", "error")), None)
+            if ended:
+                # vLLM ended a request its client still waits for (a client's own abort removes the route
+                # first): a failure, which vLLM says must reach the client as one, not as a finish_reason.
+                self._abort(gen)
+                items.append(EngineFailed(f"the engine ended the request ({ended})"))
+                continue
+            for completion in output.outputs:
+                items.append(Delta(index, completion.text, len(completion.token_ids),
+                                   self._logprobs(completion, k) if k is not None else None,
+                                   completion.finish_reason if output.finished else None))
+            if output.finished:
+                del self._routes[output.request_id]
+        for gen, items in steps.values():
+            gen.put(items)
 
     def _logprobs(self, completion, k: int) -> tuple[TokenLogprob, ...]:
         """OpenAI's shape: the chosen token and the k most likely (vLLM adds the chosen one if lower)."""
@@ -538,8 +557,8 @@ class Engine:
         return self.tokenizer.decode([token_id])
 
     def _fail_all(self, error: Exception) -> None:
-        for gen, _, _ in list(self._routes.values()):
-            gen.events.put(error)
+        for gen in {id(g): g for g, _, _ in self._routes.values()}.values():
+            gen.put([error])
         self._routes.clear()
 
     def _shutdown_engine(self) -> None:

@@ -16,6 +16,8 @@ class FunctionMetrics:
                               registry=self.registry)
         self.engine_requests = Gauge("thaw_engine_requests", "Requests (one per choice) inside the engine",
                                      registry=self.registry)
+        self.cancelled = Counter("thaw_requests_cancelled", "Requests whose client left before their generation "
+                                 "finished: the engine drops them", registry=self.registry)
         self.generated_tokens = Counter("thaw_generated_tokens", "Tokens generated", registry=self.registry)
         self.start_phase = Gauge("thaw_start_phase_seconds", "Seconds spent in each start-up phase",
                                  ["phase"], registry=self.registry)

@@ -6,9 +6,11 @@ object `{"error": {"message", "type", "param", "code"}}` with a 4xx status; noth
 
 from __future__ import annotations
 
+import json
+import math
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -250,3 +252,73 @@ def now() -> int:
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
+
+
+# ---- streamed chunks, as bytes ------------------------------------------------------------------------
+# A stream's chunks are built from strings, not per-token model objects: the same JSON, key for key and in
+# the same order, that the openai SDK's types dump (tests/test_serving.py holds them to it), at a fraction
+# of the cost. Floats that JSON cannot hold (a logprob of -inf) are null, as those types write them.
+
+DONE = b"data: [DONE]\n\n"
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def sse(payload: dict) -> bytes:
+    return b"data: " + _json(payload).encode() + b"\n\n"
+
+
+def logprobs_json(chat: bool, tokens: Iterable) -> dict:
+    """OpenAI's logprobs object of a choice from (token, logprob, top: ((token, logprob), ...)) items."""
+    tokens = list(tokens)
+    if chat:
+        return {"content": [
+            {"token": t.token, "bytes": list(t.token.encode()), "logprob": _finite(t.logprob),
+             "top_logprobs": [{"token": s, "bytes": list(s.encode()), "logprob": _finite(lp)} for s, lp in t.top]}
+            for t in tokens]}
+    offsets, pos = [], 0
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t.token)
+    return {"text_offset": offsets, "token_logprobs": [_finite(t.logprob) for t in tokens],
+            "tokens": [t.token for t in tokens],
+            "top_logprobs": [{s: _finite(lp) for s, lp in t.top} for t in tokens]}
+
+
+class ChunkEncoder:
+    """The server-sent events of one streamed chat or text completion."""
+
+    def __init__(self, chat: bool, request_id: str, created: int, model: str, include_usage: bool):
+        self.chat = chat
+        self._head = f'data: {{"id":{_json(request_id)},"choices":['.encode()
+        self._tail = (f'],"created":{created},"model":{_json(model)},"object":'
+                      f'"{"chat.completion.chunk" if chat else "text_completion"}"').encode()
+        self._usage_null = b',"usage":null' if include_usage else b""
+
+    def role(self, index: int) -> bytes:
+        """A chat stream's first chunk of a choice: the assistant's role, no content yet."""
+        return self._chunk(f'{{"delta":{{"content":"","role":"assistant"}},"index":{index},'
+                           f'"finish_reason":null,"logprobs":null}}')
+
+    def delta(self, index: int, text: str | None, finish_reason: str | None, logprobs: dict | None) -> bytes:
+        """New text of one choice (None: a chat chunk with an empty delta, as a bare finish has)."""
+        reason, lps = _json(finish_reason), _json(logprobs)
+        if self.chat:
+            delta = "{}" if text is None else f'{{"content":{_json(text)}}}'
+            return self._chunk(f'{{"delta":{delta},"index":{index},"finish_reason":{reason},"logprobs":{lps}}}')
+        return self._chunk(f'{{"finish_reason":{reason},"index":{index},"logprobs":{lps},"text":{_json(text)}}}')
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+        """The last chunk when the client asked for usage: no choices, the counts."""
+        counts = (f'{{"completion_tokens":{completion_tokens},"prompt_tokens":{prompt_tokens},'
+                  f'"total_tokens":{prompt_tokens + completion_tokens}}}')
+        return self._head + self._tail + b',"usage":' + counts.encode() + b"}\n\n"
+
+    def _chunk(self, choice: str) -> bytes:
+        return self._head + choice.encode() + self._tail + self._usage_null + b"}\n\n"

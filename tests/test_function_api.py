@@ -255,28 +255,26 @@ def _abandon_whole(http: httpx.Client, url: str, body: dict) -> None:
 
 
 def test_abandoned_requests_are_cancelled_in_the_engine(function):
-    # 16 generations of 460 tokens take about 2.5 s here when their clients stay.
+    # 16 generations of 460 tokens, each abandoned by its client long before it could finish.
     body = {"model": "tiny", "messages": PROMPT, "max_tokens": 460, "temperature": 0, "ignore_eos": True}
+    cancelled = function.metric("thaw_requests_cancelled_total")
     # One client for all (making 16 clients at once costs the test process about a second of CPU).
     http = httpx.Client(timeout=10, limits=httpx.Limits(max_connections=32))
     threads = [threading.Thread(target=_abandon_stream, args=(http, function.url + CHAT, {**body, "stream": True}))
                for _ in range(8)]
     threads += [threading.Thread(target=_abandon_whole, args=(http, function.url + CHAT, body)) for _ in range(8)]
-    started = time.monotonic()
     for t in threads:
         t.start()
-    poll(lambda: function.metric("thaw_engine_requests") >= 8, timeout=2, interval=0.02, what="generations running")
     for t in threads:
-        t.join(10)
+        t.join(30)
     http.close()
-    # Every generation leaves the engine as soon as its client is gone, long before it could finish.
-    poll(lambda: function.metric("thaw_engine_requests") == 0, timeout=1.0, interval=0.02, what="engine emptied")
-    assert time.monotonic() - started < 1.5
+    # Every generation is cancelled (its client is gone) and leaves the engine; nothing stays in flight.
+    poll(lambda: function.metric("thaw_requests_cancelled_total") - cancelled == 16, timeout=60, interval=0.05,
+         what="16 requests cancelled")
+    poll(lambda: function.metric("thaw_engine_requests") == 0, timeout=60, interval=0.05, what="engine emptied")
     assert function.metric("thaw_requests_in_flight") == 0
-    t = time.monotonic()
-    r = requests.post(function.url + CHAT, json={"model": "tiny", "messages": PROMPT, "max_tokens": 8}, timeout=10)
+    r = requests.post(function.url + CHAT, json={"model": "tiny", "messages": PROMPT, "max_tokens": 8}, timeout=30)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
-    assert time.monotonic() - t < 1.0
 
 
 def test_concurrent_requests_batch_and_all_succeed(client):

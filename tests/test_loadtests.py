@@ -66,12 +66,14 @@ def test_openai_streaming_users_record_ttft_itl_and_tokens_per_s(plane):
     assert int(stats[("POST", "chat tiny")]["Failure Count"]) == 0
     for kind in ("TTFT", "TPOT", "E2EL", "tokens/s"):
         assert int(stats[(kind, "tiny")]["Request Count"]) == requests_made
-    assert int(stats[("ITL", "tiny")]["Request Count"]) == 15 * requests_made  # every gap of 16 tokens' chunks
+    # one gap per pair of content chunks: 15 for 16 tokens, fewer where the replica merged the deltas of a
+    # stream that fell behind into one chunk (as vLLM's server does)
+    assert 0 < int(stats[("ITL", "tiny")]["Request Count"]) <= 15 * requests_made
     assert float(stats[("tokens/s", "tiny")]["Average Response Time"]) > 1  # a rate, in tokens per second
     report = stats[("report", "")]
     # the report also counts requests that ended after locust wrote its statistics (during --stop-timeout)
     completed = report["completed"]
-    assert completed >= requests_made and report["itl"]["count"] == 15 * completed
+    assert completed >= requests_made and 0 < report["itl"]["count"] <= 15 * completed
     assert report["tpot"]["count"] == report["e2el"]["count"] == completed
     assert report["ttft"]["p50"] <= report["ttft"]["p90"] <= report["ttft"]["p99"] <= report["e2el"]["p99"]
     assert report["goodput"]["good"] == completed  # SLOs no request misses

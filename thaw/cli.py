@@ -464,16 +464,17 @@ def demo(
 @bench_app.command("function")
 def bench_function(
     model_dir: Path = typer.Option(Path("models/demo"), "--model-dir"),
-    runs: int = typer.Option(5, "--runs", help="Cold starts per server."),
-    clients: int = typer.Option(16, "--clients", help="Concurrent streaming clients."),
-    max_tokens: int = typer.Option(128, "--max-tokens"),
-    requests_per_client: int = typer.Option(4, "--requests-per-client"),
+    runs: int = typer.Option(5, "--runs", help="Cold starts per server (0: the warm path only)."),
+    concurrency: str = typer.Option("16,64", "--concurrency", help="Concurrent streams, one run each."),
+    prompts_per_stream: int = typer.Option(2, "--prompts-per-stream", help="Requests per stream per run."),
     out: Path = typer.Option(Path("bench-results/function.json"), "--out"),
 ) -> None:
-    """Launch-to-first-token and streaming throughput: the function versus vLLM's own server."""
+    """Launch-to-first-token, and the warm path by vLLM's own client (`vllm bench serve`): thaw's replica and
+    its gateway versus vLLM's own server."""
     from thaw.loadtests.bench.function import run_function_bench
 
-    run_function_bench(model_dir, runs, clients, max_tokens, requests_per_client, out, console)
+    levels = [int(c) for c in concurrency.split(",") if c.strip()]
+    run_function_bench(model_dir, runs, levels, prompts_per_stream, out, console)
 
 
 @bench_app.command("eventing")

@@ -18,6 +18,7 @@ With auth on, the token is checked before anything else, so no answer tells a st
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import posixpath
 from http import HTTPStatus
@@ -35,6 +36,10 @@ from .openai_errors import error_response as _error
 from .plane import ServingPlane, UnknownModel
 
 log = logging.getLogger("thaw.gateway")
+
+# A body up to this size is decoded on the event loop (microseconds); a larger one in a thread, so one
+# client's megabytes of prompt never hold up the other streams' chunks.
+DECODE_ON_LOOP = 64 << 10
 
 
 def _auth_error(exc: AuthError) -> web.Response:
@@ -184,7 +189,7 @@ class Gateway:
             return _auth_error(exc)
         body = await read_body(request, self.idle_timeout)
         try:
-            data = decode(body)
+            data = decode(body) if len(body) <= DECODE_ON_LOOP else await asyncio.to_thread(decode, body)
         except InvalidJSON as exc:
             return _error(400, f"The request body is {exc.message}", param=exc.param,
                           code="invalid_json" if exc.param is None else "invalid_value")

@@ -11,8 +11,8 @@ Variants (each `runs` times, the same model folder and engine arguments for all)
   (f) swap:   three models sharing the GPU with room for two awake: round robin (each request wakes its
               model and puts the least recently used to sleep), then a burst of 8 at a sleeping one.
 The first park of each parked replica (its host buffers reserved ahead, or not) is reported with (c).
-Warm path: 16 streaming clients x 128 tokens, on a ready replica: thaw (engine core in-process and in its
-own process) and vLLM's server. Parts (`--parts`) may run in separate calls; results accumulate in
+Warm path: vLLM's own client (`vllm bench serve`) at 16 and 64 streams x 128 tokens, on a ready replica: thaw
+(through the gateway and directly; engine core in-process and in its own process) and vLLM's server. Parts (`--parts`) may run in separate calls; results accumulate in
 `--out`/results.json and the report and plots are rewritten from whatever has been measured.
 """
 
@@ -27,12 +27,15 @@ from typing import Iterator
 from rich.console import Console
 from rich.table import Table
 
-from thaw.loadtests.bench.common import (PlaneUnderTest, first_answer, first_token_after_launch, mean, run_streaming_load,
-                               write_json)
+from thaw.loadtests.bench import serve_client
+from thaw.loadtests.bench.common import PlaneUnderTest, first_answer, first_token_after_launch, mean, write_json
 from thaw.launch import ServerProcess, base_env, free_port, vllm_server_command
 from thaw.vllm_platform import detect, gpu_memory
 
 PARTS = ("vllm", "zero", "other-core", "park", "hibernate", "swap")
+# The warm path's concurrent streams. Every server gets max_num_seqs = the largest (thaw: its containerConcurrency,
+# which Model.replica_engine makes the engine's), so both batch the same streams with the same arguments.
+WARM_STREAMS = (16, 64)
 NAME = "bench"
 SETTLE = {"scale-to-zero-grace-period": "1s", "tick-interval": "1s"}
 VARIANT_LABELS = {"vllm": "(a) vLLM server launched cold", "zero": "(b) thaw from zero, standby + caches warm",
@@ -55,22 +58,24 @@ def _drop_page_cache() -> bool:
         return False
 
 
-def _warm_path(url: str, clients: int, tokens: int) -> dict:
-    run_streaming_load(url, NAME, 2, 1, 8)  # a first pass outside the timing
-    load = run_streaming_load(url, NAME, clients, 2, tokens)
-    m = load.metrics
-    return {"tokens_per_second": load.tokens_per_second, "ttft_p50": load.ttft_p50, "ttft_p95": load.ttft_p95,
-            "tpot_p50": m["tpot"]["p50"], "itl_p50": m["itl"]["p50"], "itl_p99": m["itl"]["p99"],
-            "e2el_p50": m["e2el"]["p50"], "failures": load.failures, "requests": load.requests}
+def _warm_path(url: str, model_dir: Path, work: Path) -> dict:
+    """vLLM's own client (`vllm bench serve`, random 128 in / 128 out, greedy, --ignore-eos) at each of
+    WARM_STREAMS concurrent streams: {streams: its figures}."""
+    out = {}
+    for streams in WARM_STREAMS:
+        load = serve_client.ServeLoad(concurrency=streams, prompts=2 * streams, input_len=128, output_len=128)
+        out[str(streams)] = serve_client.run(url, NAME, model_dir, load, work / f"vllm-bench-{streams}.json",
+                                             work / "vllm-bench.log")
+    return out
 
 
 def _plane_spec(work: Path, model_dir: Path, engine: dict, names=(NAME,), parking: dict | None = None,
                 **model) -> dict:
-    # containerConcurrency 16: the warm path's 16 streams fit one replica, and the engine is sized for them
+    # containerConcurrency: the warm path's streams fit one replica, and the engine is sized for them
     return {"platform": {"gateway": {"port": free_port()}, "stateDir": str(work / "state"),
                          "cache": {"path": str(work.parent / "tier"), "capacity": "200Gi"},
                          "autoscaler": SETTLE, **({"parking": parking} if parking else {})},
-            "models": [{"name": name, "source": str(model_dir), "engine": engine, "containerConcurrency": 16,
+            "models": [{"name": name, "source": str(model_dir), "engine": engine, "containerConcurrency": max(WARM_STREAMS),
                         "scaling": {"window": "6s", "max-scale": 1}, **model} for name in names]}
 
 
@@ -103,7 +108,8 @@ def bench_vllm(model_dir: Path, engine: dict, runs: int, work: Path, console: Co
     out = {"runs": [], "warm_path": None}
     for i in range(runs):
         port = free_port()
-        server = ServerProcess(vllm_server_command(model_dir, NAME, port, engine), work / f"vllm-{i}.log",
+        server = ServerProcess(vllm_server_command(model_dir, NAME, port, {"max_num_seqs": max(WARM_STREAMS), **engine}),
+                               work / f"vllm-{i}.log",
                                env=base_env(VLLM_CACHE_ROOT=str(cache)))
         try:
             url = f"http://127.0.0.1:{port}"
@@ -113,7 +119,7 @@ def bench_vllm(model_dir: Path, engine: dict, runs: int, work: Path, console: Co
             save(out)
             console.print(f"(a) vLLM server run {i + 1}: first token {run['first_token']:.2f}s")
             if i == runs - 1:
-                out["warm_path"] = _warm_path(url, 16, 128)
+                out["warm_path"] = _warm_path(url, model_dir, work)
         finally:
             server.stop()
     return out
@@ -139,15 +145,15 @@ def bench_zero(model_dir: Path, engine: dict, runs: int, work: Path, console: Co
                 save(out)
                 console.print(f"({'d' if variant == 'cold' else 'b'}) {variant} run {i + 1}: "
                               f"first token {run['first_token']:.2f}s {run['phases']}")
-        out.update(_warm_paths(plane))
+        out.update(_warm_paths(plane, model_dir, work))
     return out
 
 
-def _warm_paths(plane: PlaneUnderTest) -> dict:
+def _warm_paths(plane: PlaneUnderTest, model_dir: Path, work: Path) -> dict:
     """The warm path through the gateway, then at the ready replica itself (the gateway's share)."""
     pod = next(p for p in plane.status(NAME)["pods"] if p["state"] == "ready")
-    return {"warm_path": _warm_path(plane.url, 16, 128),
-            "warm_path_direct": _warm_path(f"http://127.0.0.1:{pod['port']}", 16, 128)}
+    return {"warm_path": _warm_path(plane.url, model_dir, work / "gateway"),
+            "warm_path_direct": _warm_path(f"http://127.0.0.1:{pod['port']}", model_dir, work / "direct")}
 
 
 def bench_other_core(model_dir: Path, engine: dict, runs: int, work: Path, console: Console, save) -> dict:
@@ -162,7 +168,7 @@ def bench_other_core(model_dir: Path, engine: dict, runs: int, work: Path, conso
             save(out)
             console.print(f"engine core {core} run {i + 1}: first token from zero {out['zero'][-1]['first_token']:.2f}s "
                           f"{out['zero'][-1]['phases']}")
-        out.update(_warm_paths(plane))
+        out.update(_warm_paths(plane, model_dir, work))
     return out
 
 
@@ -324,21 +330,24 @@ def write_report(results: dict, out: Path, console: Console) -> None:
         rows += [(f"thaw through the gateway, {core}", part.get("warm_path")),
                  (f"thaw's replica directly, {core}", part.get("warm_path_direct"))]
     rows.append(("vLLM's OpenAI server", (results.get("vllm") or {}).get("warm_path")))
-    base = rows[-1][1]
-    if any(w for _, w in rows):
-        lines += ["", "## Warm path (16 streaming clients x 2 requests x 128 tokens, ready replica)", "",
+    for streams in map(str, WARM_STREAMS):
+        at = [(label, (w or {}).get(streams)) for label, w in rows]  # results from before 2026-11-30 lack these
+        base = at[-1][1]
+        if not any(w for _, w in at):
+            continue
+        lines += ["", f"## Warm path: vllm bench serve, {streams} streams (random 128 in / 128 out, greedy, "
+                      "--ignore-eos), ready replica", "",
                   "| server | tokens/s | TTFT p50 (s) | TTFT p95 (s) | TPOT p50 (ms) | ITL p50 / p99 (ms) | "
-                  "E2EL p50 (s) | tokens/s vs vLLM | TTFT p50 vs vLLM |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for label, w in rows:
+                  "E2EL p50 (s) | tokens/s vs vLLM | TTFT p50 vs vLLM | ITL p99 vs vLLM |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for label, w in at:
             if not w:
                 continue
-            tps = f"{w['tokens_per_second'] / base['tokens_per_second']:.2f}x" if base and w is not base else "-"
-            ttft = f"{w['ttft_p50'] / base['ttft_p50']:.2f}x" if base and w is not base else "-"
-            ms = {k: f"{w[k] * 1000:.1f}" if k in w else "-" for k in ("tpot_p50", "itl_p50", "itl_p99")}
-            e2el = f"{w['e2el_p50']:.3f}" if "e2el_p50" in w else "-"  # results from before these were kept
+            vs = {k: f"{w[k] / base[k]:.2f}x" if base and w is not base else "-"
+                  for k in ("tokens_per_second", "ttft_p50", "itl_p99")}
             lines.append(f"| {label} | {w['tokens_per_second']:.0f} | {w['ttft_p50']:.4f} | {w['ttft_p95']:.4f} | "
-                         f"{ms['tpot_p50']} | {ms['itl_p50']} / {ms['itl_p99']} | {e2el} | {tps} | {ttft} |")
+                         f"{w['tpot_p50'] * 1000:.1f} | {w['itl_p50'] * 1000:.1f} / {w['itl_p99'] * 1000:.1f} | "
+                         f"{w['e2el_p50']:.3f} | {vs['tokens_per_second']} | {vs['ttft_p50']} | {vs['itl_p99']} |")
     other = (results.get("other_core") or {}).get("zero") or []
     if other:
         ft = [r["first_token"] for r in other]

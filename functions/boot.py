@@ -1,0 +1,83 @@
+"""A replica's boot: where its weights come from (ensured in the cache tier, or read where they are) and
+where vLLM's compile cache lives. Runs on the engine's thread before vLLM starts (functions/engine.py)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from thaw.cache_warmer.prewarm import read_into_page_cache
+from thaw.spec import EngineArgs, S3Origin
+from thaw.vllm_platform import detect
+
+from .engine_plan import arch_id
+
+log = logging.getLogger("thaw.function")
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """Where a replica finds its weights when it boots from a source rather than a folder."""
+
+    root: Path
+    capacity: int
+    s3: S3Origin = S3Origin()
+    prewarm: bool = True
+    dram_root: Path | None = None
+
+
+@dataclass(frozen=True)
+class FunctionConfig:
+    model_dir: Path | None
+    served_name: str
+    engine: EngineArgs = EngineArgs()
+    source: str | None = None  # s3://... or a folder, staged through the cache tier at boot
+    cache: CacheSettings | None = None
+    max_body_bytes: int = 32 << 20  # a larger request body is a 413
+
+
+def weights_fetcher(config: FunctionConfig):
+    """The boot step of a replica: its weights (ensured in the cache tier when it has a source: instant when
+    pre-staged, leased for this process's life; otherwise read into the page cache where they are) and,
+    with a cache tier, vLLM's compile cache in the tier, per architecture and engine configuration: compiled
+    artifacts depend on those, not on weight values, so a new weights version finds them (on a GPU the
+    engine starts from the architecture's view, functions/engine_plan.py, so vLLM's own key agrees)."""
+
+    def fetch() -> tuple[Path, dict[str, float]]:
+        from thaw.cache_warmer.tier import CacheTier
+
+        timings: dict[str, float] = {}
+        if config.source:
+            from thaw.cache_warmer.ensure import ensure
+            from thaw.cache_warmer.origins import origin_for
+            from thaw.cache_warmer.stager import StageSettings, link_rate
+
+            tier = CacheTier(config.cache.root, config.cache.capacity)
+            result = ensure(tier, origin_for(config.source, config.cache.s3), lease_pid=os.getpid(),
+                            prewarm=config.cache.prewarm, dram_root=config.cache.dram_root,
+                            settings=StageSettings(bandwidth=link_rate(config.cache.s3.bandwidthMbps)))
+            log.info("weights of %s at %s (%s)", config.source, result.path,
+                     "staged now" if result.staged else "already staged")
+            path, timings = result.path, result.timings
+        else:
+            path = config.model_dir
+            if detect().gpu:  # read on in the background: the engine initialises meanwhile, without weights
+                threading.Thread(target=read_into_page_cache, args=(path,), daemon=True).start()
+            else:
+                read_into_page_cache(path)
+            if config.cache is None:
+                return path, timings
+            tier = CacheTier(config.cache.root, config.cache.capacity)
+        platform = detect()
+        compile_dir = tier.compile_dir(arch_id(path), platform.resolve(config.engine).config_id(platform.vllm))
+        # vLLM points Inductor and Triton at its cache only on the paths where it compiles; kernels JIT-compiled
+        # elsewhere (the sampler's, attention's) would land in the home folder and be lost with the node.
+        os.environ.update({"VLLM_CACHE_ROOT": str(compile_dir), "TRITON_CACHE_DIR": str(compile_dir / "triton"),
+                           "TORCHINDUCTOR_CACHE_DIR": str(compile_dir / "inductor")})
+        log.info("vLLM's compile cache at %s", compile_dir)
+        return path, timings
+
+    return fetch

@@ -1,0 +1,74 @@
+"""The replica's own routes: probes, metrics, and vLLM's sleep-mode routes the serving plane drives."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from flask import Blueprint, Response, jsonify, request
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from thaw.vllm_platform import gpu_memory
+
+from . import protocol as p
+from .service import FunctionService
+
+
+def _gpu_held() -> dict | None:
+    """This replica's GPU memory (its own processes') and the card's, in bytes; None without a GPU."""
+    memory = gpu_memory()
+    if memory is None:
+        return None
+    return {"held": memory.held_by(os.getpid()), "free": memory.free, "total": memory.total}
+
+
+def engine_routes(service: FunctionService) -> Blueprint:
+    routes = Blueprint("engine", __name__)
+    engine, metrics = service.engine, service.metrics
+
+    @routes.get("/healthz")
+    def healthz():
+        if engine.state == "failed":
+            return jsonify({"status": "failed", "error": engine.error}), 500
+        return jsonify({"status": "alive"})
+
+    @routes.get("/readyz")
+    def readyz():
+        status = 200 if engine.state == "ready" else 503
+        body = {"status": engine.state, "error": engine.error, "phases": engine.phases}
+        return Response(json.dumps(body), status, mimetype="application/json")  # keeps the phases in order
+
+    # vLLM's own routes for its sleep mode (its server has them in dev mode), used by the serving plane to
+    # park (level 1) or hibernate (level 2; on a parked engine: drop its host copy) an idle replica and wake
+    # it for the next request.
+    @routes.post("/sleep")
+    def sleep():
+        level = request.args.get("level", "1")
+        if not level.isdigit():
+            raise p.APIError(400, f"level must be 1 or 2, got {level!r}", param="level")
+        seconds = engine.park(int(level))
+        return jsonify({"is_sleeping": True, "level": engine.sleep_level, "seconds": seconds, "gpu": _gpu_held()})
+
+    @routes.post("/wake_up")
+    def wake_up():
+        seconds = engine.wake()
+        return jsonify({"is_sleeping": False, "seconds": seconds, "gpu": _gpu_held()})
+
+    @routes.post("/reserve_host")
+    def reserve_host():
+        return jsonify({"bytes": engine.reserve_host()})
+
+    @routes.get("/is_sleeping")
+    def is_sleeping():
+        return jsonify({"is_sleeping": engine.state == "parked", "level": engine.sleep_level})
+
+    @routes.get("/metrics")
+    def metrics_route():
+        for phase, seconds in engine.phases.items():
+            metrics.start_phase.labels(phase).set(seconds)
+        metrics.engine_requests.set(engine.active_requests())
+        metrics.parked.set(engine.state == "parked")
+        # vLLM's own metrics (its stat logger registers them in prometheus_client's global registry) after thaw's
+        return Response(generate_latest(metrics.registry) + generate_latest(REGISTRY), mimetype=CONTENT_TYPE_LATEST)
+
+    return routes

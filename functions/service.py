@@ -1,0 +1,213 @@
+"""Requests to generations and generations to responses: validate an OpenAI request, tokenize it, put it in
+the engine, and turn what the engine buffers into the response (functions/serving.py makes the bytes)."""
+
+from __future__ import annotations
+
+import select
+import socket
+import time
+from typing import Any, Iterator
+
+from flask import Response, after_this_request
+from openai.types import Completion, CompletionChoice, CompletionUsage
+from openai.types.chat import ChatCompletion, ChatCompletionMessage
+from openai.types.chat.chat_completion import Choice as ChatChoice
+
+from . import protocol as p
+from .boot import FunctionConfig
+from .engine import Delta, Engine, EngineFailed, Generation, Sampling
+from .metrics import FunctionMetrics
+from .serving import ClientGone
+
+POLL_SECONDS = 0.2  # how often a waiting request checks that its client is still there
+
+
+def client_gone(environ: dict) -> bool:
+    """True when the peer has closed the connection (a readable socket with nothing to read)."""
+    sock = environ.get("gunicorn.socket")
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except (OSError, ValueError):
+        return True
+
+
+class FunctionService:
+    """Turns OpenAI requests into generations and generations into OpenAI responses."""
+
+    def __init__(self, config: FunctionConfig, engine: Engine, metrics: FunctionMetrics):
+        self.config = config
+        self.engine = engine
+        self.metrics = metrics
+        self.created = p.now()
+
+    # ---- requests to prompts ---------------------------------------------------------------------
+
+    def _refuse_unfit(self, texts: list[str], param: str) -> None:
+        """Refuse, before tokenizing, a prompt with more bytes than max_model_len tokens can hold: tokenizing
+        megabytes takes seconds of CPU that every other request on the replica shares."""
+        size = sum(len(t.encode()) for t in texts)
+        if not self.engine.may_fit(size):
+            raise p.APIError(
+                400, f"This model's maximum context length is {self.engine.max_model_len} tokens. However, your "
+                     f"prompt is {size} bytes, more than {self.engine.max_prompt_bytes} bytes, the most that fit in "
+                     "it. Please reduce the length of the prompt.", param=param, code="context_length_exceeded")
+
+    def _chat_prompt(self, req: p.ChatCompletionRequest) -> list[list[int]]:
+        if not self.engine.has_chat_template:
+            raise p.APIError(400, "This model has no chat template; use /v1/completions")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(),
+                     **({"name": m.name} if m.name else {})} for m in req.messages]
+        self._refuse_unfit([m["content"] for m in messages], "messages")
+        return [self.engine.tokenize_chat(messages)]
+
+    def _completion_prompts(self, req: p.CompletionRequest) -> list[list[int]]:
+        vocab = self.engine.vocab_size
+        prompts = []
+        for i, prompt in enumerate(req.prompts()):
+            if isinstance(prompt, str):
+                self._refuse_unfit([prompt], "prompt")
+                prompts.append(self.engine.tokenize(prompt))
+            elif all(0 <= t < vocab for t in prompt):
+                prompts.append(prompt)
+            else:
+                raise p.APIError(400, f"prompt[{i}] has token ids outside the vocabulary (0..{vocab - 1})",
+                                 param="prompt")
+        return prompts
+
+    def _max_tokens(self, prompts: list[list[int]], requested: int | None) -> int:
+        limit = self.engine.max_model_len
+        for ids in prompts:
+            if not ids:
+                raise p.APIError(400, "The prompt is empty", param="prompt")
+            if len(ids) >= limit:
+                raise p.APIError(
+                    400, f"This model's maximum context length is {limit} tokens. However, your prompt is "
+                         f"{len(ids)} tokens. Please reduce the length of the prompt.",
+                    param="messages" if requested is None else "prompt", code="context_length_exceeded")
+            if requested is not None and len(ids) + requested > limit:
+                raise p.APIError(
+                    400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                         f"{len(ids) + requested} tokens ({len(ids)} in the prompt, {requested} for the "
+                         "completion). Please reduce the prompt or max_tokens.",
+                    param="max_tokens", code="context_length_exceeded")
+        return requested if requested is not None else limit - max(len(ids) for ids in prompts)
+
+    def start(self, kind: type, data: Any) -> tuple[Any, Generation, int, float]:
+        """Validate a request body and put its generation in the engine."""
+        arrived = time.perf_counter()
+        req = p.parse_request(kind, data)
+        if req.model != self.config.served_name:
+            raise p.model_not_found(req.model)
+        self.engine._check_serving()
+        chat = isinstance(req, p.ChatCompletionRequest)
+        prompts = self._chat_prompt(req) if chat else self._completion_prompts(req)
+        max_tokens = self._max_tokens(prompts, req.output_limit)
+        sampling = [
+            Sampling(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                     stop=tuple(req.stop_list()), seed=None if req.seed is None else req.seed + i,
+                     presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                     logprobs=req.logprobs_count, ignore_eos=req.ignore_eos, top_k=req.top_k, min_p=req.min_p,
+                     repetition_penalty=req.repetition_penalty, min_tokens=req.min_tokens,
+                     stop_token_ids=tuple(req.stop_token_ids or ()),
+                     include_stop_str_in_output=req.include_stop_str_in_output,
+                     skip_special_tokens=req.skip_special_tokens,
+                     spaces_between_special_tokens=req.spaces_between_special_tokens)
+            for i in range(req.n)
+        ]
+        gen = self.engine.submit(p.new_id("chatcmpl" if chat else "cmpl"), prompts, sampling)
+        self.metrics.in_flight.inc()
+
+        @after_this_request
+        def clean_up_on_close(response: Response) -> Response:
+            # One clean-up for every way the response ends: answered, streamed to the end, failed, or
+            # its client gone (then the engine stops generating for nobody).
+            response.call_on_close(lambda: self.finish(gen))
+            return response
+
+        return req, gen, sum(len(ids) for ids in prompts), arrived
+
+    def finish(self, gen: Generation) -> None:
+        self.metrics.in_flight.dec()
+        if not gen.ended:
+            self.metrics.cancelled.inc()
+            self.engine.abort(gen)
+
+    # ---- generations to responses ----------------------------------------------------------------
+
+    def takes(self, gen: Generation, environ: dict, arrived: float) -> Iterator[list[Delta]]:
+        """What the engine buffered for a generation, a take at a time, until all its choices finish; raises
+        what ended it otherwise. Accounting is per take, not per token."""
+        finished = 0
+        first = True
+        next_check = time.monotonic() + POLL_SECONDS
+        while finished < gen.choices:
+            items = gen.take(POLL_SECONDS)
+            if time.monotonic() >= next_check:
+                if client_gone(environ):
+                    raise ClientGone()
+                next_check = time.monotonic() + POLL_SECONDS
+            if not items:
+                continue
+            failure = next((item for item in items if isinstance(item, Exception)), None)
+            if failure is not None:
+                gen.ended = True
+                raise failure
+            if first:
+                self.metrics.ttft.observe(time.perf_counter() - arrived)
+                first = False
+            self.metrics.generated_tokens.inc(sum(d.token_count for d in items))
+            finished += sum(d.finish_reason is not None for d in items)
+            gen.ended = finished == gen.choices
+            yield items
+
+    def complete(self, req, gen: Generation, prompt_tokens: int, arrived: float, environ: dict) -> dict:
+        """The whole response of a non-streamed request."""
+        chat = isinstance(req, p.ChatCompletionRequest)
+        texts: dict[int, list[str]] = {i: [] for i in range(gen.choices)}
+        logprobs: dict[int, list] = {i: [] for i in range(gen.choices)}
+        reasons: dict[int, str | None] = {}
+        completion_tokens = 0
+        try:
+            for take in self.takes(gen, environ, arrived):
+                for d in take:
+                    texts[d.index].append(d.text)
+                    logprobs[d.index].extend(d.logprobs or ())
+                    completion_tokens += d.token_count
+                    if d.finish_reason is not None:
+                        reasons[d.index] = d.finish_reason
+        except EngineFailed as exc:
+            raise p.APIError(500, f"The engine failed: {exc}", code="engine_failed") from None
+        common = {"id": gen.request_id, "created": p.now(), "model": self.config.served_name,
+                  "usage": CompletionUsage.model_construct(**p.usage(prompt_tokens, completion_tokens))}
+        lps = {i: p.logprobs_json(chat, logprobs[i]) if req.logprobs_count is not None else None for i in texts}
+        # Built without validation, as the chunks are: a finish reason vLLM adds beyond OpenAI's list passes
+        # through, as vLLM's own server passes it, rather than failing a finished answer.
+        if chat:
+            body = ChatCompletion.model_construct(object="chat.completion", **common, choices=[
+                ChatChoice.model_construct(index=i, message=ChatCompletionMessage.model_construct(
+                    role="assistant", content="".join(texts[i])), logprobs=lps[i], finish_reason=reasons.get(i))
+                for i in texts])
+        else:
+            body = Completion.model_construct(object="text_completion", **common, choices=[
+                CompletionChoice.model_construct(index=i, text="".join(texts[i]), logprobs=lps[i],
+                                                 finish_reason=reasons.get(i)) for i in texts])
+        return body.model_dump(mode="json", exclude_unset=True)
+
+    def first_take(self, gen: Generation, environ: dict, arrived: float) -> Iterator[list[Delta]]:
+        """Wait for the first output before a stream's headers go out, so early failures keep their status."""
+        takes = self.takes(gen, environ, arrived)
+        try:
+            first = next(takes)
+        except EngineFailed as exc:
+            raise p.APIError(500, f"The engine failed: {exc}", code="engine_failed") from None
+
+        def chained():
+            yield first
+            yield from takes
+
+        return chained()
