@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import aiohttp
 from aiohttp import web
+
+from thaw.spec import Model
 
 from .breaker import QueueFull
 from .openai_errors import error_response
@@ -25,10 +27,23 @@ from .proxy import NotAnswered, NotReady, proxy
 from .replica import RUNNING, Replica, State
 from .throttler import Throttler
 
-if TYPE_CHECKING:
-    from .revision import Revision
-
 ATTEMPTS = 3  # tries of a request whose replica's connection failed before it answered
+
+
+class Revision(Protocol):
+    """What the activator reads of the revision it fronts (revision.py's Revision)."""
+
+    name: str
+    model: Model
+    launching: int
+    pending: str | None
+    failure: str | None
+
+    @property
+    def ready(self) -> list[Replica]: ...
+    @property
+    def parked(self) -> list[Replica]: ...
+    def count(self, *states: State) -> int: ...
 
 
 class ReplicaMoves(Protocol):

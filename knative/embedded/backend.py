@@ -5,21 +5,29 @@ request at zero would wake the revision."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Awaitable, Callable, Protocol
 
 from thaw.cache_warmer.optimizer import Demand
 from thaw.eventing import events
 
 from .reconciler import weight_bytes
-
-if TYPE_CHECKING:
-    from .plane import ServingPlane
+from .revision import ModelRoutes, Revision
 
 SOURCE = "/thaw/optimizer"
 
 
+class PlaneReads(Protocol):
+    """What the backend reads of the serving plane (plane.py): its models, their calls, its route, its broker."""
+
+    models: dict[str, ModelRoutes]
+    calls: dict
+    publish: Callable[..., Awaitable] | None
+
+    def route(self, model: str, tag: str | None = None) -> Revision: ...
+
+
 class EmbeddedBackend:
-    def __init__(self, plane: "ServingPlane"):
+    def __init__(self, plane: PlaneReads):
         self.plane = plane
 
     def demands(self) -> list[Demand]:

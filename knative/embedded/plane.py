@@ -14,7 +14,7 @@ import collections
 import logging
 import random
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -31,8 +31,8 @@ from .activator import Activator
 from .autoscaler import Autoscaler, AutoscalerConfig, ConcurrencyWindow, bounded_scale, resolve_spec
 from .backend import EmbeddedBackend
 from .reconciler import Reconciler
-from .revision import Revision
-from .revisions import (Route, RevisionHistory, SpecRefused, pick_revision, resolve_traffic, tagged_revision,
+from .revision import ModelRoutes, Revision
+from .revisions import (RevisionHistory, SpecRefused, pick_revision, resolve_traffic, tagged_revision,
                         traffic_problems)
 from .status import plane_status
 from .supervisor import Supervisor, start_standby, start_warmer
@@ -43,13 +43,6 @@ log = logging.getLogger("thaw.plane")
 
 class UnknownModel(KeyError):
     pass
-
-
-@dataclass(eq=False)
-class ModelRoutes:
-    model: Model
-    revisions: dict[str, Revision] = field(default_factory=dict)
-    routes: list[Route] = field(default_factory=list)
 
 
 def replica_weights(model: Model, spec: Spec) -> tuple[Path | None, list[str] | None]:
@@ -253,4 +246,4 @@ class ServingPlane:
                 self.reconciler.reconcile(rev)
 
     def status(self) -> dict[str, Any]:
-        return plane_status(self)
+        return plane_status(self.models, self.supervisor.standby_ready(), self.spec_refused)

@@ -17,21 +17,20 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 import aiohttp
 
 from thaw.durations import parse_duration
+from thaw.spec import Spec
 from thaw.vllm_platform import detect, gpu_count, gpu_memory
 
+from .autoscaler import AutoscalerConfig
 from .node import Claim, Node, node_of, place, request_of, shared_cores
 from .parking import PARKED, Awake, Sleeper, decide_park, plan_gpu_room
 from .replica import RUNNING, Replica, State, can_move
 from .revision import Revision, ReplicaView, decide, plan
 from .supervisor import Supervisor
-
-if TYPE_CHECKING:
-    from .plane import ServingPlane
 
 log = logging.getLogger("thaw.reconciler")
 
@@ -42,6 +41,18 @@ PLACEMENT_POLL = 0.25  # how often a Pending replica looks for room on the node 
 BACKOFF_FIRST, BACKOFF_MAX = 10.0, 300.0  # Kubernetes' CrashLoopBackOff: 10 s, doubling, at most 5 minutes
 READINESS_PERIOD = 1.0  # how often ready replicas' /readyz is probed (a worker restarted inside one)
 READINESS_TIMEOUT = 5.0  # a probe answered no faster than this fails (a busy replica answers in ms)
+
+
+class Fleet(Protocol):
+    """What the reconciler reads of the serving plane (plane.py), and the two things it asks of it."""
+
+    spec: Spec
+
+    @property
+    def config(self) -> AutoscalerConfig: ...
+    def revisions(self) -> list[Revision]: ...
+    def emit_revision(self, kind: str, rev: Revision) -> None: ...
+    def delete_removed_models(self) -> None: ...
 
 
 def weight_bytes(source: str) -> int:
@@ -63,7 +74,7 @@ def _process_tree_rss(pid: int) -> int:
 
 
 class Reconciler:
-    def __init__(self, plane: "ServingPlane", supervisor: Supervisor, start_args: Callable[[Revision], tuple]):
+    def __init__(self, plane: Fleet, supervisor: Supervisor, start_args: Callable[[Revision], tuple]):
         """`start_args(rev)` gives the supervisor's arguments for a new replica of `rev` (its weights here)."""
         self.plane = plane
         self.supervisor = supervisor

@@ -16,6 +16,7 @@ from thaw.spec import Model
 from .activator import Activator
 from .autoscaler import Autoscaler, ConcurrencyWindow, ScaleResult, bounded_scale, scale_to_zero_gate
 from .replica import RUNNING, Replica, State
+from .revisions import Route
 from .throttler import Throttler
 
 
@@ -63,6 +64,15 @@ class Revision:
     def concurrency(self) -> int:
         """What the autoscaler sees: requests at replicas plus requests the activator holds."""
         return self.throttler.in_flight + self.throttler.queued
+
+
+@dataclass(eq=False)
+class ModelRoutes:
+    """One model of the spec: its revisions by name and the routes that split its traffic among them."""
+
+    model: Model
+    revisions: dict[str, Revision] = field(default_factory=dict)
+    routes: list[Route] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -3,22 +3,20 @@ traffic, desired scale, replicas by state, panic, queue, GPU and host memory; th
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from thaw.vllm_platform import detect, gpu_memory
 
 from .replica import State
-
-if TYPE_CHECKING:
-    from .plane import ServingPlane
+from .revision import ModelRoutes
 
 SHOWN = (State.STARTING, State.READY, State.UNREADY, State.DRAINING, State.PARKED)
 
 
-def plane_status(plane: "ServingPlane") -> dict[str, Any]:
+def plane_status(models: dict[str, ModelRoutes], standby_ready: bool, spec_refused: list) -> dict[str, Any]:
     memory = gpu_memory()
-    models = []
-    for name, entry in plane.models.items():
+    shown = []
+    for name, entry in models.items():
         percents = {r.revision: (r.percent, r.tag) for r in entry.routes}
         revisions = []
         for rev in entry.revisions.values():
@@ -36,9 +34,9 @@ def plane_status(plane: "ServingPlane") -> dict[str, Any]:
                           "park_seconds": r.park_seconds} for r in rev.replicas],
                 "hibernated": sum(1 for r in rev.replicas if r.state == State.PARKED and r.sleep_level == 2),
             })
-        models.append({"name": name, "served_name": entry.model.served_name,
+        shown.append({"name": name, "served_name": entry.model.served_name,
                        "weights": str(entry.model.source), "revisions": revisions})
     platform = detect()
-    return {"models": models, "standby": plane.supervisor.standby_ready(), "spec_refused": plane.spec_refused,
+    return {"models": shown, "standby": standby_ready, "spec_refused": spec_refused,
             "platform": {"device": platform.device, "vllm": platform.vllm, "sleep_mode": platform.sleep_mode},
             "gpu": {"total": memory.total, "free": memory.free} if memory else None}

@@ -1,0 +1,201 @@
+"""The request path in front of replicas (activator.py, proxy.py), fast: real HTTP on 127.0.0.1 to stand-in
+replicas (small aiohttp servers answering as a function replica would), no vLLM. The reconciler is the one
+double here: it records the moves the activator asks of it (a real one needs replica processes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+
+import pytest
+import requests
+from aiohttp import web
+
+from loop_servers import LoopThread
+from thaw.functions.engine import LOADING_HEADER
+from thaw.knative.embedded.activator import Activator
+from thaw.knative.embedded.autoscaler import Autoscaler, ConcurrencyWindow, resolve_spec
+from thaw.knative.embedded.replica import Replica, State
+from thaw.knative.embedded.revision import Revision
+from thaw.knative.embedded.throttler import Throttler
+from thaw.spec import Model
+
+
+class RecordedMoves:
+    """Stands in for the reconciler: records what the activator asks of it, and takes a lost or not-ready
+    replica out of the activator's rotation, as the reconciler's moves do."""
+
+    def __init__(self, throttler: Throttler):
+        self.throttler = throttler
+        self.moves: list[tuple[str, str | None]] = []
+
+    def poke(self, rev) -> None:
+        self.moves.append(("poke", None))
+
+    def wake_parked(self, rev, replica) -> None:
+        self.moves.append(("wake_parked", replica.id))
+
+    def lost(self, rev, replica) -> None:
+        self.moves.append(("lost", replica.id))
+        self.throttler.remove_replica(replica)
+
+    def not_ready(self, rev, replica) -> None:
+        self.moves.append(("not_ready", replica.id))
+        self.throttler.remove_replica(replica)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def replica_app(mode: str) -> web.Application:
+    """A stand-in replica: `stream` answers 3 SSE chunks then [DONE]; `loading` is an engine still loading
+    (503 with thaw's loading header); `die` sends one chunk and drops the connection; `slow` answers past
+    the revision's timeoutSeconds; `echo` answers with the request's headers and body."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        if mode == "loading":
+            return web.json_response({"error": {"message": "loading"}}, status=503, headers={LOADING_HEADER: "1"})
+        if mode == "slow":
+            await asyncio.sleep(4)  # past the revision's timeoutSeconds (2)
+        if mode == "echo":
+            return web.json_response({"headers": dict(request.headers), "body": body.decode(), "path": request.path,
+                                      "query": request.query_string})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for i in range(1 if mode == "die" else 3):
+            await response.write(f'data: {{"n": {i}}}\n\n'.encode())
+        if mode == "die":
+            request.transport.abort()  # the replica's process died under the answer
+            return response
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app
+
+
+@pytest.fixture
+def path_under_test():
+    """One revision with an activator in front, behind a small gateway route; `add(mode)` gives it a ready
+    replica of that kind (or `refused`: a port nobody listens on)."""
+    loop = LoopThread()
+    model = Model(name="m", source="/nowhere", containerConcurrency=4, timeoutSeconds=2)
+    decider = resolve_spec(model.scaling, model.containerConcurrency)
+    throttler = Throttler(8, model.containerConcurrency)
+    rev = Revision(name="m-00001", model=model, generation=1, autoscaler=Autoscaler.new(decider, 0, 0.0),
+                   window=ConcurrencyWindow(decider.stable_window), desired=1, throttler=throttler)
+    moves = RecordedMoves(throttler)
+    rev.activator = Activator(rev, throttler, moves)
+    session = {}
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        import aiohttp
+
+        if "s" not in session:
+            session["s"] = aiohttp.ClientSession(auto_decompress=False)
+        return await rev.activator.forward(session["s"], request, "m", "/v1/completions", await request.read())
+
+    front = web.Application()
+    front.router.add_post("/v1/completions", forward)
+    url = loop.serve(front)
+
+    def add(mode: str) -> Replica:
+        port = free_port() if mode == "refused" else int(loop.serve(replica_app(mode)).rsplit(":", 1)[1])
+        replica = Replica(id=f"r{len(rev.replicas)}-{mode}", revision=rev.name, port=port, pid=0, via_standby=False,
+                          log_path=None, state=State.READY)
+        rev.replicas.append(replica)
+        loop.run(_add(throttler, replica))
+        return replica
+
+    yield url + "/v1/completions", add, moves, rev
+    if "s" in session:
+        loop.run(session["s"].close())
+    loop.close()
+
+
+async def _add(throttler, replica) -> None:
+    throttler.add_replica(replica)
+
+
+def sse(r: requests.Response) -> list[str]:
+    return [line[6:] for line in r.text.split("\n") if line.startswith("data: ")]
+
+
+def test_a_stream_passes_through_with_the_activators_headers_and_no_credentials(path_under_test):
+    url, add, moves, _ = path_under_test
+    add("stream")
+    r = requests.post(url, json={"model": "m"}, headers={"Authorization": "Bearer secret"}, timeout=10)
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+    assert sse(r) == ['{"n": 0}', '{"n": 1}', '{"n": 2}', "[DONE]"]
+    assert r.headers["X-Thaw-Revision"] == "m-00001" and float(r.headers["X-Thaw-Queue-Seconds"]) >= 0
+    assert "X-Thaw-Cold-Start" not in r.headers  # a ready replica: a warm request
+
+
+def test_the_replica_gets_the_body_path_and_query_but_never_the_clients_token(path_under_test):
+    url, add, _, _ = path_under_test
+    add("echo")
+    r = requests.post(url + "?x=1", data=b'{"model": "m"}', headers={"Authorization": "Bearer secret",
+                                                                     "Content-Type": "application/json"}, timeout=10)
+    seen = r.json()
+    assert seen["body"] == '{"model": "m"}' and seen["path"] == "/v1/completions" and seen["query"] == "x=1"
+    assert "Authorization" not in seen["headers"]
+
+
+def test_a_refused_connection_goes_to_another_replica_and_the_dead_one_is_reported(path_under_test):
+    url, add, moves, _ = path_under_test
+    dead = add("refused")
+    add("stream")
+    statuses = [requests.post(url, json={"model": "m"}, timeout=10).status_code for _ in range(4)]
+    assert statuses == [200] * 4  # the client never sees the dead replica
+    assert moves.moves.count(("lost", dead.id)) == 1
+
+
+def test_a_replica_whose_engine_is_loading_again_hands_the_request_on(path_under_test):
+    url, add, moves, _ = path_under_test
+    loading = add("loading")
+    add("stream")
+    statuses = [requests.post(url, json={"model": "m"}, timeout=10).status_code for _ in range(4)]
+    assert statuses == [200] * 4
+    assert moves.moves.count(("not_ready", loading.id)) == 1
+
+
+def test_a_replica_dying_mid_stream_ends_the_stream_with_an_error_chunk_and_done(path_under_test):
+    url, add, _, _ = path_under_test
+    add("die")
+    r = requests.post(url, json={"model": "m"}, timeout=10)
+    events = sse(r)
+    assert r.status_code == 200 and events[0] == '{"n": 0}' and events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "replica_failed" and error["type"] == "server_error"
+
+
+def test_a_request_past_timeout_seconds_is_a_504_in_openais_shape(path_under_test):
+    url, add, _, _ = path_under_test
+    add("slow")
+    r = requests.post(url, json={"model": "m"}, timeout=20)
+    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+
+
+def test_only_refusing_replicas_is_a_502_after_bounded_tries(path_under_test):
+    url, add, moves, _ = path_under_test
+    for _ in range(3):
+        add("refused")
+    r = requests.post(url, json={"model": "m"}, timeout=10)
+    assert r.status_code == 502 and r.json()["error"]["code"] == "replica_failed"
+    assert [m for m, _ in moves.moves].count("lost") == 3  # ATTEMPTS, then it gives up
+
+
+def test_a_revision_with_nothing_ready_is_woken_and_the_request_held_to_its_timeout(path_under_test):
+    url, add, moves, rev = path_under_test
+    # No replica: the activator pokes the reconciler to start one and holds the request until its timeout.
+    r = requests.post(url, json={"model": "m"}, timeout=10)
+    assert r.status_code == 504 and ("poke", None) in moves.moves
+    assert r.json()["error"]["message"].startswith("No replica of 'm' could take the request within 2s")
