@@ -118,8 +118,36 @@ def run_function_bench(model_dir: Path, runs: int, concurrency: list[int], promp
               "warm": warm, "concurrency": concurrency}
     write_json(out, result)
     report(result, console)
-    console.print(f"results: {out}")
+    plot_ratios(result, out.with_suffix(".png"))
+    console.print(f"results: {out}, {out.with_suffix('.png')}")
     return result
+
+
+def plot_ratios(result: dict, path: Path) -> None:
+    """thaw / vLLM's server per metric, for each target and concurrency: bars left of 1 are better for the
+    latencies, right of 1 for tokens/s."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [("tokens_per_second", "tokens/s"), ("ttft_p50", "TTFT p50"), ("ttft_p95", "TTFT p95"),
+               ("itl_p50", "ITL p50"), ("itl_p99", "ITL p99")]
+    warm, levels = result["warm"], [str(c) for c in result["concurrency"]]
+    series = [(kind, c) for c in levels for kind in ("thaw", "gateway")]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(series)
+    for i, (kind, c) in enumerate(series):
+        ratios = [warm[kind][c][m] / warm["vllm"][c][m] for m, _ in metrics]
+        ax.bar([j + i * width for j in range(len(metrics))], ratios, width, label=f"{LABELS[kind]}, {c} streams")
+    ax.axhline(1.0, color="black", linewidth=1)
+    ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(metrics))], [label for _, label in metrics])
+    ax.set_ylabel("thaw / vLLM's server")
+    ax.set_title("warm path, vllm bench serve (tokens/s: higher is better; latencies: lower)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def report(result: dict, console: Console) -> None:
