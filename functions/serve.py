@@ -11,8 +11,8 @@ from .gunicorn_conf import options
 
 
 def serve(config: FunctionConfig, host: str = "127.0.0.1", port: int = 8000, threads: int = 64) -> None:
-    # The cores the serving plane placed this replica on (knative/embedded/node.py): the whole process tree
-    # runs there (gunicorn's worker and vLLM's engine inherit it; vLLM's CPU engine binds its threads there).
+    # The cores the serving plane placed this replica on (knative/embedded/control/node.py): the whole process
+    # tree runs there (gunicorn's worker and vLLM's engine inherit it; vLLM's CPU engine binds its threads there).
     cores = os.environ.get("THAW_CPU_CORES")
     if cores:
         os.sched_setaffinity(0, {int(c) for c in cores.split(",")})

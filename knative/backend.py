@@ -1,4 +1,4 @@
-"""What the cold-start optimizer drives in a serving backend: `knative/embedded/backend.py` implements it
+"""What the cold-start optimizer drives in a serving backend: `knative/embedded/control/backend.py` implements it
 with the embedded plane's own revisions and the local broker; `knative/cluster/backend.py` through
 Knative (min-scale by server-side apply, the cache warmer's Service, a request through a model's route)."""
 

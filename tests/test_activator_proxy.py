@@ -15,11 +15,11 @@ from aiohttp import web
 
 from loop_servers import LoopThread
 from thaw.functions.engine import LOADING_HEADER
-from thaw.knative.embedded.activator import Activator
-from thaw.knative.embedded.autoscaler import Autoscaler, ConcurrencyWindow, resolve_spec
-from thaw.knative.embedded.replica import Replica, State
-from thaw.knative.embedded.revision import Revision
-from thaw.knative.embedded.throttler import Throttler
+from thaw.knative.embedded.dataplane.activator import Activator
+from thaw.knative.embedded.control.autoscaler import Autoscaler, ConcurrencyWindow, resolve_spec
+from thaw.knative.embedded.dataplane.replica import Replica, State
+from thaw.knative.embedded.control.revision import Revision
+from thaw.knative.embedded.dataplane.throttler import Throttler
 from thaw.spec import Model
 
 

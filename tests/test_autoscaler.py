@@ -1,4 +1,4 @@
-"""Table tests of the KPA decision (knative/embedded/autoscaler.py), cases after Knative's own."""
+"""Table tests of the KPA decision (knative/embedded/control/autoscaler.py), cases after Knative's own."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from thaw.knative.embedded.autoscaler import (Autoscaler, ConcurrencyWindow, DeciderSpec, bounded_scale,
+from thaw.knative.embedded.control.autoscaler import (Autoscaler, ConcurrencyWindow, DeciderSpec, bounded_scale,
                                               resolve_spec, scale_to_zero_gate)
 from thaw.spec import Scaling
 

@@ -16,9 +16,9 @@ from k8s_standin import StandIn, write_kubeconfig
 from loop_servers import LoopThread
 from thaw.knative.cluster.render import render
 from thaw.knative.cluster.validate import validate_objects
-from thaw.knative.embedded import lifecycle
-from thaw.knative.embedded.plane import replica_weights
-from thaw.knative.embedded.supervisor import replica_command
+from thaw.knative.embedded.control import lifecycle
+from thaw.knative.embedded.control.plane import replica_weights
+from thaw.knative.embedded.control.supervisor import replica_command
 from thaw.spec import load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent

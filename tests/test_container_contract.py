@@ -7,8 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from thaw.knative.embedded.plane import replica_weights
-from thaw.knative.embedded.supervisor import Supervisor
+from thaw.knative.embedded.control.plane import replica_weights
+from thaw.knative.embedded.control.supervisor import Supervisor
 from thaw.spec import parse_spec
 
 

@@ -210,14 +210,14 @@ def test_the_standby_refuses_to_fork_once_cuda_is_initialised(tmp_path):
     script = textwrap.dedent(f"""
         import torch
         torch.zeros(1, device="cuda")
-        from thaw.knative.embedded.standby import serve_standby
+        from thaw.knative.embedded.control.standby import serve_standby
         serve_standby({str(socket_path)!r})
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], env=base_env(), stdout=subprocess.DEVNULL,
                             stderr=open(tmp_path / "standby.log", "wb"), start_new_session=True)
     try:
         poll(socket_path.exists, 180, 0.2, "standby listening")
-        from thaw.knative.embedded.standby import spawn_from_standby
+        from thaw.knative.embedded.control.standby import spawn_from_standby
 
         with pytest.raises(RuntimeError, match="initialised CUDA"):
             spawn_from_standby(socket_path, ["--help"], dict(os.environ), tmp_path / "replica.log")

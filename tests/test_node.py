@@ -1,4 +1,4 @@
-"""The machine as one Kubernetes node (knative/embedded/node.py): placement as a table, then a real
+"""The machine as one Kubernetes node (knative/embedded/control/node.py): placement as a table, then a real
 `thaw up` whose second replica does not fit and stays Pending with the scheduler's reason."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import requests
 import yaml
 
 from conftest import poll
-from thaw.knative.embedded.node import Claim, Node, Request, place, shared_cores
+from thaw.knative.embedded.control.node import Claim, Node, Request, place, shared_cores
 from thaw.launch import ServerProcess, base_env, free_port
 
 GiB = 1 << 30

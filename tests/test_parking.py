@@ -15,7 +15,7 @@ import requests
 import yaml
 
 from conftest import poll, start_function, thaw_cli
-from thaw.knative.embedded.parking import (HIBERNATED, PARKED, Awake, ParkDecision, RoomPlan, Sleeper, decide_park,
+from thaw.knative.embedded.control.parking import (HIBERNATED, PARKED, Awake, ParkDecision, RoomPlan, Sleeper, decide_park,
                                            plan_gpu_room)
 from thaw.launch import base_env
 
@@ -115,7 +115,7 @@ def test_the_standby_refuses_to_fork_once_cuda_is_initialised(tmp_path):
     refuse to fork, with an error saying why (tests/test_gpu.py does it for real on the GPU host)."""
     socket_path = tmp_path / "standby.sock"
     script = textwrap.dedent(f"""
-        import thaw.knative.embedded.standby as standby
+        import thaw.knative.embedded.control.standby as standby
         standby.cuda_initialised = lambda: True  # the stand-in for a CUDA context
         standby.serve_standby({str(socket_path)!r})
     """)
@@ -124,7 +124,7 @@ def test_the_standby_refuses_to_fork_once_cuda_is_initialised(tmp_path):
                                 start_new_session=True)
     try:
         poll(socket_path.exists, 120, 0.1, "standby listening")
-        from thaw.knative.embedded.standby import spawn_from_standby
+        from thaw.knative.embedded.control.standby import spawn_from_standby
 
         with pytest.raises(RuntimeError, match="initialised CUDA.*does not survive fork"):
             spawn_from_standby(socket_path, ["--help"], base_env(), tmp_path / "replica.log")

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from thaw.knative.embedded import plane as plane_module
-from thaw.knative.embedded import reconciler as reconciler_module
-from thaw.knative.embedded.replica import Replica
+from thaw.knative.embedded.control import plane as plane_module
+from thaw.knative.embedded.control import reconciler as reconciler_module
+from thaw.knative.embedded.dataplane.replica import Replica
 from thaw.spec import parse_spec
 from thaw.vllm_platform import VllmPlatform
 

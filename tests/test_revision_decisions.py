@@ -1,12 +1,12 @@
-"""A revision's two pure decisions (knative/embedded/revision.py) and the replica state machine, as tables."""
+"""A revision's two pure decisions (knative/embedded/control/revision.py) and the replica state machine, as tables."""
 
 from __future__ import annotations
 
 import pytest
 
-from thaw.knative.embedded.autoscaler import ScaleResult
-from thaw.knative.embedded.replica import MOVES, IllegalMove, Replica, State, can_move
-from thaw.knative.embedded.revision import Decision, Plan, ReplicaView, decide, plan
+from thaw.knative.embedded.control.autoscaler import ScaleResult
+from thaw.knative.embedded.dataplane.replica import MOVES, IllegalMove, Replica, State, can_move
+from thaw.knative.embedded.control.revision import Decision, Plan, ReplicaView, decide, plan
 
 S = State
 

@@ -42,7 +42,7 @@ def validate(file: Path = typer.Option(Path("thaw.yaml"), "-f", "--file", help="
         spec = load_spec(file)
     except SpecError as exc:
         _fail(exc.problems)
-    from thaw.knative.embedded.revisions import RevisionHistory, traffic_problems
+    from thaw.knative.embedded.control.traffic import RevisionHistory, traffic_problems
 
     # Traffic may name revisions only the state directory's history knows (revisions of this machine).
     problems = traffic_problems(spec.models, RevisionHistory.of_state_dir(spec.platform.stateDir))
@@ -72,7 +72,7 @@ def parse_engine_args(pairs: list[str]) -> EngineArgs:
 @app.command()
 def up(file: Path = typer.Option(Path("thaw.yaml"), "-f", "--file", help="The platform spec.")) -> None:
     """Run the embedded platform in the foreground: gateway, activator, KPA autoscaler, replicas."""
-    from thaw.knative.embedded.revisions import SpecRefused
+    from thaw.knative.embedded.control.traffic import SpecRefused
     from thaw.knative.embedded.up import StartConflict, run_up
 
     try:

@@ -144,7 +144,7 @@ Quantity = Annotated[str, AfterValidator(_check_quantity)]
 
 
 class Resources(SpecModel):
-    """A replica's requests, as a pod's: it starts only where they fit (knative/embedded/node.py)."""
+    """A replica's requests, as a pod's: it starts only where they fit (knative/embedded/control/node.py)."""
 
     cpu: Quantity | None = None
     memory: Quantity | None = None
@@ -242,7 +242,7 @@ class Model(SpecModel):
     @model_validator(mode="after")
     def _traffic(self) -> "Model":
         if self.traffic:
-            from thaw.knative.embedded.revisions import validate_traffic
+            from thaw.knative.embedded.control.traffic import validate_traffic
 
             validate_traffic(self.traffic)
         return self
@@ -338,7 +338,7 @@ class Parking(SpecModel):
     """What sleeping replicas may hold. Parked ones keep their weights in pinned host RAM (hostMemory bounds
     them together); hibernated ones dropped them and hold a process and a CUDA context (about 1 GiB of GPU
     memory) each, as parked ones do (gpuContexts bounds how many sleep at all). The most recently used
-    sleepers park, the next hibernate, the least recently used stop (knative/embedded/parking.py)."""
+    sleepers park, the next hibernate, the least recently used stop (knative/embedded/control/parking.py)."""
 
     hostMemory: Quantity = "64Gi"
     gpuContexts: int = Field(8, ge=0)

@@ -23,9 +23,9 @@ from thaw.spec import Spec
 
 from .auth import Authenticator, Token, eventing_gate
 from .gateway import Gateway, GatewayRunner
-from .backend import EmbeddedBackend
-from .plane import ServingPlane
-from .revisions import RevisionHistory, SpecRefused, traffic_problems
+from .control.backend import EmbeddedBackend
+from .control.plane import ServingPlane
+from .control.traffic import RevisionHistory, SpecRefused, traffic_problems
 
 log = logging.getLogger("thaw.up")
 

@@ -10,7 +10,7 @@ as Kubernetes' scheduler and the kubelet would on a single node:
   200+ to 5 tokens/s); replicas without a CPU request share the cores nobody holds;
 - memory: requests, plus the host RAM that parked replicas hold pinned (the kernel cannot page it out);
 - GPUs: whole devices of their own (`nvidia.com/gpu`); replicas without a GPU request share the GPUs by
-  memory, as sleeping replicas need (knative/embedded/parking.py).
+  memory, as sleeping replicas need (knative/embedded/control/parking.py).
 A replica that does not fit is Pending, with the scheduler's own message, e.g.
 "0/1 nodes are available: 1 Insufficient cpu."
 """

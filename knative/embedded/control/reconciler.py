@@ -28,7 +28,7 @@ from thaw.vllm_platform import detect, gpu_count, gpu_memory
 from .autoscaler import AutoscalerConfig
 from .node import Claim, Node, node_of, place, request_of, shared_cores
 from .parking import PARKED, Awake, Sleeper, decide_park, plan_gpu_room
-from .replica import RUNNING, Replica, State, can_move
+from ..dataplane.replica import RUNNING, Replica, State, can_move
 from .revision import Revision, ReplicaView, decide, plan
 from .supervisor import Supervisor
 

@@ -25,7 +25,7 @@ from thaw.launch import base_env, free_port, function_command
 from thaw.spec import Model
 from thaw.vllm_platform import detect
 
-from .replica import Replica, State
+from ..dataplane.replica import Replica, State
 from .standby import die_with_parent, spawn_from_standby
 
 log = logging.getLogger("thaw.supervisor")
@@ -145,7 +145,7 @@ def start_standby(state_dir: Path) -> tuple[subprocess.Popen, Path]:
     log_path = Path(state_dir) / "logs" / "standby.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as out:
-        popen = subprocess.Popen([sys.executable, "-m", "thaw.knative.embedded.standby", str(socket_path)],
+        popen = subprocess.Popen([sys.executable, "-m", "thaw.knative.embedded.control.standby", str(socket_path)],
                                  stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=base_env(),
                                  start_new_session=True)
     return popen, socket_path

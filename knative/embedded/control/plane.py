@@ -27,16 +27,16 @@ from thaw.spec import Model, Spec, SpecError, load_spec, spec_warnings
 from thaw.vllm_platform import gpu_memory
 
 from . import lifecycle
-from .activator import Activator
+from ..dataplane.activator import Activator
 from .autoscaler import Autoscaler, AutoscalerConfig, ConcurrencyWindow, bounded_scale, resolve_spec
 from .backend import EmbeddedBackend
 from .reconciler import Reconciler
 from .revision import ModelRoutes, Revision
-from .revisions import (RevisionHistory, SpecRefused, pick_revision, resolve_traffic, tagged_revision,
+from .traffic import (RevisionHistory, SpecRefused, pick_revision, resolve_traffic, tagged_revision,
                         traffic_problems)
 from .status import plane_status
 from .supervisor import Supervisor, start_standby, start_warmer
-from .throttler import Throttler
+from ..dataplane.throttler import Throttler
 
 log = logging.getLogger("thaw.plane")
 

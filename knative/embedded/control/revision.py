@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 from thaw.spec import Model
 
-from .activator import Activator
+from ..dataplane.activator import Activator
 from .autoscaler import Autoscaler, ConcurrencyWindow, ScaleResult, bounded_scale, scale_to_zero_gate
-from .replica import RUNNING, Replica, State
-from .revisions import Route
-from .throttler import Throttler
+from ..dataplane.replica import RUNNING, Replica, State
+from .traffic import Route
+from ..dataplane.throttler import Throttler
 
 
 @dataclass(eq=False)

@@ -7,7 +7,7 @@ from typing import Any
 
 from thaw.vllm_platform import detect, gpu_memory
 
-from .replica import State
+from ..dataplane.replica import State
 from .revision import ModelRoutes
 
 SHOWN = (State.STARTING, State.READY, State.UNREADY, State.DRAINING, State.PARKED)
