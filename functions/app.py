@@ -15,7 +15,7 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from . import protocol as p
-from .boot import CacheSettings, FunctionConfig, weights_fetcher
+from .boot import FunctionConfig, weights_fetcher
 from .engine import Engine
 from .metrics import FunctionMetrics
 from .routes_engine import engine_routes
@@ -23,8 +23,6 @@ from .routes_events import event_routes
 from .routes_openai import openai_routes
 from .service import FunctionService
 from .serving import ClientGone
-
-__all__ = ["CacheSettings", "FunctionConfig", "create_app"]
 
 log = logging.getLogger("thaw.function")
 

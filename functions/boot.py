@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from thaw.cache_warmer.prewarm import read_into_page_cache
-from thaw.spec import EngineArgs, S3Origin
+from thaw.launch import ReplicaBoot
+from thaw.spec import EngineArgs, S3Origin, quantity_bytes
 from thaw.vllm_platform import detect
 
 from .engine_plan import arch_id
@@ -37,6 +38,21 @@ class FunctionConfig:
     source: str | None = None  # s3://... or a folder, staged through the cache tier at boot
     cache: CacheSettings | None = None
     max_body_bytes: int = 32 << 20  # a larger request body is a 413
+
+
+def function_config(boot: ReplicaBoot, served_name: str, engine: EngineArgs) -> FunctionConfig:
+    """A replica's configuration from its boot settings: the one way both a new process (`thaw function
+    serve`, from its flags) and a replica forked from the standby (from the typed settings) get theirs."""
+    if (boot.model_dir is None) == (boot.source is None):
+        raise ValueError("give exactly one of a model folder (--model-dir) and a source (--source)")
+    cache_root = Path(boot.cache_root) if boot.cache_root else (Path(".thaw/cache") if boot.source else None)
+    cache = CacheSettings(cache_root.resolve(), quantity_bytes(boot.cache_capacity),
+                          S3Origin(endpointUrl=boot.s3_endpoint, region=boot.s3_region,
+                                   bandwidthMbps=boot.bandwidth_mbps), boot.prewarm,
+                          Path(boot.dram_root) if boot.dram_root else None) if cache_root else None
+    return FunctionConfig(model_dir=Path(boot.model_dir).resolve() if boot.model_dir else None,
+                          served_name=served_name, engine=engine, source=boot.source, cache=cache,
+                          max_body_bytes=quantity_bytes(boot.max_body_size))
 
 
 def weights_fetcher(config: FunctionConfig):

@@ -55,14 +55,14 @@ def free_port() -> int:
 def replica_app(mode: str) -> web.Application:
     """A stand-in replica: `stream` answers 3 SSE chunks then [DONE]; `loading` is an engine still loading
     (503 with thaw's loading header); `die` sends one chunk and drops the connection; `slow` answers past
-    the revision's timeoutSeconds; `echo` answers with the request's headers and body."""
+    a short timeoutSeconds; `echo` answers with the request's headers and body."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
         body = await request.read()
         if mode == "loading":
             return web.json_response({"error": {"message": "loading"}}, status=503, headers={LOADING_HEADER: "1"})
         if mode == "slow":
-            await asyncio.sleep(4)  # past the revision's timeoutSeconds (2)
+            await asyncio.sleep(4)  # past the timeoutSeconds (2) of the test that uses it
         if mode == "echo":
             return web.json_response({"headers": dict(request.headers), "body": body.decode(), "path": request.path,
                                       "query": request.query_string})
@@ -87,7 +87,7 @@ def path_under_test():
     """One revision with an activator in front, behind a small gateway route; `add(mode)` gives it a ready
     replica of that kind (or `refused`: a port nobody listens on)."""
     loop = LoopThread()
-    model = Model(name="m", source="/nowhere", containerConcurrency=4, timeoutSeconds=2)
+    model = Model(name="m", source="/nowhere", containerConcurrency=4, timeoutSeconds=60)
     decider = resolve_spec(model.scaling, model.containerConcurrency)
     throttler = Throttler(8, model.containerConcurrency)
     rev = Revision(name="m-00001", model=model, generation=1, autoscaler=Autoscaler.new(decider, 0, 0.0),
@@ -132,7 +132,7 @@ def sse(r: requests.Response) -> list[str]:
 def test_a_stream_passes_through_with_the_activators_headers_and_no_credentials(path_under_test):
     url, add, moves, _ = path_under_test
     add("stream")
-    r = requests.post(url, json={"model": "m"}, headers={"Authorization": "Bearer secret"}, timeout=10)
+    r = requests.post(url, json={"model": "m"}, headers={"Authorization": "Bearer secret"}, timeout=60)
     assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/event-stream")
     assert sse(r) == ['{"n": 0}', '{"n": 1}', '{"n": 2}', "[DONE]"]
     assert r.headers["X-Thaw-Revision"] == "m-00001" and float(r.headers["X-Thaw-Queue-Seconds"]) >= 0
@@ -143,7 +143,7 @@ def test_the_replica_gets_the_body_path_and_query_but_never_the_clients_token(pa
     url, add, _, _ = path_under_test
     add("echo")
     r = requests.post(url + "?x=1", data=b'{"model": "m"}', headers={"Authorization": "Bearer secret",
-                                                                     "Content-Type": "application/json"}, timeout=10)
+                                                                     "Content-Type": "application/json"}, timeout=60)
     seen = r.json()
     assert seen["body"] == '{"model": "m"}' and seen["path"] == "/v1/completions" and seen["query"] == "x=1"
     assert "Authorization" not in seen["headers"]
@@ -153,7 +153,7 @@ def test_a_refused_connection_goes_to_another_replica_and_the_dead_one_is_report
     url, add, moves, _ = path_under_test
     dead = add("refused")
     add("stream")
-    statuses = [requests.post(url, json={"model": "m"}, timeout=10).status_code for _ in range(4)]
+    statuses = [requests.post(url, json={"model": "m"}, timeout=60).status_code for _ in range(4)]
     assert statuses == [200] * 4  # the client never sees the dead replica
     assert moves.moves.count(("lost", dead.id)) == 1
 
@@ -162,7 +162,7 @@ def test_a_replica_whose_engine_is_loading_again_hands_the_request_on(path_under
     url, add, moves, _ = path_under_test
     loading = add("loading")
     add("stream")
-    statuses = [requests.post(url, json={"model": "m"}, timeout=10).status_code for _ in range(4)]
+    statuses = [requests.post(url, json={"model": "m"}, timeout=60).status_code for _ in range(4)]
     assert statuses == [200] * 4
     assert moves.moves.count(("not_ready", loading.id)) == 1
 
@@ -170,7 +170,7 @@ def test_a_replica_whose_engine_is_loading_again_hands_the_request_on(path_under
 def test_a_replica_dying_mid_stream_ends_the_stream_with_an_error_chunk_and_done(path_under_test):
     url, add, _, _ = path_under_test
     add("die")
-    r = requests.post(url, json={"model": "m"}, timeout=10)
+    r = requests.post(url, json={"model": "m"}, timeout=60)
     events = sse(r)
     assert r.status_code == 200 and events[0] == '{"n": 0}' and events[-1] == "[DONE]"
     error = json.loads(events[-2])["error"]
@@ -178,9 +178,10 @@ def test_a_replica_dying_mid_stream_ends_the_stream_with_an_error_chunk_and_done
 
 
 def test_a_request_past_timeout_seconds_is_a_504_in_openais_shape(path_under_test):
-    url, add, _, _ = path_under_test
+    url, add, _, rev = path_under_test
+    rev.model = rev.model.model_copy(update={"timeoutSeconds": 2})
     add("slow")
-    r = requests.post(url, json={"model": "m"}, timeout=20)
+    r = requests.post(url, json={"model": "m"}, timeout=60)
     assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
 
 
@@ -188,14 +189,15 @@ def test_only_refusing_replicas_is_a_502_after_bounded_tries(path_under_test):
     url, add, moves, _ = path_under_test
     for _ in range(3):
         add("refused")
-    r = requests.post(url, json={"model": "m"}, timeout=10)
+    r = requests.post(url, json={"model": "m"}, timeout=60)
     assert r.status_code == 502 and r.json()["error"]["code"] == "replica_failed"
     assert [m for m, _ in moves.moves].count("lost") == 3  # ATTEMPTS, then it gives up
 
 
 def test_a_revision_with_nothing_ready_is_woken_and_the_request_held_to_its_timeout(path_under_test):
     url, add, moves, rev = path_under_test
+    rev.model = rev.model.model_copy(update={"timeoutSeconds": 2})
     # No replica: the activator pokes the reconciler to start one and holds the request until its timeout.
-    r = requests.post(url, json={"model": "m"}, timeout=10)
+    r = requests.post(url, json={"model": "m"}, timeout=60)
     assert r.status_code == 504 and ("poke", None) in moves.moves
     assert r.json()["error"]["message"].startswith("No replica of 'm' could take the request within 2s")

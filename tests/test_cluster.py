@@ -187,7 +187,7 @@ def test_parity_embedded_and_cluster_come_from_the_same_settings(text):
         # the embedded side: the Revision the plane reports and the command its replica runs
         revision = lifecycle.revision_object(f"{model.name}-00001", model.name, spec.platform.namespace,
                                              model.revision_template(), 1, {}, "uid")
-        embedded_cmd = replica_command(model, *replica_weights(model, spec), port=8080)
+        embedded_cmd = replica_command(model, replica_weights(model, spec), port=8080)
         embedded_args = embedded_cmd[embedded_cmd.index("thaw.cli") + 1:]
         # the cluster side
         template = services[model.name]["spec"]["template"]

@@ -21,7 +21,7 @@ def test_an_embedded_replica_gets_port_and_the_k_names_as_knative_gives_them(tin
 
     async def start_and_read():
         supervisor = Supervisor(tmp_path / "state", None)
-        replica = await supervisor.start("m-00007", model, *replica_weights(model, spec), {})
+        replica = await supervisor.start("m-00007", model, replica_weights(model, spec), {})
         try:
             raw = Path(f"/proc/{replica.pid}/environ").read_bytes().decode()
         finally:

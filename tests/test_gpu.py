@@ -217,10 +217,13 @@ def test_the_standby_refuses_to_fork_once_cuda_is_initialised(tmp_path):
                             stderr=open(tmp_path / "standby.log", "wb"), start_new_session=True)
     try:
         poll(socket_path.exists, 180, 0.2, "standby listening")
-        from thaw.knative.embedded.control.standby import spawn_from_standby
+        from thaw.knative.embedded.control.standby import ReplicaLaunch, spawn_from_standby
+        from thaw.launch import ReplicaBoot
+        from thaw.spec import EngineArgs
 
+        launch = ReplicaLaunch(ReplicaBoot(model_dir=str(tmp_path)), "m", EngineArgs(), 1)
         with pytest.raises(RuntimeError, match="initialised CUDA"):
-            spawn_from_standby(socket_path, ["--help"], dict(os.environ), tmp_path / "replica.log")
+            spawn_from_standby(socket_path, launch, dict(os.environ), tmp_path / "replica.log")
     finally:
         proc.kill()
         proc.wait()

@@ -54,7 +54,9 @@ def test_a_replica_that_does_not_fit_stays_pending_with_the_schedulers_reason(tm
                          "node": {"cpu": "1"},
                          "autoscaler": {"scale-to-zero-grace-period": "1s", "tick-interval": "1s"}},
             "models": [{"name": "tiny", "source": str(tiny_model), "engine": {"max_model_len": 512},
-                        "containerConcurrency": 1, "timeoutSeconds": 20, "resources": {"cpu": "1"},
+                        # requests queue behind each other on the one replica: a slow machine takes longer,
+                        # and none of them may time out for it
+                        "containerConcurrency": 1, "timeoutSeconds": 600, "resources": {"cpu": "1"},
                         "scaling": {"window": "6s", "max-scale": 3}}]}
     (tmp_path / "thaw.yaml").write_text(yaml.safe_dump(spec))
     server = ServerProcess([sys.executable, "-m", "thaw.cli", "up", "-f", str(tmp_path / "thaw.yaml")],
@@ -66,7 +68,7 @@ def test_a_replica_that_does_not_fit_stays_pending_with_the_schedulers_reason(tm
 
     try:
         server.wait_http(url + "/healthz", 60)
-        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
 
         async def load():
             # one replica takes one request at a time: the KPA wants three, the node holds one

@@ -124,10 +124,13 @@ def test_the_standby_refuses_to_fork_once_cuda_is_initialised(tmp_path):
                                 start_new_session=True)
     try:
         poll(socket_path.exists, 120, 0.1, "standby listening")
-        from thaw.knative.embedded.control.standby import spawn_from_standby
+        from thaw.knative.embedded.control.standby import ReplicaLaunch, spawn_from_standby
+        from thaw.launch import ReplicaBoot
+        from thaw.spec import EngineArgs
 
+        launch = ReplicaLaunch(ReplicaBoot(model_dir=str(tmp_path)), "m", EngineArgs(), 1)
         with pytest.raises(RuntimeError, match="initialised CUDA.*does not survive fork"):
-            spawn_from_standby(socket_path, ["--help"], base_env(), tmp_path / "replica.log")
+            spawn_from_standby(socket_path, launch, base_env(), tmp_path / "replica.log")
     finally:
         proc.kill()
         proc.wait()

@@ -180,6 +180,8 @@ def test_first_request_at_zero_succeeds(plane):
     out = client(plane).chat.completions.create(model="tiny", messages=CHAT, max_tokens=5, temperature=0)
     assert out.usage.completion_tokens >= 1
     assert plane.ready("tiny") == 1
+    # it was forked from the standby (booted from the typed settings the supervisor sent, not from flags)
+    assert [pod["standby"] for rev in plane.revisions("tiny") for pod in rev["pods"]] == [True]
 
 
 def test_per_model_route_and_streaming_pass_through(plane):
@@ -188,8 +190,9 @@ def test_per_model_route_and_streaming_pass_through(plane):
     assert r.status_code == 200 and r.headers["X-Thaw-Revision"] == "tiny-00001"
     stamps = [time.monotonic() for _ in stream_data(
         plane, {"model": "tiny", "messages": CHAT, "max_tokens": 1500, "ignore_eos": True})]
-    # chunks arrive spread over the generation, not in one buffered lump at the end
-    assert len(stamps) > 1000 and stamps[len(stamps) // 2] - stamps[0] > 0.2
+    # chunks arrive spread over the generation, not in one buffered lump at the end (a chunk carries several
+    # tokens where the stream fell behind, so how many chunks depends on the machine)
+    assert len(stamps) > 10 and stamps[len(stamps) // 2] - stamps[0] > 0.2
 
 
 def test_burst_at_zero_all_succeed(plane):

@@ -415,22 +415,18 @@ def function_serve(
                                                                      "more is a 413."),
 ) -> None:
     """Serve one model under gunicorn: OpenAI routes, probes, metrics, CloudEvents."""
-    from kubernetes.utils import parse_quantity
-
-    from thaw.functions.app import CacheSettings, FunctionConfig
+    from thaw.functions.boot import function_config
     from thaw.functions.serve import serve
-    from thaw.spec import S3Origin
+    from thaw.launch import ReplicaBoot
 
-    if (model_dir is None) == (source is None):
-        raise typer.BadParameter("give exactly one of --model-dir and --source")
-    cache_root = cache_root or (Path(".thaw/cache") if source else None)
-    cache = CacheSettings(cache_root.resolve(), int(parse_quantity(cache_capacity)),
-                          S3Origin(endpointUrl=s3_endpoint, region=s3_region, bandwidthMbps=bandwidth_mbps), prewarm,
-                          dram_root) if cache_root else None
-    config = FunctionConfig(model_dir=model_dir.resolve() if model_dir else None, served_name=served_name,
-                            engine=parse_engine_args(engine_arg), source=source, cache=cache,
-                            max_body_bytes=int(parse_quantity(max_body_size)))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    boot = ReplicaBoot(model_dir=str(model_dir) if model_dir else None, source=source,
+                       cache_root=str(cache_root) if cache_root else None, cache_capacity=cache_capacity,
+                       max_body_size=max_body_size, prewarm=prewarm, s3_endpoint=s3_endpoint, s3_region=s3_region,
+                       bandwidth_mbps=bandwidth_mbps, dram_root=str(dram_root) if dram_root else None)
+    try:
+        config = function_config(boot, served_name, parse_engine_args(engine_arg))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     serve(config, host, port, threads)
 
 

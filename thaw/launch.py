@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -48,23 +49,50 @@ def serve_args(model_dir: str | Path | None, served_name: str, port: int, engine
     return args
 
 
-def replica_args(model, spec, cache_root: str | Path, dram_root: str | Path | None = None,
-                 local: Callable[[str], str] = lambda p: str(Path(p).resolve())) -> tuple[str | None, list[str] | None]:
+@dataclass(frozen=True)
+class ReplicaBoot:
+    """Where a replica gets its weights, its cache tier and its body limit: `thaw function serve`'s options,
+    typed. A replica forked from the standby boots from this as it is (functions/boot.py); a new process
+    or a pod gets it as flags (`flags`)."""
+
+    model_dir: str | None = None  # a folder of weights, read where it is
+    source: str | None = None  # or s3://... or a folder, staged through the cache tier at boot
+    cache_root: str | None = None
+    cache_capacity: str = "50Gi"
+    max_body_size: str = "32Mi"
+    prewarm: bool = True
+    s3_endpoint: str | None = None
+    s3_region: str | None = None
+    bandwidth_mbps: float | None = None
+    dram_root: str | None = None
+
+    def flags(self) -> list[str]:
+        args = ["--model-dir", self.model_dir] if self.model_dir is not None else []
+        args += ["--source", self.source] if self.source is not None else []
+        args += ["--cache-root", self.cache_root, "--cache-capacity", self.cache_capacity] if self.cache_root else []
+        args += ["--max-body-size", self.max_body_size]
+        args += [] if self.source is None else ["--prewarm" if self.prewarm else "--no-prewarm"]
+        args += ["--s3-endpoint", self.s3_endpoint] if self.s3_endpoint else []
+        args += ["--s3-region", self.s3_region] if self.s3_region else []
+        args += ["--bandwidth-mbps", str(self.bandwidth_mbps)] if self.bandwidth_mbps else []
+        args += ["--dram-root", self.dram_root] if self.dram_root else []
+        return args
+
+
+def replica_boot(model, spec, cache_root: str | Path, dram_root: str | Path | None = None,
+                 local: Callable[[str], str] = lambda p: str(Path(p).resolve())) -> ReplicaBoot:
     """How a replica gets its weights: a folder (`local` maps the spec's path to where the replica sees
-    it), or the arguments to stage its source into the cache tier at `cache_root` at boot. Either way the
-    replica keeps vLLM's compile cache in the tier, and takes request bodies up to the spec's limit."""
+    it), or its source staged into the cache tier at `cache_root` at boot. Either way the replica keeps
+    vLLM's compile cache in the tier, and takes request bodies up to the spec's limit."""
     cache, s3 = spec.platform.cache, spec.platform.origin.s3
-    tier = ["--cache-root", str(cache_root), "--cache-capacity", cache.capacity,
-            "--max-body-size", spec.platform.gateway.maxBodySize]
+    tier = {"cache_root": str(cache_root), "cache_capacity": cache.capacity,
+            "max_body_size": spec.platform.gateway.maxBodySize}
     if not model.stages_through_tier:
-        return local(model.source), tier
-    args = ["--source", model.source if model.source.startswith("s3://") else local(model.source), *tier,
-            "--prewarm" if model.cache.prewarm else "--no-prewarm"]
-    args += ["--s3-endpoint", s3.endpointUrl] if s3.endpointUrl else []
-    args += ["--s3-region", s3.region] if s3.region else []
-    args += ["--bandwidth-mbps", str(s3.bandwidthMbps)] if s3.bandwidthMbps else []
-    args += ["--dram-root", str(dram_root)] if model.cache.tier == "dram" and dram_root else []
-    return None, args
+        return ReplicaBoot(model_dir=local(model.source), **tier)
+    return ReplicaBoot(source=model.source if model.source.startswith("s3://") else local(model.source),
+                       prewarm=model.cache.prewarm, s3_endpoint=s3.endpointUrl, s3_region=s3.region,
+                       bandwidth_mbps=s3.bandwidthMbps,
+                       dram_root=str(dram_root) if model.cache.tier == "dram" and dram_root else None, **tier)
 
 
 def function_command(model_dir: Path | None, served_name: str, port: int, engine_args: dict | None = None,

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from thaw.eventing import events
-from thaw.launch import serve_args, replica_args
+from thaw.launch import replica_boot, serve_args
 from thaw.spec import Destination, Model, Spec
 
 PORT = 8080
@@ -94,8 +94,8 @@ def fluid_dataset_name(model: Model) -> str:
 def function_container_args(model: Model, spec: Spec) -> list[str]:
     """`thaw function serve` as the pod runs it: the same builder as a replica in `thaw up`."""
     # local folders keep the spec's path: a hostPath mounted there, or the image's folder (_model_volumes)
-    folder, source_args = replica_args(model, spec, spec.platform.cluster.cacheMountPath, DRAM_MOUNT, local=str)
-    return serve_args(folder, model.served_name, PORT, model.replica_engine().model_dump(exclude_none=True), source_args,
+    boot = replica_boot(model, spec, spec.platform.cluster.cacheMountPath, DRAM_MOUNT, local=str)
+    return serve_args(None, model.served_name, PORT, model.replica_engine().model_dump(exclude_none=True), boot.flags(),
                       host="0.0.0.0")
 
 

@@ -22,7 +22,7 @@ import aiohttp
 
 from thaw.cache_warmer.optimizer_loop import keep_warm_loop
 from thaw.durations import parse_duration
-from thaw.launch import replica_args
+from thaw.launch import ReplicaBoot, replica_boot
 from thaw.spec import Model, Spec, SpecError, load_spec, spec_warnings
 from thaw.vllm_platform import gpu_memory
 
@@ -45,11 +45,10 @@ class UnknownModel(KeyError):
     pass
 
 
-def replica_weights(model: Model, spec: Spec) -> tuple[Path | None, list[str] | None]:
+def replica_weights(model: Model, spec: Spec) -> ReplicaBoot:
     """A replica's weights here: the spec's paths resolved on this machine."""
-    folder, source_args = replica_args(model, spec, Path(spec.platform.cache.path).resolve(),
-                                       Path(spec.platform.cache.dramPath).resolve())
-    return (Path(folder) if folder else None), source_args
+    return replica_boot(model, spec, Path(spec.platform.cache.path).resolve(),
+                        Path(spec.platform.cache.dramPath).resolve())
 
 
 class ServingPlane:

@@ -22,6 +22,7 @@ from typing import Callable, Protocol
 import aiohttp
 
 from thaw.durations import parse_duration
+from thaw.launch import ReplicaBoot
 from thaw.spec import Spec
 from thaw.vllm_platform import detect, gpu_count, gpu_memory
 
@@ -74,11 +75,11 @@ def _process_tree_rss(pid: int) -> int:
 
 
 class Reconciler:
-    def __init__(self, plane: Fleet, supervisor: Supervisor, start_args: Callable[[Revision], tuple]):
-        """`start_args(rev)` gives the supervisor's arguments for a new replica of `rev` (its weights here)."""
+    def __init__(self, plane: Fleet, supervisor: Supervisor, boot_of: Callable[[Revision], ReplicaBoot]):
+        """`boot_of(rev)` gives how a new replica of `rev` gets its weights here."""
         self.plane = plane
         self.supervisor = supervisor
-        self.start_args = start_args
+        self.boot_of = boot_of
         self.session: aiohttp.ClientSession | None = None
         self.tasks: set[asyncio.Task] = set()
         # On a GPU, one start or wake at a time claims memory (vLLM sizes its KV cache from what is free).
@@ -286,7 +287,7 @@ class Reconciler:
         async with self.gpu_lock:  # held until ready: the memory a start claims is known only then
             await self._make_gpu_room(rev)
             try:
-                replica = await self.supervisor.start(rev.name, rev.model, *self.start_args(rev),
+                replica = await self.supervisor.start(rev.name, rev.model, self.boot_of(rev),
                                                       self._placement_env(claim))
             except Exception:  # noqa: BLE001 - a failed launch is retried by the next reconcile
                 log.exception("could not start a replica of %s", rev.name)

@@ -6,8 +6,10 @@ no engine and no GPU context (importing torch and vLLM's CUDA modules does not c
 safe on a GPU node. A CUDA context cannot cross a fork, so before each fork the standby checks that it
 has none and refuses to fork otherwise, with an error that says why.
 
-Protocol: a Unix socket; one JSON request per connection, {"argv": [...], "env": {...}, "log": path},
-answered with {"pid": N} or {"error": "..."}. `argv` is the `thaw` command line the replica runs.
+Protocol: a Unix socket; one JSON request per connection, {"replica": ReplicaLaunch's fields, "env": {...},
+"log": path}, answered with {"pid": N} or {"error": "..."}. The child boots the function from those typed
+settings (functions/boot.py's `function_config`, as `thaw function serve` does from its flags); it never
+goes through the CLI.
 """
 
 from __future__ import annotations
@@ -21,11 +23,34 @@ import signal
 import socket
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from thaw.launch import ReplicaBoot
+from thaw.spec import EngineArgs
 from thaw.vllm_platform import cuda_initialised, detect
 
 PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class ReplicaLaunch:
+    """What a forked replica serves, and where: typed end to end (engine arguments stay EngineArgs)."""
+
+    boot: ReplicaBoot
+    served_name: str
+    engine: EngineArgs
+    port: int
+    host: str = "127.0.0.1"
+
+    def to_json(self) -> dict:
+        return {"boot": asdict(self.boot), "served_name": self.served_name,
+                "engine": self.engine.model_dump(mode="json", exclude_none=True), "port": self.port, "host": self.host}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ReplicaLaunch":
+        return cls(ReplicaBoot(**data["boot"]), data["served_name"], EngineArgs.model_validate(data["engine"]),
+                   int(data["port"]), data.get("host", "127.0.0.1"))
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
@@ -46,8 +71,8 @@ def preload() -> float:
 
     import thaw.cache_warmer.ensure  # noqa: F401 - a replica with an s3:// source stages at boot
     import thaw.cache_warmer.origins
-    import thaw.cli  # noqa: F401
     import thaw.functions.app  # noqa: F401
+    import thaw.functions.boot  # noqa: F401
     import thaw.functions.serve  # noqa: F401
 
     # botocore reads and parses its S3 service description on a client's first creation
@@ -83,8 +108,8 @@ def _reap(signum, frame) -> None:
             return
 
 
-def _run_replica(argv: list[str], env: dict[str, str], log: str) -> None:
-    """In the forked child: a session of its own, output to the log, then the `thaw` command."""
+def _run_replica(launch: ReplicaLaunch, env: dict[str, str], log: str) -> None:
+    """In the forked child: a session of its own, output to the log, then the function."""
     code = 1
     try:
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -99,10 +124,11 @@ def _run_replica(argv: list[str], env: dict[str, str], log: str) -> None:
         os.environ.clear()
         os.environ.update(env)
         os.environ["THAW_FORKED_FROM_STANDBY"] = "1"
-        from thaw.cli import app
+        from thaw.functions.boot import function_config
+        from thaw.functions.serve import serve
 
         try:
-            app(args=argv, prog_name="thaw")
+            serve(function_config(launch.boot, launch.served_name, launch.engine), launch.host, launch.port)
             code = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
@@ -130,6 +156,7 @@ def serve_standby(socket_path: Path) -> None:
             with conn:
                 try:
                     request = json.loads(conn.makefile("rb").readline())
+                    launch = ReplicaLaunch.from_json(request["replica"])
                     if cuda_initialised():
                         raise ForkRefused("the standby has initialised CUDA, and a CUDA context does not "
                                           "survive fork(): a forked replica could not use the GPU. Something "
@@ -141,22 +168,22 @@ def serve_standby(socket_path: Path) -> None:
                     if pid == 0:
                         server.close()
                         conn.close()
-                        _run_replica(request["argv"], request["env"], request["log"])
+                        _run_replica(launch, request["env"], request["log"])
                     conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
-                except (ValueError, KeyError, OSError, ForkRefused) as exc:
+                except (ValueError, TypeError, KeyError, OSError, ForkRefused) as exc:
                     conn.sendall(json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode() + b"\n")
     finally:
         server.close()
         socket_path.unlink(missing_ok=True)
 
 
-def spawn_from_standby(socket_path: Path, argv: list[str], env: dict[str, str], log: Path,
+def spawn_from_standby(socket_path: Path, launch: ReplicaLaunch, env: dict[str, str], log: Path,
                        timeout: float = 10) -> int:
     """Ask the standby for a replica; returns its pid (a session leader: kill its group to stop it)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(str(socket_path))
-        s.sendall(json.dumps({"argv": argv, "env": env, "log": str(log)}).encode() + b"\n")
+        s.sendall(json.dumps({"replica": launch.to_json(), "env": env, "log": str(log)}).encode() + b"\n")
         answer = json.loads(s.makefile("rb").readline())
     if "error" in answer:
         raise RuntimeError(f"standby could not fork a replica: {answer['error']}")

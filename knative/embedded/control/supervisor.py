@@ -21,22 +21,23 @@ from pathlib import Path
 import aiohttp
 import psutil
 
-from thaw.launch import base_env, free_port, function_command
+from thaw.launch import ReplicaBoot, base_env, free_port, serve_args
 from thaw.spec import Model
 from thaw.vllm_platform import detect
 
 from ..dataplane.replica import Replica, State
-from .standby import die_with_parent, spawn_from_standby
+from .standby import ReplicaLaunch, die_with_parent, spawn_from_standby
 
 log = logging.getLogger("thaw.supervisor")
 
 PROBE_INTERVAL = 0.025
 
 
-def replica_command(model: Model, model_dir: Path | None, source_args: list[str] | None, port: int) -> list[str]:
-    """The command a replica of `model` runs (the cluster renders the same arguments into its pods)."""
-    return function_command(model_dir, model.served_name, port,
-                            model.replica_engine().model_dump(exclude_none=True), source_args)
+def replica_command(model: Model, boot: ReplicaBoot, port: int) -> list[str]:
+    """The command a new replica process of `model` runs (the cluster renders the same arguments into its pods)."""
+    return [sys.executable, "-m", "thaw.cli", *serve_args(None, model.served_name, port,
+                                                          model.replica_engine().model_dump(exclude_none=True),
+                                                          boot.flags())]
 
 
 class Supervisor:
@@ -49,29 +50,28 @@ class Supervisor:
     def standby_ready(self) -> bool:
         return self.standby_socket is not None and self.standby_socket.exists()
 
-    async def start(self, revision: str, model: Model, model_dir: Path | None, source_args: list[str] | None,
-                    extra_env: dict[str, str]) -> Replica:
-        """Launch a replica of `revision` (weights from a folder, or staged at boot from `source_args`);
-        it is `starting` until its readiness probe passes."""
+    async def start(self, revision: str, model: Model, boot: ReplicaBoot, extra_env: dict[str, str]) -> Replica:
+        """Launch a replica of `revision` (weights from a folder, or staged at boot: `boot`); it is `starting`
+        until its readiness probe passes. Forked from the standby, it boots from the typed settings; as a
+        new process, from the same settings as `thaw function serve`'s flags."""
         port = free_port()
         rid = f"{revision}-{next(self._ids)}"
         log_path = self.log_dir / f"{rid}.log"
-        cmd = replica_command(model, model_dir, source_args, port)
         # Knative's container contract: every container gets PORT and the K_ names of what it serves.
         env = base_env(**detect().engine_env(model.engine.kv_cache_gib), PORT=str(port), K_SERVICE=model.name,
                        K_CONFIGURATION=model.name, K_REVISION=revision, THAW_LAUNCH_TIME=repr(time.time()),
                        **extra_env)
         replica = None
         if model.standby and self.standby_ready():
-            argv = cmd[cmd.index("thaw.cli") + 1:]
+            launch = ReplicaLaunch(boot, model.served_name, model.replica_engine(), port)
             try:
-                pid = await asyncio.to_thread(spawn_from_standby, self.standby_socket, argv, env, log_path)
+                pid = await asyncio.to_thread(spawn_from_standby, self.standby_socket, launch, env, log_path)
                 replica = Replica(rid, revision, port, pid, True, log_path)
             except (RuntimeError, OSError) as exc:  # a refusal says why; the replica still starts, cold
                 log.error("%s; starting %s as a new process", exc, rid)
         if replica is None:
             with open(log_path, "ab") as out:
-                popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                popen = subprocess.Popen(replica_command(model, boot, port), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env=env, start_new_session=True, preexec_fn=die_with_parent)
             replica = Replica(rid, revision, port, popen.pid, False, log_path, popen=popen)
         log.info("replica %s starting on port %d (%s)", rid, port, "forked from standby" if replica.via_standby
