@@ -1,4 +1,4 @@
-"""What `thaw warm` and `thaw cache ls|verify|evict` do to the cache tier, shown on a console (thaw/cli.py
+"""What `thaw warm` and `thaw cache ls|verify|evict` do to the cache tier, shown on a console (cli/__init__.py
 parses their arguments)."""
 
 from __future__ import annotations

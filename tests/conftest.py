@@ -21,7 +21,7 @@ TINY_ENGINE = {"max_model_len": 512, "dtype": "bfloat16"}
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from thaw.model_build import build_tiny
+    from thaw.cli.model_build import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("models") / "tiny")
 

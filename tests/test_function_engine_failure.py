@@ -26,7 +26,7 @@ LONG = 32000
 
 @pytest.fixture(scope="module")
 def mp_function(tmp_path_factory):
-    from thaw.model_build import build_tiny
+    from thaw.cli.model_build import build_tiny
 
     model = build_tiny(tmp_path_factory.mktemp("models") / "tiny-long", max_positions=MAX_MODEL_LEN)
     running = start_function(model, tmp_path_factory.mktemp("logs"), engine_core="mp",

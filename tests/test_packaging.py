@@ -54,14 +54,14 @@ def files(*folders: str) -> list[Path]:
 
 
 def test_runtime_code_imports_only_base_dependencies():
-    runtime = [p for p in files("thaw", "functions", "eventing", "knative", "cache-warmer")
+    runtime = [p for p in files("thaw", "cli", "functions", "eventing", "knative", "cache-warmer")
                if "bench" not in p.parts and p.name != "model_build.py"]
     missing = {d: f for d, f in imported_distributions(runtime).items() if d not in declared() | WITH_VLLM}
     assert not missing, f"imported by runtime code but not in [project] dependencies: {missing}"
 
 
 def test_feature_code_imports_its_extra():
-    for extra, paths in (("bench", files("loadtests")), ("demo", [ROOT / "thaw/model_build.py"])):
+    for extra, paths in (("bench", files("loadtests")), ("demo", [ROOT / "cli/model_build.py"])):
         missing = {d: f for d, f in imported_distributions(paths).items() if d not in declared(extra) | WITH_VLLM}
         assert not missing, f"imported for '{extra}' but not declared in it: {missing}"
 
@@ -73,6 +73,6 @@ def test_tests_import_only_what_the_test_extra_installs():
 
 
 def test_the_test_extra_holds_no_runtime_dependency():
-    runtime = imported_distributions(files("thaw", "functions", "eventing", "knative", "cache-warmer"))
+    runtime = imported_distributions(files("thaw", "cli", "functions", "eventing", "knative", "cache-warmer"))
     only_for_tests = {_name(r) for r in PROJECT["optional-dependencies"]["test"] if not r.startswith("thaw[")}
     assert not only_for_tests & set(runtime), "runtime code imports what only the test extra installs"

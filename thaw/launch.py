@@ -22,6 +22,10 @@ import requests
 from thaw.vllm_platform import detect
 
 
+# The demo model's engine arguments (examples/thaw.yaml's): what the benches run it with, on every server.
+DEMO_ENGINE_ARGS = {"dtype": "float32", "max_model_len": 1024, "enforce_eager": True}
+
+
 def free_port() -> int:
     with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
         s.bind(("127.0.0.1", 0))

@@ -17,8 +17,7 @@ from typing import Iterator
 from rich.console import Console
 from rich.progress import Progress
 
-from thaw.demo import DEMO_ENGINE_ARGS
-from thaw.launch import ServerProcess, base_env, free_port, function_command, vllm_server_command
+from thaw.launch import DEMO_ENGINE_ARGS, ServerProcess, base_env, free_port, function_command, vllm_server_command
 from thaw.loadtests.bench import serve_client
 from thaw.loadtests.bench.common import (PlaneUnderTest, first_token_after_launch, mean, ratio_table,
                                          run_streaming_load, write_json)

@@ -23,8 +23,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from thaw.loadtests.bench.common import PlaneUnderTest, mean, ratio_table, write_json
-from thaw.demo import DEMO_ENGINE_ARGS
-from thaw.launch import free_port
+from thaw.launch import DEMO_ENGINE_ARGS, free_port
 
 BUCKET = "bench"
 

