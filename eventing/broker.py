@@ -35,11 +35,12 @@ import aiohttp
 from aiohttp import web
 from cloudevents.core.v1.event import CloudEvent
 
+from thaw.durations import parse_iso_duration
 from thaw.http_body import read_body
 
 from . import events
 from .delivery import (DEFAULT_BACKOFF_DELAY, DEFAULT_TIMEOUT, DeliveryPolicy, backoff, dead_letter_extensions,
-                       next_step, parse_iso_duration)
+                       next_step)
 from .filters import matches
 from .store import Delivery, EventStore, NewEvent
 

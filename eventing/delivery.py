@@ -4,31 +4,12 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
-from datetime import timedelta
-
-from pydantic import TypeAdapter, ValidationError
 
 # Knative retries these, and "no response" (connection error, timeout).
 RETRYABLE_4XX = frozenset({404, 408, 409, 429})
 ERROR_DATA_LIMIT = 1024  # Knative keeps at most this much of the failing response body
 DEFAULT_BACKOFF_DELAY = 0.2
 DEFAULT_TIMEOUT = 60.0
-
-_durations = TypeAdapter(timedelta)
-
-
-def parse_iso_duration(text: str, what: str = "duration") -> float:
-    """Seconds in an ISO 8601 duration such as PT0.5S or PT1M (Knative's backoffDelay and timeout)."""
-    if not isinstance(text, str) or not text.upper().startswith("P"):
-        raise ValueError(f"{what} must be an ISO 8601 duration such as PT0.5S, not {text!r}")
-    try:
-        seconds = _durations.validate_python(text).total_seconds()
-    except ValidationError:
-        raise ValueError(f"{what} must be an ISO 8601 duration such as PT0.5S, not {text!r}") from None
-    if seconds < 0:
-        raise ValueError(f"{what} must not be negative")
-    return seconds
-
 
 @dataclass(frozen=True)
 class DeliveryPolicy:

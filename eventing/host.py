@@ -11,10 +11,10 @@ import aiohttp
 from aiohttp import web
 
 from thaw.durations import parse_duration
+from thaw.graph_spec import parse_graph
 from thaw.spec import Spec
 
 from .broker import Broker, brokers_in, triggers_from_spec
-from .graph import parse_graph
 from .router import GraphRouter, error_response, header_patterns
 
 log = logging.getLogger("thaw.eventing")

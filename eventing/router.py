@@ -33,12 +33,13 @@ import aiohttp
 from aiohttp import web
 from cloudevents.core.v1.event import CloudEvent
 
+from thaw.graph_spec import ROOT, InferenceGraphSpec, InferenceStep
 from thaw.http_body import read_body
 from thaw.json_body import NOT_JSON
 
 from . import events
-from .graph import (NO_SWITCH_MATCH, ROOT, InferenceGraphSpec, InferenceStep, condition_holds, ensemble_key,
-                    pick_split, pick_switch, sequence_input, successful)
+from .graph import (NO_SWITCH_MATCH, condition_holds, ensemble_key, pick_split, pick_switch, sequence_input,
+                    successful)
 
 PROPAGATE_HEADERS_ENV = "PROPAGATE_HEADERS"
 

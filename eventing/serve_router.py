@@ -12,7 +12,8 @@ import uvloop
 import yaml
 from aiohttp import web
 
-from .graph import GraphInvalid, InferenceGraphSpec, parse_graph
+from thaw.graph_spec import GraphInvalid, InferenceGraphSpec, parse_graph
+
 from .router import GraphRouter, header_patterns, router_app
 
 log = logging.getLogger("thaw.router")

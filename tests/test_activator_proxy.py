@@ -201,3 +201,98 @@ def test_a_revision_with_nothing_ready_is_woken_and_the_request_held_to_its_time
     r = requests.post(url, json={"model": "m"}, timeout=60)
     assert r.status_code == 504 and ("poke", None) in moves.moves
     assert r.json()["error"]["message"].startswith("No replica of 'm' could take the request within 2s")
+
+
+# ---- the gateway in front (gateway.py), over the same stand-in replicas ---------------------------------
+
+class StandInPlane:
+    """Stands in for the serving plane (whose real one starts replica processes): one model, one revision."""
+
+    def __init__(self, rev):
+        self.rev = rev
+        self.calls: list[str] = []
+
+    def route(self, model: str, tag: str | None = None):
+        from thaw.knative.embedded.control.plane import UnknownModel
+
+        if model != "m" or tag is not None:
+            raise UnknownModel(model)
+        return self.rev
+
+    def record_call(self, name: str) -> None:
+        self.calls.append(name)
+
+    def status(self) -> dict:
+        return {"models": []}
+
+
+@pytest.fixture
+def gateway(path_under_test):
+    """The real gateway app (real auth: token `all` for every model, `other` for model `x` only) in front of
+    the revision of `path_under_test`, with a 1 MiB body limit."""
+    from thaw.knative.embedded.auth import Authenticator, Token
+    from thaw.knative.embedded.gateway import Gateway, GatewayRunner
+
+    _, add, moves, rev = path_under_test
+    loop = LoopThread()
+    auth = Authenticator([Token("all", None), Token("other", frozenset({"x"}))])
+    gw = Gateway(StandInPlane(rev), auth, max_body_bytes=1 << 20, idle_timeout=30)
+
+    async def start() -> str:
+        runner = GatewayRunner(gw.app(), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        loop.runners.append(runner)
+        return f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    url = loop.run(start())
+    yield url, add, gw.plane
+    loop.close()
+
+
+ALL = {"Authorization": "Bearer all"}
+
+
+def test_the_gateway_routes_by_the_bodys_model_and_passes_the_body_through(gateway):
+    url, add, plane = gateway
+    add("echo")
+    body = {"model": "m", "prompt": "é" * 10}
+    r = requests.post(url + "/v1/completions", json=body, headers=ALL, timeout=60)
+    assert r.status_code == 200 and json.loads(r.json()["body"]) == body
+    assert r.headers["X-Thaw-Revision"] == "m-00001" and plane.calls == ["m"]
+
+
+def test_a_large_body_is_routed_too(gateway):
+    url, add, _ = gateway
+    add("echo")
+    prompt = "x" * (512 << 10)  # past what the gateway decodes on its event loop: decoded in a thread
+    r = requests.post(url + "/v1/completions", json={"model": "m", "prompt": prompt}, headers=ALL, timeout=60)
+    assert r.status_code == 200 and json.loads(r.json()["body"])["prompt"] == prompt
+
+
+@pytest.mark.parametrize("data, status, code", [
+    (b'{"model": "nope", "prompt": "x"}', 404, "model_not_found"),
+    (b'{"prompt": "x"}', 400, "missing_required_parameter"),
+    (b'{"model": "m", "prompt": ', 400, "invalid_json"),
+    (b'{"model": "m", "prompt": "\\ud800"}', 400, "invalid_value"),
+    (b'{"model": "m", "prompt": "' + b"x" * (1 << 20) + b'"}', 413, None),
+])
+def test_the_gateway_answers_bad_requests_in_openais_shape_without_reaching_a_replica(gateway, data, status, code):
+    url, add, plane = gateway
+    add("echo")
+    r = requests.post(url + "/v1/completions", data=data, headers={**ALL, "Content-Type": "application/json"},
+                      timeout=60)
+    assert r.status_code == status and "message" in r.json()["error"]
+    assert r.json()["error"]["code"] == code and plane.calls == []
+
+
+def test_the_gateway_checks_the_token_before_anything_else(gateway):
+    url, add, plane = gateway
+    add("echo")
+    assert requests.post(url + "/v1/completions", json={"model": "nope"}, timeout=60).status_code == 401
+    r = requests.post(url + "/v1/completions", json={"model": "m"}, headers={"Authorization": "Bearer other"},
+                      timeout=60)
+    assert r.status_code == 403 and plane.calls == []
+    # a replica's sleep routes are the plane's: no client reaches them, whatever its token
+    assert requests.post(url + "/models/m/sleep", headers=ALL, timeout=60).status_code == 404

@@ -18,9 +18,10 @@ from conftest import poll
 from loop_servers import Upstreams
 from thaw.eventing import events
 from thaw.eventing.broker import Broker, BrokerTrigger
-from thaw.eventing.delivery import (DeliveryPolicy, backoff, dead_letter_extensions, next_step,
-                                    parse_iso_duration, should_retry)
-from thaw.eventing.filters import FilterInvalid, check_filters, matches
+from thaw.durations import parse_iso_duration
+from thaw.eventing.delivery import DeliveryPolicy, backoff, dead_letter_extensions, next_step, should_retry
+from thaw.eventing.filters import matches
+from thaw.trigger_filters import FilterInvalid, check_filters
 from thaw.launch import ServerProcess, free_port
 
 ATTRS = {"type": "dev.thaw.inference.request", "source": "/apps/chat", "id": "1", "specversion": "1.0",

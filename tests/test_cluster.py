@@ -294,7 +294,7 @@ def test_the_optimizer_drives_a_cluster_through_knative(standin, tmp_path):
     import asyncio
 
     from thaw.cache_warmer.optimizer_loop import graph_look_ahead, keep_warm_loop
-    from thaw.eventing.graph import parse_graph
+    from thaw.graph_spec import parse_graph
     from thaw.knative.cluster.backend import ClusterBackend
     from thaw.knative.cluster.deploy import ClusterClient
     from loop_servers import Upstreams

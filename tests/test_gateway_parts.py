@@ -11,8 +11,8 @@ from thaw.knative.embedded.dataplane.breaker import Breaker, QueueFull
 from thaw.knative.embedded.dataplane.throttler import Throttler
 from thaw.knative.embedded.auth import Authenticator, AuthError, _parse_env, _parse_file
 from thaw.knative.embedded.control.traffic import (Route, RevisionHistory, pick_revision, resolve_traffic,
-                                             revision_name, tagged_revision, validate_traffic)
-from thaw.spec import TrafficTarget
+                                                   revision_name, tagged_revision)
+from thaw.spec import TrafficTarget, validate_traffic
 
 
 def targets(*items) -> list[TrafficTarget]:

@@ -15,7 +15,7 @@ import requests
 from aiohttp import web
 
 from thaw.eventing import events
-from thaw.eventing.graph import GraphInvalid, parse_graph
+from thaw.graph_spec import GraphInvalid, parse_graph
 from thaw.eventing.router import GraphRouter, header_patterns, router_app
 from conftest import thaw_cli
 from thaw.launch import ServerProcess, free_port

@@ -11,8 +11,10 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
+from datetime import timedelta
+
 import durationpy
-from pydantic import AfterValidator
+from pydantic import AfterValidator, TypeAdapter, ValidationError
 
 _GO_DURATION = re.compile(r"[-+]?(0|((\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h))+)")
 
@@ -45,3 +47,19 @@ def format_duration(seconds: float) -> str:
     if float(seconds).is_integer():
         return f"{int(seconds)}s"
     return f"{seconds:g}s"
+
+
+_durations = TypeAdapter(timedelta)
+
+
+def parse_iso_duration(text: str, what: str = "duration") -> float:
+    """Seconds in an ISO 8601 duration such as PT0.5S or PT1M (Knative's backoffDelay and timeout)."""
+    if not isinstance(text, str) or not text.upper().startswith("P"):
+        raise ValueError(f"{what} must be an ISO 8601 duration such as PT0.5S, not {text!r}")
+    try:
+        seconds = _durations.validate_python(text).total_seconds()
+    except ValidationError:
+        raise ValueError(f"{what} must be an ISO 8601 duration such as PT0.5S, not {text!r}") from None
+    if seconds < 0:
+        raise ValueError(f"{what} must not be negative")
+    return seconds

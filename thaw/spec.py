@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Iterable, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from thaw.durations import GoDuration
-from thaw.eventing.delivery import parse_iso_duration
-from thaw.eventing.filters import check_filters
-from thaw.eventing.graph import GraphInvalid, parse_graph
+from thaw.durations import GoDuration, parse_iso_duration
+from thaw.graph_spec import GraphInvalid, parse_graph
+from thaw.trigger_filters import check_filters
 
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 AUTOSCALING_PREFIX = "autoscaling.knative.dev/"
@@ -28,6 +27,18 @@ class SpecModel(BaseModel):
     """Base: unknown fields are errors (a typo must not silently fall back to a default)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+def validate_traffic(targets: Iterable) -> None:
+    """Raise ValueError as Knative's validation would for a traffic block."""
+    targets = list(targets)
+    total = sum(t.percent or 0 for t in targets)
+    if total != 100:
+        raise ValueError(f"traffic percents must sum to 100, got {total}")
+    tags = [t.tag for t in targets if t.tag]
+    dupes = sorted({t for t in tags if tags.count(t) > 1})
+    if dupes:
+        raise ValueError(f"traffic tags must be unique; repeated: {', '.join(dupes)}")
 
 
 def _kebab(name: str) -> str:
@@ -242,8 +253,6 @@ class Model(SpecModel):
     @model_validator(mode="after")
     def _traffic(self) -> "Model":
         if self.traffic:
-            from thaw.knative.embedded.control.traffic import validate_traffic
-
             validate_traffic(self.traffic)
         return self
 

@@ -20,18 +20,6 @@ def revision_name(model: str, number: int) -> str:
     return f"{model}-{number:05d}"
 
 
-def validate_traffic(targets: Iterable) -> None:
-    """Raise ValueError as Knative's validation would for a traffic block."""
-    targets = list(targets)
-    total = sum(t.percent or 0 for t in targets)
-    if total != 100:
-        raise ValueError(f"traffic percents must sum to 100, got {total}")
-    tags = [t.tag for t in targets if t.tag]
-    dupes = sorted({t for t in tags if tags.count(t) > 1})
-    if dupes:
-        raise ValueError(f"traffic tags must be unique; repeated: {', '.join(dupes)}")
-
-
 @dataclass(frozen=True)
 class Route:
     revision: str
