@@ -10,7 +10,7 @@ case "$1" in
     timeout ${BENCH_S:-200} python3 -m thaw.cli bench gpu --model-dir "$THAW_GPU_8B_MODEL" --out "$B" --parts park --runs 3 \
       2>&1 | tee "$OUT/bench-park.log" ;;
   bench)
-    for part in ${PARTS:-hibernate:150 swap:170 zero:130 vllm:130}; do
+    for part in ${PARTS:-hibernate:150 swap:170 zero:130 vllm:130 warm:290}; do
       timeout "${part#*:}" python3 -m thaw.cli bench gpu --model-dir "$THAW_GPU_8B_MODEL" --out "$B" \
         --parts "${part%%:*}" --runs ${RUNS:-2} 2>&1 | tee "$OUT/bench-${part%%:*}.log"
     done ;;

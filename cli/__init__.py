@@ -506,7 +506,7 @@ def bench_coldstart(
 def bench_gpu(
     model_dir: Path = typer.Option(..., "--model-dir", help="The model (e.g. one made by make_model.py)."),
     runs: int = typer.Option(3, "--runs", help="Runs per variant."),
-    parts: str = typer.Option("vllm,zero,other-core,park", "--parts", help="Which parts to run now (results accumulate)."),
+    parts: str = typer.Option("vllm,zero,other-core,park,warm", "--parts", help="Which parts to run now (results accumulate)."),
     max_model_len: int = typer.Option(4096, "--max-model-len"),
     enforce_eager: bool = typer.Option(False, "--enforce-eager/--compile", help="vLLM's default compiles."),
     gpu_memory_utilization: float = typer.Option(0.9, "--gpu-memory-utilization"),

@@ -11,9 +11,11 @@ Variants (each `runs` times, the same model folder and engine arguments for all)
   (f) swap:   three models sharing the GPU with room for two awake: round robin (each request wakes its
               model and puts the least recently used to sleep), then a burst of 8 at a sleeping one.
 The first park of each parked replica (its host buffers reserved ahead, or not) is reported with (c).
-Warm path: vLLM's own client (`vllm bench serve`) at 16 and 64 streams x 128 tokens, on a ready replica: thaw
-(through the gateway and directly; engine core in-process and in its own process) and vLLM's server. Parts (`--parts`) may run in separate calls; results accumulate in
-`--out`/results.json and the report and plots are rewritten from whatever has been measured.
+  (w) warm:   the warm path, a part of its own: vLLM's own client (`vllm bench serve`) at 16 and 64 streams x
+              128 tokens against vLLM's server and a ready thaw replica (through the gateway and directly),
+              both batching up to 64 streams (max_num_seqs; thaw's containerConcurrency).
+Parts (`--parts`) may run in separate calls; results accumulate in `--out`/results.json and the report and
+plots are rewritten from whatever has been measured.
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ from thaw.loadtests.bench.common import PlaneUnderTest, first_answer, first_toke
 from thaw.launch import ServerProcess, base_env, free_port, vllm_server_command
 from thaw.vllm_platform import detect, gpu_memory
 
-PARTS = ("vllm", "zero", "other-core", "park", "hibernate", "swap")
-# The warm path's concurrent streams. Every server gets max_num_seqs = the largest (thaw: its containerConcurrency,
-# which Model.replica_engine makes the engine's), so both batch the same streams with the same arguments.
+PARTS = ("vllm", "zero", "other-core", "park", "hibernate", "swap", "warm")
+# The warm path's concurrent streams. Both servers get max_num_seqs = the largest (thaw: its containerConcurrency,
+# which Model.replica_engine makes the engine's), so both batch the same streams with the same arguments. The
+# ladder's parts keep containerConcurrency 16: their starts are what the ladder's earlier figures measured.
 WARM_STREAMS = (16, 64)
 NAME = "bench"
 SETTLE = {"scale-to-zero-grace-period": "1s", "tick-interval": "1s"}
@@ -71,11 +74,10 @@ def _warm_path(url: str, model_dir: Path, work: Path) -> dict:
 
 def _plane_spec(work: Path, model_dir: Path, engine: dict, names=(NAME,), parking: dict | None = None,
                 **model) -> dict:
-    # containerConcurrency: the warm path's streams fit one replica, and the engine is sized for them
     return {"platform": {"gateway": {"port": free_port()}, "stateDir": str(work / "state"),
                          "cache": {"path": str(work.parent / "tier"), "capacity": "200Gi"},
                          "autoscaler": SETTLE, **({"parking": parking} if parking else {})},
-            "models": [{"name": name, "source": str(model_dir), "engine": engine, "containerConcurrency": max(WARM_STREAMS),
+            "models": [{"name": name, "source": str(model_dir), "engine": engine, "containerConcurrency": 16,
                         "scaling": {"window": "6s", "max-scale": 1}, **model} for name in names]}
 
 
@@ -105,11 +107,10 @@ def _from_zero(plane: PlaneUnderTest, name: str = NAME) -> dict:
 
 def bench_vllm(model_dir: Path, engine: dict, runs: int, work: Path, console: Console, save) -> dict:
     cache = work / "vllm-cache"
-    out = {"runs": [], "warm_path": None}
+    out = {"runs": []}
     for i in range(runs):
         port = free_port()
-        server = ServerProcess(vllm_server_command(model_dir, NAME, port, {"max_num_seqs": max(WARM_STREAMS), **engine}),
-                               work / f"vllm-{i}.log",
+        server = ServerProcess(vllm_server_command(model_dir, NAME, port, engine), work / f"vllm-{i}.log",
                                env=base_env(VLLM_CACHE_ROOT=str(cache)))
         try:
             url = f"http://127.0.0.1:{port}"
@@ -118,8 +119,6 @@ def bench_vllm(model_dir: Path, engine: dict, runs: int, work: Path, console: Co
             out["runs"].append(run)
             save(out)
             console.print(f"(a) vLLM server run {i + 1}: first token {run['first_token']:.2f}s")
-            if i == runs - 1:
-                out["warm_path"] = _warm_path(url, model_dir, work)
         finally:
             server.stop()
     return out
@@ -128,7 +127,7 @@ def bench_vllm(model_dir: Path, engine: dict, runs: int, work: Path, console: Co
 def bench_zero(model_dir: Path, engine: dict, runs: int, work: Path, console: Console, save) -> dict:
     """(d) and (b) interleaved: d, b, d, b, ...; (d) wipes the tier's compile cache and the page cache."""
     tier_compile = work.parent / "tier" / "compile"
-    out = {"engine_core": detect().engine_core, "zero": [], "cold": [], "warm_path": None}
+    out = {"engine_core": detect().engine_core, "zero": [], "cold": []}
     with _plane(work, model_dir, engine, park=False) as plane:
         for i in range(runs):
             for variant in ("cold", "zero"):
@@ -145,15 +144,30 @@ def bench_zero(model_dir: Path, engine: dict, runs: int, work: Path, console: Co
                 save(out)
                 console.print(f"({'d' if variant == 'cold' else 'b'}) {variant} run {i + 1}: "
                               f"first token {run['first_token']:.2f}s {run['phases']}")
-        out.update(_warm_paths(plane, model_dir, work))
     return out
 
 
-def _warm_paths(plane: PlaneUnderTest, model_dir: Path, work: Path) -> dict:
-    """The warm path through the gateway, then at the ready replica itself (the gateway's share)."""
-    pod = next(p for p in plane.status(NAME)["pods"] if p["state"] == "ready")
-    return {"warm_path": _warm_path(plane.url, model_dir, work / "gateway"),
-            "warm_path_direct": _warm_path(f"http://127.0.0.1:{pod['port']}", model_dir, work / "direct")}
+def bench_warm(model_dir: Path, engine: dict, runs: int, work: Path, console: Console, save) -> dict:
+    """(w) vLLM's server, then a ready thaw replica through the gateway and directly (the gateway's share)."""
+    seqs = max(WARM_STREAMS)
+    out: dict = {"engine_core": detect().engine_core}
+    port = free_port()
+    server = ServerProcess(vllm_server_command(model_dir, NAME, port, {**engine, "max_num_seqs": seqs}),
+                           work / "vllm.log", env=base_env(VLLM_CACHE_ROOT=str(work / "vllm-cache")))
+    try:
+        url = f"http://127.0.0.1:{port}"
+        server.wait_http(url + "/v1/models", 900)
+        out["vllm"] = _warm_path(url, model_dir, work / "vllm")
+        save(out)
+    finally:
+        server.stop()
+    with _plane(work, model_dir, engine, park=False, containerConcurrency=seqs) as plane:
+        first_answer(plane.url, NAME)  # from zero to one ready replica
+        pod = next(p for p in plane.status(NAME)["pods"] if p["state"] == "ready")
+        out["gateway"] = _warm_path(plane.url, model_dir, work / "gateway")
+        out["direct"] = _warm_path(f"http://127.0.0.1:{pod['port']}", model_dir, work / "direct")
+    console.print(f"(w) warm path: {out}")
+    return out
 
 
 def bench_other_core(model_dir: Path, engine: dict, runs: int, work: Path, console: Console, save) -> dict:
@@ -168,7 +182,6 @@ def bench_other_core(model_dir: Path, engine: dict, runs: int, work: Path, conso
             save(out)
             console.print(f"engine core {core} run {i + 1}: first token from zero {out['zero'][-1]['first_token']:.2f}s "
                           f"{out['zero'][-1]['phases']}")
-        out.update(_warm_paths(plane, model_dir, work))
     return out
 
 
@@ -258,7 +271,8 @@ def run_gpu_bench(model_dir: Path, engine: dict, runs: int, parts: list[str], ou
     results.update({"model_dir": str(model_dir), "engine": engine})
     benches = {"vllm": ("vllm", bench_vllm), "zero": ("zero", bench_zero),
                "other-core": ("other_core", bench_other_core), "park": ("park", bench_park),
-               "hibernate": ("hibernate", bench_hibernate), "swap": ("swap", bench_swap)}
+               "hibernate": ("hibernate", bench_hibernate), "swap": ("swap", bench_swap),
+               "warm": ("warm", bench_warm)}
     for part in parts:
         work = out / "work" / part
         shutil.rmtree(work, ignore_errors=True)
@@ -323,13 +337,11 @@ def write_report(results: dict, out: Path, console: Console) -> None:
         host = mean([r["parked_host_bytes"] or 0 for r in parked]) / 2**30
         lines += ["", f"GPU memory free while parked: {free:.1%} of the card (the parked replica holds {held:.2f} GiB "
                       f"of GPU memory and {host:.1f} GiB of host RAM)."]
-    rows = []
-    for key in ("zero", "other_core"):
-        part = results.get(key) or {}
-        core = {"inproc": "engine core in-process", "mp": "engine core in its own process"}.get(part.get("engine_core"))
-        rows += [(f"thaw through the gateway, {core}", part.get("warm_path")),
-                 (f"thaw's replica directly, {core}", part.get("warm_path_direct"))]
-    rows.append(("vLLM's OpenAI server", (results.get("vllm") or {}).get("warm_path")))
+    warm = results.get("warm") or {}
+    core = {"inproc": "engine core in-process", "mp": "engine core in its own process"}.get(warm.get("engine_core"))
+    rows = [(f"thaw through the gateway, {core}", warm.get("gateway")),
+            (f"thaw's replica directly, {core}", warm.get("direct")),
+            ("vLLM's OpenAI server", warm.get("vllm"))]
     for streams in map(str, WARM_STREAMS):
         at = [(label, (w or {}).get(streams)) for label, w in rows]  # results from before 2026-11-30 lack these
         base = at[-1][1]
@@ -343,8 +355,8 @@ def write_report(results: dict, out: Path, console: Console) -> None:
         for label, w in at:
             if not w:
                 continue
-            vs = {k: f"{w[k] / base[k]:.2f}x" if base and w is not base else "-"
-                  for k in ("tokens_per_second", "ttft_p50", "itl_p99")}
+            peer = base if label != at[-1][0] else None  # the last row is vLLM's server itself
+            vs = {k: f"{w[k] / peer[k]:.2f}x" if peer else "-" for k in ("tokens_per_second", "ttft_p50", "itl_p99")}
             lines.append(f"| {label} | {w['tokens_per_second']:.0f} | {w['ttft_p50']:.4f} | {w['ttft_p95']:.4f} | "
                          f"{w['tpot_p50'] * 1000:.1f} | {w['itl_p50'] * 1000:.1f} / {w['itl_p99'] * 1000:.1f} | "
                          f"{w['e2el_p50']:.3f} | {vs['tokens_per_second']} | {vs['ttft_p50']} | {vs['itl_p99']} |")
