@@ -42,9 +42,7 @@ def stream_bytes(encoder: p.ChunkEncoder, choices: int, takes: Iterable[list[Del
     chat = encoder.chat
     completion_tokens = 0
     try:
-        first = encoder.role(0) if chat else b""
-        if chat:
-            first += b"".join(encoder.role(i) for i in range(1, choices))
+        first = b"".join(encoder.role(i) for i in range(choices)) if chat else b""  # sent with the first take
         for take in takes:
             out = [first] if first else []
             first = b""
