@@ -35,13 +35,18 @@ def _fail(lines: list[str]) -> None:
     raise typer.Exit(1)
 
 
+def _spec(file: Path):
+    """The spec in `file`, or each of its errors on stderr and exit 1."""
+    try:
+        return load_spec(file)
+    except SpecError as exc:
+        _fail(exc.problems)
+
+
 @app.command()
 def validate(file: Path = typer.Option(Path("thaw.yaml"), "-f", "--file", help="The spec to check.")) -> None:
     """Check a spec: each error with its line, its path in the file and what to change."""
-    try:
-        spec = load_spec(file)
-    except SpecError as exc:
-        _fail(exc.problems)
+    spec = _spec(file)
     from thaw.knative.embedded.control.traffic import RevisionHistory, traffic_problems
 
     # Traffic may name revisions only the state directory's history knows (revisions of this machine).
@@ -75,10 +80,7 @@ def up(file: Path = typer.Option(Path("thaw.yaml"), "-f", "--file", help="The pl
     from thaw.knative.embedded.control.traffic import SpecRefused
     from thaw.knative.embedded.up import StartConflict, run_up
 
-    try:
-        spec = load_spec(file)
-    except SpecError as exc:
-        _fail(exc.problems)
+    spec = _spec(file)
     try:
         run_up(spec, file)
     except StartConflict as exc:
@@ -103,11 +105,7 @@ def status(
     if cluster:
         sys.exit(_cluster_status(_spec(file), context, namespace, as_json))
     if url is None:
-        try:
-            gateway = load_spec(file).platform.gateway
-        except SpecError as exc:
-            _fail(exc.problems)
-        url = gateway.local_url
+        url = _spec(file).platform.gateway.local_url
     sys.exit(show_status(url, token, as_json, console))
 
 
@@ -116,13 +114,6 @@ def _model(spec, name: str, file: Path):
         return spec.model(name)
     except KeyError:
         _fail([f"no model named {name!r} in {file}; models: {', '.join(m.name for m in spec.models) or 'none'}"])
-
-
-def _spec(file: Path):
-    try:
-        return load_spec(file)
-    except SpecError as exc:
-        _fail(exc.problems)
 
 
 @app.command()

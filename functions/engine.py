@@ -516,13 +516,13 @@ class Engine:
 
     def _dispatch(self, outputs) -> None:
         """One step's outputs to their generations: one put, so one wake-up, per generation per step."""
-        steps: dict[int, tuple[Generation, list]] = {}
+        steps: dict[Generation, list] = {}
         for output in outputs:
             route = self._routes.get(output.request_id)
             if route is None:
                 continue
             gen, index, k = route
-            items = steps.setdefault(id(gen), (gen, []))[1]
+            items = steps.setdefault(gen, [])
             ended = output.finished and next((c.finish_reason for c in output.outputs
                                               if c.finish_reason in ("abort", "error")), None)
             if ended:
@@ -537,7 +537,7 @@ class Engine:
                                    completion.finish_reason if output.finished else None))
             if output.finished:
                 del self._routes[output.request_id]
-        for gen, items in steps.values():
+        for gen, items in steps.items():
             gen.put(items)
 
     def _logprobs(self, completion, k: int) -> tuple[TokenLogprob, ...]:
@@ -557,7 +557,7 @@ class Engine:
         return self.tokenizer.decode([token_id])
 
     def _fail_all(self, error: Exception) -> None:
-        for gen in {id(g): g for g, _, _ in self._routes.values()}.values():
+        for gen in dict.fromkeys(g for g, _, _ in self._routes.values()):
             gen.put([error])
         self._routes.clear()
 

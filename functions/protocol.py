@@ -296,6 +296,7 @@ class ChunkEncoder:
 
     def __init__(self, chat: bool, request_id: str, created: int, model: str, include_usage: bool):
         self.chat = chat
+        self.include_usage = include_usage
         self._head = f'data: {{"id":{_json(request_id)},"choices":['.encode()
         self._tail = (f'],"created":{created},"model":{_json(model)},"object":'
                       f'"{"chat.completion.chunk" if chat else "text_completion"}"').encode()

@@ -36,7 +36,7 @@ def openai_routes(service: FunctionService) -> Blueprint:
         takes = service.first_take(gen, environ, arrived)
         encoder = p.ChunkEncoder(isinstance(req, p.ChatCompletionRequest), gen.request_id, p.now(),
                                  config.served_name, req.include_usage)
-        return Response(stream_bytes(encoder, gen.choices, takes, prompt_tokens, req.include_usage),
+        return Response(stream_bytes(encoder, gen.choices, takes, prompt_tokens),
                         mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     routes.add_url_rule("/v1/chat/completions", "chat", lambda: generate(p.ChatCompletionRequest), methods=["POST"])

@@ -151,19 +151,20 @@ class FunctionService:
                 if client_gone(environ):
                     raise ClientGone()
                 next_check = time.monotonic() + POLL_SECONDS
-            if not items:
-                continue
-            failure = next((item for item in items if isinstance(item, Exception)), None)
-            if failure is not None:
+            # what the engine put before a failure that ended the generation still reaches the client
+            cut = next((i for i, item in enumerate(items) if isinstance(item, Exception)), len(items))
+            deltas = items[:cut]
+            if deltas:
+                if first:
+                    self.metrics.ttft.observe(time.perf_counter() - arrived)
+                    first = False
+                self.metrics.generated_tokens.inc(sum(d.token_count for d in deltas))
+                finished += sum(d.finish_reason is not None for d in deltas)
+                gen.ended = finished == gen.choices
+                yield deltas
+            if cut < len(items):
                 gen.ended = True
-                raise failure
-            if first:
-                self.metrics.ttft.observe(time.perf_counter() - arrived)
-                first = False
-            self.metrics.generated_tokens.inc(sum(d.token_count for d in items))
-            finished += sum(d.finish_reason is not None for d in items)
-            gen.ended = finished == gen.choices
-            yield items
+                raise items[cut]
 
     def complete(self, req, gen: Generation, prompt_tokens: int, arrived: float, environ: dict) -> dict:
         """The whole response of a non-streamed request."""

@@ -34,8 +34,8 @@ def merge(deltas: list[Delta]) -> list[Delta]:
     return out
 
 
-def stream_bytes(encoder: p.ChunkEncoder, choices: int, takes: Iterable[list[Delta]], prompt_tokens: int,
-                 include_usage: bool) -> Iterator[bytes]:
+def stream_bytes(encoder: p.ChunkEncoder, choices: int, takes: Iterable[list[Delta]],
+                 prompt_tokens: int) -> Iterator[bytes]:
     """A stream's bytes, one piece per take: its chunks, then usage if asked, then [DONE]. A failure of the
     engine after the first chunk ends the stream with an error chunk (the status is already sent); a client
     gone ends it silently."""
@@ -52,7 +52,7 @@ def stream_bytes(encoder: p.ChunkEncoder, choices: int, takes: Iterable[list[Del
                 text = d.text if d.text or d.finish_reason is None or not chat else None
                 out.append(encoder.delta(d.index, text, d.finish_reason, lps))
             yield b"".join(out)
-        tail = encoder.usage(prompt_tokens, completion_tokens) if include_usage else b""
+        tail = encoder.usage(prompt_tokens, completion_tokens) if encoder.include_usage else b""
     except ClientGone:
         return
     except (EngineFailed, p.APIError) as exc:

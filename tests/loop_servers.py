@@ -23,9 +23,9 @@ class LoopThread:
     def run(self, coro, timeout: float = 30):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def serve(self, app: web.Application, port: int = 0) -> str:
+    def serve(self, app: web.Application, port: int = 0, runner_class: type = web.AppRunner) -> str:
         async def start() -> str:
-            runner = web.AppRunner(app, access_log=None)
+            runner = runner_class(app, access_log=None)
             await runner.setup()
             site = web.TCPSite(runner, "127.0.0.1", port)
             await site.start()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 
 import pytest
 import requests
@@ -15,11 +14,12 @@ from aiohttp import web
 
 from loop_servers import LoopThread
 from thaw.functions.engine import LOADING_HEADER
-from thaw.knative.embedded.dataplane.activator import Activator
 from thaw.knative.embedded.control.autoscaler import Autoscaler, ConcurrencyWindow, resolve_spec
-from thaw.knative.embedded.dataplane.replica import Replica, State
 from thaw.knative.embedded.control.revision import Revision
+from thaw.knative.embedded.dataplane.activator import Activator
+from thaw.knative.embedded.dataplane.replica import Replica, State
 from thaw.knative.embedded.dataplane.throttler import Throttler
+from thaw.launch import free_port
 from thaw.spec import Model
 
 
@@ -44,12 +44,6 @@ class RecordedMoves:
     def not_ready(self, rev, replica) -> None:
         self.moves.append(("not_ready", replica.id))
         self.throttler.remove_replica(replica)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def replica_app(mode: str) -> web.Application:
@@ -237,16 +231,7 @@ def gateway(path_under_test):
     loop = LoopThread()
     auth = Authenticator([Token("all", None), Token("other", frozenset({"x"}))])
     gw = Gateway(StandInPlane(rev), auth, max_body_bytes=1 << 20, idle_timeout=30)
-
-    async def start() -> str:
-        runner = GatewayRunner(gw.app(), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        loop.runners.append(runner)
-        return f"http://127.0.0.1:{runner.addresses[0][1]}"
-
-    url = loop.run(start())
+    url = loop.serve(gw.app(), runner_class=GatewayRunner)
     yield url, add, gw.plane
     loop.close()
 

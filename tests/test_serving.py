@@ -93,7 +93,7 @@ def events(pieces) -> list[str]:
 
 def test_a_stream_is_one_piece_per_take_then_usage_and_done():
     takes = [[d(0, "Pa")], [d(0, "r"), d(0, "is"), d(0, ".", finish="stop")]]
-    pieces = list(stream_bytes(encoder(True, True), 1, iter(takes), 4, include_usage=True))
+    pieces = list(stream_bytes(encoder(True, True), 1, iter(takes), 4))
     assert len(pieces) == 3  # role + first delta; the merged rest; usage + [DONE]
     chunks = [json.loads(e) for e in events(pieces)[:-1]]
     assert [c["choices"][0]["delta"] for c in chunks[:3]] == [{"content": "", "role": "assistant"},
@@ -108,7 +108,7 @@ def test_an_engine_failure_mid_stream_is_an_error_chunk_then_done():
         yield [d(0, "a")]
         raise EngineFailed("the engine-core process died")
 
-    out = events(stream_bytes(encoder(False, False), 1, takes(), 1, include_usage=True))
+    out = events(stream_bytes(encoder(False, False), 1, takes(), 1))
     assert json.loads(out[0])["choices"][0]["text"] == "a"
     error = json.loads(out[1])["error"]
     assert error["type"] == "server_error" and error["code"] == "engine_failed" and "died" in error["message"]
@@ -120,4 +120,19 @@ def test_a_client_gone_ends_the_stream_without_another_byte():
         yield [d(0, "a")]
         raise ClientGone()
 
-    assert len(list(stream_bytes(encoder(True, False), 1, takes(), 1, include_usage=False))) == 1
+    assert len(list(stream_bytes(encoder(True, False), 1, takes(), 1))) == 1
+
+
+def test_deltas_the_engine_put_before_a_failure_reach_the_client_first():
+    """One take can hold a step's deltas and then the failure that ended the generation (or the engine)."""
+    from thaw.functions.engine import Generation
+    from thaw.functions.metrics import FunctionMetrics
+    from thaw.functions.service import FunctionService
+
+    gen = Generation("cmpl-1", choices=1)
+    gen.put([d(0, "Pa"), EngineFailed("the engine-core process died")])
+    takes = FunctionService(None, None, FunctionMetrics()).takes(gen, {}, arrived=0.0)
+    assert next(takes) == [d(0, "Pa")]
+    with pytest.raises(EngineFailed):
+        next(takes)
+    assert gen.ended

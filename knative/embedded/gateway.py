@@ -32,8 +32,8 @@ from thaw.http_body import read_body
 from thaw.json_body import InvalidJSON, decode
 
 from .auth import AuthError, Authenticator
-from .dataplane.openai_errors import error_response as _error
 from .control.plane import ServingPlane, UnknownModel
+from .dataplane.openai_errors import error_response as _error
 
 log = logging.getLogger("thaw.gateway")
 

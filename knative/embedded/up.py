@@ -22,10 +22,10 @@ from thaw.durations import parse_duration
 from thaw.spec import Spec
 
 from .auth import Authenticator, Token, eventing_gate
-from .gateway import Gateway, GatewayRunner
 from .control.backend import EmbeddedBackend
 from .control.plane import ServingPlane
 from .control.traffic import RevisionHistory, SpecRefused, traffic_problems
+from .gateway import Gateway, GatewayRunner
 
 log = logging.getLogger("thaw.up")
 

@@ -45,7 +45,7 @@ def _served(kind: str, model_dir: Path, work: Path, engine: dict, concurrency: i
         # One replica, kept ready (no scale-to-zero mid-run), taking every stream at once as vLLM's server
         # does: containerConcurrency is the engine's max_num_seqs (Model.replica_engine).
         spec = {"platform": {"gateway": {"port": free_port()}, "stateDir": str(work / "state")},
-                "models": [{"name": MODEL, "source": str(model_dir), "engine": DEMO_ENGINE_ARGS,
+                "models": [{"name": MODEL, "source": str(model_dir), "engine": engine,
                             "containerConcurrency": concurrency,
                             "scaling": {"min-scale": 1, "max-scale": 1, "initial-scale": 1}}]}
         plane = PlaneUnderTest(work, spec)

@@ -48,9 +48,8 @@ def figures(result: dict) -> dict:
            "failed": result.get("failed", result["num_prompts"] - result["completed"])}
     for metric in ("ttft", "tpot", "itl", "e2el"):
         out[f"{metric}_mean"] = result[f"mean_{metric}_ms"] / 1000
-        for p in PERCENTILES:
-            key = f"median_{metric}_ms" if p == 50 else f"p{p}_{metric}_ms"
-            out[f"{metric}_p{p}"] = result.get(key, result.get(f"p{p}_{metric}_ms", 0.0)) / 1000
+        for p in PERCENTILES:  # asked for with --metric-percentiles: vLLM writes p50_..., p95_..., p99_...
+            out[f"{metric}_p{p}"] = result[f"p{p}_{metric}_ms"] / 1000
     return out
 
 

@@ -26,17 +26,17 @@ from thaw.launch import ReplicaBoot, replica_boot
 from thaw.spec import Model, Spec, SpecError, load_spec, spec_warnings
 from thaw.vllm_platform import gpu_memory
 
-from . import lifecycle
 from ..dataplane.activator import Activator
+from ..dataplane.throttler import Throttler
+from . import lifecycle
 from .autoscaler import Autoscaler, AutoscalerConfig, ConcurrencyWindow, bounded_scale, resolve_spec
 from .backend import EmbeddedBackend
 from .reconciler import Reconciler
 from .revision import ModelRoutes, Revision
-from .traffic import (RevisionHistory, SpecRefused, pick_revision, resolve_traffic, tagged_revision,
-                        traffic_problems)
 from .status import plane_status
 from .supervisor import Supervisor, start_standby, start_warmer
-from ..dataplane.throttler import Throttler
+from .traffic import (RevisionHistory, SpecRefused, pick_revision, resolve_traffic, tagged_revision,
+                      traffic_problems)
 
 log = logging.getLogger("thaw.plane")
 

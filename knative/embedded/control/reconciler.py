@@ -26,10 +26,10 @@ from thaw.launch import ReplicaBoot
 from thaw.spec import Spec
 from thaw.vllm_platform import detect, gpu_count, gpu_memory
 
+from ..dataplane.replica import RUNNING, Replica, State, can_move
 from .autoscaler import AutoscalerConfig
 from .node import Claim, Node, node_of, place, request_of, shared_cores
 from .parking import PARKED, Awake, Sleeper, decide_park, plan_gpu_room
-from ..dataplane.replica import RUNNING, Replica, State, can_move
 from .revision import Revision, ReplicaView, decide, plan
 from .supervisor import Supervisor
 

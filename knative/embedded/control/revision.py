@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from thaw.spec import Model
 
 from ..dataplane.activator import Activator
-from .autoscaler import Autoscaler, ConcurrencyWindow, ScaleResult, bounded_scale, scale_to_zero_gate
 from ..dataplane.replica import RUNNING, Replica, State
-from .traffic import Route
 from ..dataplane.throttler import Throttler
+from .autoscaler import Autoscaler, ConcurrencyWindow, ScaleResult, bounded_scale, scale_to_zero_gate
+from .traffic import Route
 
 
 @dataclass(eq=False)

@@ -21,7 +21,7 @@ from pathlib import Path
 import aiohttp
 import psutil
 
-from thaw.launch import ReplicaBoot, base_env, free_port, serve_args
+from thaw.launch import ReplicaBoot, base_env, free_port, function_command
 from thaw.spec import Model
 from thaw.vllm_platform import detect
 
@@ -35,9 +35,8 @@ PROBE_INTERVAL = 0.025
 
 def replica_command(model: Model, boot: ReplicaBoot, port: int) -> list[str]:
     """The command a new replica process of `model` runs (the cluster renders the same arguments into its pods)."""
-    return [sys.executable, "-m", "thaw.cli", *serve_args(None, model.served_name, port,
-                                                          model.replica_engine().model_dump(exclude_none=True),
-                                                          boot.flags())]
+    return function_command(None, model.served_name, port, model.replica_engine().model_dump(exclude_none=True),
+                            boot.flags())
 
 
 class Supervisor:
@@ -71,8 +70,9 @@ class Supervisor:
                 log.error("%s; starting %s as a new process", exc, rid)
         if replica is None:
             with open(log_path, "ab") as out:
-                popen = subprocess.Popen(replica_command(model, boot, port), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=env, start_new_session=True, preexec_fn=die_with_parent)
+                popen = subprocess.Popen(replica_command(model, boot, port), stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                         preexec_fn=die_with_parent)
             replica = Replica(rid, revision, port, popen.pid, False, log_path, popen=popen)
         log.info("replica %s starting on port %d (%s)", rid, port, "forked from standby" if replica.via_standby
                  else "cold process")
