@@ -17,6 +17,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 TINY_ENGINE = {"max_model_len": 512, "dtype": "bfloat16"}
+# The tiny model makes a 460-token answer in under a second, faster than a busy 2-core machine can schedule the
+# test's own client: a test that must act on a generation before it ends gives it tens of seconds of tokens.
+LONG_CONTEXT = 32768
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +27,14 @@ def tiny_model(tmp_path_factory) -> Path:
     from thaw.cli.model_build import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def long_model(tmp_path_factory) -> Path:
+    """The tiny model with a LONG_CONTEXT context: room for generations that outlast any scheduling delay."""
+    from thaw.cli.model_build import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("models") / "tiny-long", max_positions=LONG_CONTEXT)
 
 
 def thaw_cli(*args: str, **kw) -> subprocess.CompletedProcess:

@@ -6,12 +6,10 @@ import json
 import threading
 import time
 
-import httpx
 import openai
 import pytest
 import requests
 
-from conftest import poll
 
 PROMPT = [{"role": "user", "content": "Say something."}]
 
@@ -237,44 +235,6 @@ def test_openai_client_sees_typed_errors(client):
         client.chat.completions.create(model="tiny", messages=PROMPT, max_tokens=-3)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="missing", messages=PROMPT)
-
-
-def _abandon_stream(http: httpx.Client, url: str, body: dict) -> None:
-    with http.stream("POST", url, json=body) as r:
-        deadline = time.monotonic() + 0.2
-        for _ in r.iter_raw():
-            if time.monotonic() > deadline:
-                break
-
-
-def _abandon_whole(http: httpx.Client, url: str, body: dict) -> None:
-    try:
-        http.post(url, json=body, timeout=0.2)
-    except httpx.TimeoutException:
-        pass
-
-
-def test_abandoned_requests_are_cancelled_in_the_engine(function):
-    # 16 generations of 460 tokens, each abandoned by its client long before it could finish.
-    body = {"model": "tiny", "messages": PROMPT, "max_tokens": 460, "temperature": 0, "ignore_eos": True}
-    cancelled = function.metric("thaw_requests_cancelled_total")
-    # One client for all (making 16 clients at once costs the test process about a second of CPU).
-    http = httpx.Client(timeout=10, limits=httpx.Limits(max_connections=32))
-    threads = [threading.Thread(target=_abandon_stream, args=(http, function.url + CHAT, {**body, "stream": True}))
-               for _ in range(8)]
-    threads += [threading.Thread(target=_abandon_whole, args=(http, function.url + CHAT, body)) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    http.close()
-    # Every generation is cancelled (its client is gone) and leaves the engine; nothing stays in flight.
-    poll(lambda: function.metric("thaw_requests_cancelled_total") - cancelled == 16, timeout=60, interval=0.05,
-         what="16 requests cancelled")
-    poll(lambda: function.metric("thaw_engine_requests") == 0, timeout=60, interval=0.05, what="engine emptied")
-    assert function.metric("thaw_requests_in_flight") == 0
-    r = requests.post(function.url + CHAT, json={"model": "tiny", "messages": PROMPT, "max_tokens": 8}, timeout=30)
-    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
 
 
 def test_concurrent_requests_batch_and_all_succeed(client):

@@ -14,23 +14,19 @@ import psutil
 import pytest
 import requests
 
-from conftest import poll, start_function
+from conftest import LONG_CONTEXT, poll, start_function
 
 
 # A generation that cannot finish before the kill lands: on a busy 2-core machine the test's own process can
-# starve for seconds while the engine runs on (all of 2000 tokens once finished first in CI), so the model
-# takes a long context and the generation runs for tens of seconds; the kill comes at the first token read.
-MAX_MODEL_LEN = 32768
+# starve for seconds while the engine runs on (all of 2000 tokens once finished first in CI), so the generation
+# runs for tens of seconds; the kill comes at the first token read.
 LONG = 32000
 
 
 @pytest.fixture(scope="module")
-def mp_function(tmp_path_factory):
-    from thaw.cli.model_build import build_tiny
-
-    model = build_tiny(tmp_path_factory.mktemp("models") / "tiny-long", max_positions=MAX_MODEL_LEN)
-    running = start_function(model, tmp_path_factory.mktemp("logs"), engine_core="mp",
-                             max_model_len=MAX_MODEL_LEN)
+def mp_function(long_model, tmp_path_factory):
+    running = start_function(long_model, tmp_path_factory.mktemp("logs"), engine_core="mp",
+                             max_model_len=LONG_CONTEXT)
     yield running
     running.server.stop()
 

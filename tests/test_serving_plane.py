@@ -27,13 +27,16 @@ import yaml
 
 from cloudevents.core.bindings.http import HTTPMessage, from_http_event
 
-from conftest import poll, thaw_cli
+from conftest import LONG_CONTEXT, poll, thaw_cli
 from thaw.launch import ServerProcess, base_env, free_port
 
 TOKEN = "sekret-token"
 LIMITED = "limited-token"
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}
 CHAT = [{"role": "user", "content": "hello"}]
+# A generation that outlasts any scheduling delay of this test's process (the tiny model makes 2000 tokens in
+# about 3 s, and a busy 2-core machine can starve a test for that long): a kill must land mid-stream.
+LONG = 32000
 
 
 def model(name: str, tiny: Path, **extra) -> dict:
@@ -90,7 +93,10 @@ class Gate:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
-def make_spec(tiny: Path, state: Path, port: int, sink: str | None = None, gate: str | None = None) -> dict:
+def make_spec(tiny: Path, state: Path, port: int, sink: str | None = None, gate: str | None = None,
+              long: Path | None = None) -> dict:
+    """`long`: the tiny model with a long context, for the models whose tests must act mid-generation."""
+    long = long or tiny
     return {
         "platform": {
             "eventSink": sink,
@@ -101,11 +107,11 @@ def make_spec(tiny: Path, state: Path, port: int, sink: str | None = None, gate:
             "optimizer": {"replicaBudget": 1, "interval": "1s"},
         },
         "models": [
-            model("tiny", tiny, engine={"max_model_len": 2048}),
+            model("tiny", long, engine={"max_model_len": LONG_CONTEXT}),
             model("burst", tiny),
             model("slow", tiny, timeoutSeconds=1),
             model("split", tiny),
-            model("drain", tiny, engine={"max_model_len": 2048}),
+            model("drain", long, engine={"max_model_len": LONG_CONTEXT}),
             model("zero", tiny),
             model("ahead", tiny),
             model("zero-mp", tiny, engine={"max_model_len": 512, "engine_core": "mp"}),
@@ -140,11 +146,11 @@ class Plane:
 
 
 @pytest.fixture(scope="module")
-def plane(tiny_model, tmp_path_factory):
+def plane(tiny_model, long_model, tmp_path_factory):
     work = tmp_path_factory.mktemp("plane")
     port = free_port()
     sink, gate = EventSink(), Gate()
-    spec = make_spec(tiny_model, work / "state", port, sink.url, gate.url)
+    spec = make_spec(tiny_model, work / "state", port, sink.url, gate.url, long_model)
     spec_path = work / "thaw.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
     env = base_env(THAW_TEST_TOKENS=f"{TOKEN},{LIMITED}=split")
@@ -419,13 +425,13 @@ def test_sigkill_of_replica_mid_stream(plane):
     c.completions.create(model="tiny", prompt="warm", max_tokens=2)
     pod = _pod(plane, "tiny")
     events = []
-    for data in stream_data(plane, {"model": "tiny", "messages": CHAT, "max_tokens": 2000, "ignore_eos": True}):
+    for data in stream_data(plane, {"model": "tiny", "messages": CHAT, "max_tokens": LONG, "ignore_eos": True}):
         events.append(data)
         if len(events) == 5:
             os.killpg(pod["pid"], signal.SIGKILL)
     assert events[-1] == "[DONE]"
     assert json.loads(events[-2])["error"]["code"] == "replica_failed"
-    assert len(events) < 2000
+    assert len(events) < LONG
     out = c.completions.create(model="tiny", prompt="again", max_tokens=3)  # a replacement serves it
     assert out.usage.completion_tokens >= 1
     assert _pod(plane, "tiny")["pid"] != pod["pid"]
@@ -442,13 +448,17 @@ def test_request_right_after_replica_death_is_served_by_a_replacement(plane):
     assert _pod(plane, "tiny")["pid"] != pod["pid"]
 
 
+DRAINED = 6000
+
+
 def test_a_revision_losing_its_traffic_finishes_its_streams_then_goes_to_zero(plane):
     client(plane).completions.create(model="drain", prompt="warm", max_tokens=2)
     chunks, usage = [], {}
     seen_ready = []
 
     def stream():
-        body = {"model": "drain", "messages": CHAT, "max_tokens": 2000, "ignore_eos": True,
+        # about 10 s of tokens: the stream is still running while the new revision comes up
+        body = {"model": "drain", "messages": CHAT, "max_tokens": DRAINED, "ignore_eos": True,
                 "stream_options": {"include_usage": True}}
         for data in stream_data(plane, body, timeout=120):
             chunks.append(data)  # one at a time: the test watches the stream grow
@@ -467,7 +477,7 @@ def test_a_revision_losing_its_traffic_finishes_its_streams_then_goes_to_zero(pl
         time.sleep(0.05)
     assert chunks[-1] == "[DONE]"
     usage = json.loads(chunks[-2])["usage"]
-    assert usage["completion_tokens"] == 2000
+    assert usage["completion_tokens"] == DRAINED
     # Knative's decider for an unreachable revision: its in-flight stream is load, so its replica stays up
     # until the stream ends; then it goes to zero, with no scale-down delay.
     assert min(seen_ready) == 1
