@@ -109,7 +109,7 @@ def make_spec(tiny: Path, state: Path, port: int, sink: str | None = None, gate:
         "models": [
             model("tiny", long, engine={"max_model_len": LONG_CONTEXT}),
             model("burst", tiny),
-            model("slow", tiny, timeoutSeconds=1),
+            model("slow", tiny, timeoutSeconds=5, resources={"cpu": "1000"}),
             model("split", tiny),
             model("drain", long, engine={"max_model_len": LONG_CONTEXT}),
             model("zero", tiny),
@@ -219,13 +219,15 @@ def test_burst_at_zero_all_succeed(plane):
 
 
 def test_queue_overflow_gives_503_and_timeout_gives_504(plane):
-    # "slow" is at zero with timeoutSeconds 1: a replica takes longer than that to start.
+    # "slow" is at zero and its replica cannot fit the node (it stays Pending), however fast the machine: the
+    # queue holds 16 requests until timeoutSeconds (5 s), the rest are refused at once.
     codes = []
 
     def ask():
         r = requests.post(plane.url + "/v1/completions", headers=HEADERS, timeout=60,
                           json={"model": "slow", "prompt": "x", "max_tokens": 2})
-        codes.append((r.status_code, r.headers.get("Retry-After"), r.json()["error"]["code"]))
+        error = r.json()["error"]
+        codes.append((r.status_code, r.headers.get("Retry-After"), error["code"], error["message"]))
 
     threads = [threading.Thread(target=ask) for _ in range(24)]
     for t in threads:
@@ -234,8 +236,10 @@ def test_queue_overflow_gives_503_and_timeout_gives_504(plane):
         t.join(60)
     counts = Counter(c[0] for c in codes)
     assert counts[503] == 24 - 16 and counts[504] == 16, codes
-    assert all(ra == "1" and code == "queue_full" for status, ra, code in codes if status == 503)
-    assert all(code == "timeout" for status, _, code in codes if status == 504)
+    assert all(ra == "1" and code == "queue_full" for status, ra, code, _ in codes if status == 503)
+    # a held request's 504 says why no replica came: the scheduler's reason
+    assert all(code == "timeout" and "Pending: 0/1 nodes are available: 1 Insufficient cpu." in message
+               for status, _, code, message in codes if status == 504), codes
 
 
 def test_unknown_model_is_404(plane):
