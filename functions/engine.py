@@ -425,7 +425,7 @@ class Engine:
                         self._engine.add_request(engine_id, {"prompt_token_ids": prompt}, self._params(s))
                     except Exception as exc:  # noqa: BLE001 - a request vLLM refuses fails alone
                         self._abort(gen)
-                        gen.put([APIError(400, str(exc))])
+                        gen.put([APIError(400, str(exc), param=getattr(exc, "parameter", None))])
                         return
                     self._routes[engine_id] = (gen, p * n + i, s.logprobs)
         elif command[0] == "abort":

@@ -40,6 +40,8 @@ def model_not_found(name: str) -> APIError:
     return APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
 
 
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+
 # Fields OpenAI defines that change what is generated and that this server does not implement: refusing
 # them is better than answering something other than what was asked.
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format", "logit_bias",
@@ -87,7 +89,8 @@ class _SamplingRequest(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=128)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    # vLLM's server's bounds: a seed past 64 bits fails the engine's step, not just the request
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     stream: bool = False

@@ -158,6 +158,11 @@ BAD_INPUTS = [
     (COMP, {"model": "tiny", "prompt": "x", "min_p": 1.5}, "application/json", 400, "min_p", "invalid_value"),
     (COMP, {"model": "tiny", "prompt": "x", "repetition_penalty": 0}, "application/json", 400, "repetition_penalty",
      "invalid_value"),
+    # values vLLM's engine would fail on mid-step (a seed past 64 bits took the whole engine down), or refuses
+    (CHAT, {"model": "tiny", "messages": MSG, "seed": 2**64}, "application/json", 400, "seed", "invalid_value"),
+    (COMP, {"model": "tiny", "prompt": "x", "seed": -2**63 - 1}, "application/json", 400, "seed", "invalid_value"),
+    (CHAT, {"model": "tiny", "messages": MSG, "stop_token_ids": [10**9]}, "application/json", 400, "stop_token_ids",
+     None),
     # a prompt far past max_model_len is refused by its size in bytes, without tokenizing 10 MB
     (COMP, {"model": "tiny", "prompt": "x" * 10_000_000}, "application/json", 400, "prompt", "context_length_exceeded"),
 ]
@@ -175,6 +180,8 @@ def test_bad_input_gets_openai_error(function, route, body, content_type, status
         assert error["param"] == param
     if code is not None:
         assert error["code"] == code
+    # a bad request fails alone: the engine still serves
+    assert requests.get(function.url + "/readyz", timeout=10).status_code == 200
 
 
 def test_context_length_message_names_both_lengths(function):
