@@ -263,6 +263,11 @@ def test_auth(plane):
     assert requests.post(plane.url + "/v1/chat/completions", json=body, headers=HEADERS, timeout=60).status_code == 200
     listed = requests.get(plane.url + "/v1/models", headers={"Authorization": f"Bearer {LIMITED}"}, timeout=10).json()
     assert [m["id"] for m in listed["data"]] == ["split"]
+    # the platform's status shows a limited token its own models only (their pods and weights paths)
+    limited = requests.get(plane.url + "/thaw/v1/status", headers={"Authorization": f"Bearer {LIMITED}"},
+                           timeout=10).json()
+    assert [m["name"] for m in limited["models"]] == ["split"]
+    assert "tiny" in [m["name"] for m in plane.status()["models"]]
     assert TOKEN not in Path(plane.server.log_path).read_text()
 
 
@@ -343,6 +348,11 @@ def test_http_errors_are_in_the_surface_shape(plane):
     answer = raw_http(plane, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n")
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.split()[1] == b"400" and json.loads(body)["error"]["type"] == "invalid_request_error"
+    # a header over the parser's limit: a 400 too, and its content (an over-long token, say) is not logged
+    r = requests.get(plane.url + "/v1/models", headers={"Authorization": "Bearer overlong-" + "y" * 9000}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    poll(lambda: "refused a malformed request" in Path(plane.server.log_path).read_text(), 10, 0.1, "logged")
+    assert "overlong-" not in Path(plane.server.log_path).read_text()
 
 
 def test_idle_and_slow_header_connections_are_closed(plane):

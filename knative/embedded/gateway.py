@@ -89,7 +89,15 @@ class _JSONErrorHandler(RequestHandler):
     in plain text; here they get OpenAI's error object instead."""
 
     def handle_error(self, request, status: int = 500, exc=None, message=None) -> web.StreamResponse:
-        super().handle_error(request, status, exc, message)  # logs, and refuses once the answer has begun
+        if status < 500:
+            # The client's own malformed request: one line, no traceback, nothing of what it sent (an
+            # over-long header may be a credential).
+            self.logger.info("refused a malformed request from %s: %s", request.remote,
+                             type(exc).__name__ if exc is not None else status)
+            if request.writer.output_size > 0:
+                raise ConnectionError("the answer has begun; the connection closes")
+        else:
+            super().handle_error(request, status, exc, message)  # logs, and refuses once the answer has begun
         text = message if status < 500 and message else HTTPStatus(status).description
         response = web.json_response(error_body(text, "invalid_request_error" if status < 500 else "server_error"),
                                      status=status)
@@ -147,11 +155,18 @@ class Gateway:
         return web.json_response({"status": "alive"})
 
     async def status(self, request: web.Request) -> web.Response:
+        header = request.headers.get("Authorization")
         try:
-            self.auth.check(request.headers.get("Authorization"))
+            self.auth.check(header)
         except AuthError as exc:
             return _auth_error(exc)
-        return web.json_response(self.plane.status())
+        status = self.plane.status()
+        if self.auth.models_of(header) is not None:
+            # A token limited to some models sees those only (their pods and weights included), as its
+            # /v1/models does; the spec's refusals name any model, so they are for unlimited tokens.
+            status["models"] = [m for m in status["models"] if self.auth.allowed(header, m["name"])]
+            status["spec_refused"] = []
+        return web.json_response(status)
 
     def _card(self, model: dict) -> dict:
         ready = sum(r["replicas"]["ready"] for r in model["revisions"])
