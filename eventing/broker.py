@@ -244,6 +244,15 @@ class Broker:
     def _trigger(self, name: str) -> BrokerTrigger | None:
         return next((t for t in self.triggers if t.name == name), None)
 
+    @staticmethod
+    def _current_target(trigger: BrokerTrigger, delivery: Delivery) -> str | None:
+        """Where a delivery goes now. As Knative's dispatcher sends to the trigger's subscriber as it is at
+        delivery time, a stored delivery follows its subscriber: after a restart (the warmer's new port) or
+        a spec edit (a moved URI)."""
+        if delivery.kind == "dead-letter":
+            return trigger.policy.dead_letter
+        return trigger.target(event_attributes(delivery.headers))
+
     async def _deliver(self, delivery: Delivery) -> None:
         try:
             trigger = self._trigger(delivery.trigger)
@@ -251,6 +260,14 @@ class Broker:
                 await asyncio.wrap_future(self.store.finish(delivery))
                 self.stats.dropped += 1
                 return
+            target = self._current_target(trigger, delivery)
+            if target is None:  # its subscriber (a model, a dead-letter sink) left the spec while this waited
+                await asyncio.wrap_future(self.store.finish(delivery))
+                self.stats.dropped += 1
+                log.warning("broker: dropping event for %s: it has no %s now", delivery.trigger,
+                            "dead-letter sink" if delivery.kind == "dead-letter" else "subscriber")
+                return
+            delivery.target = target
             policy = trigger.policy
             if delivery.kind == "dead-letter":
                 policy = replace(policy, dead_letter=None)  # a dead letter that fails is dropped

@@ -268,9 +268,11 @@ def test_a_reply_event_goes_back_into_the_broker(broker_url, upstreams):
     assert got.headers["ce-knativebrokerttl"] == "254"
 
 
-def test_accepted_events_survive_a_sigkill_of_thaw_up(tmp_path, loop):
+@pytest.mark.parametrize("moved", [False, True])
+def test_accepted_events_survive_a_sigkill_of_thaw_up(tmp_path, loop, moved):
     """At least once: accepted while the subscriber is down, the broker killed, the subscriber up, the
-    broker restarted: the event arrives."""
+    broker restarted: the event arrives. Where the subscriber came back at another URL (the spec edited
+    meanwhile), the event goes there, as Knative's dispatcher sends to a trigger's subscriber as it is now."""
     port, sub_port = free_port(), free_port()
     spec = {"platform": {"gateway": {"port": port}, "stateDir": str(tmp_path / "state")},
             "triggers": [{"name": "keep", "filter": {"attributes": {"type": "com.example.order"}},
@@ -289,6 +291,10 @@ def test_accepted_events_survive_a_sigkill_of_thaw_up(tmp_path, loop):
     assert [r.status_code for r in sent] == [202] * 5
     os.kill(server.pid, signal.SIGKILL)
     server.proc.wait(10)
+    if moved:
+        sub_port = free_port()
+        spec["triggers"][0]["subscriber"]["uri"] = f"http://127.0.0.1:{sub_port}/keep"
+        path.write_text(yaml.safe_dump(spec))
     sub = Upstreams()
     sub.replies["keep"] = (202, {})
     sub.base = loop.serve(sub.app(), sub_port)
