@@ -55,6 +55,14 @@ def problems(text: str) -> list[str]:
      "step serviceName 'nosuch' is not a model of this spec"),
     ("triggers:\n  - name: t\n    subscriber: {ref: {kind: Model, name: nosuch}}\n", "trigger 't': no model named 'nosuch'"),
     ("triggers:\n  - name: t\n    subscriber: {}\n", "a destination needs a uri or a ref"),
+    # Knative's Destination rules: a uri alone is absolute with a host; beside a ref it is relative
+    ("triggers:\n  - name: t\n    subscriber: {uri: not a url}\n", "uri 'not a url' is relative"),
+    ("triggers:\n  - name: t\n    subscriber: {uri: 'http://'}\n", "uri 'http://' is relative"),
+    ("triggers:\n  - name: t\n    subscriber: {uri: '/answers'}\n", "uri '/answers' is relative"),
+    ("models:\n  - name: a\n    source: x\ntriggers:\n  - name: t\n    subscriber: {ref: {kind: Model, name: a}, "
+     "uri: 'http://x/y'}\n", "an absolute uri is not allowed with a ref"),
+    ("triggers:\n  - name: t\n    subscriber: {uri: 'http://x'}\n    delivery: {deadLetterSink: {uri: dlq}}\n",
+     "uri 'dlq' is relative"),
     ("triggers:\n  - name: t\n    subscriber: {uri: 'http://x'}\n    delivery: {backoffDelay: 1s}\n",
      "t.yaml:4: triggers[0].delivery.backoffDelay: backoffDelay must be an ISO 8601 duration"),
     ("triggers:\n  - name: t\n    subscriber: {uri: 'http://x'}\n    filters: [{cesql: x}]\n",

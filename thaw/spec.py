@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Annotated, Any, Iterable, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -445,8 +446,16 @@ class Destination(SpecModel):
 
     @model_validator(mode="after")
     def _one(self) -> "Destination":
+        # Knative's Destination.Validate, rule by rule (pkg/apis/duck/v1/destination.go)
         if self.uri is None and self.ref is None:
             raise ValueError("a destination needs a uri or a ref")
+        if self.uri is not None:
+            url = urlsplit(self.uri)
+            if self.ref is not None and url.scheme:
+                raise ValueError("an absolute uri is not allowed with a ref (give a path relative to it)")
+            if self.ref is None and not (url.scheme and url.hostname):
+                raise ValueError(f"uri {self.uri!r} is relative: without a ref it must be absolute, with a host "
+                                 "(such as http://host:port/path)")
         return self
 
 
