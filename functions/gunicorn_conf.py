@@ -6,7 +6,12 @@ until its last token), so `threads` bounds concurrent requests per replica.
 
 from __future__ import annotations
 
+import json
 import logging
+
+from gunicorn import util
+
+from .protocol import error_body
 
 
 def options(host: str, port: int, threads: int = 64) -> dict:
@@ -24,8 +29,24 @@ def options(host: str, port: int, threads: int = 64) -> dict:
         # gunicorn's control socket has one default path per user: many replicas would fight over it.
         "control_socket_disable": True,
         "loglevel": "info",
+        "post_worker_init": json_parser_errors,
         "worker_exit": worker_exit,
     }
+
+
+def json_parser_errors(worker) -> None:
+    """Requests gunicorn's own parser refuses (a request line or header over its limits, a malformed one) get
+    OpenAI's error object, as every other answer does, instead of gunicorn's HTML page. On a cluster these
+    reach users: Knative's queue-proxy passes on a URL or header count that gunicorn's limits refuse.
+    gunicorn writes these pages through `util.write_error` and has no setting for their body."""
+    def write_error(sock, status_int: int, reason: str, mesg: str) -> None:
+        kind = "invalid_request_error" if status_int < 500 else "server_error"
+        body = json.dumps(error_body(mesg or reason, kind)).encode()
+        head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
+        util.write_nonblock(sock, head + body)
+
+    util.write_error = write_error
 
 
 def worker_exit(server, worker) -> None:

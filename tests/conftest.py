@@ -56,6 +56,7 @@ def poll(condition, timeout: float, interval: float = 0.05, what: str = "conditi
 class RunningFunction:
     def __init__(self, server: ServerProcess, port: int, served_name: str, startup: dict):
         self.server = server
+        self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.served_name = served_name
         self.startup = startup  # what the probes answered while the engine was loading

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 
@@ -198,6 +199,25 @@ def test_unknown_route_method_and_size(function):
     r = requests.post(function.url + CHAT, data=b"x" * (33 << 20), headers={"Content-Type": "application/json"},
                       timeout=60)  # the default --max-body-size is 32Mi
     assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("request_bytes,status", [
+    (b"GARBAGE\r\n\r\n", 400),
+    (b"GET /v1/models HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n", 400),
+    (b"GET /v1/models?q=" + b"x" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),  # gunicorn's line limit
+    (b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(120)) + b"\r\n", 431),
+])
+def test_what_gunicorn_refuses_gets_openai_errors(function, request_bytes, status):
+    """gunicorn's parser answers these itself; on a cluster Knative's queue-proxy passes a long URL or many
+    headers on to it. The answer is OpenAI's error object, not gunicorn's HTML page."""
+    with socket.create_connection(("127.0.0.1", function.port), timeout=10) as sock:
+        sock.sendall(request_bytes)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split()[1] == str(status).encode() and b"application/json" in head, head
+    assert json.loads(body)["error"]["type"] == "invalid_request_error"
 
 
 def test_null_fields_are_not_asked_for(function):
