@@ -42,7 +42,7 @@ from . import events
 from .delivery import (DEFAULT_BACKOFF_DELAY, DEFAULT_TIMEOUT, DeliveryPolicy, backoff, dead_letter_extensions,
                        next_step)
 from .filters import matches
-from .store import Delivery, EventStore, NewEvent
+from .store import Delivery, EventStore, NewEvent, StoreError
 
 SCOPE_EXTENSION = "thawscope"  # the models an event's sender may use, noted by the ingress (never a sender's)
 
@@ -53,6 +53,7 @@ ARRIVAL_EXTENSION = "knativearrivaltime"
 DEFAULT_TTL = 255
 INFERENCE_TRIGGER = "thaw-inference"
 CONCURRENT_DELIVERIES = 64
+STORE_RETRY_AFTER = 5  # seconds: when the store cannot write (a full disk), what a sender is told to wait
 
 
 @dataclass
@@ -180,7 +181,12 @@ class Broker:
             event = events.parse_http_event(request.headers, body)
         except events.InvalidEvent as exc:
             return web.json_response({"error": str(exc)}, status=400)
-        await self.publish(broker, event, self.scope(request.headers.get("Authorization")) if self.scope else None)
+        try:
+            await self.publish(broker, event, self.scope(request.headers.get("Authorization")) if self.scope else None)
+        except StoreError as exc:  # not accepted: the sender keeps the event and retries
+            log.warning("broker: refusing an event: %s", exc)
+            return web.json_response({"error": f"{exc}; the event was not accepted, retry later"}, status=503,
+                                     headers={"Retry-After": str(STORE_RETRY_AFTER)})
         return web.Response(status=202)
 
     async def publish(self, broker: str, event: CloudEvent, scope: frozenset[str] | None = None) -> None:
@@ -257,12 +263,12 @@ class Broker:
         try:
             trigger = self._trigger(delivery.trigger)
             if trigger is None:  # the trigger was removed while this waited
-                await asyncio.wrap_future(self.store.finish(delivery))
+                await self._keep(self.store.finish(delivery), delivery)
                 self.stats.dropped += 1
                 return
             target = self._current_target(trigger, delivery)
             if target is None:  # its subscriber (a model, a dead-letter sink) left the spec while this waited
-                await asyncio.wrap_future(self.store.finish(delivery))
+                await self._keep(self.store.finish(delivery), delivery)
                 self.stats.dropped += 1
                 log.warning("broker: dropping event for %s: it has no %s now", delivery.trigger,
                             "dead-letter sink" if delivery.kind == "dead-letter" else "subscriber")
@@ -280,7 +286,7 @@ class Broker:
             elif step == "retry":
                 self.stats.retried += 1
                 delivery.due = time.time() + backoff(policy, delivery.attempt)
-                await asyncio.wrap_future(self.store.reschedule(delivery))
+                await self._keep(self.store.reschedule(delivery), delivery)
                 self._schedule(delivery)
             elif step == "dead-letter":
                 self.stats.dead_lettered += 1
@@ -288,13 +294,13 @@ class Broker:
                          delivery.attempt, status)
                 delivery.extra = dead_letter_extensions(delivery.target, status, body)
                 delivery.kind, delivery.target, delivery.attempt, delivery.due = "dead-letter", policy.dead_letter, 0, time.time()
-                await asyncio.wrap_future(self.store.reschedule(delivery))
+                await self._keep(self.store.reschedule(delivery), delivery)
                 self._schedule(delivery)
             else:
                 self.stats.dropped += 1
                 log.warning("broker: dropping event for %s (%s) after %d attempts, last answer %s",
                             delivery.trigger, delivery.target, delivery.attempt, status)
-                await asyncio.wrap_future(self.store.finish(delivery))
+                await self._keep(self.store.finish(delivery), delivery)
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - a bug here must not stop the dispatcher; the row stays for restart
@@ -341,6 +347,17 @@ class Broker:
                 return f"the sender may not warm or pin {model!r}"
         return None
 
+    @staticmethod
+    async def _keep(write, delivery: Delivery) -> Any:
+        """Wait for a store write about a delivery; its result, or None where the store could not make it (a
+        full disk). That leaves the row as it was: the broker goes on from what it holds in memory, and after a
+        restart it sends that delivery again (at least once), instead of losing it."""
+        try:
+            return await asyncio.wrap_future(write)
+        except StoreError as exc:
+            log.warning("broker: %s; delivery %d (%s) goes on from memory", exc, delivery.id, delivery.trigger)
+            return None
+
     async def _finish_with_reply(self, delivery: Delivery, headers: dict, body: bytes) -> None:
         reply = None
         if events.looks_like_event(headers):
@@ -351,7 +368,9 @@ class Broker:
                 reply = self._prepare(broker, event, ttl, delivery.headers.get(f"ce-{SCOPE_EXTENSION}"))
             except (events.InvalidEvent, ValueError) as exc:
                 log.warning("broker: %s answered with an invalid event, not re-entered: %s", delivery.target, exc)
-        rows = await asyncio.wrap_future(self.store.finish(delivery, reply))
+        rows = await self._keep(self.store.finish(delivery, reply), delivery)
+        if rows is None:
+            return  # the reply was not stored either: after a restart the subscriber is asked, and answers, again
         if reply is not None:
             self.stats.replies += 1
         for row in rows:

@@ -28,6 +28,10 @@ CREATE TABLE IF NOT EXISTS deliveries (
 BATCH = 512
 
 
+class StoreError(Exception):
+    """The store could not write (a full disk, say): nothing of that write was kept."""
+
+
 @dataclass
 class Delivery:
     id: int
@@ -156,8 +160,10 @@ class EventStore:
                     self._db.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass
+                failure = StoreError(f"the event store could not write: {exc}") if isinstance(exc, sqlite3.Error) \
+                    else exc
                 for _, future in batch:
-                    future.set_exception(exc)
+                    future.set_exception(failure)
                 continue
             for (_, future), result in zip(batch, results):
                 future.set_result(result)

@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import signal
+import subprocess
 import sys
 
 import pytest
@@ -266,6 +267,36 @@ def test_a_reply_event_goes_back_into_the_broker(broker_url, upstreams):
     got = poll(lambda: upstreams.seen.get("answers"), 10, what="reply delivered")[0]
     assert got.body == {"answer": 42}
     assert got.headers["ce-knativebrokerttl"] == "254"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1 MiB filesystem (tmpfs) for the broker's store."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_full_disk_refuses_events_with_503_and_loses_none_it_accepted(broker_url, upstreams, small_disk):
+    """Accepted means stored: once the store's disk is full the ingress answers 503 with Retry-After (the
+    sender keeps the event), and what it accepted before is still delivered, its retries kept in memory."""
+    url = broker_url([trigger("s", upstreams.reply("s", {}, 503), retry=100, backoff_delay=0.2,
+                              backoff_policy="linear")], path=small_disk / "broker.db")
+    accepted, refused = [], None
+    for i in range(200):
+        r = send(url + "/default/default", subject=f"e-{i}", data={"pad": "p" * 20_000})
+        if r.status_code != 202:
+            refused = r
+            break
+        accepted.append(f"e-{i}")
+    assert refused is not None and accepted, "the disk never filled"
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "5"
+    assert "disk is full" in refused.json()["error"]
+    upstreams.replies["s"] = (202, {})  # the subscriber recovers while the disk is still full
+    poll(lambda: {s.headers["ce-subject"] for s in upstreams.seen.get("s", [])} >= set(accepted), 60, 0.2,
+         "every accepted event delivered")
 
 
 @pytest.mark.parametrize("moved", [False, True])
