@@ -299,6 +299,23 @@ def test_a_full_disk_refuses_events_with_503_and_loses_none_it_accepted(broker_u
          "every accepted event delivered")
 
 
+def test_on_a_full_disk_the_optimizers_warm_request_is_put_off_not_fatal(broker_url, upstreams, small_disk, loop):
+    """The optimizer asks for warm-ups through the broker; a store that cannot write makes it try again at its
+    next pass (warm() is False) instead of ending its loop with an exception. The plane is a stand-in with
+    the parts the backend reads; the broker and its store are real."""
+    from types import SimpleNamespace
+
+    from thaw.knative.embedded.control.backend import EmbeddedBackend
+
+    url = broker_url([trigger("all", upstreams.reply("all", {}, 503), retry=100)], path=small_disk / "broker.db")
+    while send(url + "/default/default", data={"pad": "p" * 20_000}).status_code == 202:
+        pass
+    broker = broker_url.broker
+    backend = EmbeddedBackend(SimpleNamespace(models={}, calls={}, route=None,
+                                              publish=lambda event: broker.publish("default", event)))
+    assert loop.run(backend.warm("tiny")) is False
+
+
 @pytest.mark.parametrize("moved", [False, True])
 def test_accepted_events_survive_a_sigkill_of_thaw_up(tmp_path, loop, moved):
     """At least once: accepted while the subscriber is down, the broker killed, the subscriber up, the

@@ -5,13 +5,17 @@ request at zero would wake the revision."""
 
 from __future__ import annotations
 
+import logging
 from typing import Awaitable, Callable, Protocol
 
 from thaw.cache_warmer.optimizer import Demand
 from thaw.eventing import events
+from thaw.eventing.store import StoreError
 
 from .reconciler import weight_bytes
 from .revision import ModelRoutes, Revision
+
+log = logging.getLogger("thaw.optimizer")
 
 SOURCE = "/thaw/optimizer"
 
@@ -44,7 +48,11 @@ class EmbeddedBackend:
     async def warm(self, model: str) -> bool:
         if self.plane.publish is None:
             return True  # no broker, so no warmer: weights are staged when a replica starts
-        await self.plane.publish(events.make_event(events.CACHE_WARM, SOURCE, {"model": model}))
+        try:
+            await self.plane.publish(events.make_event(events.CACHE_WARM, SOURCE, {"model": model}))
+        except StoreError as exc:  # a full disk: not warmed now, asked again at the next pass
+            log.warning("could not ask to warm %s: %s", model, exc)
+            return False
         return True
 
     def start_ahead(self, models: list[str]) -> list[str]:

@@ -18,6 +18,7 @@ from typing import Any, Awaitable, Callable
 from cloudevents.core.v1.event import CloudEvent
 
 from thaw.eventing import events
+from thaw.eventing.store import StoreError
 
 log = logging.getLogger("thaw.lifecycle")
 
@@ -99,6 +100,8 @@ class LifecycleEmitter:
             event = await self._queue.get()
             try:
                 await self.publish(event)
+            except StoreError as exc:  # a full disk: one line, not a traceback (the warmer stages at boot anyway)
+                log.warning("the broker could not take %s: %s", event.get_type(), exc)
             except Exception:  # noqa: BLE001 - one event the broker could not take must not stop the rest
                 log.exception("the broker refused %s", event.get_type())
             finally:
