@@ -301,15 +301,20 @@ def test_a_full_disk_refuses_events_with_503_and_loses_none_it_accepted(broker_u
 
 def test_on_a_full_disk_the_optimizers_warm_request_is_put_off_not_fatal(broker_url, upstreams, small_disk, loop):
     """The optimizer asks for warm-ups through the broker; a store that cannot write makes it try again at its
-    next pass (warm() is False) instead of ending its loop with an exception. The plane is a stand-in with
-    the parts the backend reads; the broker and its store are real."""
+    next pass (warm() is False) instead of ending its loop with an exception. The disk is filled to its
+    last byte before anything is written to the store's log (an event this small could otherwise fit in
+    log space sqlite reuses after a checkpoint). The plane is a stand-in with the parts the backend reads;
+    the broker and its store are real."""
     from types import SimpleNamespace
 
     from thaw.knative.embedded.control.backend import EmbeddedBackend
 
     url = broker_url([trigger("all", upstreams.reply("all", {}, 503), retry=100)], path=small_disk / "broker.db")
-    while send(url + "/default/default", data={"pad": "p" * 20_000}).status_code == 202:
-        pass
+    with open(small_disk / "filler", "wb", buffering=0) as filler:
+        with pytest.raises(OSError):
+            while True:
+                filler.write(b"\0" * 4096)
+    assert send(url + "/default/default").status_code == 503
     broker = broker_url.broker
     backend = EmbeddedBackend(SimpleNamespace(models={}, calls={}, route=None,
                                               publish=lambda event: broker.publish("default", event)))
