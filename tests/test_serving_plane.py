@@ -434,6 +434,28 @@ def _pod(plane: Plane, model_name: str) -> dict:
     return next(p for r in plane.revisions(model_name) for p in r["pods"] if p["state"] == "ready")
 
 
+def _replica_metric(pod: dict, name: str) -> float:
+    text = requests.get(f"http://127.0.0.1:{pod['port']}/metrics", timeout=10).text
+    return next(float(line.split()[1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def test_a_client_leaving_through_the_gateway_stops_its_generation(plane):
+    client(plane).completions.create(model="tiny", prompt="warm", max_tokens=2)
+    pod = _pod(plane, "tiny")
+    before = _replica_metric(pod, "thaw_requests_cancelled_total")
+    body = {"model": "tiny", "messages": CHAT, "max_tokens": LONG, "ignore_eos": True}
+    for data in stream_data(plane, body):  # streamed: the client leaves after a few chunks
+        if data != "[DONE]":
+            break
+    try:  # whole: the client gives up waiting
+        httpx.post(plane.url + "/v1/chat/completions", json=body, headers=HEADERS, timeout=3)
+    except httpx.TimeoutException:
+        pass
+    # the replica behind the gateway cancels both in its engine, rather than generating for nobody
+    poll(lambda: _replica_metric(pod, "thaw_requests_cancelled_total") - before == 2, 60, 0.1, "both cancelled")
+    poll(lambda: _replica_metric(pod, "thaw_engine_requests") == 0, 60, 0.1, "engine emptied")
+
+
 def test_sigkill_of_replica_mid_stream(plane):
     c = client(plane)
     c.completions.create(model="tiny", prompt="warm", max_tokens=2)
