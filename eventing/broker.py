@@ -262,15 +262,12 @@ class Broker:
     async def _deliver(self, delivery: Delivery) -> None:
         try:
             trigger = self._trigger(delivery.trigger)
-            if trigger is None:  # the trigger was removed while this waited
-                await self._keep(self.store.finish(delivery), delivery)
-                self.stats.dropped += 1
-                return
-            target = self._current_target(trigger, delivery)
-            if target is None:  # its subscriber (a model, a dead-letter sink) left the spec while this waited
+            target = self._current_target(trigger, delivery) if trigger is not None else None
+            if target is None:  # its trigger, or its subscriber (a model, a dead-letter sink), left the spec
                 await self._keep(self.store.finish(delivery), delivery)
                 self.stats.dropped += 1
                 log.warning("broker: dropping event for %s: it has no %s now", delivery.trigger,
+                            "trigger" if trigger is None else
                             "dead-letter sink" if delivery.kind == "dead-letter" else "subscriber")
                 return
             delivery.target = target

@@ -37,6 +37,24 @@ def long_model(tmp_path_factory) -> Path:
     return build_tiny(tmp_path_factory.mktemp("models") / "tiny-long", max_positions=LONG_CONTEXT)
 
 
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mounts a real tmpfs of a given size (`tmpfs("2m")`), for disks that really fill up; unmounted after
+    the test."""
+    mounts: list[Path] = []
+
+    def mount(size: str) -> Path:
+        path = tmp_path / f"tmpfs-{len(mounts)}"
+        path.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+        mounts.append(path)
+        return path
+
+    yield mount
+    for path in mounts:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
 def thaw_cli(*args: str, **kw) -> subprocess.CompletedProcess:
     """`thaw ARGS...` in a process of its own, output captured as text."""
     return subprocess.run([sys.executable, "-m", "thaw.cli", *args], capture_output=True, text=True, **kw)

@@ -7,7 +7,6 @@ import base64
 import json
 import os
 import signal
-import subprocess
 import sys
 
 import pytest
@@ -270,13 +269,9 @@ def test_a_reply_event_goes_back_into_the_broker(broker_url, upstreams):
 
 
 @pytest.fixture
-def small_disk(tmp_path):
+def small_disk(tmpfs):
     """A real 1 MiB filesystem (tmpfs) for the broker's store."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=True)
+    return tmpfs("1m")
 
 
 def test_a_full_disk_refuses_events_with_503_and_loses_none_it_accepted(broker_url, upstreams, small_disk):

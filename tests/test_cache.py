@@ -119,13 +119,9 @@ def test_sigkill_mid_download_then_rerun_resumes_and_verifies(s3, tmp_path):
 
 
 @pytest.fixture
-def small_disk(tmp_path):
+def small_disk(tmpfs):
     """A real 2 MiB filesystem (tmpfs), smaller than the test model's 3.3 MB."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=True)
+    return tmpfs("2m")
 
 
 def test_staging_onto_a_full_disk_is_one_clear_error_and_publishes_nothing(s3, small_disk):

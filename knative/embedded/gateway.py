@@ -161,10 +161,11 @@ class Gateway:
         except AuthError as exc:
             return _auth_error(exc)
         status = self.plane.status()
-        if self.auth.models_of(header) is not None:
+        allowed = self.auth.models_of(header)
+        if allowed is not None:
             # A token limited to some models sees those only (their pods and weights included), as its
             # /v1/models does; the spec's refusals name any model, so they are for unlimited tokens.
-            status["models"] = [m for m in status["models"] if self.auth.allowed(header, m["name"])]
+            status["models"] = [m for m in status["models"] if m["name"] in allowed]
             status["spec_refused"] = []
         return web.json_response(status)
 
