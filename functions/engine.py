@@ -32,6 +32,7 @@ from pathlib import Path
 from thaw.spec import EngineArgs
 from thaw.vllm_platform import detect, gpu_memory
 
+from .engine_plan import WORKER_EXTENSION
 from .protocol import APIError
 
 log = logging.getLogger("thaw.function.engine")
@@ -331,12 +332,15 @@ class Engine:
         from vllm.usage.usage_lib import UsageContext
 
         self.phases["imports"] = time.perf_counter() - t
+        detect().prepare_engine_process()
         self.phases["weights"] = read.result()
         weights.shutdown()
         t = time.perf_counter()
         # Stats on: vLLM's own Prometheus metrics (vllm:time_to_first_token_seconds, ...) are what existing
         # dashboards and autoscalers read; /metrics serves them beside thaw's.
-        kwargs = {"model": str(self.model_dir), **self.args.vllm_kwargs()}
+        # thaw's worker extension on every build: on a GPU its steps of the ladder; on the CPU build, where
+        # vLLM spawns its worker processes, importing it there asks for what vLLM's kernels need first.
+        kwargs = {"model": str(self.model_dir), "worker_extension_cls": WORKER_EXTENSION, **self.args.vllm_kwargs()}
         if detect().gpu:
             kwargs.update(self._gpu_plan(kwargs))
         engine_args = vllm.EngineArgs(served_model_name=self.served_name, disable_log_stats=False, **kwargs)

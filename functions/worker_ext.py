@@ -19,7 +19,14 @@ import gc
 import logging
 import time
 
+from thaw.vllm_platform import detect
+
 log = logging.getLogger("thaw.function.worker")
+
+# vLLM imports this module in every worker process it starts, before the model runs there: on the CPU build,
+# whose workers are spawned when the engine core has a process of its own, it is the one place to ask the
+# kernel for what vLLM's CPU kernels use (thaw/vllm_platform.py).
+detect().prepare_engine_process()
 
 
 def _weights_allocations():

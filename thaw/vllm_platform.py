@@ -6,7 +6,8 @@ CUDA build 0.26 (GPU nodes). What differs between them is decided here and nowhe
 - whether the engine can sleep (vLLM's sleep mode: CUDA only), which is what parking a replica needs,
 - where the engine core runs by default (chosen per device by measurement, docs/gpu.md),
 - which engine modules a standby preloads,
-- how much GPU memory a process holds (NVML; nothing on a CPU).
+- how much GPU memory a process holds (NVML; nothing on a CPU),
+- what an engine's process must ask of the kernel before vLLM runs there (the CPU build's AMX permission).
 
 Detection never imports vLLM or torch and never touches CUDA: the serving plane, `thaw validate` and
 the standby (which must not initialise CUDA before it forks) all ask.
@@ -56,6 +57,23 @@ class VllmPlatform:
         if args.enable_sleep_mode and not self.sleep_mode:
             update["enable_sleep_mode"] = False
         return args.model_copy(update=update)
+
+    def prepare_engine_process(self) -> None:
+        """Before an engine runs in this process. The CPU build's attention kernel uses AMX tiles for bf16 on
+        CPUs that have them, without asking Linux for the permission every process needs first
+        (arch_prctl ARCH_REQ_XCOMP_PERM, since 5.16): unless another library asked earlier, the first
+        attention step dies with SIGILL. The permission is the process's and its forked children's (vLLM's
+        engine-core process on the CPU is forked), so asking once here covers them. CPUs without AMX: no-op."""
+        if self.device != "cpu":
+            return
+        import torch
+
+        init_amx = getattr(torch.cpu, "_init_amx", None)
+        if init_amx is not None and torch.cpu._is_amx_tile_supported() and not init_amx():
+            import logging
+
+            logging.getLogger("thaw.platform").warning(
+                "the kernel refused AMX to this process: vLLM's CPU attention may stop with SIGILL on bf16")
 
     def park_problem(self) -> str | None:
         """Why this machine cannot park a replica, or None when it can."""
