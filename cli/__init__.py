@@ -501,9 +501,11 @@ def bench_gpu(
     max_model_len: int = typer.Option(4096, "--max-model-len"),
     enforce_eager: bool = typer.Option(False, "--enforce-eager/--compile", help="vLLM's default compiles."),
     gpu_memory_utilization: float = typer.Option(0.9, "--gpu-memory-utilization"),
+    density_models: int = typer.Option(8, "--density-models", min=1, help="Models sharing the GPU in the density part."),
     out: Path = typer.Option(Path("bench-results/gpu"), "--out", help="Folder for results.json, report.md, plots."),
 ) -> None:
-    """On a GPU node: vLLM's server launched cold vs thaw from zero, parked, caches cold; the warm path."""
+    """On a GPU node: vLLM's server launched cold vs thaw from zero, parked, hibernated, caches cold; models
+    sharing the GPU (swap, density); the warm path."""
     from thaw.loadtests.bench.gpu import PARTS, run_gpu_bench
 
     chosen = [p.strip() for p in parts.split(",") if p.strip()]
@@ -512,7 +514,7 @@ def bench_gpu(
         raise typer.BadParameter(f"unknown parts {unknown}; choose from {', '.join(PARTS)}", param_hint="--parts")
     engine = {"max_model_len": max_model_len, "enforce_eager": enforce_eager,
               "gpu_memory_utilization": gpu_memory_utilization}
-    run_gpu_bench(model_dir.resolve(), engine, runs, chosen, out, console)
+    run_gpu_bench(model_dir.resolve(), engine, runs, chosen, out, console, density_models)
 
 
 @bench_app.command("staging")

@@ -38,7 +38,7 @@ def show_status(url: str, token: str | None, as_json: bool, console: Console) ->
     table = Table(title=f"thaw at {url}  (standby: {'ready' if data['standby'] else 'off'}; "
                         f"{platform.get('vllm', '?')} on {platform.get('device', '?')}{card})")
     for col in ("model", "revision", "traffic", "want", "start", "ready", "drain", "parked", "panic", "queue", "busy",
-                "GPU held", "host held"):
+                "GPU held", "host copies"):
         table.add_column(col, no_wrap=True)
     for model in data["models"]:
         for rev in model["revisions"]:
@@ -50,8 +50,12 @@ def show_status(url: str, token: str | None, as_json: bool, console: Console) ->
                           str(reps["draining"]), _sleeping(reps.get("parked", 0), rev.get("hibernated", 0)),
                           "yes" if rev["panic"] else "no", str(rev["queue"]), str(rev["in_flight"]),
                           _gib(sum(gpu_held)) if gpu_held else "-",
-                          _gib(sum(p.get("host_bytes", 0) for p in rev["pods"])))
+                          _gib(sum(p.get("host_copy_bytes", 0) for p in rev["pods"])))
     console.print(table)
+    host = data.get("host")
+    if host and host.get("host_copies"):
+        console.print(f"host RAM: {_gib(host['available'])} free of {_gib(host['total'])} (floor {_gib(host['floor'])}); "
+                      f"host copies of weights {_gib(host['host_copies'])}", highlight=False)
     for model in data["models"]:
         for rev in model["revisions"]:
             if rev.get("pending"):

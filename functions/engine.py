@@ -8,12 +8,13 @@ continuous batching; a request aborted by its client leaves the batch at the nex
 With `engine_core="inproc"` the engine core runs inside this process (no engine-core process to spawn,
 no second import of torch and vLLM: the fast start); with `"mp"` vLLM runs it in a process of its own.
 
-Where the platform has vLLM's sleep mode and the engine was started with it, the engine can be parked
-(level 1: weights to pinned host RAM, KV cache dropped, GPU memory released) or hibernated (level 2:
-weights dropped too; a wake streams them back from the page cache or the tier), and woken again; a request
-that finds it asleep wakes it first, so a sleeping replica never refuses work. On a GPU the engine starts
-as functions/engine_plan.py plans it (dummy weights streamed over by the real ones, a KV cache sized for
-the replica's batch) with thaw's worker extension (functions/worker_ext.py).
+Where the platform has vLLM's sleep mode and the engine was started with it, the engine can sleep (its
+weights and KV cache off the GPU): parked when it holds a host copy of its weights, hibernated otherwise
+(functions/engine_sleep.py); a request that finds it asleep wakes it first, so a sleeping replica never
+refuses work. On a GPU the engine starts as functions/engine_plan.py plans it (dummy weights streamed over by
+the real ones, a KV cache sized for the replica's batch) with thaw's worker extension (functions/worker_ext.py).
+An engine-core process that dies, awake or asleep, fails the engine at once with its cause
+(functions/engine_watch.py).
 """
 
 from __future__ import annotations
@@ -33,11 +34,11 @@ from thaw.spec import EngineArgs
 from thaw.vllm_platform import detect, gpu_memory
 
 from .engine_plan import WORKER_EXTENSION
+from .engine_sleep import AWAKE, EngineSleep, load_weights
+from .engine_watch import EngineCoreWatch
 from .protocol import APIError
 
 log = logging.getLogger("thaw.function.engine")
-
-PIN_PIECE = 256 << 20  # pinned per idle turn of the engine thread (one weights allocation at least)
 
 # On a 503 of an engine still loading (a new replica, or a gunicorn worker restarted in a ready one): the
 # gateway then takes the replica out of rotation until its readiness probe passes, and requeues the request.
@@ -128,15 +129,6 @@ def max_token_bytes(tokenizer) -> int:
     return 4 * max(len(token) for token in tokenizer.get_vocab())
 
 
-def next_piece(sizes: list[int], limit: int) -> tuple[list[int], list[int]]:
-    """The next sizes to pin, in order, up to `limit` bytes but at least one; and the rest."""
-    total, n = 0, 0
-    while n < len(sizes) and (n == 0 or total + sizes[n] <= limit):
-        total += sizes[n]
-        n += 1
-    return sizes[:n], sizes[n:]
-
-
 def _timed(fn, *args) -> float:
     """Seconds `fn(*args)` took."""
     t = time.perf_counter()
@@ -156,21 +148,21 @@ class Engine:
         model views a GPU engine starts from (functions/engine_plan.py)."""
         self.model_dir: Path | None = None
         self.view_root = view_root
-        self.sleep_level = 0  # 0 awake, 1 parked (weights in pinned host RAM), 2 hibernated (weights dropped)
         self.stream_weights = False  # the weights go in through thaw's worker extension, not vLLM's loader
-        self._to_pin: list[int] = []  # sizes of the park's host buffers still to pin while idle
+        self._sleep: EngineSleep | None = None  # where the engine can sleep: its sleep, wake and host copy
+        self._watch: EngineCoreWatch | None = None
+        self._no_teardown = False  # a failed sleep left the GPU's memory in a state vLLM's teardown must not free
         self.served_name = served_name
         self._fetch_weights = fetch_weights
         self.args = detect().resolve(args)
         self._load_context = load_context
-        self.state = "loading"  # loading -> ready | failed; ready <-> parked (sleep level 1 or 2); -> failed | stopped
+        self.state = "loading"  # loading -> ready | failed; ready <-> parked (asleep: see sleep_level); -> failed | stopped
         self.error: str | None = None
         self.phases: dict[str, float] = dict(phases or {})  # start-up phase -> seconds, in order
         self.max_model_len = args.max_model_len or 0
         self.tokenizer = None
         self._tokenizer_lock = threading.Lock()
         self._fail_lock = threading.Lock()
-        self.ready = threading.Event()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         # engine request id -> (its generation, choice index, logprobs asked for)
         self._routes: dict[str, tuple[Generation, int, int | None]] = {}
@@ -227,40 +219,62 @@ class Engine:
         """Engine requests (one per choice) in the engine now."""
         return len(self._routes)
 
+    @property
+    def sleep_level(self) -> int:
+        """0 awake, 1 parked (asleep with a host copy), 2 hibernated (asleep without one)."""
+        return self._sleep.level if self._sleep else AWAKE
+
+    @property
+    def host_copy(self) -> dict:
+        """The host copy of the weights: its bytes (0: none) and whether it is built."""
+        return {"bytes": self._sleep.copy_bytes if self._sleep else 0,
+                "ready": bool(self._sleep and self._sleep.copy_ready)}
+
+    @property
+    def engine_pid(self) -> int | None:
+        """The engine-core process, where it has one of its own: its death ends the engine for good (a gunicorn
+        worker that dies with an in-process engine is replaced by gunicorn, which loads the engine again)."""
+        return self._watch.pid if self._watch else None
+
     def abort(self, gen: Generation) -> None:
         """Remove a generation from the engine (its client went away); a no-op once finished."""
         if self.state == "ready":
             self._commands.put(("abort", gen))
 
     def park(self, level: int = 1) -> float:
-        """Put the engine to sleep (vLLM's sleep mode); the seconds it took (0 if it already slept that deep).
-        Level 2 on a parked engine hibernates it: its host copy of the weights is dropped without a wake."""
-        if not self.args.enable_sleep_mode:
-            raise APIError(400, "This engine runs without sleep mode: set `park: true` on the model, on a "
-                                "platform whose vLLM has sleep mode (CUDA)", code="sleep_mode_off")
+        """Put the engine to sleep; the seconds it took. Level 1 keeps its host copy (parked if the copy is
+        complete, else hibernated), level 2 drops it (hibernated; on a sleeping engine: without a wake)."""
+        self._check_sleeps()
         if level not in (1, 2):
             raise APIError(400, f"level must be 1 or 2, got {level}", param="level")
         return self._engine_call("sleep", level)
 
-    def reserve_host(self) -> int:
-        """Pin the host buffers a park will copy the weights into, a few at a time while the engine is idle
-        (pinning stalls the engine's own GPU work while it runs); the bytes. The plane asks for it once a
-        parkable replica is ready and its parking budget has room."""
-        if not (self.args.enable_sleep_mode and detect().gpu):
-            raise APIError(400, "This engine cannot park (no sleep mode on this engine or platform)",
-                           code="sleep_mode_off")
-        return self._engine_call("reserve")
+    def build_host_copy(self) -> int:
+        """The host copy of the weights, built while the engine is idle, awake or asleep; its bytes, once built.
+        Waits for it (a request's path never does: the plane asks in the background)."""
+        self._check_sleeps()
+        return self._engine_call("copy", timeout=None)
 
-    def wake(self) -> float:
-        """Wake a parked engine; the seconds it took (0 if it was awake)."""
+    def drop_host_copy(self) -> int:
+        """Give the host copy back to the system (a parked engine becomes hibernated); the bytes released."""
+        self._check_sleeps()
+        return self._engine_call("drop")
+
+    def wake(self) -> dict:
+        """Wake a sleeping engine: the seconds it took and the rung it woke from (0: it was awake)."""
         return self._engine_call("wake")
 
-    def _engine_call(self, what: str, *args):
+    def _check_sleeps(self) -> None:
+        if not (self.args.enable_sleep_mode and detect().sleep_mode):
+            raise APIError(400, "This engine runs without sleep mode: set `park: true` on the model, on a "
+                                "platform whose vLLM has sleep mode (CUDA)", code="sleep_mode_off")
+
+    def _engine_call(self, what: str, *args, timeout: float | None = 600):
         if self.state not in ("ready", "parked"):
             self._check_serving()
         done: Future = Future()
         self._commands.put((what, done, *args))
-        return done.result(timeout=600)
+        return done.result(timeout=timeout)
 
     def stop(self, timeout: float = 30) -> None:
         """Abort everything, shut the engine (and an engine-core process) down, join the thread."""
@@ -287,12 +301,10 @@ class Engine:
         except BaseException as exc:  # noqa: BLE001 - any load failure ends serving; report it
             log.exception("engine failed to load")
             self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
-            self.ready.set()
             return
-        self.state = "ready"
-        self.ready.set()
         if self.args.engine_core == "mp":
-            threading.Thread(target=self._watch_engine_core, name="engine-core-watch", daemon=True).start()
+            self._watch = EngineCoreWatch(self._engine, self._fail).start()
+        self.state = "ready"
         try:
             self._serve()
         except BaseException as exc:  # noqa: BLE001 - a broken engine fails its requests, not the process
@@ -307,17 +319,6 @@ class Engine:
                 return
             self.state, self.error = "failed", error
             self._fail_all(EngineFailed(error))
-
-    def _watch_engine_core(self) -> None:
-        """vLLM's sync client marks a dead engine-core process but leaves step() waiting forever for its
-        output; this watch turns the death into a failure of every request in flight."""
-        while self.state == "ready":
-            resources = getattr(getattr(self._engine, "engine_core", None), "resources", None)
-            if getattr(resources, "engine_dead", False):
-                log.error("the engine-core process died")
-                self._fail("EngineDeadError: the engine-core process died")
-                return
-            time.sleep(0.1)
 
     def _load(self) -> None:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if self.args.engine_core == "mp" else "0"
@@ -351,9 +352,11 @@ class Engine:
         self.tokenizer = self._engine.get_tokenizer()
         self.max_model_len = self._engine.model_config.max_model_len
         self.phases["engine_init"] = time.perf_counter() - t
+        if self.args.enable_sleep_mode and detect().sleep_mode:
+            self._sleep = EngineSleep(self._engine, self.model_dir, self.stream_weights)
         if self.stream_weights:
             t = time.perf_counter()
-            self._load_weights()
+            load_weights(self._engine, self.model_dir, stream_weights=True)
             self.phases["weights_to_gpu"] = time.perf_counter() - t
         t = time.perf_counter()
         self._warm_up()
@@ -380,13 +383,6 @@ class Engine:
         self.stream_weights = plan.stream_weights
         return plan.kwargs
 
-    def _load_weights(self) -> None:
-        """The real weights into the engine's parameters (after a dummy start, or a level-2 sleep)."""
-        if self.stream_weights:
-            self._engine.collective_rpc("thaw_load_weights", args=(str(self.model_dir),))
-        else:
-            self._engine.collective_rpc("reload_weights")  # vLLM's own loader, from the model's files
-
     def _warm_up(self) -> None:
         """One short generation: /readyz promises a replica that has already produced tokens."""
         from vllm import SamplingParams
@@ -399,12 +395,13 @@ class Engine:
     def _serve(self) -> None:
         while True:
             busy = self._engine.has_unfinished_requests()
+            building = self._sleep is not None and self._sleep.building
             try:
-                command = self._commands.get(block=not busy and not self._to_pin)
+                command = self._commands.get(block=not busy and not building)
             except queue.Empty:
                 command = None
-                if not busy and self._to_pin:
-                    self._pin_some()
+                if not busy and building:
+                    self._sleep.copy_step()
             while command is not None:
                 if command[0] == "stop":
                     self._fail_all(EngineFailed("the function is shutting down"))
@@ -434,67 +431,42 @@ class Engine:
                     self._routes[engine_id] = (gen, p * n + i, s.logprobs)
         elif command[0] == "abort":
             self._abort(command[1])
-        elif command[0] in ("sleep", "wake", "reserve"):
+        elif command[0] == "copy":
+            try:
+                self._sleep.want_copy(command[1])
+            except Exception as exc:  # noqa: BLE001 - the caller gets the failure
+                command[1].set_exception(exc)
+        elif command[0] in ("sleep", "wake", "drop"):
             done = command[1]
-            calls = {"sleep": lambda: self._sleep(command[2]), "wake": self._wake, "reserve": self._plan_reserve}
+            calls = {"sleep": lambda: self._sleep_now(command[2]), "wake": self._wake_now,
+                     "drop": self._sleep.drop_copy}
             try:
                 done.set_result(calls[command[0]]())
             except BaseException as exc:  # noqa: BLE001 - the caller gets the failure
                 done.set_exception(exc)
 
-    def _plan_reserve(self) -> int:
-        if self.state != "ready" or self._to_pin:
-            return sum(self._to_pin)
-        self._to_pin = self._engine.collective_rpc("thaw_park_sizes")[0]
-        return sum(self._to_pin)
-
-    def _pin_some(self) -> None:
-        """Pin up to PIN_PIECE bytes of the park's host buffers (at least one): what an arriving request may
-        wait for. Once all are pinned they go to torch's pinned cache."""
-        piece, self._to_pin = next_piece(self._to_pin, PIN_PIECE)
-        self._engine.collective_rpc("thaw_pin", args=(piece,))
-        if not self._to_pin:
-            log.info("reserved %.1f GiB of pinned host memory for parking",
-                     self._engine.collective_rpc("thaw_pinned")[0] / 2**30)
-
-    def _sleep(self, level: int) -> float:
-        if self.state == "parked" and level <= self.sleep_level:
-            return 0.0
+    def _sleep_now(self, level: int) -> float:
         if self._routes:
             raise APIError(409, f"{len(self._routes)} requests are running; park an idle engine",
                            code="engine_busy")
-        t = time.perf_counter()
-        if self.state == "parked":  # level 1 -> 2: drop the host copy; the buffers were kept at park time
-            self._engine.collective_rpc("thaw_hibernate")
-        else:
-            if detect().gpu:
-                self._to_pin = []  # what is pinned so far serves a level-1 sleep; it pins the rest itself
-                self._engine.collective_rpc("thaw_pinned")
-                if level == 1:
-                    self._engine.collective_rpc("thaw_keep_buffers")
-            self._engine.sleep(level)
-            if level == 2 and detect().gpu:
-                self._engine.collective_rpc("thaw_release_host")  # what was pinned for a park goes back
-        self.state, self.sleep_level = "parked", level
-        seconds = time.perf_counter() - t
-        log.info("engine %s (sleep level %d) in %.2fs", "parked" if level == 1 else "hibernated", level, seconds)
+        try:
+            seconds = self._sleep.sleep(keep_copy=level == 1)
+        except BaseException as exc:
+            # Whatever the sleep left on the GPU is unknown: the engine serves no more, and its stop ends its
+            # engine-core process without vLLM's teardown (which would free unmapped memory again).
+            self._no_teardown = True
+            self._fail(f"{type(exc).__name__} while going to sleep: {exc}")
+            raise
+        self.state = "parked"
         return seconds
 
-    def _wake(self) -> float:
+    def _wake_now(self) -> dict:
         if self.state != "parked":
-            return 0.0
-        t = time.perf_counter()
-        if self.sleep_level == 1:
-            self._engine.wake_up()
-        else:  # weights first, into the parameters CUDA graphs point at; the KV cache once they are in
-            self._engine.wake_up(tags=["weights"])
-            self._load_weights()
-            self._engine.wake_up(tags=["kv_cache"])
-        level, self.state, self.sleep_level = self.sleep_level, "ready", 0
-        seconds = time.perf_counter() - t
+            return {"seconds": 0.0, "level": AWAKE}
+        seconds, level = self._sleep.wake()
+        self.state = "ready"
         self.phases["wake"] = seconds
-        log.info("engine woken from sleep level %d in %.2fs", level, seconds)
-        return seconds
+        return {"seconds": seconds, "level": level}
 
     def _abort(self, gen: Generation) -> None:
         ids = [eid for eid, (g, _, _) in self._routes.items() if g is gen]
@@ -566,9 +538,11 @@ class Engine:
         self._routes.clear()
 
     def _shutdown_engine(self) -> None:
+        if self._watch is not None:
+            self._watch.stop()
         engine, self._engine = self._engine, None
         if engine is not None:
-            if self.sleep_level and self.args.engine_core == "mp":
+            if (self.sleep_level or self._no_teardown) and self.args.engine_core == "mp":
                 # A sleeping engine's memory is unmapped: vLLM's teardown would free it again and print CUDA
                 # errors for each block. It holds nothing worth keeping, so its process ends at once; marked
                 # dead first, so vLLM's monitor does not report the end as a crash.

@@ -36,31 +36,40 @@ def engine_routes(service: FunctionService) -> Blueprint:
     def readyz():
         status = 200 if engine.state == "ready" else 503
         body = {"status": engine.state, "error": engine.error, "phases": engine.phases}
+        if engine.state == "ready" and engine.engine_pid:
+            body["engine_pid"] = engine.engine_pid  # the plane watches it: its death is the replica's
         return Response(json.dumps(body), status, mimetype="application/json")  # keeps the phases in order
 
-    # vLLM's own routes for its sleep mode (its server has them in dev mode), used by the serving plane to
-    # park (level 1) or hibernate (level 2; on a parked engine: drop its host copy) an idle replica and wake
-    # it for the next request.
+    # vLLM's own routes for its sleep mode (its server has them in dev mode), used by the serving plane to put
+    # an idle replica to sleep (level 1: keeping its host copy, so parked once that is built; level 2: without
+    # it, hibernated; on a sleeping engine: drop the copy) and wake it for the next request; and thaw's host
+    # copy of the weights, which the plane asks a replica to build or drop (parking.py decides who holds one).
     @routes.post("/sleep")
     def sleep():
         level = request.args.get("level", "1")
         if not level.isdigit():
             raise p.APIError(400, f"level must be 1 or 2, got {level!r}", param="level")
         seconds = engine.park(int(level))
-        return jsonify({"is_sleeping": True, "level": engine.sleep_level, "seconds": seconds, "gpu": _gpu_held()})
+        return jsonify({"is_sleeping": True, "level": engine.sleep_level, "seconds": seconds, "gpu": _gpu_held(),
+                        "host_copy": engine.host_copy})
 
     @routes.post("/wake_up")
     def wake_up():
-        seconds = engine.wake()
-        return jsonify({"is_sleeping": False, "seconds": seconds, "gpu": _gpu_held()})
+        woken = engine.wake()
+        return jsonify({"is_sleeping": False, **woken, "gpu": _gpu_held()})
 
-    @routes.post("/reserve_host")
-    def reserve_host():
-        return jsonify({"bytes": engine.reserve_host()})
+    @routes.post("/host_copy")
+    def build_host_copy():
+        return jsonify({"bytes": engine.build_host_copy(), "level": engine.sleep_level})
+
+    @routes.delete("/host_copy")
+    def drop_host_copy():
+        return jsonify({"released": engine.drop_host_copy(), "level": engine.sleep_level})
 
     @routes.get("/is_sleeping")
     def is_sleeping():
-        return jsonify({"is_sleeping": engine.state == "parked", "level": engine.sleep_level})
+        return jsonify({"is_sleeping": engine.state == "parked", "level": engine.sleep_level,
+                        "host_copy": engine.host_copy})
 
     @routes.get("/metrics")
     def metrics_route():

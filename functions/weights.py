@@ -6,9 +6,10 @@ small ring of pinned host buffers (the page cache -> pinned copy runs in the ker
 the GPU copies the previous chunks asynchronously; each tensor is yielded as soon as its bytes are on the
 device, for the model's own `load_weights` to place (so vLLM's name mapping and fused layers stay vLLM's).
 
-It serves two rungs (functions/worker_ext.py): a start from zero, where the engine initialises with dummy
-weights (so compiling and capturing need no weights) and the real ones stream in afterwards, and a wake
-from hibernation (sleep level 2), which reloads the weights into the same parameters.
+It serves the rungs (functions/worker_ext.py): a start from zero, where the engine initialises with dummy
+weights (so compiling and capturing need no weights) and the real ones stream in afterwards, and every wake,
+which reloads the weights into the same parameters: from a `HostCopy` (the checkpoint's bytes already in
+pinned host RAM: a parked replica; only the host -> device copy is left) or from the files (hibernated).
 """
 
 from __future__ import annotations
@@ -78,6 +79,90 @@ def fast_load_problem(model_dir: str | Path) -> str | None:
     return f"tensor dtypes {sorted(unknown)}" if unknown else None
 
 
+PIECE_BYTES = 256 << 20  # a host copy is pinned and read this much at a time: what a request may wait for
+
+
+class HostCopy:
+    """A checkpoint's tensor bytes in host RAM, pinned, laid out file after file (each file's data section):
+    a parked replica's weights. One anonymous mapping of the exact size, registered with CUDA (pinned) and
+    read a piece at a time (`fill_next`), so an engine builds it in small steps while idle; `release` gives
+    it back to the system at once (torch's pinned cache would keep it, rounded up to powers of two)."""
+
+    def __init__(self, entries: list[Entry], pinned: bool = True, piece_bytes: int = PIECE_BYTES):
+        import mmap
+
+        self.pinned = pinned
+        self.files: dict[str, tuple[int, int, int]] = {}  # path -> (offset in the copy, of its data in the file, length)
+        size = 0
+        for path in sorted({e.path for e in entries}):
+            first = min(e.start for e in entries if e.path == path)
+            length = max(e.end for e in entries if e.path == path) - first
+            self.files[path] = (size, first, length)
+            size += length
+        self.size = size
+        self._map = mmap.mmap(-1, max(size, 1))
+        self._pieces = [(off, min(piece_bytes, size - off)) for off in range(0, size, piece_bytes)]
+        self._registered: list[int] = []  # addresses registered with CUDA
+        self.filled = 0  # bytes of the copy read in, from its start
+
+    @property
+    def complete(self) -> bool:
+        return self.filled >= self.size
+
+    def fill_next(self) -> int:
+        """Pin and read the next piece; the bytes still to read after it."""
+        if self.complete:
+            return 0
+        off, n = next(p for p in self._pieces if p[0] == self.filled)
+        if self.pinned:
+            import ctypes
+
+            import torch
+
+            address = ctypes.addressof(ctypes.c_char.from_buffer(self._map, off))
+            err = torch.cuda.cudart().cudaHostRegister(address, n, 0)
+            if int(err) != 0:
+                raise RuntimeError(f"cudaHostRegister of {n} bytes failed ({err})")
+            self._registered.append(address)
+        view = memoryview(self._map)
+        try:
+            for path, (start, data, length) in self.files.items():  # the files this piece overlaps
+                lo, hi = max(off, start), min(off + n, start + length)
+                if lo < hi:
+                    fd = os.open(path, os.O_RDONLY)
+                    try:
+                        _pread_into(fd, view[lo:hi], data + lo - start)
+                    finally:
+                        os.close(fd)
+        finally:
+            view.release()
+        self.filled = off + n
+        return self.size - self.filled
+
+    def has(self, e: Entry) -> bool:
+        start, data, _ = self.files.get(e.path, (None, 0, 0))
+        return start is not None and start + e.end - data <= self.filled
+
+    def tensor(self, e: Entry):
+        """The entry's bytes in the copy, as a uint8 tensor over the mapping (no copy)."""
+        import torch
+
+        start, data, _ = self.files[e.path]
+        return torch.frombuffer(self._map, dtype=torch.uint8, count=e.end - e.start, offset=start + e.start - data)
+
+    def release(self) -> int:
+        """Unpin and unmap; the bytes given back. Tensors from `tensor` must be gone by now."""
+        if self.pinned:
+            import torch
+
+            for address in self._registered:
+                torch.cuda.cudart().cudaHostUnregister(address)
+        self._registered = []
+        self._map.close()
+        released, self.filled = self.size, 0
+        return released
+
+
 class PinnedRing:
     """A few pinned host buffers, reused for every load of the process (pinning fresh memory is slow)."""
 
@@ -98,14 +183,18 @@ def _pread_into(fd: int, buf, offset: int) -> None:
         done += got
 
 
-def stream_weights(entries: list[Entry], device: str, ring: PinnedRing) -> Iterator[tuple[str, "torch.Tensor"]]:
-    """(name, tensor on `device`) for each entry, in order. Up to len(ring.slots) chunk reads run at once;
-    a slot is reused only once the device copy out of it has finished (an event per slot)."""
+def stream_weights(entries: list[Entry], device: str, ring: PinnedRing,
+                   copy: HostCopy | None = None) -> Iterator[tuple[str, "torch.Tensor"]]:
+    """(name, tensor on `device`) for each entry, in order. An entry in the host copy goes to the device in
+    one asynchronous copy from it; the others are read from their files: up to len(ring.slots) chunk reads
+    run at once, and a slot is reused only once the device copy out of it has finished (an event per slot)."""
     import torch
 
     on_gpu = device != "cpu"
     chunks = deque()  # (entry index, offset in tensor, length)
     for i, e in enumerate(entries):
+        if copy is not None and copy.has(e):
+            continue
         size = e.end - e.start
         for off in range(0, size or 1, ring.chunk_bytes):  # an empty tensor is one empty chunk
             chunks.append((i, off, min(ring.chunk_bytes, size - off)))
@@ -130,25 +219,25 @@ def stream_weights(entries: list[Entry], device: str, ring: PinnedRing) -> Itera
                 inflight.append((chunk, pool.submit(read, slot, event, chunk)))
 
         refill()
-        current, out = None, None
-        while inflight:
-            (i, off, n), future = inflight.popleft()
-            if i != current:
-                e = entries[i]
-                current, out = i, torch.empty(e.end - e.start, dtype=torch.uint8, device=device)
-            slot = future.result()
-            out[off:off + n].copy_(slot[:n], non_blocking=on_gpu)
-            event = None
-            if on_gpu:
-                event = torch.cuda.Event()
-                event.record()
-            free.append((slot, event))
-            refill()
-            e = entries[i]
-            if off + n == e.end - e.start:
-                tensor = out.view(getattr(torch, DTYPES[e.dtype])).view(e.shape)
-                yield e.name, tensor
-                out = None
+        for i, e in enumerate(entries):
+            out = torch.empty(e.end - e.start, dtype=torch.uint8, device=device)
+            if copy is not None and copy.has(e):
+                if e.end > e.start:
+                    out.copy_(copy.tensor(e), non_blocking=on_gpu)
+            else:
+                while True:
+                    (_, off, n), future = inflight.popleft()
+                    slot = future.result()
+                    out[off:off + n].copy_(slot[:n], non_blocking=on_gpu)
+                    event = None
+                    if on_gpu:
+                        event = torch.cuda.Event()
+                        event.record()
+                    free.append((slot, event))
+                    refill()
+                    if off + n == e.end - e.start:
+                        break
+            yield e.name, out.view(getattr(torch, DTYPES[e.dtype])).view(e.shape)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         for fd in fds.values():

@@ -2,15 +2,18 @@
 start ladder, called by name through `collective_rpc` with plain arguments (no pickled code crosses to the
 engine-core process).
 
+- `thaw_install`: this worker sleeps thaw's way (below), set once after the engine is built.
 - `thaw_load_weights`: the real weights into the parameters the engine was built with (dummy at start,
-  discarded in hibernation), streamed through a pinned ring (functions/weights.py).
-- `thaw_park_sizes` / `thaw_pin` / `thaw_pinned`: host buffers of the sizes a level-1 sleep copies the
-  weights into, pinned a few at a time while the engine is idle (pinning serialises with the engine's own
-  CUDA work: 15 GiB pinned in one go stalled a request for 11 s), then left in torch's pinned-memory
-  cache: the first park of a replica costs what later ones cost (10-15 s before, 0.37 s after).
-- `thaw_keep_buffers` / `thaw_hibernate`: a parked (level 1) engine drops its host copy of the weights and
-  becomes hibernated (level 2) without waking: the model's buffers, kept at park time, are restored by
-  vLLM's own wake, the weights by `thaw_load_weights`.
+  dropped at every sleep), streamed through a pinned ring from the files or from the host copy
+  (functions/weights.py).
+- `thaw_copy_plan` / `thaw_copy_piece` / `thaw_copy_drop`: the host copy of the checkpoint in pinned host RAM,
+  built a piece at a time (the engine calls for a piece only while it is idle: pinning serialises with the
+  process's own CUDA work) and given back at once. A sleeping engine with a complete copy is parked.
+
+A sleep drops the weights and the KV cache from the GPU (vLLM's sleep level 2, its buffers kept on the host)
+and never copies the weights out: the host copy, built ahead, is what a wake streams back from. vLLM's own
+`sleep` asserts that the whole device's free memory went up, which a neighbour starting or waking at the same
+moment breaks although this process released all it held; thaw's checks this process's own allocations.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
+import types
 
 from thaw.vllm_platform import detect
 
@@ -29,26 +33,37 @@ log = logging.getLogger("thaw.function.worker")
 detect().prepare_engine_process()
 
 
-def _weights_allocations():
+def _allocator():
     from vllm.device_allocator.cumem import CuMemAllocator
 
-    return [d for d in CuMemAllocator.get_instance().pointer_to_data.values() if d.tag == "weights"]
+    return CuMemAllocator.get_instance()
 
 
-def _empty_host_cache() -> None:
-    """Give torch's cached pinned host blocks back to the system (where this torch can)."""
+def _sleep(worker, level: int = 1) -> None:
+    """vLLM's Worker.sleep less its device-wide check: the model's buffers to the host (restored by vLLM's
+    wake_up), every allocation of the pool released (weights and KV cache: nothing is offloaded)."""
     import torch
 
-    for fn in (getattr(torch._C, "_host_emptyCache", None), getattr(torch.cuda, "empty_host_cache", None)):
-        if fn is not None:
-            try:
-                fn()
-            except RuntimeError as exc:  # the memory stays cached for the next park: slower RAM, not wrong
-                log.warning("pinned host memory not released: %s", exc)
-            return
+    torch.cuda.synchronize()
+    worker._sleep_saved_buffers = {name: buf.cpu().clone() for name, buf in worker.model_runner.model.named_buffers()}
+    allocator = _allocator()
+    held = sum(d.handle[1] for d in allocator.pointer_to_data.values() if not getattr(d, "is_asleep", False))
+    backend = getattr(worker, "_get_sleep_mode_backend", None)
+    if backend is not None:
+        backend().suspend(2)
+    else:  # vLLM before its sleep-mode backends
+        allocator.sleep(offload_tags=())
+    torch.cuda.synchronize()
+    left = sum(d.handle[1] for d in allocator.pointer_to_data.values() if not getattr(d, "is_asleep", False))
+    if left:
+        raise RuntimeError(f"{left} bytes of this process's GPU memory were not released by the sleep")
+    log.info("asleep: released %.2f GiB of this process's GPU memory", held / 2**30)
 
 
 class ThawWorker:
+    def thaw_install(self) -> None:
+        self.sleep = types.MethodType(_sleep, self)
+
     def thaw_load_weights(self, model_dir: str) -> dict:
         import torch
 
@@ -59,8 +74,10 @@ class ThawWorker:
             self._thaw_ring = PinnedRing()
         model = self.model_runner.get_model()
         entries = read_index(model_dir)
+        copy = getattr(self, "_thaw_copy", None)
+        from_copy = sum(e.end - e.start for e in entries if copy is not None and copy.has(e))
         with torch.no_grad():
-            loaded = model.load_weights(stream_weights(entries, "cuda", self._thaw_ring))
+            loaded = model.load_weights(stream_weights(entries, "cuda", self._thaw_ring, copy))
         missing = {name for name, _ in model.named_parameters()} - set(loaded or ())
         if loaded is not None and missing:
             raise RuntimeError(f"the checkpoint in {model_dir} lacks {sorted(missing)[:5]}")
@@ -75,48 +92,26 @@ class ThawWorker:
         torch.cuda.empty_cache()  # the per-tensor staging blocks
         seconds = time.perf_counter() - t
         size = sum(e.end - e.start for e in entries)
-        log.info("weights streamed in %.2fs (%.1f GB/s)", seconds, size / seconds / 1e9)
-        return {"seconds": seconds, "bytes": size}
+        log.info("weights streamed in %.2fs (%.1f GB/s; %.0f%% from the host copy)", seconds, size / seconds / 1e9,
+                 100 * from_copy / max(size, 1))
+        return {"seconds": seconds, "bytes": size, "from_copy": from_copy}
 
-    def thaw_park_sizes(self) -> list[int]:
-        """The sizes of the host copies a level-1 sleep makes (one per weights allocation)."""
-        return [d.handle[1] for d in _weights_allocations()]
+    def thaw_copy_plan(self, model_dir: str) -> int:
+        """A host copy of the checkpoint, to be built; its bytes (one being built or built already stays)."""
+        from .weights import HostCopy, read_index
 
-    def thaw_pin(self, sizes: list[int]) -> None:
-        """Pin host buffers of these sizes and hold them (equal sizes must be distinct buffers)."""
-        import torch
+        if getattr(self, "_thaw_copy", None) is None:
+            self._thaw_copy = HostCopy(read_index(model_dir))
+        return self._thaw_copy.size
 
-        held = self.__dict__.setdefault("_thaw_pinned", [])
-        held.extend(torch.empty(size, dtype=torch.uint8, pin_memory=True) for size in sizes)
+    def thaw_copy_piece(self) -> int:
+        """Pin and read the next piece of the host copy; the bytes left to read."""
+        return self._thaw_copy.fill_next()
 
-    def thaw_pinned(self) -> int:
-        """Hand the held buffers to torch's pinned-memory cache, where the sleep's copies find them."""
-        held = self.__dict__.pop("_thaw_pinned", [])
-        size = sum(t.numel() for t in held)
-        del held
-        return size
-
-    def thaw_keep_buffers(self) -> None:
-        """Before a level-1 sleep: the model's buffers (rotary caches and the like) on the host, so the
-        engine can later hibernate without waking (level 2 saves them the same way). They do not change
-        while it serves, so the first park's copy serves every later one."""
-        if getattr(self, "_thaw_buffers", None) is None:
-            model = self.model_runner.get_model()
-            self._thaw_buffers = {name: buf.cpu().clone() for name, buf in model.named_buffers()}
-
-    def thaw_hibernate(self) -> int:
-        """A parked engine lets go of its host copy of the weights; the bytes released."""
-        released = 0
-        for data in _weights_allocations():
-            if data.cpu_backup_tensor is not None:
-                released += data.cpu_backup_tensor.numel()
-                data.cpu_backup_tensor = None
-        self._sleep_saved_buffers = getattr(self, "_thaw_buffers", {})  # restored by the worker's wake_up
-        self.thaw_release_host()
-        return released
-
-    def thaw_release_host(self) -> None:
-        """Pinned host memory nothing holds (torch keeps it cached for reuse) back to the system: a
-        hibernated engine keeps little host RAM."""
-        gc.collect()
-        _empty_host_cache()
+    def thaw_copy_drop(self) -> int:
+        """Give the host copy back to the system; the bytes released."""
+        copy, self._thaw_copy = getattr(self, "_thaw_copy", None), None
+        if copy is None:
+            return 0
+        gc.collect()  # the views a load made of it
+        return copy.release()

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from thaw.functions.engine_plan import WORKER_EXTENSION, arch_id, ensure_view, gpu_plan, kv_cache_bytes
-from thaw.functions.weights import PinnedRing, fast_load_problem, read_index, stream_weights
+from thaw.functions.weights import HostCopy, PinnedRing, fast_load_problem, read_index, stream_weights
 
 GiB = 1 << 30
 LLAMA_8B = {"num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
@@ -89,6 +89,38 @@ def test_streamed_weights_equal_safetensors_own_reader(tiny_model, tmp_path):
             assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
 
 
+def test_weights_stream_from_a_host_copy_whole_partial_or_released(tiny_model, tmp_path):
+    """A parked replica's wake streams from its host copy; a copy still being built serves the tensors it has
+    and the files the rest. Several files, a tensor spanning pieces, an empty tensor (pinned on a GPU host)."""
+    save_file({"a": torch.arange(1000, dtype=torch.float32).reshape(10, 100), "empty": torch.zeros(0)},
+              str(tmp_path / "model-00001.safetensors"))
+    save_file({"b": torch.randn(7, 3).to(torch.bfloat16), "c": torch.tensor(3, dtype=torch.int64)},
+              str(tmp_path / "model-00002.safetensors"))
+    for folder in (tiny_model, tmp_path):
+        entries = read_index(folder)
+        expected = {}
+        for path in sorted(folder.glob("*.safetensors")):
+            expected.update(load_file(str(path)))
+        copy = HostCopy(entries, pinned=False, piece_bytes=1500)
+        assert copy.size == sum(e.end - e.start for e in entries) and not copy.complete
+        ring = PinnedRing(chunk_bytes=1000, slots=3, pinned=False)
+        steps = 0
+        while True:  # a stream at every step of the build
+            got = dict(stream_weights(entries, "cpu", ring, copy))
+            assert got.keys() == expected.keys()
+            for name, tensor in expected.items():
+                assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), (name, copy.filled)
+            del got
+            if copy.complete:
+                break
+            left = copy.fill_next()
+            steps += 1
+            assert left == copy.size - copy.filled
+        assert steps == -(-copy.size // 1500)  # one piece at a time
+        assert all(copy.has(e) for e in entries)
+        assert copy.release() == copy.size and not any(copy.has(e) for e in entries if e.end > e.start)
+
+
 def test_what_streams_and_what_is_left_to_vllms_loader(tiny_model, tmp_path):
     assert fast_load_problem(tiny_model) is None
     quantized = tmp_path / "q"
@@ -106,19 +138,3 @@ def test_what_streams_and_what_is_left_to_vllms_loader(tiny_model, tmp_path):
     (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(EOFError):
         list(stream_weights(read_index(truncated), "cpu", PinnedRing(chunk_bytes=1 << 16, slots=2, pinned=False)))
-
-
-@pytest.mark.parametrize("sizes, limit, piece, rest", [
-    ([], 10, [], []),
-    ([4, 4, 4], 10, [4, 4], [4]),
-    ([4, 6, 1], 10, [4, 6], [1]),
-    # one allocation larger than the limit still goes alone: every turn makes progress
-    ([30, 1], 10, [30], [1]),
-    ([1, 30], 10, [1], [30]),
-])
-def test_the_park_buffers_are_pinned_in_bounded_pieces(sizes, limit, piece, rest):
-    """While the engine is idle it pins the park's host buffers a piece at a time (pinning stalls its GPU
-    work): a request that arrives waits for one piece at most."""
-    from thaw.functions.engine import next_piece
-
-    assert next_piece(sizes, limit) == (piece, rest)

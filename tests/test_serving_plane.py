@@ -423,8 +423,27 @@ def test_a_scale_to_zero_drain_stops_the_engine_in_order_and_logs_no_error(plane
     assert "engine-core process died" not in text and " ERROR " not in text, text[-3000:]
 
 
+def test_an_engine_core_that_dies_is_seen_at_once_with_its_cause_and_replaced(plane):
+    """A ready replica's engine-core process killed (as the kernel's OOM killer would): the plane finds it
+    without a request coming, takes the replica away, says why in its revision's status and its log, and the
+    next request gets a new replica. Before, the replica sat 'unready' for good with its requests held."""
+    client(plane).completions.create(model="zero-mp", prompt="x", max_tokens=2)
+    pod = _pod(plane, "zero-mp")
+    core = poll(lambda: next((p for p in psutil.Process(pod["pid"]).children(recursive=True)
+                              if p.name() == "VLLM::EngineCore"), None), 10, 0.1, "the engine-core process")
+    core.kill()
+    poll(lambda: all(p["id"] != pod["id"] for r in plane.revisions("zero-mp") for p in r["pods"]), 60, 0.05,
+         "the replica taken away")
+    failure = poll(lambda: plane.revisions("zero-mp")[0]["failure"], 30, 0.1, "its death in the status")
+    assert pod["id"] in failure and "engine-core process" in failure and "SIGKILL" in failure, failure
+    assert f"replica {pod['id']} died (ready)" in Path(plane.server.log_path).read_text()
+    client(plane).completions.create(model="zero-mp", prompt="x", max_tokens=2)
+    assert _pod(plane, "zero-mp")["id"] != pod["id"]
+    assert plane.revisions("zero-mp")[0]["failure"] is None  # a replica that started clears it
+
+
 def test_a_replicas_sleep_routes_are_not_reachable_through_the_gateway(plane):
-    for path in ("sleep?level=2", "wake_up", "is_sleeping", "reserve_host", "./sleep", "sleep/", "x/../sleep"):
+    for path in ("sleep?level=2", "wake_up", "is_sleeping", "host_copy", "./sleep", "sleep/", "x/../sleep"):
         r = requests.post(f"{plane.url}/models/tiny/{path}", headers=HEADERS, timeout=10)
         assert r.status_code == 404, path
         assert r.json()["error"]["message"].startswith("No route"), path

@@ -170,6 +170,22 @@ class NodeResources(SpecModel):
     cpu: Quantity | None = None  # whole cores, the first of those this process may use
     memory: Quantity | None = None
     gpus: int | None = Field(None, ge=0)
+    # Host RAM kept free for the system, as the kubelet's systemReserved: a quantity or a share of the node's
+    # memory. Replicas' requests and pinned host copies never take the node below it.
+    systemReserved: str = "10%"
+
+    @field_validator("systemReserved")
+    @classmethod
+    def _reserved(cls, value: str) -> str:
+        if value.endswith("%"):
+            try:
+                share = float(value[:-1])
+            except ValueError:
+                share = -1
+            if not 0 <= share < 100:
+                raise ValueError(f"a share of the node's memory from 0% to 99%, or a quantity like 8Gi, not {value!r}")
+            return value
+        return _check_quantity(value)
 
 
 class CachePolicy(SpecModel):
@@ -345,10 +361,11 @@ class Activator(SpecModel):
 
 
 class Parking(SpecModel):
-    """What sleeping replicas may hold. Parked ones keep their weights in pinned host RAM (hostMemory bounds
-    them together); hibernated ones dropped them and hold a process and a CUDA context (about 1 GiB of GPU
-    memory) each, as parked ones do (gpuContexts bounds how many sleep at all). The most recently used
-    sleepers park, the next hibernate, the least recently used stop (knative/embedded/control/parking.py)."""
+    """What sleeping replicas may hold. A replica parks with a host copy of its weights in pinned host RAM
+    (hostMemory bounds all host copies together, awake replicas' included: they are built ahead of a sleep);
+    one without a copy hibernates. Each sleeper holds a process and a CUDA context (about 1 GiB of GPU
+    memory): gpuContexts bounds how many sleep at all. The most recently used hold copies, the least
+    recently used sleepers stop (knative/embedded/control/parking.py)."""
 
     hostMemory: Quantity = "64Gi"
     gpuContexts: int = Field(8, ge=0)

@@ -152,16 +152,17 @@ def _nvml():
     import pynvml
 
     pynvml.nvmlInit()
-    return pynvml, pynvml.nvmlDeviceGetHandleByIndex(0)
+    return pynvml
 
 
-def gpu_memory() -> GpuMemory | None:
-    """The first GPU's memory and what each process holds there, through NVML (no CUDA context);
-    None without a GPU or NVML."""
+def gpu_memory(device: int = 0) -> GpuMemory | None:
+    """A GPU's memory (the first by default) and what each process holds there, through NVML (no CUDA
+    context); None without a GPU or NVML."""
     if not detect().gpu:
         return None
     try:
-        pynvml, handle = _nvml()
+        pynvml = _nvml()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(device)
         info = pynvml.nvmlDeviceGetMemoryInfo(handle)
         procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
         return GpuMemory(int(info.total), int(info.free), {p.pid: int(p.usedGpuMemory or 0) for p in procs})
@@ -174,8 +175,7 @@ def gpu_count() -> int:
     if not detect().gpu:
         return 0
     try:
-        pynvml, _ = _nvml()
-        return int(pynvml.nvmlDeviceGetCount())
+        return int(_nvml().nvmlDeviceGetCount())
     except Exception:  # noqa: BLE001 - no NVML: as if no GPU could be handed out
         return 0
 

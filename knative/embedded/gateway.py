@@ -48,7 +48,7 @@ def _auth_error(exc: AuthError) -> web.Response:
 
 # The routes by which the plane puts a replica to sleep and wakes it: no client reaches them through the
 # gateway (a client could otherwise park a replica behind the plane's back).
-REPLICA_CONTROL = frozenset({"/sleep", "/wake_up", "/is_sleeping", "/reserve_host"})
+REPLICA_CONTROL = frozenset({"/sleep", "/wake_up", "/is_sleeping", "/host_copy"})
 
 
 def _not_found(model: str) -> web.Response:

@@ -9,8 +9,12 @@ Variants (each `runs` times, the same model folder and engine arguments for all)
               start of a new revision on a fresh node);
   (e) hibernated: thaw hibernated (sleep level 2, weights dropped) -> first token, and the host RAM it holds;
   (f) swap:   three models sharing the GPU with room for two awake: round robin (each request wakes its
-              model and puts the least recently used to sleep), then a burst of 8 at a sleeping one.
-The first park of each parked replica (its host buffers reserved ahead, or not) is reported with (c).
+              model and puts the least recently used to sleep), then a burst of 8 at a sleeping one;
+  (g) density: N models of the bench's shape on one GPU (default 8, each 0.15 of it, host copies for 5):
+              bring-up, round robin twice, the five most recent again, a burst of 16 at the least recently
+              used; each request's rung (X-Thaw-Cold-Start) and first token, the lowest free host RAM
+              against the node's floor, the most host copies held, the least free GPU, engine deaths.
+Each sleep's seconds and the replica's rung are reported with (c) and (e).
   (w) warm:   the warm path, a part of its own: vLLM's own client (`vllm bench serve`) at 16 and 64 streams x
               128 tokens against vLLM's server and a ready thaw replica (through the gateway and directly),
               both batching up to 64 streams (max_num_seqs; thaw's containerConcurrency).
@@ -21,6 +25,7 @@ plots are rewritten from whatever has been measured.
 from __future__ import annotations
 
 import contextlib
+import functools
 import shutil
 import time
 from pathlib import Path
@@ -34,7 +39,9 @@ from thaw.loadtests.bench.common import PlaneUnderTest, first_answer, first_toke
 from thaw.launch import ServerProcess, base_env, free_port, vllm_server_command
 from thaw.vllm_platform import detect, gpu_memory
 
-PARTS = ("vllm", "zero", "other-core", "park", "hibernate", "swap", "warm")
+PARTS = ("vllm", "zero", "other-core", "park", "hibernate", "swap", "density", "warm")
+DENSITY_SHARE = 0.15  # of the GPU per model in the density part: six awake at most, the rest asleep
+DENSITY_COPIES = 5  # host copies the density part's parking budget holds
 # The warm path's concurrent streams. Both servers get max_num_seqs = the largest (thaw: its containerConcurrency,
 # which Model.replica_engine makes the engine's), so both batch the same streams with the same arguments. The
 # ladder's parts keep containerConcurrency 16: their starts are what the ladder's earlier figures measured.
@@ -73,19 +80,20 @@ def _warm_path(url: str, model_dir: Path, work: Path) -> dict:
 
 
 def _plane_spec(work: Path, model_dir: Path, engine: dict, names=(NAME,), parking: dict | None = None,
-                **model) -> dict:
+                min_scale: int = 0, **model) -> dict:
     return {"platform": {"gateway": {"port": free_port()}, "stateDir": str(work / "state"),
                          "cache": {"path": str(work.parent / "tier"), "capacity": "200Gi"},
                          "autoscaler": SETTLE, **({"parking": parking} if parking else {})},
             "models": [{"name": name, "source": str(model_dir), "engine": engine, "containerConcurrency": 16,
-                        "scaling": {"window": "6s", "max-scale": 1}, **model} for name in names]}
+                        "scaling": {"window": "6s", "max-scale": 1, "min-scale": min_scale}, **model}
+                       for name in names]}
 
 
 @contextlib.contextmanager
 def _plane(work: Path, model_dir: Path, engine: dict, names=(NAME,), parking: dict | None = None,
-           **model) -> Iterator[PlaneUnderTest]:
+           min_scale: int = 0, **model) -> Iterator[PlaneUnderTest]:
     """`thaw up` serving the model(s), once its standby is ready; stopped afterwards."""
-    plane = PlaneUnderTest(work, _plane_spec(work, model_dir, engine, names, parking, **model))
+    plane = PlaneUnderTest(work, _plane_spec(work, model_dir, engine, names, parking, min_scale, **model))
     try:
         plane.wait(plane.standby_ready, 300, "thaw up and its standby")
         yield plane
@@ -102,7 +110,7 @@ def _from_zero(plane: PlaneUnderTest, name: str = NAME) -> dict:
     phases = {**rev["last_start_phases"], "activator_hold": result.queued,
               "after_release": result.ttft - result.queued}
     return {"first_token": result.ttft, "queued": result.queued, "phases": phases,
-            "wall": time.perf_counter() - start}
+            "wall": time.perf_counter() - start, "rung": result.record.cold or "ready"}
 
 
 def bench_vllm(model_dir: Path, engine: dict, runs: int, work: Path, console: Console, save) -> dict:
@@ -124,18 +132,31 @@ def bench_vllm(model_dir: Path, engine: dict, runs: int, work: Path, console: Co
     return out
 
 
+def _compile_dir(work: Path, model_dir: Path, engine: dict, **model) -> Path:
+    """The compile cache in the tier that this part's replicas use (their architecture and engine
+    configuration, as functions/boot.py names it): the one (d) wipes, leaving other parts' warm."""
+    from thaw.cache_warmer.tier import CacheTier
+    from thaw.functions.engine_plan import arch_id
+    from thaw.spec import Model
+
+    replica = Model.model_validate({"name": NAME, "source": str(model_dir), "engine": engine,
+                                    "containerConcurrency": 16, **model}).replica_engine()
+    platform = detect()
+    return CacheTier(work.parent / "tier", 200 << 30).compile_dir(
+        arch_id(model_dir), platform.resolve(replica).config_id(platform.vllm))
+
+
 def bench_zero(model_dir: Path, engine: dict, runs: int, work: Path, console: Console, save) -> dict:
-    """(d) and (b) interleaved: d, b, d, b, ...; (d) wipes the tier's compile cache and the page cache."""
-    tier_compile = work.parent / "tier" / "compile"
+    """(d) and (b) interleaved: d, b, d, b, ...; (d) wipes its configuration's compile cache in the tier and
+    the page cache."""
+    compile_dir = _compile_dir(work, model_dir, engine, park=False)
     out = {"engine_core": detect().engine_core, "zero": [], "cold": []}
     with _plane(work, model_dir, engine, park=False) as plane:
         for i in range(runs):
             for variant in ("cold", "zero"):
                 plane.wait(lambda: plane.at_zero(NAME), 120, "scale to zero")
                 if variant == "cold":
-                    for d in tier_compile.glob("*/*") if tier_compile.exists() else []:
-                        if d.is_dir():
-                            shutil.rmtree(d, ignore_errors=True)
+                    shutil.rmtree(compile_dir, ignore_errors=True)
                     dropped = _drop_page_cache()
                 run = _from_zero(plane)
                 if variant == "cold":
@@ -161,8 +182,10 @@ def bench_warm(model_dir: Path, engine: dict, runs: int, work: Path, console: Co
         save(out)
     finally:
         server.stop()
-    with _plane(work, model_dir, engine, park=False, containerConcurrency=seqs) as plane:
-        first_answer(plane.url, NAME)  # from zero to one ready replica
+    # min-scale 1: the replica measured directly stays up between the client's runs (at 0 it went to zero
+    # in the bench's 6 s window, and every request to its old port was refused)
+    with _plane(work, model_dir, engine, park=False, min_scale=1, containerConcurrency=seqs) as plane:
+        first_answer(plane.url, NAME)
         pod = next(p for p in plane.status(NAME)["pods"] if p["state"] == "ready")
         out["gateway"] = _warm_path(plane.url, model_dir, work / "gateway")
         out["direct"] = _warm_path(f"http://127.0.0.1:{pod['port']}", model_dir, work / "direct")
@@ -188,18 +211,27 @@ def bench_other_core(model_dir: Path, engine: dict, runs: int, work: Path, conso
 def _asleep(plane: PlaneUnderTest, name: str = NAME) -> dict:
     """Wait for the model's replica to fall asleep; its status entry."""
     plane.wait(lambda: plane.status(name)["replicas"]["parked"] == 1, 180, f"{name} asleep")
+    return _sleeping_pod(plane, name)
+
+
+def _sleeping_pod(plane: PlaneUnderTest, name: str = NAME) -> dict:
     return next(p for p in plane.status(name)["pods"] if p["state"] == "parked")
 
 
-def _sleep_runs(plane: PlaneUnderTest, runs: int, label: str, console: Console, save, out: dict, key: str) -> None:
+def _sleep_runs(plane: PlaneUnderTest, runs: int, label: str, console: Console, save, out: dict, key: str,
+                level: int) -> None:
     for i in range(runs):
-        pod = _asleep(plane)
+        _asleep(plane)
+        # parked: once its host copy is built (in the background, after it went to sleep if it was not yet)
+        plane.wait(lambda: _sleeping_pod(plane)["sleep_level"] == level, 300, f"sleep level {level}")
+        pod = _sleeping_pod(plane)
         time.sleep(0.5)  # let the driver settle its accounting before reading free memory
         memory = gpu_memory()
         run = _from_zero(plane)
         run.update({"gpu_free": memory.free if memory else None, "gpu_total": memory.total if memory else None,
-                    "parked_gpu_bytes": pod["gpu_bytes"], "parked_host_bytes": pod["host_bytes"],
-                    "sleep_level": pod.get("sleep_level"), "park_seconds": pod.get("park_seconds")})
+                    "parked_gpu_bytes": pod["gpu_bytes"], "parked_host_bytes": pod["host_copy_bytes"],
+                    "sleep_level": pod.get("sleep_level"), "park_seconds": pod.get("park_seconds"),
+                    "rung": run.get("rung")})
         out[key].append(run)
         save(out)
         console.print(f"{label} run {i + 1}: first token {run['first_token']:.3f}s (slept in "
@@ -213,7 +245,7 @@ def bench_park(model_dir: Path, engine: dict, runs: int, work: Path, console: Co
     with _plane(work, model_dir, engine, park=True) as plane:
         out["first_start"] = _from_zero(plane)
         save(out)
-        _sleep_runs(plane, runs, "(c) parked", console, save, out, "parked")
+        _sleep_runs(plane, runs, "(c) parked", console, save, out, "parked", level=1)
     return out
 
 
@@ -223,7 +255,7 @@ def bench_hibernate(model_dir: Path, engine: dict, runs: int, work: Path, consol
     with _plane(work, model_dir, engine, park=True, parking={"hostMemory": "0"}) as plane:
         out["first_start"] = _from_zero(plane)
         save(out)
-        _sleep_runs(plane, runs, "(e) hibernated", console, save, out, "hibernated")
+        _sleep_runs(plane, runs, "(e) hibernated", console, save, out, "hibernated", level=2)
     return out
 
 
@@ -265,13 +297,128 @@ def bench_swap(model_dir: Path, engine: dict, runs: int, work: Path, console: Co
     return out
 
 
-def run_gpu_bench(model_dir: Path, engine: dict, runs: int, parts: list[str], out: Path, console: Console) -> dict:
+class MemorySampler:
+    """The node's memory every 0.2 s while a part runs: the lowest free host RAM and GPU memory, the most host
+    copies held (thaw's status, every second)."""
+
+    def __init__(self, plane: PlaneUnderTest):
+        import threading
+
+        self.plane = plane
+        self.low_host = self.low_gpu = float("inf")
+        self.copies = 0
+        self.floor = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "MemorySampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        import psutil
+        import requests
+
+        tick = 0
+        while not self._stop.wait(0.2):
+            self.low_host = min(self.low_host, psutil.virtual_memory().available)
+            memory = gpu_memory()
+            if memory is not None:
+                self.low_gpu = min(self.low_gpu, memory.free)
+            tick += 1
+            if tick % 5 == 0:
+                try:
+                    host = requests.get(self.plane.url + "/thaw/v1/status", timeout=5).json()["host"]
+                    self.copies, self.floor = max(self.copies, host["host_copies"]), host["floor"]
+                except (requests.RequestException, KeyError, ValueError):
+                    pass
+
+    def figures(self) -> dict:
+        finite = lambda v: v if v != float("inf") else None  # noqa: E731
+        return {"host_available_min": finite(self.low_host), "host_floor": self.floor,
+                "host_copies_max": self.copies, "gpu_free_min": finite(self.low_gpu)}
+
+
+def _density_request(plane: PlaneUnderTest, name: str, phase: str) -> dict:
+    import asyncio
+
+    import aiohttp
+
+    from thaw.loadtests.bench.common import stream_chat
+
+    async def one():
+        async with aiohttp.ClientSession() as session:
+            return await stream_chat(session, plane.url, name, 16, "What is the capital of France?")
+
+    result = asyncio.run(one())
+    return {"phase": phase, "model": name, "ok": result.ok, "error": result.error,
+            "rung": (result.record.cold or "ready") if result.record else None, "first_token": result.ttft}
+
+
+def bench_density(model_dir: Path, engine: dict, runs: int, work: Path, console: Console, save,
+                  models: int = 8) -> dict:
+    """(g) `models` models of the bench's shape sharing one GPU (DENSITY_SHARE each), host copies for
+    DENSITY_COPIES: bring-up, round robin twice, the five most recent again, a burst of 16 at the least
+    recently used. One request at a time but the burst; every request's rung and first token."""
+    import asyncio
+
+    import aiohttp
+
+    from thaw.loadtests.bench.common import stream_chat
+
+    weights = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    names = [f"m{i}" for i in range(models)]
+    parking = {"hostMemory": str(int(weights * (DENSITY_COPIES + 0.5))), "gpuContexts": models}
+    out: dict = {"models": models, "share": DENSITY_SHARE, "weights": weights, "parking": parking, "requests": [],
+                 "burst": None, "memory": None, "deaths": None}
+
+    def ask(name: str, phase: str) -> None:
+        run = _density_request(plane, name, phase)
+        out["requests"].append(run)
+        save(out)
+        console.print(f"(g) {phase} {name}: {run['rung']} {run['first_token']:.3f}s" if run["ok"]
+                      else f"(g) {phase} {name}: FAILED {run['error']}")
+
+    with _plane(work, model_dir, {**engine, "gpu_memory_utilization": DENSITY_SHARE}, names, parking=parking,
+                park=True, containerConcurrency=4) as plane, MemorySampler(plane) as memory:
+        for name in names:
+            ask(name, "bring-up")
+        used = []
+        for i in range(2 * models):
+            ask(names[i % models], "round robin")
+            used.append(names[i % models])
+        recent = list(dict.fromkeys(reversed(used)))[:5]
+        for name in recent:
+            ask(name, "by recency")
+        target = next(n for n in used if n not in recent)  # the least recently used
+
+        async def burst():
+            async with aiohttp.ClientSession() as session:
+                return await asyncio.gather(*(stream_chat(session, plane.url, target, 16) for _ in range(16)))
+
+        results = asyncio.run(burst())
+        out["burst"] = {"model": target, "requests": len(results), "failed": sum(not r.ok for r in results),
+                        "rung": next((r.record.cold for r in results if r.record and r.record.cold), "ready"),
+                        "ttft": sorted(r.ttft for r in results if r.ok)}
+        out["memory"] = memory.figures()
+        out["deaths"] = (work / "up.log").read_text(errors="replace").count(" died (")
+        save(out)
+    return out
+
+
+def run_gpu_bench(model_dir: Path, engine: dict, runs: int, parts: list[str], out: Path, console: Console,
+                  density_models: int = 8) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     results = _load(out)
     results.update({"model_dir": str(model_dir), "engine": engine})
     benches = {"vllm": ("vllm", bench_vllm), "zero": ("zero", bench_zero),
                "other-core": ("other_core", bench_other_core), "park": ("park", bench_park),
                "hibernate": ("hibernate", bench_hibernate), "swap": ("swap", bench_swap),
+               "density": ("density", functools.partial(bench_density, models=density_models)),
                "warm": ("warm", bench_warm)}
     for part in parts:
         work = out / "work" / part
@@ -330,6 +477,7 @@ def write_report(results: dict, out: Path, console: Console) -> None:
     if burst:
         lines += ["", f"(f) burst of {burst['requests']} at sleeping {burst['model']}: {burst['failed']} failed; "
                       f"TTFT {', '.join(f'{t:.2f}' for t in burst['ttft'])} s."]
+    lines += density_report(results.get("density"))
     parked = variants["parked"]
     if parked and parked[0].get("gpu_total"):
         free = mean([r["gpu_free"] / r["gpu_total"] for r in parked])
@@ -369,6 +517,74 @@ def write_report(results: dict, out: Path, console: Console) -> None:
     console.print(table)
     console.print("\n".join(lines))
     _plot(variants, out)
+    _plot_density(results.get("density"), out)
+
+
+def density_report(density: dict | None) -> list[str]:
+    """(g) as Markdown: each request's rung and first token, the targets' counts, memory, deaths."""
+    if not density or not density.get("requests"):
+        return []
+    gib = 2**30
+    reqs = density["requests"]
+    lines = ["", f"## (g) density: {density['models']} models on one GPU ({density['share']:.2f} of it each; "
+                 f"host copies for {DENSITY_COPIES}: hostMemory {int(density['parking']['hostMemory']) / gib:.1f} GiB)",
+             "", "| # | phase | model | rung | first token (s) |", "|---|---|---|---|---|"]
+    for i, r in enumerate(reqs, 1):
+        ft = f"{r['first_token']:.3f}" if r["ok"] else f"failed: {r['error']}"
+        lines.append(f"| {i} | {r['phase']} | {r['model']} | {r['rung']} | {ft} |")
+    for phase, within in (("round robin", 2.0), ("by recency", 1.0)):
+        runs = [r for r in reqs if r["phase"] == phase]
+        if runs:
+            ok = [r for r in runs if r["ok"]]
+            fts = [r["first_token"] for r in ok]
+            rungs = ", ".join(f"{k} {sum(r['rung'] == k for r in ok)}" for k in ("ready", "parked", "hibernated", "zero")
+                              if any(r["rung"] == k for r in ok))
+            lines.append(f"\n{phase}: {len(ok)}/{len(runs)} answered, {sum(f <= within for f in fts)} within {within:.0f} s"
+                         f" (max {max(fts, default=float('nan')):.3f} s; {rungs}).")
+    burst = density.get("burst")
+    if burst:
+        lines.append(f"\nburst of {burst['requests']} at {burst['model']} ({burst['rung']}): {burst['failed']} failed; "
+                     f"TTFT p50 {percentile_of(burst['ttft'], 50):.3f} s, max {max(burst['ttft'], default=float('nan')):.3f} s.")
+    memory = density.get("memory") or {}
+    if memory.get("host_available_min") is not None:
+        lines.append(f"\nhost RAM free at its lowest {memory['host_available_min'] / gib:.1f} GiB (the node's floor "
+                     f"{memory['host_floor'] / gib:.1f} GiB); host copies at most {memory['host_copies_max'] / gib:.1f} GiB"
+                     + (f"; GPU free at its lowest {memory['gpu_free_min'] / gib:.1f} GiB" if memory.get("gpu_free_min") else "")
+                     + f". Engine deaths: {density.get('deaths')}.")
+    return lines
+
+
+def percentile_of(values: list[float], q: float) -> float:
+    from thaw.loadtests.metrics import percentile
+
+    return percentile(values, q) if values else float("nan")
+
+
+def _plot_density(density: dict | None, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not density or not density.get("requests"):
+        return
+    colors = {"ready": "#2a7", "parked": "#27a", "hibernated": "#a72", "zero": "#a27"}
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for i, r in enumerate(density["requests"]):
+        if r["ok"]:
+            ax.scatter(i + 1, r["first_token"], color=colors.get(r["rung"], "#888"), s=18)
+    for rung, color in colors.items():
+        ax.scatter([], [], color=color, label=rung)
+    for limit in (1.0, 2.0):
+        ax.axhline(limit, color="#bbb", linewidth=0.8, linestyle="--")
+    ax.set_yscale("log")
+    ax.set_xlabel("request (bring-up, round robin x2, by recency)")
+    ax.set_ylabel("first token, s (log)")
+    ax.set_title(f"{density['models']} models on one GPU: each request's rung")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(out / "density.png", dpi=120)
+    plt.close(fig)
 
 
 def _plot(variants: dict[str, list[dict]], out: Path) -> None:

@@ -12,8 +12,7 @@ from thaw.cache_warmer.optimizer import Demand
 from thaw.eventing import events
 from thaw.eventing.store import StoreError
 
-from .reconciler import weight_bytes
-from .revision import ModelRoutes, Revision
+from .revision import ModelRoutes, Revision, weight_bytes
 
 log = logging.getLogger("thaw.optimizer")
 

@@ -8,9 +8,14 @@ as Kubernetes' scheduler and the kubelet would on a single node:
 - CPU: a replica that requests CPU gets whole cores of its own (the kubelet's static CPU manager policy;
   a fractional request rounds up, a deliberate difference: two CPU vLLM engines on one core fall from
   200+ to 5 tokens/s); replicas without a CPU request share the cores nobody holds;
-- memory: requests, plus the host RAM that parked replicas hold pinned (the kernel cannot page it out);
-- GPUs: whole devices of their own (`nvidia.com/gpu`); replicas without a GPU request share the GPUs by
-  memory, as sleeping replicas need (knative/embedded/control/parking.py).
+- memory: requests, plus the host RAM that host copies of weights hold pinned (the kernel cannot page it
+  out), within the node's memory less what it keeps for the system (`systemReserved`, as the kubelet's);
+- GPUs: a request for `nvidia.com/gpu` binds the replica to that many devices for its life, the least
+  claimed first, and it has them to itself while it is awake; asleep it holds only its CUDA context, so
+  replicas that ask for whole GPUs share devices through sleep (parking.py's plan_gpu_room puts the
+  others to sleep before one wakes or starts, or waits while they are busy). A Kubernetes node never
+  shares a requested device; a sleeper is the difference. Replicas without a GPU request share the first
+  device by memory (gpu_memory_utilization). Only asking for more devices than the node has is Pending.
 A replica that does not fit is Pending, with the scheduler's own message, e.g.
 "0/1 nodes are available: 1 Insufficient cpu."
 """
@@ -18,6 +23,7 @@ A replica that does not fit is Pending, with the scheduler's own message, e.g.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 
@@ -60,27 +66,37 @@ def node_of(spec_node, cores: tuple[int, ...], memory: int, gpus: int) -> Node:
         cores = cores[:max(1, math.floor(quantity_value(spec_node.cpu)))]
     if spec_node.memory is not None:
         memory = quantity_bytes(spec_node.memory)
+    memory -= system_floor(memory, spec_node.systemReserved)
     return Node(tuple(cores), memory, tuple(range(gpus if spec_node.gpus is None else spec_node.gpus)))
+
+
+def system_floor(total: int, reserved: str) -> int:
+    """Host RAM the node keeps for the system: a quantity ("8Gi") or a share of its memory ("10%")."""
+    from thaw.spec import quantity_bytes
+
+    if reserved.endswith("%"):
+        return int(total * float(reserved[:-1]) / 100)
+    return quantity_bytes(reserved)
 
 
 def place(request: Request, node: Node, claims: list[Claim], held_memory: int = 0) -> Claim | str:
     """Where a replica with `request` runs, or why it cannot now (the scheduler's message). `held_memory`
-    is host RAM held outside requests (parked replicas' pinned weights)."""
+    is host RAM held outside requests (host copies' pinned weights)."""
     taken_cores = {c for claim in claims for c in claim.cores}
-    taken_gpus = {g for claim in claims for g in claim.gpus}
     free_cores = [c for c in node.cores if c not in taken_cores]
-    free_gpus = [g for g in node.gpus if g not in taken_gpus]
+    bound = Counter(g for claim in claims for g in claim.gpus)
     cores = math.ceil(request.cpu_millis / 1000)
     short = []
     if cores > len(free_cores):
         short.append("cpu")
     if request.memory and request.memory > node.memory - held_memory - sum(c.memory for c in claims):
         short.append("memory")
-    if request.gpus > len(free_gpus):
+    if request.gpus > len(node.gpus):
         short.append("nvidia.com/gpu")
     if short:
         return "0/1 nodes are available: " + ", ".join(f"1 Insufficient {s}" for s in sorted(short)) + "."
-    return Claim(tuple(free_cores[:cores]), request.memory, tuple(free_gpus[:request.gpus]))
+    gpus = sorted(node.gpus, key=lambda g: (bound[g], g))[:request.gpus]
+    return Claim(tuple(free_cores[:cores]), request.memory, tuple(sorted(gpus)))
 
 
 def shared_cores(node: Node, claims: list[Claim]) -> tuple[int, ...]:

@@ -1,72 +1,90 @@
-"""Sleeping replicas: the decisions, as pure functions over plain numbers (the reconciler does the I/O).
+"""Sleeping replicas and the node's memory: the decisions, as pure functions over plain numbers (sleep_moves.py
+does the I/O; tests/test_parking.py checks each rule as a table).
 
-A sleeping replica is a process whose vLLM engine sleeps, on one of two rungs:
-- parked (sleep level 1): its weights in pinned host RAM, its KV cache dropped, its GPU memory released but
-  for the CUDA context; a wake copies the weights back (well under a second for an 8B model);
-- hibernated (sleep level 2): the weights dropped too; a wake streams them back from the page cache or
-  the tier (functions/weights.py): about two seconds, for a process that holds little host RAM.
-Both cost a CUDA context on the GPU and a process; a start from zero costs far more. The decisions:
+A sleeping replica is a process whose vLLM engine sleeps (its weights and KV cache off the GPU, its CUDA
+context and compiled code kept). Its rung depends on one thing: whether it holds a **host copy** of its
+weights, the checkpoint's bytes in pinned host RAM:
+- parked: asleep with a complete host copy; a wake streams the weights from pinned RAM into HBM
+  (functions/weights.py), under half a second for an 8B model;
+- hibernated: asleep without one; a wake streams them from the page cache or the tier, about 1.3 s.
+Going to sleep never copies anything (it drops the GPU's weights: 0.1 s), and a host copy is built off every
+request's path, piece by piece while its engine is idle: by an awake replica ahead of its next sleep, or by a
+hibernated one, which is then parked (promoted) without the GPU. So no request ever waits for memory to be
+pinned, and one budget decides who holds a copy:
 
-- rungs: where Knative's decision takes a revision to zero, its last replica goes to sleep instead if the
-  model allows it and the platform can. The most recently used sleepers are parked while the host-RAM
-  budget holds their weights, the next ones hibernated while the budget of sleeping replicas (GPU
-  contexts) allows, and the least recently used stopped;
-- make room on the GPU: before a replica starts or wakes, idle awake replicas are put to sleep (or
-  stopped, if their model does not sleep), least recently used first, until the newcomer's share is free;
-- wake: a request at a revision with a sleeping replica wakes it rather than starting a new one.
+- plan_host: every replica that could hold a copy, most recently used first, holds one while the parking
+  budget (platform.parking.hostMemory) holds them all, and while the node keeps its floor of free RAM
+  (platform.node.systemReserved): a new copy is granted only from what the kernel can still hand out above
+  the floor, less what earlier grants have yet to pin (counted from the grant, not from its end, as
+  Kubernetes' scheduler counts a pod it assumed onto a node before it binds). Sleeping replicas past the
+  budget of sleeping replicas (gpuContexts) stop, least recently used first. Below the floor, copies are
+  dropped, least recently used first, until the floor holds again;
+- plan_gpu_room: before a replica starts or wakes, idle awake replicas go to sleep (or stop, if their model
+  does not sleep), least recently used first, until the newcomer's share of the GPU is free; a replica that
+  asks for whole GPUs (nvidia.com/gpu) has its device to itself while awake, so every other awake replica
+  there goes to sleep first, and it goes to sleep first for any other newcomer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-PARKED, HIBERNATED = 1, 2  # vLLM's sleep levels
+PARKED, HIBERNATED = 1, 2  # the rungs a sleeping replica reports (thaw's sleep levels)
 
 
 @dataclass(frozen=True)
-class Sleeper:
+class HostUser:
+    """A replica as the host plan sees it."""
+
     id: str
-    level: int  # PARKED or HIBERNATED
-    host_bytes: int  # host RAM it holds asleep (parked: its weights, pinned)
-    last_used: float  # when it last served a request
+    copy_bytes: int  # the host copy of its weights (0: it cannot have one: a quantized checkpoint, say)
+    has_copy: bool  # holds one, or was granted one that is being built
+    last_used: float
+    asleep: bool = False  # sleeping, or going to sleep: it counts against gpuContexts
 
 
 @dataclass(frozen=True)
-class ParkDecision:
-    level: int  # the newcomer's rung: PARKED, HIBERNATED, or 0 (stopped, as Knative would)
-    hibernate: tuple[str, ...] = ()  # parked replicas that drop their host copy (least recently used)
-    evict: tuple[str, ...] = ()  # sleeping replicas to stop
-    reason: str = ""
+class HostPlan:
+    grant: tuple[str, ...] = ()  # build a host copy
+    drop: tuple[str, ...] = ()  # let go of its host copy (a parked replica becomes hibernated)
+    evict: tuple[str, ...] = ()  # sleeping replicas to stop (past gpuContexts)
+
+    @property
+    def moves(self) -> bool:
+        return bool(self.grant or self.drop or self.evict)
 
 
-def decide_park(allowed: str | None, weights_bytes: int, sleepers: list[Sleeper], host_budget: int,
-                contexts: int) -> ParkDecision:
-    """The rung of a replica the autoscaler is taking away, and what moves among the others for it.
-    `allowed` is None when the model and platform allow sleep, else why not. `host_budget` bounds the host
-    RAM of parked replicas together; `contexts` bounds how many replicas sleep at all. A hibernated
-    replica is never promoted back to parked (that takes a wake); a parked one may be hibernated."""
-    if allowed is not None:
-        return ParkDecision(0, reason=allowed)
-    if contexts < 1:
-        return ParkDecision(0, reason="the budget of sleeping replicas (gpuContexts) is 0")
-    level, host, count, hibernate, evict = 0, 0, 0, [], []
-    newcomer = Sleeper("", PARKED, weights_bytes, float("inf"))
-    for s in sorted([newcomer, *sleepers], key=lambda s: -s.last_used):
-        if count >= contexts:
-            evict.append(s.id)
-            continue
-        count += 1
-        rung = PARKED if s.level == PARKED and host + s.host_bytes <= host_budget else HIBERNATED
-        if rung == PARKED:
-            host += s.host_bytes
-        if s is newcomer:
-            level = rung
-        elif rung != s.level:
-            hibernate.append(s.id)
-    moves = [f"{len(hibernate)} older parked hibernated"] * bool(hibernate) + \
-            [f"{len(evict)} older sleeping stopped"] * bool(evict)
-    rung = "parked" if level == PARKED else "hibernated (its weights do not fit the parking budget)"
-    return ParkDecision(level, tuple(hibernate), tuple(evict), "; ".join([rung, *moves]))
+def plan_host(users: list[HostUser], budget: int, grantable: int, contexts: int) -> HostPlan:
+    """Who holds a host copy and which sleepers stop. `budget` bounds all host copies together; `grantable`
+    is what new copies may take now (free RAM above the node's floor, less grants not yet pinned; negative
+    when the node is below its floor: copies are then dropped until that much is freed). Replicas stopped
+    here hold nothing."""
+    grant, drop, evict = [], [], []
+    held = new = sleeping = 0
+    kept: list[HostUser] = []
+    for user in sorted(users, key=lambda u: -u.last_used):
+        if user.asleep:
+            sleeping += 1
+            if sleeping > contexts:
+                evict.append(user.id)
+                continue
+        fits = user.copy_bytes and held + user.copy_bytes <= budget
+        if fits and (user.has_copy or new + user.copy_bytes <= grantable):
+            held += user.copy_bytes
+            if user.has_copy:
+                kept.append(user)
+            else:
+                new += user.copy_bytes
+                grant.append(user.id)
+        elif user.has_copy:
+            drop.append(user.id)
+    deficit = -grantable
+    for user in reversed(kept):  # below the floor: the least recently used copies go first
+        if deficit <= 0:
+            break
+        drop.append(user.id)
+        deficit -= user.copy_bytes
+    return HostPlan(tuple(grant), tuple(drop), tuple(evict))
 
 
 @dataclass(frozen=True)
@@ -75,25 +93,32 @@ class Awake:
     gpu_bytes: int  # what it holds on the GPU now
     idle: bool  # nothing in flight and nothing waiting for it
     last_used: float
-    parks: bool  # its model parks (else it is stopped to make room)
+    sleeps: bool  # its model sleeps (else it is stopped to make room)
+    exclusive: bool = False  # it asked for whole GPUs: while awake, nothing else is awake on them
 
 
 @dataclass(frozen=True)
 class RoomPlan:
-    park: tuple[str, ...] = ()
+    sleep: tuple[str, ...] = ()
     stop: tuple[str, ...] = ()
 
 
-def plan_gpu_room(need_bytes: int, free_bytes: int, awake: list[Awake]) -> RoomPlan | None:
-    """What to park or stop so that `need_bytes` of the GPU are free for a replica about to start or wake.
-    Idle replicas go, least recently used first, only as many as needed. None: busy replicas hold too much
-    for it to fit now (the caller waits, as a request waits for a pod that cannot be scheduled yet)."""
-    if free_bytes >= need_bytes:
-        return RoomPlan()
-    park, stop = [], []
-    for a in sorted((a for a in awake if a.idle), key=lambda a: a.last_used):
-        (park if a.parks else stop).append(a.id)
-        free_bytes += a.gpu_bytes
+def plan_gpu_room(need_bytes: int, free_bytes: int, awake: list[Awake], exclusive: bool = False) -> RoomPlan | None:
+    """What to put to sleep or stop so that `need_bytes` of the GPU are free for a replica about to start or
+    wake (`exclusive`: one that asked for the whole device). `awake` are the awake replicas on its device.
+    Idle replicas go, least recently used first, only as many as needed, but every exclusive one goes, and
+    every one goes for an exclusive newcomer. None: busy replicas stand in the way, so it cannot fit now
+    (the caller waits, as a request waits for a pod that cannot be scheduled yet)."""
+    must = [a for a in awake if exclusive or a.exclusive]
+    if any(not a.idle for a in must):
+        return None
+    free_bytes += sum(a.gpu_bytes for a in must)
+    going = list(must)
+    for a in sorted((a for a in awake if a.idle and a not in must), key=lambda a: a.last_used):
         if free_bytes >= need_bytes:
-            return RoomPlan(tuple(park), tuple(stop))
-    return None
+            break
+        going.append(a)
+        free_bytes += a.gpu_bytes
+    if free_bytes < need_bytes:
+        return None
+    return RoomPlan(tuple(a.id for a in going if a.sleeps), tuple(a.id for a in going if not a.sleeps))

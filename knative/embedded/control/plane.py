@@ -31,6 +31,7 @@ from ..dataplane.throttler import Throttler
 from . import lifecycle
 from .autoscaler import Autoscaler, AutoscalerConfig, ConcurrencyWindow, bounded_scale, resolve_spec
 from .backend import EmbeddedBackend
+from .node import system_floor
 from .reconciler import Reconciler
 from .revision import ModelRoutes, Revision
 from .status import plane_status
@@ -245,4 +246,7 @@ class ServingPlane:
                 self.reconciler.reconcile(rev)
 
     def status(self) -> dict[str, Any]:
-        return plane_status(self.models, self.supervisor.standby_ready(), self.spec_refused)
+        import psutil
+
+        floor = system_floor(psutil.virtual_memory().total, self.spec.platform.node.systemReserved)
+        return plane_status(self.models, self.supervisor.standby_ready(), self.spec_refused, floor)

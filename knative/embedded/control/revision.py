@@ -10,6 +10,7 @@ The reconciler (reconciler.py) feeds them the revision's state and carries out w
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from thaw.spec import Model
 
@@ -18,6 +19,14 @@ from ..dataplane.replica import RUNNING, Replica, State
 from ..dataplane.throttler import Throttler
 from .autoscaler import Autoscaler, ConcurrencyWindow, ScaleResult, bounded_scale, scale_to_zero_gate
 from .traffic import Route
+
+
+def weight_bytes(source: str) -> int:
+    """The bytes of a model's weights here; 0 for an s3 model not staged yet (it costs budgets nothing)."""
+    if source.startswith("s3://"):
+        return 0
+    folder = Path(source)
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors")) if folder.is_dir() else 0
 
 
 @dataclass(eq=False)

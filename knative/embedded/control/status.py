@@ -1,5 +1,6 @@
 """What `thaw status` and `GET /thaw/v1/status` show of the embedded plane: per model, its revisions with
-traffic, desired scale, replicas by state, panic, queue, GPU and host memory; the platform and the GPU."""
+traffic, desired scale, replicas by state, panic, queue, GPU memory and host copies; the platform, the GPU
+and the node's host memory."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ from .revision import ModelRoutes
 SHOWN = (State.STARTING, State.READY, State.UNREADY, State.DRAINING, State.PARKED)
 
 
-def plane_status(models: dict[str, ModelRoutes], standby_ready: bool, spec_refused: list) -> dict[str, Any]:
+def plane_status(models: dict[str, ModelRoutes], standby_ready: bool, spec_refused: list,
+                 host_floor: int = 0) -> dict[str, Any]:
+    import psutil
+
     memory = gpu_memory()
     shown = []
     for name, entry in models.items():
@@ -29,14 +33,18 @@ def plane_status(models: dict[str, ModelRoutes], standby_ready: bool, spec_refus
                 "last_start_phases": rev.last_phases,
                 "pods": [{"id": r.id, "pid": r.pid, "port": r.port, "state": str(r.state), "in_flight": r.in_flight,
                           "standby": r.via_standby, "gpu_bytes": memory.held_by(r.pid) if memory else None,
-                          "host_bytes": r.host_bytes if r.state == State.PARKED else 0,
-                          "sleep_level": r.sleep_level, "reserved_bytes": r.reserved,
-                          "park_seconds": r.park_seconds} for r in rev.replicas],
+                          "host_copy_bytes": r.copy_bytes, "host_copy_ready": r.copy_ready,
+                          "sleep_level": r.sleep_level, "park_seconds": r.park_seconds, "error": r.error}
+                         for r in rev.replicas],
                 "hibernated": sum(1 for r in rev.replicas if r.state == State.PARKED and r.sleep_level == 2),
             })
         shown.append({"name": name, "served_name": entry.model.served_name,
                        "weights": str(entry.model.source), "revisions": revisions})
     platform = detect()
+    host = psutil.virtual_memory()
     return {"models": shown, "standby": standby_ready, "spec_refused": spec_refused,
             "platform": {"device": platform.device, "vllm": platform.vllm, "sleep_mode": platform.sleep_mode},
-            "gpu": {"total": memory.total, "free": memory.free} if memory else None}
+            "gpu": {"total": memory.total, "free": memory.free} if memory else None,
+            "host": {"total": host.total, "available": host.available, "floor": host_floor,
+                     "host_copies": sum(r.copy_bytes for e in models.values() for rev in e.revisions.values()
+                                        for r in rev.replicas)}}

@@ -92,6 +92,7 @@ class Supervisor:
                     body = await r.json(content_type=None)
                     if r.status == 200:
                         replica.phases = body.get("phases", {})
+                        replica.engine_pid = body.get("engine_pid")
                         replica.ready_at = time.time()
                         return True
                     if body.get("status") == "failed":  # it will never be ready: no need to wait it out

@@ -6,8 +6,9 @@ the throttler holds the request, bounded, until a replica has room; the request 
 whose connection fails before it answers, or that answers that its engine is loading again, is
 reported to the reconciler and the request goes to another (or a replacement), up to ATTEMPTS tries.
 Answers carry `X-Thaw-Revision`, `X-Thaw-Queue-Seconds` (how long the request was held) and, for a
-request that found no replica of its revision ready, `X-Thaw-Cold-Start`: `zero` (it waited for a start
-from zero) or `parked` (for a parked replica to wake): what load tests call a cold request.
+request that found no replica of its revision ready, `X-Thaw-Cold-Start`: the rung it waited on: `parked`
+or `hibernated` (a sleeping replica's wake: with or without a host copy of its weights) or `zero` (a start):
+what load tests call a cold request.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class Revision(Protocol):
     pending: str | None
     failure: str | None
 
+    replicas: list[Replica]
+
     @property
     def ready(self) -> list[Replica]: ...
     @property
@@ -53,6 +56,15 @@ class ReplicaMoves(Protocol):
     def wake_parked(self, rev: "Revision", replica: Replica) -> None: ...
     def lost(self, rev: "Revision", replica: Replica) -> None: ...
     def not_ready(self, rev: "Revision", replica: Replica) -> None: ...
+
+
+def cold_rung(replicas: list[Replica]) -> str:
+    """The rung a request waits on when no replica is ready: a waking or sleeping replica's, else zero."""
+    sleeper = next((r for r in replicas if r.state == State.WAKING), None) or next(
+        (r for r in replicas if r.state == State.PARKED), None)
+    if sleeper is None:
+        return "zero"
+    return "parked" if sleeper.sleep_level == 1 else "hibernated"
 
 
 class Activator:
@@ -80,7 +92,7 @@ class Activator:
         deadline = arrived + timeout_seconds
         headers = {"X-Thaw-Revision": rev.name}
         if not rev.ready:
-            headers["X-Thaw-Cold-Start"] = "parked" if rev.parked or rev.count(State.WAKING) else "zero"
+            headers["X-Thaw-Cold-Start"] = cold_rung(rev.replicas)
         for _ in range(ATTEMPTS):
             self.wake()
             try:

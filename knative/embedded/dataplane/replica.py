@@ -3,7 +3,8 @@
     starting -> ready <-> unready            (a restarted gunicorn worker loads its engine again)
                 ready -> draining            (leaves rotation, in-flight requests finish, then stopped)
                 ready -> parking -> parked -> waking -> ready     (vLLM sleep mode, on CUDA; `sleep_level`
-                                                                   1 parked or 2 hibernated)
+                                                                   1 parked: with a host copy of its weights,
+                                                                   2 hibernated: without one)
     starting, unready -> draining            (the autoscaler wants fewer)
     any -> stopped                           (a stop: SIGTERM, then SIGKILL after the grace period)
     any but stopped -> dead                  (its process died, or it refused a connection)
@@ -75,12 +76,15 @@ class Replica:
     state: State = State.STARTING
     in_flight: int = 0
     last_used: float = field(default_factory=time.time)
-    host_bytes: int = 0  # host RAM it holds while asleep (parked: its weights)
-    sleep_level: int = 0  # asleep: 1 parked (weights in host RAM), 2 hibernated (weights dropped)
-    reserved: int = 0  # pinned host RAM it reserved, awake, for its next park
+    sleep_level: int = 0  # asleep: 1 parked (a host copy of its weights), 2 hibernated (none)
+    copy_bytes: int = 0  # its host copy of the weights in pinned RAM (granted, being built or built); 0: none
+    copy_ready: bool = False  # the host copy is built
+    no_copy: bool = False  # its engine cannot hold one (its checkpoint loads through vLLM's own loader)
     park_seconds: float | None = None  # how long its last sleep took
-    error: str | None = None  # why it never became ready
-    gpu_bytes: int = 0  # GPU memory it holds (NVML), last read
+    error: str | None = None  # why it never became ready, or why it died
+    gpu_bytes: int = 0  # GPU memory it holds (NVML), last read: awake, what its wake will need again
+    gpus: tuple[int, ...] = ()  # the devices it was placed on (nvidia.com/gpu); () shares the first by memory
+    engine_pid: int | None = None  # the process whose death is its engine's (its engine core), once ready
     started_at: float = field(default_factory=time.time)
     ready_at: float | None = None
     phases: dict = field(default_factory=dict)

@@ -1,0 +1,125 @@
+"""The moves of a replica's life outside sleep: start one (placed on the node, GPU room made, probed until
+ready; a failed start backs off as Kubernetes' CrashLoopBackOff), drain one, stop one."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from typing import AsyncContextManager, Callable, Protocol
+
+import aiohttp
+
+from thaw.launch import ReplicaBoot
+
+from ..dataplane.replica import Replica, State, can_move
+from .placement import Placement
+from .revision import Revision
+from .supervisor import Supervisor
+
+log = logging.getLogger("thaw.reconciler")
+
+PROGRESS_DEADLINE = 600  # seconds a replica may take to become ready (Knative's progress-deadline)
+BACKOFF_FIRST, BACKOFF_MAX = 10.0, 300.0  # Kubernetes' CrashLoopBackOff: 10 s, doubling, at most 5 minutes
+
+
+class Loop(Protocol):
+    """What the replica moves read of the reconcile loop (reconciler.py)."""
+
+    session: aiohttp.ClientSession | None
+    stopping: bool
+
+    def report(self, rev: Revision) -> None: ...
+    def grace(self) -> float: ...
+
+
+class ReplicaMoves:
+    def __init__(self, supervisor: Supervisor, placement: Placement, boot_of: Callable[[Revision], ReplicaBoot],
+                 loop: Loop, start_lock, gpu_move: Callable[..., AsyncContextManager],
+                 after_ready: Callable[[Revision, Replica], None]):
+        """`gpu_move(rev, id, pid, gpus)` makes room on the GPU for a start and counts its memory until it ends
+        (sleep_moves.py); `start_lock` lets one start at a time size itself against the GPU's free memory;
+        `after_ready(rev, replica)` follows a ready one."""
+        self.supervisor = supervisor
+        self.placement = placement
+        self.boot_of = boot_of
+        self.loop = loop
+        self.start_lock = start_lock
+        self.gpu_move = gpu_move
+        self.after_ready = after_ready
+        self._launches = itertools.count(1)
+
+    async def start(self, rev: Revision) -> None:
+        """One new replica of `rev`: placed (Pending meanwhile), started, probed until ready or failed."""
+        key = f"launch-{next(self._launches)}"
+        claim = await self.placement.place(rev, key)
+        if claim is None:
+            rev.launching -= 1
+            self.loop.report(rev)
+            return
+        started: list[Replica] = []
+        # held until ready: the memory a start takes is known only then
+        async with self.start_lock, self.gpu_move(rev, key, lambda: started[0].pid if started else None, claim.gpus):
+            try:
+                replica = await self.supervisor.start(rev.name, rev.model, self.boot_of(rev), self.placement.env(claim))
+            except Exception:  # noqa: BLE001 - a failed launch is retried by the next reconcile
+                log.exception("could not start a replica of %s", rev.name)
+                self.placement.release(key)
+                return
+            finally:
+                rev.launching -= 1
+            replica.gpus = claim.gpus
+            started.append(replica)
+            self.placement.bind(key, replica.id)
+            rev.replicas.append(replica)
+            ok = await self.supervisor.wait_ready(replica, self.loop.session, PROGRESS_DEADLINE)
+        if ok and replica.state == State.STARTING:
+            replica.move(State.READY)
+            rev.failure, rev.failures = None, 0
+            rev.throttler.add_replica(replica)
+            log.info("replica %s ready after %.2fs", replica.id, replica.ready_at - replica.started_at)
+            self.loop.report(rev)
+            self.after_ready(rev, replica)
+        elif replica.state == State.STARTING:
+            rev.failures += 1
+            wait = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (rev.failures - 1))
+            rev.failure = f"replica {replica.id} failed to start: {replica.error}"
+            rev.retry_at = time.monotonic() + wait
+            log.error("%s; the next start in %.0fs (see %s)", rev.failure, wait, replica.log_path)
+            self.forget(rev, replica, State.DEAD)
+            await self.supervisor.stop(replica, 0)
+            self.loop.report(rev)
+
+    @staticmethod
+    async def leave_rotation(rev: Revision, replica: Replica, state: State) -> bool:
+        """No new requests; those in flight (streams too) get up to timeoutSeconds to finish. False if the
+        replica had already gone another way (died, stopped) since the move was planned."""
+        if not can_move(replica.state, state):
+            return False
+        replica.move(state)
+        rev.throttler.remove_replica(replica)
+        end = time.monotonic() + rev.model.timeoutSeconds
+        while replica.in_flight > 0 and time.monotonic() < end and replica.alive():
+            await asyncio.sleep(0.05)
+        return True
+
+    async def drain(self, rev: Revision, replica: Replica) -> None:
+        """No new requests; in-flight ones (streams too) get up to timeoutSeconds; then stop it."""
+        if await self.leave_rotation(rev, replica, State.DRAINING):
+            await self.stop(rev, replica)
+
+    async def stop(self, rev: Revision, replica: Replica) -> None:
+        if replica.state == State.STOPPED:
+            return
+        rev.throttler.remove_replica(replica)
+        await self.supervisor.stop(replica, self.loop.grace())
+        self.forget(rev, replica, State.STOPPED)
+        self.loop.report(rev)
+
+    def forget(self, rev: Revision, replica: Replica, state: State) -> None:
+        self.placement.release(replica.id)
+        replica.move(state)
+        rev.throttler.remove_replica(replica)
+        if replica in rev.replicas:
+            rev.replicas.remove(replica)
