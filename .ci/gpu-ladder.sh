@@ -12,10 +12,10 @@ case "$1" in
   bench)
     for part in ${PARTS:-hibernate:150 swap:170 zero:130 vllm:130 warm:290}; do
       timeout "${part#*:}" python3 -m thaw.cli bench gpu --model-dir "$THAW_GPU_8B_MODEL" --out "$B" \
-        --parts "${part%%:*}" --runs ${RUNS:-2} 2>&1 | tee "$OUT/bench-${part%%:*}.log"
+        --parts "${part%%:*}" --runs ${RUNS:-2} --density-models ${DENSITY_MODELS:-8} 2>&1 | tee "$OUT/bench-${part%%:*}.log"
     done ;;
 esac
-cp "$B"/results.json "$B"/report.md "$B"/first_token.png "$OUT"/ 2>/dev/null
-grep -h "engine ready\|weights streamed\|reserved\|woken from\|hibernated\|parked (sleep\|KV cache\|capture\|Dynamo\|Directly load\|torch.compile takes" \
-  "$B"/work/*/state/logs/*.log 2>/dev/null | cut -c1-300 | tail -120 > "$OUT/timeline.log"
+cp "$B"/results.json "$B"/report.md "$B"/first_token.png "$B"/density.png "$OUT"/ 2>/dev/null
+grep -h "engine ready\|weights streamed\|host copy\|woken from\|hibernated\|parked\|asleep:\|died\|KV cache\|capture\|Dynamo\|Directly load\|torch.compile takes" \
+  "$B"/work/*/up.log "$B"/work/*/state/logs/*.log 2>/dev/null | cut -c1-300 | tail -160 > "$OUT/timeline.log"
 true

@@ -391,10 +391,10 @@ def bench_density(model_dir: Path, engine: dict, runs: int, work: Path, console:
         for i in range(2 * models):
             ask(names[i % models], "round robin")
             used.append(names[i % models])
-        recent = list(dict.fromkeys(reversed(used)))[:5]
+        recent = list(dict.fromkeys(reversed(used)))[:max(1, min(5, models - 1))]
         for name in recent:
             ask(name, "by recency")
-        target = next(n for n in used if n not in recent)  # the least recently used
+        target = next((n for n in used if n not in recent), names[0])  # the least recently used
 
         async def burst():
             async with aiohttp.ClientSession() as session:

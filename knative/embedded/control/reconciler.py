@@ -63,7 +63,7 @@ class Reconciler:
         spec = lambda: self.plane.spec  # noqa: E731 - the spec in force, which a reload replaces
         self.placement = Placement(spec, self, lambda: self.sleep.held_host_bytes())
         self.replicas = ReplicaMoves(supervisor, self.placement, boot_of, self, start_lock,
-                                     lambda *a: self.sleep.gpu_move(*a), lambda rev, replica: self.sleep.plan_host())
+                                     lambda *a: self.sleep.gpu_move(*a), lambda rev, replica: self.sleep.ready(rev, replica))
         self.sleep = SleepMoves(spec, plane.revisions, self.replicas, self)
         self.probes = Prober(plane.revisions, self)
 

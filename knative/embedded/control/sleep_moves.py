@@ -60,6 +60,7 @@ class SleepMoves:
         self.ledger = NodeLedger()
         self.copy_lane = asyncio.Lock()  # wakes from host copies, one at a time on the host -> device link
         self._gpu_pids: dict[str, Callable[[], int | None]] = {}  # GPU move id -> the pid holding its memory
+        self.process_bytes = 0  # the most host RAM a ready replica's processes took (host copy aside)
 
     # ---- who sleeps -------------------------------------------------------------------------------------
 
@@ -82,6 +83,17 @@ class SleepMoves:
         """Host RAM pinned outside any request: host copies granted, built or being built."""
         return sum(r.copy_bytes for _, r in self._replicas(*State))
 
+    def ready(self, rev: Revision, replica: Replica) -> None:
+        """A replica became ready: what its processes take is what the next start will take (counted against
+        the node's floor while one starts), then the host plan."""
+        try:
+            root = psutil.Process(replica.pid)
+            rss = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+        except psutil.Error:
+            rss = 0
+        self.process_bytes = max(self.process_bytes, rss - replica.copy_bytes)
+        self.plan_host()
+
     def plan_host(self) -> None:
         """Carry out parking.plan_host over every replica that sleeps: copies granted (most recent first),
         dropped (past the budget, or below the node's floor), sleepers past gpuContexts stopped."""
@@ -97,8 +109,9 @@ class SleepMoves:
             by_id[r.id] = (rev, r)
         memory = psutil.virtual_memory()
         floor = system_floor(memory.total, node.systemReserved)
-        plan = plan_host(users, parking.host_memory_bytes, self.ledger.host_grantable(memory.available, floor),
-                         parking.gpuContexts)
+        starting = len(self._replicas(State.STARTING)) * self.process_bytes  # not yet in what the kernel reports
+        plan = plan_host(users, parking.host_memory_bytes,
+                         self.ledger.host_grantable(memory.available, floor) - starting, parking.gpuContexts)
         for rid in plan.evict:
             rev, r = by_id[rid]
             log.info("stopping sleeping replica %s: past the budget of sleeping replicas (gpuContexts)", rid)
