@@ -66,3 +66,16 @@ def test_engine_death_mid_stream_gives_error_chunk_then_done(mp_function):
     assert whole.json()["error"]["code"] == "engine_failed"
     assert requests.get(mp_function.url + "/readyz", timeout=5).status_code == 503
     assert requests.get(mp_function.url + "/healthz", timeout=5).status_code == 500
+
+
+@pytest.mark.parametrize("exitcode, oom, said", [
+    (-9, True, "killed by SIGKILL (the kernel's OOM killer: host memory ran out)"),
+    (-9, False, "killed by SIGKILL"),
+    (-11, None, "killed by SIGSEGV"),
+    (1, False, "exited with code 1"),
+    (None, None, "exited, its status unknown"),
+])
+def test_an_engine_core_death_is_told_by_its_cause(exitcode, oom, said):
+    from thaw.functions.engine_watch import death_cause
+
+    assert death_cause(exitcode, oom) == said
