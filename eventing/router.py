@@ -8,7 +8,9 @@ Beyond KServe:
 - A streaming answer (`text/event-stream`) from the step that produces the graph's answer (the last step
   of a Sequence, the chosen step of a Switch or Splitter) is streamed through, not buffered.
 - A step's `serviceName` is a thaw model: its OpenAI route (chosen by the body: `messages` -> chat,
-  `prompt` -> completions), or, when the graph was called with a CloudEvent, its CloudEvents route.
+  `prompt` -> completions) with the model's own name in the body (graph.py's model_step_body), or, when the
+  graph was called with a CloudEvent, its CloudEvents route. A Sequence asked in OpenAI's shape passes
+  each answer on as the next step's request (graph.py's openai_step_input).
   A graph called with a CloudEvent answers with a `dev.thaw.inference.response` event.
 - `on_begin(graph_name)` is called as a request enters, so the cold-start optimizer can start the
   graph's models at once (look-ahead).
@@ -38,8 +40,8 @@ from thaw.http_body import read_body
 from thaw.json_body import NOT_JSON
 
 from . import events
-from .graph import (NO_SWITCH_MATCH, condition_holds, ensemble_key, pick_split, pick_switch, sequence_input,
-                    successful)
+from .graph import (NO_SWITCH_MATCH, condition_holds, ensemble_key, model_step_body, pick_split, pick_switch,
+                    sequence_input, successful)
 
 PROPAGATE_HEADERS_ENV = "PROPAGATE_HEADERS"
 
@@ -222,7 +224,7 @@ class GraphRouter:
         except NOT_JSON:
             body = None
         route = "/v1/chat/completions" if isinstance(body, dict) and "messages" in body else "/v1/completions"
-        return await self._post(base + route, step_input, headers, call, stream_ok)
+        return await self._post(base + route, model_step_body(step_input, model, stream_ok), headers, call, stream_ok)
 
     async def _post(self, url: str, body: bytes, headers: dict[str, str], call: Call, stream_ok: bool) -> StepResult:
         if not any(k.lower() == "content-type" for k in headers):

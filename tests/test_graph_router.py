@@ -356,3 +356,74 @@ def test_standalone_router_refuses_an_invalid_graph_file(tmp_path):
                      "spec: {nodes: {first: {routerType: Sequence, steps: []}}}\n")
     out = thaw_cli("router", "--graph", str(graph), "--port", "1", timeout=60)
     assert out.returncode != 0 and "root node not found" in out.stderr + out.stdout
+
+
+CHAT_ANSWER = {"object": "chat.completion", "model": "a",
+               "choices": [{"index": 0, "message": {"role": "assistant", "content": "Paris"}, "finish_reason": "stop"}]}
+TEXT_ANSWER = {"object": "text_completion", "model": "a", "choices": [{"index": 0, "text": " Paris", "finish_reason": "stop"}]}
+
+
+@pytest.mark.parametrize("request_, previous, expected", [
+    # a chat request and a chat answer: the answer's text is the next step's one user message; the rest stays
+    ({"model": "g", "messages": [{"role": "user", "content": "Q"}], "max_tokens": 8}, CHAT_ANSWER,
+     {"model": "g", "messages": [{"role": "user", "content": "Paris"}], "max_tokens": 8}),
+    ({"model": "g", "prompt": "Q", "temperature": 0}, TEXT_ANSWER, {"model": "g", "prompt": " Paris", "temperature": 0}),
+    # across the two shapes: the graph's request decides the next step's shape
+    ({"model": "g", "prompt": "Q"}, CHAT_ANSWER, {"model": "g", "prompt": "Paris"}),
+    ({"model": "g", "messages": []}, TEXT_ANSWER, {"model": "g", "messages": [{"role": "user", "content": " Paris"}]}),
+    # not OpenAI on either side: KServe's $response (the previous body as it is)
+    ({"instances": [1]}, CHAT_ANSWER, None),
+    ({"model": "g", "messages": []}, {"predictions": [1]}, None),
+    ({"model": "g", "messages": []}, {"object": "chat.completion", "choices": []}, None),
+    ({"model": "g", "messages": []}, {"object": "chat.completion", "choices": [{"message": {"content": None}}]}, None),
+])
+def test_an_openai_answer_becomes_the_next_steps_request(request_, previous, expected):
+    import json
+
+    from thaw.eventing.graph import openai_step_input
+
+    got = openai_step_input(json.dumps(request_).encode(), json.dumps(previous).encode())
+    assert (json.loads(got) if got is not None else None) == expected
+
+
+@pytest.mark.parametrize("body, last, expected", [
+    ({"model": "chain", "messages": [], "stream": True, "stream_options": {"include_usage": True}}, False,
+     {"model": "m", "messages": []}),
+    ({"model": "chain", "messages": [], "stream": True}, True, {"model": "m", "messages": [], "stream": True}),
+    ({"instances": [1]}, False, {"instances": [1], "model": "m"}),
+])
+def test_a_model_step_gets_its_own_name_and_streams_only_last(body, last, expected):
+    import json
+
+    from thaw.eventing.graph import model_step_body
+
+    assert json.loads(model_step_body(json.dumps(body).encode(), "m", last)) == expected
+    assert model_step_body(b"not json", "m", last) == b"not json"
+
+
+def test_a_sequence_of_models_called_in_openais_shape_passes_each_answer_on(upstreams, graph_url):
+    """A Sequence over two models called with an OpenAI chat body whose model is the graph's name: each model
+    gets its own name, the first is not asked to stream, the second gets the first's answer as its question.
+    The models are stand-ins that check the name they are called by, as thaw's functions do."""
+    def model(name: str):
+        async def answer(request: web.Request) -> web.Response:
+            body = await request.json()
+            if body.get("model") != name:
+                return web.json_response({"error": {"message": f"The model '{body.get('model')}' does not exist",
+                                                    "code": "model_not_found"}}, status=404)
+            return web.json_response({"object": "chat.completion", "model": name, "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": f"{name} read {body['messages'][-1]['content']}"},
+                 "finish_reason": "stop"}]})
+        return answer
+
+    for name in ("first", "second"):
+        upstreams.handlers[f"models/{name}/v1/chat/completions"] = model(name)
+    spec = {"nodes": {"root": {"routerType": "Sequence", "steps": [
+        {"serviceName": "first"}, {"serviceName": "second", "data": "$response"}]}}}
+    url = graph_url(spec, name="chain", models_url=upstreams.base)
+    r = post(url, {"model": "chain", "messages": [{"role": "user", "content": "Q"}], "max_tokens": 8})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "second read first read Q"
+    first, second = (upstreams.seen[f"models/{n}/v1/chat/completions"][0].body for n in ("first", "second"))
+    assert first == {"model": "first", "messages": [{"role": "user", "content": "Q"}], "max_tokens": 8}
+    assert second == {"model": "second", "messages": [{"role": "user", "content": "first read Q"}], "max_tokens": 8}

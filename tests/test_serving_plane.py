@@ -120,7 +120,9 @@ def make_spec(tiny: Path, state: Path, port: int, sink: str | None = None, gate:
             {"name": "classify", "serviceUrl": gate or "http://127.0.0.1:9/"},
             {"name": "chat", "serviceName": "ahead", "data": "$request",
              "condition": 'predictions.#(=="chat")'},
-        ]}}}},
+        ]}}},
+                   "chain": {"nodes": {"root": {"routerType": "Sequence", "steps": [
+                       {"serviceName": "zero"}, {"serviceName": "burst", "data": "$response"}]}}}},
         "triggers": [{"name": "answers", "filter": {"attributes": {"type": "dev.thaw.inference.response"}},
                       "subscriber": {"uri": sink or "http://127.0.0.1:9/"}}],
     }
@@ -704,6 +706,21 @@ def test_graph_starts_later_models_ahead_and_streams_the_last_step(plane):
     data = [c for c in chunks if c.startswith("data: ")]
     assert data[-1] == "data: [DONE]" and len(data) >= 3
     assert json.loads(data[0][6:])["object"] == "chat.completion.chunk"
+
+
+def test_a_graph_of_models_takes_an_openai_body_named_after_the_graph(plane):
+    """OpenAI's shape through a graph: the caller names the graph as its model; each step's model gets its own
+    name, and the second step gets the first's answer as its question. Before: 404 model_not_found."""
+    body = {"model": "chain", "messages": CHAT, "max_tokens": 4, "temperature": 0}
+    r = requests.post(plane.url + "/graphs/chain", json=body, headers=HEADERS, timeout=120)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["object"] == "chat.completion" and answer["model"] == "burst"
+    with httpx.stream("POST", plane.url + "/graphs/chain", json={**body, "stream": True}, headers=HEADERS,
+                      timeout=120) as r:  # the first step answers whole, the last streams through
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        data = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "data: [DONE]" and json.loads(data[0][6:])["model"] == "burst"
 
 
 def test_stop_leaves_no_process_behind(tiny_model, tmp_path):
