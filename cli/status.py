@@ -37,15 +37,16 @@ def show_status(url: str, token: str | None, as_json: bool, console: Console) ->
     card = f", GPU {_gib(gpu['total'] - gpu['free'])} of {_gib(gpu['total'])} used" if gpu else ""
     table = Table(title=f"thaw at {url}  (standby: {'ready' if data['standby'] else 'off'}; "
                         f"{platform.get('vllm', '?')} on {platform.get('device', '?')}{card})")
-    for col in ("model", "revision", "traffic", "want", "start", "ready", "drain", "parked", "panic", "queue", "busy",
-                "GPU held", "host copies"):
+    for col in ("model", "revision", "traffic", "want", "pending", "start", "ready", "drain", "parked", "panic",
+                "queue", "busy", "GPU held", "host copies"):
         table.add_column(col, no_wrap=True)
     for model in data["models"]:
         for rev in model["revisions"]:
             traffic = f"{rev['percent']}%" + (f" @{rev['tag']}" if rev["tag"] else "")
             reps = rev["replicas"]
             gpu_held = [p["gpu_bytes"] for p in rev["pods"] if p.get("gpu_bytes") is not None]
-            table.add_row(model["name"], rev["name"], traffic, str(rev["desired"]), str(reps["starting"]),
+            table.add_row(model["name"], rev["name"], traffic, str(rev["desired"]), str(reps.get("pending", 0)),
+                          str(reps["starting"]),
                           str(reps["ready"]) + (f" ({reps['unready']} unready)" if reps.get("unready") else ""),
                           str(reps["draining"]), _sleeping(reps.get("parked", 0), rev.get("hibernated", 0)),
                           "yes" if rev["panic"] else "no", str(rev["queue"]), str(rev["in_flight"]),

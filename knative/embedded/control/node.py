@@ -99,6 +99,19 @@ def place(request: Request, node: Node, claims: list[Claim], held_memory: int = 
     return Claim(tuple(free_cores[:cores]), request.memory, tuple(sorted(gpus)))
 
 
+def never_fits(request: Request, node: Node) -> str | None:
+    """Why a replica with `request` can never run on this node, whatever else stops (None: it could). On a
+    cluster such a pod waits for a bigger node; here none will come, so it is said at once."""
+    short = [name for name, asked, has in (("cpu", math.ceil(request.cpu_millis / 1000), len(node.cores)),
+                                           ("memory", request.memory, node.memory),
+                                           ("nvidia.com/gpu", request.gpus, len(node.gpus))) if asked > has]
+    if not short:
+        return None
+    return ("its requests exceed the whole node: " + ", ".join(f"1 Insufficient {s}" for s in short) +
+            f" (the node has {len(node.cores)} cores, {node.memory / 2**30:.1f} GiB allocatable, "
+            f"{len(node.gpus)} GPUs; see platform.node and the model's resources)")
+
+
 def shared_cores(node: Node, claims: list[Claim]) -> tuple[int, ...]:
     """The cores a replica without a CPU request runs on: those no replica holds (all, if every one is)."""
     taken = {c for claim in claims for c in claim.cores}

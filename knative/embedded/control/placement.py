@@ -48,23 +48,31 @@ class Placement:
         """Room on the node for one more replica of `rev`, held under `key`; while there is none the replica
         is Pending with the scheduler's reason. None: the revision no longer wants it."""
         request = request_of(rev.model.resources)
-        while not self.loop.stopping:
-            claim = place(request, self.node, list(self.claims.values()), self.held_host_bytes())
-            if isinstance(claim, Claim):
-                self.claims[key] = claim
-                if rev.pending:
-                    rev.pending = None
+        waiting = False
+        try:
+            while not self.loop.stopping:
+                claim = place(request, self.node, list(self.claims.values()), self.held_host_bytes())
+                if isinstance(claim, Claim):
+                    self.claims[key] = claim
+                    if rev.pending:
+                        rev.pending = None
+                        self.loop.report(rev)
+                    return claim
+                if rev.desired < rev.count(*RUNNING) + rev.launching:
+                    break
+                if not waiting:
+                    waiting = True
+                    rev.unplaced += 1
+                if rev.pending != claim:
+                    rev.pending = claim
+                    log.warning("a replica of %s is Pending: %s", rev.name, claim)
                     self.loop.report(rev)
-                return claim
-            if rev.desired < rev.count(*RUNNING) + rev.launching:
-                break
-            if rev.pending != claim:
-                rev.pending = claim
-                log.warning("a replica of %s is Pending: %s", rev.name, claim)
-                self.loop.report(rev)
-            await asyncio.sleep(PLACEMENT_POLL)
-        rev.pending = None
-        return None
+                await asyncio.sleep(PLACEMENT_POLL)
+            rev.pending = None
+            return None
+        finally:
+            if waiting:
+                rev.unplaced -= 1
 
     def bind(self, key: str, replica_id: str) -> None:
         """A launch's placeholder claim becomes its replica's."""

@@ -1,6 +1,6 @@
 """The embedded serving plane: the spec's models as revisions with traffic routes, each revision with its
 activator (activator.py) and decider, the reconciler that runs their replicas (reconciler.py), and the
-helpers thaw up runs beside them (the standby, the cache warmer).
+standby they fork from. (thaw up, knative/embedded/up.py, runs the cache warmer and eventing beside it.)
 
 The request path: gateway.py (HTTP, auth, `route` to a revision) -> the revision's activator.py
 (wake, throttler, retries) -> proxy.py (to a replica). The event path: lifecycle.py -> the local broker
@@ -35,7 +35,7 @@ from .node import system_floor
 from .reconciler import Reconciler
 from .revision import ModelRoutes, Revision
 from .status import plane_status
-from .supervisor import Supervisor, start_standby, start_warmer
+from .supervisor import Supervisor, start_standby, stop_helper
 from .traffic import (RevisionHistory, SpecRefused, pick_revision, resolve_traffic, tagged_revision,
                       traffic_problems)
 
@@ -66,9 +66,6 @@ class ServingPlane:
         self.use_standby = any(m.standby for m in spec.models) if use_standby is None else use_standby
         self.standby = None
         self.session: aiohttp.ClientSession | None = None
-        self.warmer = self.warmer_url = None
-        if spec_path is not None:  # thaw up runs the cache warmer; the broker's triggers feed it
-            self.warmer, self.warmer_url = start_warmer(spec_path, self.state_dir)
         self.publish = publish
         self.events = lifecycle.LifecycleEmitter(spec.platform.namespace, publish)
         self.reconciler = Reconciler(self, Supervisor(self.state_dir, None),
@@ -196,6 +193,7 @@ class ServingPlane:
         self.session = aiohttp.ClientSession()
         if self.use_standby:
             self.standby, self.supervisor.standby_socket = start_standby(self.state_dir)
+            self.supervisor.standby_process = self.standby
         self.events.start()
         await asyncio.to_thread(gpu_memory)  # NVML's first initialisation can take seconds: not on a request
         self.apply_spec(self.spec)
@@ -210,14 +208,8 @@ class ServingPlane:
         for task in self._tasks:
             task.cancel()
         await self.reconciler.stop()
-        for helper in (self.standby, self.warmer):
-            if helper is None:
-                continue
-            helper.terminate()
-            try:
-                await asyncio.wait_for(asyncio.to_thread(helper.wait), 10)
-            except asyncio.TimeoutError:
-                helper.kill()
+        if self.standby is not None:
+            await stop_helper(self.standby)
         await self.events.stop()
         await self.session.close()
 

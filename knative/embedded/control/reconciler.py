@@ -24,6 +24,7 @@ from thaw.launch import ReplicaBoot
 from thaw.spec import Spec
 from thaw.vllm_platform import detect
 
+from ..dataplane.breaker import Unservable
 from ..dataplane.replica import Replica, State
 from .autoscaler import AutoscalerConfig
 from .placement import Placement
@@ -88,8 +89,14 @@ class Reconciler:
     def reconcile(self, rev: Revision) -> None:
         if self.stopping:
             return
-        moves = plan([ReplicaView(r.id, r.state, r.in_flight) for r in rev.replicas], rev.launching, rev.desired,
-                     rev.throttler.queued, rev.routable)
+        why = self.replicas.never_starts(rev)
+        if why != rev.unservable:
+            rev.unservable = rev.failure = why
+            if why:
+                log.error("no replica of %s can start: %s", rev.name, why)
+                rev.throttler.breaker.fail_waiting(Unservable(why))  # held requests are told at once
+        moves = plan([ReplicaView(r.id, r.state, r.in_flight) for r in rev.replicas], rev.launching,
+                     0 if rev.unservable else rev.desired, rev.throttler.queued, rev.routable)
         by_id = {r.id: r for r in rev.replicas}
         for rid in moves.wake:
             self.wake_parked(rev, by_id[rid])

@@ -7,13 +7,17 @@ import asyncio
 import itertools
 import logging
 import time
+from pathlib import Path
 from typing import AsyncContextManager, Callable, Protocol
 
 import aiohttp
 
 from thaw.launch import ReplicaBoot
+from thaw.spec import quantity_bytes
 
+from ..dataplane.breaker import Unservable
 from ..dataplane.replica import Replica, State, can_move
+from .node import never_fits, request_of
 from .placement import Placement
 from .revision import Revision
 from .supervisor import Supervisor
@@ -22,6 +26,12 @@ log = logging.getLogger("thaw.reconciler")
 
 PROGRESS_DEADLINE = 600  # seconds a replica may take to become ready (Knative's progress-deadline)
 BACKOFF_FIRST, BACKOFF_MAX = 10.0, 300.0  # Kubernetes' CrashLoopBackOff: 10 s, doubling, at most 5 minutes
+
+
+def folder_bytes(folder: str) -> int:
+    """What staging a model folder copies: every file in it."""
+    path = Path(folder)
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
 class Loop(Protocol):
@@ -49,6 +59,21 @@ class ReplicaMoves:
         self.gpu_move = gpu_move
         self.after_ready = after_ready
         self._launches = itertools.count(1)
+
+    def never_starts(self, rev: Revision) -> str | None:
+        """Why no replica of `rev` can start as configured (None: one can): requests larger than the whole
+        node, or weights larger than the whole cache tier they must be staged into. Said before any process
+        starts: a process would only fail (its imports alone take 20-30 s on a small machine)."""
+        why = never_fits(request_of(rev.model.resources), self.placement.node)
+        if why or not rev.model.stages_through_tier or rev.model.source.startswith("s3://"):
+            return why
+        capacity = quantity_bytes(self.placement.spec().platform.cache.capacity)
+        size = folder_bytes(rev.model.source)
+        if size > capacity:
+            return (f"its weights ({size} bytes in {rev.model.source}) cannot fit the cache tier (capacity "
+                    f"{capacity} bytes): raise platform.cache.capacity, or serve the folder in place "
+                    "(cache.stage: false)")
+        return None
 
     async def start(self, rev: Revision) -> None:
         """One new replica of `rev`: placed (Pending meanwhile), started, probed until ready or failed."""
@@ -88,6 +113,10 @@ class ReplicaMoves:
             rev.retry_at = time.monotonic() + wait
             log.error("%s; the next start in %.0fs (see %s)", rev.failure, wait, replica.log_path)
             self.forget(rev, replica, State.DEAD)
+            if not rev.count(State.READY, State.STARTING, State.WAKING):
+                # nothing else will take the requests held for it soon: they are told why now, not at their
+                # timeout (the next start waits for its back-off)
+                rev.throttler.breaker.fail_waiting(Unservable(rev.failure))
             await self.supervisor.stop(replica, 0)
             self.loop.report(rev)
 

@@ -41,6 +41,7 @@ class Revision:
     activator: Activator | None = None  # set once the revision exists (it points back at it)
     replicas: list[Replica] = field(default_factory=list)
     launching: int = 0  # replicas asked of the supervisor, not yet a process
+    unplaced: int = 0  # of those, the ones Pending: no room on the node for them yet
     routable: bool = True  # a route sends it traffic (Knative's "reachable")
     inactive_since: float | None = None
     initial_reached: bool = False
@@ -49,6 +50,7 @@ class Revision:
     keep_warm: int = 0  # idle replicas the optimizer wants kept (a floor under the KPA's decision)
     pending: str | None = None  # why a wanted replica cannot start now (the scheduler's message), if one cannot
     failure: str | None = None  # why its last replica failed to start (cleared by one that starts)
+    unservable: str | None = None  # why no replica can ever start as configured (requests refused at once)
     failures: int = 0  # starts failed in a row: the next waits, doubling (Kubernetes' CrashLoopBackOff)
     retry_at: float = 0.0  # no new replica before this time (monotonic)
     last_reported: tuple = ()

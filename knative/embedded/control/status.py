@@ -27,7 +27,8 @@ def plane_status(models: dict[str, ModelRoutes], standby_ready: bool, spec_refus
             percent, tag = percents.get(rev.name, (0, None))
             revisions.append({
                 "name": rev.name, "percent": percent, "tag": tag, "desired": rev.desired,
-                "replicas": {str(s): rev.count(s) + (rev.launching if s == State.STARTING else 0) for s in SHOWN},
+                "replicas": {**{str(s): rev.count(s) + (rev.launching - rev.unplaced if s == State.STARTING else 0)
+                                for s in SHOWN}, "pending": rev.unplaced},
                 "pending": rev.pending, "failure": rev.failure, "panic": rev.panicking, "queue": rev.throttler.queued, "in_flight": rev.throttler.in_flight,
                 "excess_burst_capacity": rev.excess_burst_capacity, "keep_warm": rev.keep_warm,
                 "last_start_phases": rev.last_phases,

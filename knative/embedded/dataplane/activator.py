@@ -22,7 +22,7 @@ from aiohttp import web
 
 from thaw.spec import Model
 
-from .breaker import QueueFull
+from .breaker import QueueFull, Unservable
 from .openai_errors import error_response
 from .proxy import NotAnswered, NotReady, proxy
 from .replica import RUNNING, Replica, State
@@ -39,6 +39,7 @@ class Revision(Protocol):
     launching: int
     pending: str | None
     failure: str | None
+    unservable: str | None
 
     replicas: list[Replica]
 
@@ -96,7 +97,12 @@ class Activator:
         for _ in range(ATTEMPTS):
             self.wake()
             try:
+                if rev.unservable:
+                    raise Unservable(rev.unservable)
                 replica = await self.throttler.acquire(deadline - loop.time())
+            except Unservable as exc:
+                return error_response(503, f"No replica of '{label}' can start: {exc}", "server_error",
+                                      code="model_unavailable")
             except QueueFull:
                 return error_response(503, f"Too many requests are waiting for '{label}'; retry shortly",
                                       "server_error", code="queue_full", headers={"Retry-After": "1"})

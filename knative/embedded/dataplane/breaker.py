@@ -11,6 +11,10 @@ class QueueFull(Exception):
     """The queue is at its depth; the caller answers 503."""
 
 
+class Unservable(Exception):
+    """No replica of the revision can ever start as configured; the caller answers 503 with why."""
+
+
 class Breaker:
     def __init__(self, queue_depth: int, capacity: int | None = 0):
         """`capacity` None: no bound on requests at once."""
@@ -54,6 +58,13 @@ class Breaker:
     def set_capacity(self, capacity: int | None) -> None:
         self.capacity = capacity
         self._dispatch()
+
+    def fail_waiting(self, exc: Exception) -> None:
+        """Every request waiting for a slot gets `exc` now."""
+        while self.queue:
+            future = self.queue.popleft()
+            if not future.done():
+                future.set_exception(exc)
 
     def _dispatch(self) -> None:
         """Hand free slots to waiting requests, oldest first."""
