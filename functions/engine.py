@@ -69,6 +69,22 @@ class Sampling:
 
 
 @dataclass(frozen=True)
+class Embed:
+    """An embedding of one input (vLLM's pooling runner), in place of a Sampling."""
+
+    dimensions: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Embedding:
+    """What the engine gives back for one input of an embedding request."""
+
+    index: int
+    vector: list[float]
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
 class TokenLogprob:
     token: str
     logprob: float
@@ -175,9 +191,20 @@ class Engine:
 
     # ---- request threads -------------------------------------------------------------------------
 
-    def submit(self, request_id: str, prompts: list[list[int]], sampling: list[Sampling]) -> Generation:
-        """Start one generation: each prompt with each sampling (choice index = prompt * n + i)."""
-        self._check_serving()
+    @property
+    def pooling(self) -> bool:
+        """Whether the model is served by vLLM's pooling runner (embeddings) rather than generating."""
+        return self._engine is not None and self._engine.model_config.runner_type == "pooling"
+
+    @property
+    def matryoshka(self) -> bool:
+        """Whether the embedding model can shorten its vectors (OpenAI's `dimensions`)."""
+        return bool(getattr(self._engine.model_config, "is_matryoshka", False))
+
+    def submit(self, request_id: str, prompts: list[list[int]], sampling: list[Sampling | Embed]) -> Generation:
+        """Start one generation: each prompt with each sampling (choice index = prompt * n + i); for an
+        embedding model, each prompt with one Embed."""
+        self.ensure_serving()
         gen = Generation(request_id, choices=len(prompts) * len(sampling))
         self._commands.put(("add", gen, prompts, sampling))
         return gen
@@ -271,7 +298,7 @@ class Engine:
 
     def _engine_call(self, what: str, *args, timeout: float | None = 600):
         if self.state not in ("ready", "parked"):
-            self._check_serving()
+            self.ensure_serving()
         done: Future = Future()
         self._commands.put((what, done, *args))
         return done.result(timeout=timeout)
@@ -282,7 +309,7 @@ class Engine:
             self._commands.put(("stop",))
             self._thread.join(timeout)
 
-    def _check_serving(self) -> None:
+    def ensure_serving(self) -> None:
         if self.state == "parked":
             self.wake()
             return
@@ -350,6 +377,10 @@ class Engine:
             # the offline ones, whose larger prefill chunks stall every stream's next token behind a prompt.
             self._engine = LLMEngine.from_engine_args(engine_args, usage_context=UsageContext.OPENAI_API_SERVER)
         self.tokenizer = self._engine.get_tokenizer()
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:  # tokenize() calls it directly: a padding or truncation stored in tokenizer.json
+            backend.no_padding()  # (sentence-transformers' models have both) would change what a request says
+            backend.no_truncation()
         self.max_model_len = self._engine.model_config.max_model_len
         self.phases["engine_init"] = time.perf_counter() - t
         if self.args.enable_sleep_mode and detect().sleep_mode:
@@ -384,11 +415,9 @@ class Engine:
         return plan.kwargs
 
     def _warm_up(self) -> None:
-        """One short generation: /readyz promises a replica that has already produced tokens."""
-        from vllm import SamplingParams
-
+        """One short request (a generation, or an embedding): /readyz promises a replica that has answered one."""
         self._engine.add_request("warmup", {"prompt_token_ids": [0, 1, 2, 3]},
-                                 SamplingParams(max_tokens=2, temperature=0))
+                                 self._params(Embed() if self.pooling else Sampling(max_tokens=2, temperature=0)))
         while self._engine.has_unfinished_requests():
             self._engine.step()
 
@@ -428,7 +457,7 @@ class Engine:
                         self._abort(gen)
                         gen.put([APIError(400, str(exc), param=getattr(exc, "parameter", None))])
                         return
-                    self._routes[engine_id] = (gen, p * n + i, s.logprobs)
+                    self._routes[engine_id] = (gen, p * n + i, getattr(s, "logprobs", None))
         elif command[0] == "abort":
             self._abort(command[1])
         elif command[0] == "copy":
@@ -476,10 +505,12 @@ class Engine:
             self._engine.abort_request(ids)
 
     @staticmethod
-    def _params(s: Sampling):
-        from vllm import SamplingParams
+    def _params(s: Sampling | Embed):
+        from vllm import PoolingParams, SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        if isinstance(s, Embed):
+            return PoolingParams(task="embed", dimensions=s.dimensions)
         return SamplingParams(
             max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, stop=list(s.stop) or None,
             seed=s.seed, presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
@@ -499,6 +530,10 @@ class Engine:
                 continue
             gen, index, k = route
             items = steps.setdefault(gen, [])
+            if hasattr(output.outputs, "data"):  # a pooling output: one embedding, whole
+                del self._routes[output.request_id]
+                items.append(Embedding(index, output.outputs.data.tolist(), len(output.prompt_token_ids)))
+                continue
             ended = output.finished and next((c.finish_reason for c in output.outputs
                                               if c.finish_reason in ("abort", "error")), None)
             if ended:

@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Any, Iterable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class APIError(Exception):
@@ -211,6 +211,51 @@ class CompletionRequest(_SamplingRequest):
         return list(p)
 
 
+class EmbeddingRequest(BaseModel):
+    """OpenAI's embeddings request (vLLM's server takes the same). `dimensions` is honoured where the model
+    supports it (matryoshka models); vLLM refuses it otherwise, naming it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str = Field(min_length=1)
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        return _refuse_unknown(data, set(cls.model_fields))
+
+    @field_validator("input")
+    @classmethod
+    def _not_empty(cls, value):
+        if not value or (isinstance(value, list) and any(isinstance(x, (str, list)) and not x for x in value)):
+            raise ValueError("input must not be empty, nor hold an empty string or list of token ids")
+        return value
+
+    def inputs(self) -> list[str | list[int]]:
+        """The inputs as a list: texts, or token ids."""
+        x = self.input
+        if isinstance(x, str):
+            return [x]
+        if x and all(isinstance(t, int) for t in x):
+            return [list(x)]
+        return list(x)
+
+
+def embedding_json(vector: list[float], encoding_format: str) -> list[float] | str:
+    """One embedding as OpenAI sends it: floats, or base64 of little-endian float32s (what the openai SDK
+    decodes with numpy.frombuffer(..., dtype="float32"))."""
+    if encoding_format == "float":
+        return vector
+    import base64
+    import struct
+
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+
 def _param(loc: tuple) -> str | None:
     parts = [str(x) for x in loc if not (isinstance(x, str) and x in {"str", "list[int]", "list[str]",
                                                                          "list[list[int]]", "list[TextPart]"})]
@@ -220,7 +265,7 @@ def _param(loc: tuple) -> str | None:
     return out or None
 
 
-def parse_request(kind: type[_SamplingRequest], data: Any) -> _SamplingRequest:
+def parse_request(kind: type[BaseModel], data: Any) -> Any:
     """Validate a decoded JSON body; raise APIError(400) naming the first offending parameter."""
     if not isinstance(data, dict):
         raise APIError(400, "The request body must be a JSON object")

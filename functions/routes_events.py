@@ -1,4 +1,5 @@
-"""The CloudEvents route: an inference request event in, its response event out (binary or structured)."""
+"""The CloudEvents route: an inference request event in, its response event out (binary or structured). The
+event's data is an OpenAI request body: `messages` (chat), `prompt` (completions) or `input` (embeddings)."""
 
 from __future__ import annotations
 
@@ -30,9 +31,12 @@ def event_routes(service: FunctionService) -> Blueprint:
         data = {"model": name, **data}
         if data.get("stream"):
             raise p.APIError(400, "streaming is not available through events", param="stream")
-        kind = p.ChatCompletionRequest if "messages" in data else p.CompletionRequest
-        req, gen, prompt_tokens, arrived = service.start(kind, data)
-        body = service.complete(req, gen, prompt_tokens, arrived, request.environ)
+        if "input" in data:  # an embeddings request
+            body = service.embed(data)
+        else:
+            kind = p.ChatCompletionRequest if "messages" in data else p.CompletionRequest
+            req, gen, prompt_tokens, arrived = service.start(kind, data)
+            body = service.complete(req, gen, prompt_tokens, arrived, request.environ)
         reply = events.make_event(events.INFERENCE_RESPONSE, f"/thaw/models/{name}", body,
                                   **{events.EXT_REQUEST_ID: events.request_id(event), events.EXT_MODEL: name})
         headers, payload = events.to_http(reply)

@@ -1,4 +1,4 @@
-"""The OpenAI routes: completions and chat completions (streamed or whole), and the model list."""
+"""The OpenAI routes: completions and chat completions (streamed or whole), embeddings, and the model list."""
 
 from __future__ import annotations
 
@@ -41,6 +41,10 @@ def openai_routes(service: FunctionService) -> Blueprint:
 
     routes.add_url_rule("/v1/chat/completions", "chat", lambda: generate(p.ChatCompletionRequest), methods=["POST"])
     routes.add_url_rule("/v1/completions", "completions", lambda: generate(p.CompletionRequest), methods=["POST"])
+
+    @routes.post("/v1/embeddings")
+    def embeddings():
+        return jsonify(service.embed(json_body()))
 
     def model_card() -> dict:
         return {"id": config.served_name, "object": "model", "created": service.created, "owned_by": "thaw",

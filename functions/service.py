@@ -15,7 +15,7 @@ from openai.types.chat.chat_completion import Choice as ChatChoice
 
 from . import protocol as p
 from .boot import FunctionConfig
-from .engine import Delta, Engine, EngineFailed, Generation, Sampling
+from .engine import Delta, Embed, Embedding, Engine, EngineFailed, Generation, Sampling
 from .metrics import FunctionMetrics
 from .serving import ClientGone
 
@@ -103,7 +103,11 @@ class FunctionService:
         req = p.parse_request(kind, data)
         if req.model != self.config.served_name:
             raise p.model_not_found(req.model)
-        self.engine._check_serving()
+        self.engine.ensure_serving()
+        if self.engine.pooling:
+            raise p.APIError(400, f"The model '{req.model}' is an embedding model: it does not support the "
+                                  f"{'Chat Completions' if kind is p.ChatCompletionRequest else 'Completions'} API; "
+                                  "use /v1/embeddings", param="model", code="model_not_supported")
         chat = isinstance(req, p.ChatCompletionRequest)
         prompts = self._chat_prompt(req) if chat else self._completion_prompts(req)
         max_tokens = self._max_tokens(prompts, req.output_limit)
@@ -130,6 +134,52 @@ class FunctionService:
             return response
 
         return req, gen, sum(len(ids) for ids in prompts), arrived
+
+    def embed(self, data: Any) -> dict:
+        """An embeddings request, answered whole: one vector per input, in its order."""
+        req = p.parse_request(p.EmbeddingRequest, data)
+        if req.model != self.config.served_name:
+            raise p.model_not_found(req.model)
+        self.engine.ensure_serving()
+        if not self.engine.pooling:
+            raise p.APIError(400, f"The model '{req.model}' generates text: it does not support the Embeddings API; "
+                                  "use /v1/chat/completions or /v1/completions", param="model",
+                             code="model_not_supported")
+        if req.dimensions is not None and not self.engine.matryoshka:
+            raise p.APIError(400, f"The model '{req.model}' does not support dimensions (it is not a Matryoshka "
+                                  "model): leave dimensions out", param="dimensions")
+        vocab, limit, prompts = self.engine.vocab_size, self.engine.max_model_len, []
+        for i, item in enumerate(req.inputs()):
+            if isinstance(item, str):
+                self._refuse_unfit([item], "input")
+                item = self.engine.tokenize(item)
+            elif not all(0 <= t < vocab for t in item):
+                raise p.APIError(400, f"input[{i}] has token ids outside the vocabulary (0..{vocab - 1})", param="input")
+            if len(item) > limit:
+                raise p.APIError(400, f"This model's maximum context length is {limit} tokens. However, input[{i}] is "
+                                      f"{len(item)} tokens. Please reduce the length of the input.", param="input",
+                                 code="context_length_exceeded")
+            prompts.append(item)
+        gen = self.engine.submit(p.new_id("embd"), prompts, [Embed(req.dimensions)])
+        self.metrics.in_flight.inc()
+        try:
+            vectors: dict[int, Embedding] = {}
+            while len(vectors) < len(prompts):
+                for item in gen.take(POLL_SECONDS):
+                    if isinstance(item, p.APIError):
+                        raise item
+                    if isinstance(item, Exception):
+                        raise p.APIError(500, f"The engine failed: {item}", code="engine_failed")
+                    vectors[item.index] = item
+            gen.ended = True
+        finally:
+            self.finish(gen)
+        tokens = sum(e.prompt_tokens for e in vectors.values())
+        return {"object": "list", "model": self.config.served_name,
+                "data": [{"object": "embedding", "index": i,
+                          "embedding": p.embedding_json(vectors[i].vector, req.encoding_format)}
+                         for i in range(len(prompts))],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     def finish(self, gen: Generation) -> None:
         self.metrics.in_flight.dec()

@@ -37,6 +37,14 @@ def long_model(tmp_path_factory) -> Path:
     return build_tiny(tmp_path_factory.mktemp("models") / "tiny-long", max_positions=LONG_CONTEXT)
 
 
+@pytest.fixture(scope="session")
+def tiny_embed_model(tmp_path_factory) -> Path:
+    """A tiny random BERT embedding model (thaw model tiny-embed), built once per session."""
+    from thaw.cli.model_build import build_tiny_embed
+
+    return build_tiny_embed(tmp_path_factory.mktemp("models") / "tiny-embed")
+
+
 @pytest.fixture
 def tmpfs(tmp_path):
     """Mounts a real tmpfs of a given size (`tmpfs("2m")`), for disks that really fill up; unmounted after

@@ -94,7 +94,7 @@ class Gate:
 
 
 def make_spec(tiny: Path, state: Path, port: int, sink: str | None = None, gate: str | None = None,
-              long: Path | None = None) -> dict:
+              long: Path | None = None, embed: Path | None = None) -> dict:
     """`long`: the tiny model with a long context, for the models whose tests must act mid-generation."""
     long = long or tiny
     return {
@@ -114,6 +114,7 @@ def make_spec(tiny: Path, state: Path, port: int, sink: str | None = None, gate:
             # "hog" holds 40 of the node's 64 GiB of requests for the whole module: "queue" (30 GiB) stays
             # Pending, however fast the machine, and its requests are held
             model("hog", tiny, resources={"memory": "40Gi"}, scaling={"window": "6s", "min-scale": 1}),
+            model("embed", embed or tiny, engine={"max_model_len": 64, "runner": "pooling", "dtype": "float32"}),
             model("queue", tiny, timeoutSeconds=5, resources={"memory": "30Gi"}),
             model("split", tiny),
             model("drain", long, engine={"max_model_len": LONG_CONTEXT}),
@@ -153,11 +154,11 @@ class Plane:
 
 
 @pytest.fixture(scope="module")
-def plane(tiny_model, long_model, tmp_path_factory):
+def plane(tiny_model, long_model, tiny_embed_model, tmp_path_factory):
     work = tmp_path_factory.mktemp("plane")
     port = free_port()
     sink, gate = EventSink(), Gate()
-    spec = make_spec(tiny_model, work / "state", port, sink.url, gate.url, long_model)
+    spec = make_spec(tiny_model, work / "state", port, sink.url, gate.url, long_model, tiny_embed_model)
     spec_path = work / "thaw.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
     env = base_env(THAW_TEST_TOKENS=f"{TOKEN},{LIMITED}=split")
@@ -680,6 +681,29 @@ def test_event_driven_invocation_answers_into_the_broker(plane):
     # without a token the broker refuses, as the gateway does
     event = {"ce-specversion": "1.0", "ce-id": "x", "ce-type": "t", "ce-source": "/s"}
     assert requests.post(plane.url + "/default/default", headers=event, data=b"{}", timeout=10).status_code == 401
+
+
+def test_embeddings_from_zero_by_the_body_the_path_and_an_event(plane):
+    """An embedding model at zero: /v1/embeddings wakes it through the activator; its own route and the broker
+    reach it too; /v1/models lists it. The real openai client throughout."""
+    from thaw.eventing import events as ev
+
+    assert plane.ready("embed") == 0
+    whole = client(plane).embeddings.create(model="embed", input=["hello", "world"], encoding_format="float")
+    assert [d.index for d in whole.data] == [0, 1] and len(whole.data[0].embedding) == 128
+    own = openai.OpenAI(base_url=plane.url + "/models/embed/v1", api_key=TOKEN, max_retries=0, timeout=60)
+    assert own.embeddings.create(model="embed", input="hello").data[0].embedding == pytest.approx(
+        whole.data[0].embedding, abs=1e-6)
+    listed = {m.id for m in client(plane).models.list().data}
+    assert "embed" in listed
+    event = ev.make_event(ev.INFERENCE_REQUEST, "/tests", {"input": "hello"}, thawmodel="embed")
+    headers, body = ev.to_http(event)
+    r = requests.post(plane.url + "/default/default", data=body, timeout=10,
+                      headers={**headers, "Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 202, r.text
+    answer = poll(lambda: [e for e in plane.sink.received if e.get_type() == ev.INFERENCE_RESPONSE
+                           and e.get_extension("thawrequestid") == event.get_id()], 120, 0.2, "response event")[0]
+    assert answer.get_data()["data"][0]["embedding"] == pytest.approx(whole.data[0].embedding, abs=1e-6)
 
 
 def test_an_event_reaches_only_the_models_its_senders_token_may_use(plane):

@@ -69,6 +69,9 @@ class EngineArgs(SpecModel):
     engine_core: Literal["inproc", "mp"] | None = None
     # vLLM's sleep mode; a model with `park: true` gets it from its first start (see Model.replica_engine).
     enable_sleep_mode: bool = False
+    # vLLM's runner: "pooling" serves embeddings (/v1/embeddings), "generate" text; None: vLLM's "auto", by the
+    # model's architecture (a BertModel pools, a LlamaForCausalLM generates).
+    runner: Literal["auto", "generate", "pooling"] | None = None
 
     def vllm_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for vllm.EngineArgs (thaw-only settings left out)."""

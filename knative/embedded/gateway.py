@@ -2,7 +2,8 @@
 from there (wake, throttle, proxy to a replica: proxy.py).
 
 Routes
-- `POST /v1/chat/completions`, `POST /v1/completions`: to the model named in the body's `model`.
+- `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/embeddings`: to the model named in the
+  body's `model`.
 - `/models/<name>/...` and `/models/<name>@<tag>/...`: to that model (that tagged revision); the rest of
   the path goes to the replica as is (`/models/m/v1/chat/completions`, `/models/m/` for CloudEvents).
 - `GET /v1/models`, `GET /v1/models/<id>`: every model and its state, without waking anything.
@@ -132,6 +133,7 @@ class Gateway:
         app = web.Application(client_max_size=self.max_body_bytes, middlewares=[shaped_errors])
         app.router.add_post("/v1/chat/completions", self.by_body)
         app.router.add_post("/v1/completions", self.by_body)
+        app.router.add_post("/v1/embeddings", self.by_body)
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/v1/models/{model:.+}", self.get_model)
         app.router.add_route("*", "/models/{model}/{tail:.*}", self.by_path)
