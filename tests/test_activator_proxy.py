@@ -219,6 +219,12 @@ class StandInPlane:
     def status(self) -> dict:
         return {"models": []}
 
+    def model_states(self) -> list[dict]:
+        return [{"name": "m", "served_name": "m", "routed": True, "ready_replicas": len(self.rev.ready),
+                 "available": True, "revisions": []},
+                {"name": "x", "served_name": "x", "routed": True, "ready_replicas": 0, "available": True,
+                 "revisions": []}]
+
 
 @pytest.fixture
 def gateway(path_under_test):
@@ -281,3 +287,45 @@ def test_the_gateway_checks_the_token_before_anything_else(gateway):
     assert r.status_code == 403 and plane.calls == []
     # a replica's sleep routes are the plane's: no client reaches them, whatever its token
     assert requests.post(url + "/models/m/sleep", headers=ALL, timeout=60).status_code == 404
+
+
+@pytest.mark.parametrize("path, replica_path", [
+    ("/openai/v1/chat/completions", "/v1/chat/completions"),  # KServe's OpenAI routes
+    ("/openai/v1/completions", "/v1/completions"),
+    ("/openai/v1/embeddings", "/v1/embeddings"),
+    ("/v1/embeddings", "/v1/embeddings"),
+])
+def test_kserves_openai_paths_reach_the_replica_as_openais(gateway, path, replica_path):
+    url, add, plane = gateway
+    add("echo")
+    r = requests.post(url + path, json={"model": "m", "input": "x"}, headers=ALL, timeout=60)
+    assert r.status_code == 200 and r.json()["path"] == replica_path and plane.calls == ["m"]
+
+
+@pytest.mark.parametrize("host, status", [
+    ("m.default.example.com", 200),  # KServe's InferenceService URL: the Host names the model
+    ("m-predictor.default.example.com:8080", 200),
+    ("M.default.example.com.", 200),
+    ("m.other.example.com", 404),  # another namespace: not a model here, so the body's model decides
+    ("nope.default.example.com", 404),
+])
+def test_a_kserve_host_names_the_model(gateway, host, status):
+    url, add, plane = gateway
+    add("echo")
+    r = requests.post(url + "/openai/v1/completions", json={"model": "nope", "prompt": "x"},
+                      headers={**ALL, "Host": host}, timeout=60)
+    assert r.status_code == status, r.text
+    models = requests.get(url + "/openai/v1/models", headers={**ALL, "Host": host}, timeout=60).json()["data"]
+    assert [m["id"] for m in models] == (["m"] if status == 200 else ["m", "x"] if "other" in host else [])
+
+
+def test_a_models_object_carries_kserves_v1_readiness_and_the_tokens_limits(gateway):
+    url, add, _ = gateway
+    add("echo")
+    card = requests.get(url + "/v1/models/m", headers=ALL, timeout=60).json()
+    assert card["id"] == "m" and card["object"] == "model" and card["name"] == "m" and card["ready"] is True
+    assert requests.get(url + "/v1/models/m", timeout=60).status_code == 401
+    other = {"Authorization": "Bearer other"}
+    assert requests.get(url + "/v1/models/m", headers=other, timeout=60).status_code == 403
+    assert [m["id"] for m in requests.get(url + "/v1/models", headers=other, timeout=60).json()["data"]] == ["x"]
+    assert requests.get(url + "/v1/models/none", headers=ALL, timeout=60).status_code == 404

@@ -310,6 +310,9 @@ class Gateway(SpecModel):
     maxBodySize: Quantity = "32Mi"
     # A connection with no complete request (idle, or its headers or body arriving slower) is closed after this.
     idleTimeout: GoDuration(1, 3600) = "60s"
+    # KServe's host-style URLs: `Host: <model>.<namespace>.<domain>` (or `<model>-predictor...`) reaches that
+    # model on any of the gateway's model routes, as an InferenceService's URL does. Knative's default domain.
+    domain: str = "example.com"
 
     @property
     def max_body_bytes(self) -> int:

@@ -3,10 +3,13 @@ from there (wake, throttle, proxy to a replica: proxy.py).
 
 Routes
 - `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/embeddings`: to the model named in the
-  body's `model`.
+  body's `model`. The same under `/openai/v1/` (KServe's OpenAI routes).
 - `/models/<name>/...` and `/models/<name>@<tag>/...`: to that model (that tagged revision); the rest of
   the path goes to the replica as is (`/models/m/v1/chat/completions`, `/models/m/` for CloudEvents).
-- `GET /v1/models`, `GET /v1/models/<id>`: every model and its state, without waking anything.
+- `GET /v1/models`, `GET /v1/models/<id>` (and under `/openai/v1/`): every model and its state, without
+  waking anything; a model's object carries KServe's v1 readiness fields too (`name`, `ready`).
+- A request whose Host is `<model>.<namespace>.<platform.gateway.domain>` (KServe's InferenceService URL, or
+  `<model>-predictor...`) goes to that model, whatever its body says, and its model list is that model.
 - `GET /healthz`, `GET /thaw/v1/status` (what `thaw status` shows).
 - The broker (`/<namespace>/<broker>`) and graphs (`/graphs/<name>`) join this app from eventing/host.py.
 Errors use OpenAI's error object: 404 unknown model, 401/403 auth, and the activator's own (503 queue
@@ -120,22 +123,35 @@ class GatewayRunner(web.AppRunner):
         return server
 
 
+def host_model(host: str | None, namespace: str, domain: str) -> str | None:
+    """The model a KServe-style Host names (`<model>.<namespace>.<domain>`, or `<model>-predictor.<namespace>
+    .<domain>`, any port), or None."""
+    name = (host or "").rsplit(":", 1)[0].lower().removesuffix(".")
+    suffix = f".{namespace}.{domain}".lower()
+    if not name.endswith(suffix) or "." in name[:-len(suffix)] or not name[:-len(suffix)]:
+        return None
+    return name[:-len(suffix)].removesuffix("-predictor")
+
+
 class Gateway:
     def __init__(self, plane: ServingPlane, auth: Authenticator, max_body_bytes: int = 32 << 20,
-                 idle_timeout: float = 60):
+                 idle_timeout: float = 60, namespace: str = "default", domain: str = "example.com"):
+        """`namespace` and `domain` make KServe's host-style URLs (`<model>.<namespace>.<domain>`)."""
         self.plane = plane
         self.auth = auth
         self.max_body_bytes = max_body_bytes
         self.idle_timeout = idle_timeout
+        self.namespace, self.domain = namespace, domain
         self.session: aiohttp.ClientSession | None = None
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.max_body_bytes, middlewares=[shaped_errors])
-        app.router.add_post("/v1/chat/completions", self.by_body)
-        app.router.add_post("/v1/completions", self.by_body)
-        app.router.add_post("/v1/embeddings", self.by_body)
-        app.router.add_get("/v1/models", self.list_models)
-        app.router.add_get("/v1/models/{model:.+}", self.get_model)
+        app = web.Application(client_max_size=self.max_body_bytes, middlewares=[shaped_errors, self.authenticate])
+        for prefix in ("/v1", "/openai/v1"):  # OpenAI's paths, and KServe's for them
+            app.router.add_post(prefix + "/chat/completions", self.by_body)
+            app.router.add_post(prefix + "/completions", self.by_body)
+            app.router.add_post(prefix + "/embeddings", self.by_body)
+            app.router.add_get(prefix + "/models", self.list_models)
+            app.router.add_get(prefix + "/models/{model:.+}", self.get_model)
         app.router.add_route("*", "/models/{model}/{tail:.*}", self.by_path)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/thaw/v1/status", self.status)
@@ -151,6 +167,21 @@ class Gateway:
     async def _close(self, app) -> None:
         await self.session.close()
 
+    @web.middleware
+    async def authenticate(self, request: web.Request, handler) -> web.StreamResponse:
+        """The token, checked before anything else on every route of the gateway's own but /healthz (the
+        broker's and the graphs' routes check it themselves, in their own shapes); what a token may reach of
+        each model is checked where the model is known."""
+        if getattr(handler, "__self__", None) is self and handler != self.healthz:
+            try:
+                self.auth.check(request.headers.get("Authorization"))
+            except AuthError as exc:
+                return _auth_error(exc)
+        return await handler(request)
+
+    def _host_model(self, request: web.Request) -> str | None:
+        return host_model(request.headers.get("Host"), self.namespace, self.domain)
+
     # ---- routes ----------------------------------------------------------------------------------
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -158,10 +189,6 @@ class Gateway:
 
     async def status(self, request: web.Request) -> web.Response:
         header = request.headers.get("Authorization")
-        try:
-            self.auth.check(header)
-        except AuthError as exc:
-            return _auth_error(exc)
         status = self.plane.status()
         allowed = self.auth.models_of(header)
         if allowed is not None:
@@ -171,57 +198,50 @@ class Gateway:
             status["spec_refused"] = []
         return web.json_response(status)
 
-    def _card(self, model: dict) -> dict:
-        ready = sum(r["replicas"]["ready"] for r in model["revisions"])
+    @staticmethod
+    def _card(model: dict) -> dict:
+        """OpenAI's model object, with KServe's v1 readiness (`name`, `ready`: it can take a request now; at
+        zero a request wakes it, as Knative's activator would) and thaw's state."""
+        ready = model["ready_replicas"]
         return {"id": model["served_name"], "object": "model", "owned_by": "thaw",
+                "name": model["name"], "ready": model["available"],
                 "thaw": {"name": model["name"], "ready_replicas": ready,
                          "state": "ready" if ready else "scaled-to-zero", "revisions": model["revisions"]}}
 
+    def _visible(self, request: web.Request) -> list[dict]:
+        """The models this request may see: routed, allowed to its token, the Host's only where it names one."""
+        header, only = request.headers.get("Authorization"), self._host_model(request)
+        return [m for m in self.plane.model_states()
+                if m["routed"] and self.auth.allowed(header, m["name"]) and only in (None, m["name"])]
+
     async def list_models(self, request: web.Request) -> web.Response:
-        header = request.headers.get("Authorization")
-        try:
-            self.auth.check(header)
-        except AuthError as exc:
-            return _auth_error(exc)
-        cards = [self._card(m) for m in self.plane.status()["models"]
-                 if self.auth.allowed(header, m["name"]) and any(r["percent"] for r in m["revisions"])]
-        return web.json_response({"object": "list", "data": cards})
+        return web.json_response({"object": "list", "data": [self._card(m) for m in self._visible(request)]})
 
     async def get_model(self, request: web.Request) -> web.Response:
-        name = request.match_info["model"]
-        header = request.headers.get("Authorization")
-        try:
-            self.auth.check(header)
-            for model in self.plane.status()["models"]:
-                if name in (model["name"], model["served_name"]) and any(r["percent"] for r in model["revisions"]):
-                    self.auth.check(header, model["name"])
-                    return web.json_response(self._card(model))
-        except AuthError as exc:
-            return _auth_error(exc)
+        name, only = request.match_info["model"], self._host_model(request)
+        for model in self.plane.model_states():
+            if model["routed"] and name in (model["name"], model["served_name"]) and only in (None, model["name"]):
+                try:
+                    self.auth.check(request.headers.get("Authorization"), model["name"])
+                except AuthError as exc:
+                    return _auth_error(exc)
+                return web.json_response(self._card(model))
         return _not_found(name)
 
     async def by_body(self, request: web.Request) -> web.StreamResponse:
-        try:
-            self.auth.check(request.headers.get("Authorization"))
-        except AuthError as exc:
-            return _auth_error(exc)
         body = await read_body(request, self.idle_timeout)
         try:
             data = decode(body) if len(body) <= DECODE_ON_LOOP else await asyncio.to_thread(decode, body)
         except InvalidJSON as exc:
             return _error(400, f"The request body is {exc.message}", param=exc.param,
                           code="invalid_json" if exc.param is None else "invalid_value")
-        model = data.get("model") if isinstance(data, dict) else None
+        model = self._host_model(request) or (data.get("model") if isinstance(data, dict) else None)
         if not isinstance(model, str) or not model:
             return _error(400, "Missing required parameter: 'model'", code="missing_required_parameter",
                           param="model")
-        return await self._forward(request, model, None, request.path, body)
+        return await self._forward(request, model, None, request.path.removeprefix("/openai"), body)
 
     async def by_path(self, request: web.Request) -> web.StreamResponse:
-        try:
-            self.auth.check(request.headers.get("Authorization"))
-        except AuthError as exc:
-            return _auth_error(exc)
         model, _, tag = request.match_info["model"].partition("@")
         path = "/" + request.match_info["tail"]
         if posixpath.normpath(path).rstrip("/") in REPLICA_CONTROL:

@@ -81,7 +81,8 @@ async def serve(spec: Spec, spec_path: Path | None, ready: asyncio.Event | None 
     if warmer_url:
         eventing.broker.readiness[warmer_url] = warmer_ready
     idle_timeout = parse_duration(spec.platform.gateway.idleTimeout)
-    gateway = Gateway(plane, auth, spec.platform.gateway.max_body_bytes, idle_timeout)
+    gateway = Gateway(plane, auth, spec.platform.gateway.max_body_bytes, idle_timeout, spec.platform.namespace,
+                      spec.platform.gateway.domain)
     host, port = spec.platform.gateway.host, spec.platform.gateway.port
     plane.spec_listeners.append(eventing.apply_spec)
 

@@ -34,7 +34,7 @@ from .backend import EmbeddedBackend
 from .node import system_floor
 from .reconciler import Reconciler
 from .revision import ModelRoutes, Revision
-from .status import plane_status
+from .status import model_states, plane_status
 from .supervisor import Supervisor, start_standby, stop_helper
 from .traffic import (RevisionHistory, SpecRefused, pick_revision, resolve_traffic, tagged_revision,
                       traffic_problems)
@@ -236,6 +236,9 @@ class ServingPlane:
                 listener(spec)
             for rev in self.revisions():
                 self.reconciler.reconcile(rev)
+
+    def model_states(self) -> list[dict[str, Any]]:
+        return model_states(self.models)
 
     def status(self) -> dict[str, Any]:
         import psutil

@@ -14,6 +14,23 @@ from .revision import ModelRoutes
 SHOWN = (State.STARTING, State.READY, State.UNREADY, State.DRAINING, State.PARKED)
 
 
+def model_states(models: dict[str, ModelRoutes]) -> list[dict[str, Any]]:
+    """What /v1/models shows of each model, on every call: its names, whether traffic routes to it, its ready
+    replicas, whether it can take a request now (a model at zero can: a request wakes it), its revisions'
+    scale. Reads nothing but the plane's own state (plane_status also asks NVML for each process's GPU memory)."""
+    out = []
+    for name, entry in models.items():
+        percents = {r.revision: (r.percent, r.tag) for r in entry.routes}
+        revisions = [{"name": rev.name, "percent": percents.get(rev.name, (0, None))[0],
+                      "tag": percents.get(rev.name, (0, None))[1], "desired": rev.desired,
+                      "replicas": {str(s): rev.count(s) for s in SHOWN}} for rev in entry.revisions.values()]
+        routed = [rev for rev in entry.revisions.values() if percents.get(rev.name, (0,))[0]]
+        out.append({"name": name, "served_name": entry.model.served_name, "routed": bool(routed),
+                    "ready_replicas": sum(len(rev.ready) for rev in routed),
+                    "available": bool(routed) and not all(rev.unservable for rev in routed), "revisions": revisions})
+    return out
+
+
 def plane_status(models: dict[str, ModelRoutes], standby_ready: bool, spec_refused: list,
                  host_floor: int = 0) -> dict[str, Any]:
     import psutil
