@@ -404,6 +404,13 @@ def function_serve(
     threads: int = typer.Option(64, "--threads", help="Concurrent requests this replica takes."),
     max_body_size: str = typer.Option("32Mi", "--max-body-size", help="The largest request body (a quantity); "
                                                                      "more is a 413."),
+    log_url: Optional[str] = typer.Option(None, "--log-url", help="Payload logging: each request and response "
+                                          "as a CloudEvent to this sink (KServe's logger)."),
+    log_mode: str = typer.Option("all", "--log-mode", help="all, request or response."),
+    log_max_body: str = typer.Option("1Mi", "--log-max-body", help="A larger logged body is cut."),
+    log_service: Optional[str] = typer.Option(None, "--log-service", help="inferenceservicename (default: the served name)."),
+    log_namespace: str = typer.Option("default", "--log-namespace"),
+    log_metadata_header: list[str] = typer.Option([], "--log-metadata-header", help="A request header to log (repeatable)."),
 ) -> None:
     """Serve one model under gunicorn: OpenAI routes, probes, metrics, CloudEvents."""
     from thaw.functions.boot import function_config
@@ -413,7 +420,11 @@ def function_serve(
     boot = ReplicaBoot(model_dir=str(model_dir) if model_dir else None, source=source,
                        cache_root=str(cache_root) if cache_root else None, cache_capacity=cache_capacity,
                        max_body_size=max_body_size, prewarm=prewarm, s3_endpoint=s3_endpoint, s3_region=s3_region,
-                       bandwidth_mbps=bandwidth_mbps, dram_root=str(dram_root) if dram_root else None)
+                       bandwidth_mbps=bandwidth_mbps, dram_root=str(dram_root) if dram_root else None,
+                       log_url=log_url, log_mode=log_mode, log_max_body=log_max_body, log_service=log_service,
+                       log_namespace=log_namespace, log_metadata_headers=tuple(log_metadata_header))
+    if log_mode not in ("all", "request", "response"):
+        raise typer.BadParameter(f"{log_mode!r}: use all, request or response", param_hint="--log-mode")
     try:
         config = function_config(boot, served_name, parse_engine_args(engine_arg))
     except ValueError as exc:

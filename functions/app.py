@@ -18,6 +18,7 @@ from . import protocol as p
 from .boot import FunctionConfig, weights_fetcher
 from .engine import Engine
 from .metrics import FunctionMetrics
+from .payload_log import PayloadLogger
 from .routes_engine import engine_routes
 from .routes_events import event_routes
 from .routes_openai import openai_routes
@@ -25,6 +26,29 @@ from .service import FunctionService
 from .serving import ClientGone
 
 log = logging.getLogger("thaw.function")
+
+
+LOGGED_ROUTES = frozenset({"openai.chat", "openai.completions", "openai.embeddings"})
+
+
+def log_payloads(app: Flask, logger: PayloadLogger) -> None:
+    """Each OpenAI request and its response to the payload logger (KServe's logger), the response once whole."""
+
+    @app.before_request
+    def log_request():
+        if request.endpoint in LOGGED_ROUTES:
+            request.environ["thaw.log_id"] = log_id = logger.new_id(request.headers)
+            logger.request(log_id, request.get_data(cache=True), request.mimetype, request.headers)
+
+    @app.after_request
+    def log_response(response: Response):
+        log_id = request.environ.get("thaw.log_id")
+        if log_id is not None:
+            if response.is_streamed:
+                response.response = logger.tee(log_id, response.response)
+            else:
+                logger.response(log_id, response.get_data(), response.mimetype)
+        return response
 
 
 def create_app(config: FunctionConfig, engine: Engine | None = None) -> Flask:
@@ -70,5 +94,8 @@ def create_app(config: FunctionConfig, engine: Engine | None = None) -> Flask:
         rule = request.url_rule.rule if request.url_rule else "unmatched"
         metrics.requests.labels(rule, str(response.status_code)).inc()
         return response
+
+    if config.logger is not None:
+        log_payloads(app, PayloadLogger(config.logger, metrics))
 
     return app

@@ -15,6 +15,7 @@ from thaw.spec import EngineArgs, S3Origin, quantity_bytes
 from thaw.vllm_platform import detect
 
 from .engine_plan import arch_id
+from .payload_log import PAYLOAD_LOG_TOKEN_ENV, LoggerSettings
 
 log = logging.getLogger("thaw.function")
 
@@ -38,6 +39,7 @@ class FunctionConfig:
     source: str | None = None  # s3://... or a folder, staged through the cache tier at boot
     cache: CacheSettings | None = None
     max_body_bytes: int = 32 << 20  # a larger request body is a 413
+    logger: LoggerSettings | None = None  # payload logging (functions/payload_log.py)
 
 
 def function_config(boot: ReplicaBoot, served_name: str, engine: EngineArgs) -> FunctionConfig:
@@ -50,9 +52,13 @@ def function_config(boot: ReplicaBoot, served_name: str, engine: EngineArgs) -> 
                           S3Origin(endpointUrl=boot.s3_endpoint, region=boot.s3_region,
                                    bandwidthMbps=boot.bandwidth_mbps), boot.prewarm,
                           Path(boot.dram_root) if boot.dram_root else None) if cache_root else None
+    logger = LoggerSettings(boot.log_url, boot.log_mode, quantity_bytes(boot.log_max_body),
+                            boot.log_service or served_name, boot.log_namespace,
+                            metadata_headers=tuple(boot.log_metadata_headers),
+                            token=os.environ.get(PAYLOAD_LOG_TOKEN_ENV)) if boot.log_url else None
     return FunctionConfig(model_dir=Path(boot.model_dir).resolve() if boot.model_dir else None,
                           served_name=served_name, engine=engine, source=boot.source, cache=cache,
-                          max_body_bytes=quantity_bytes(boot.max_body_size))
+                          max_body_bytes=quantity_bytes(boot.max_body_size), logger=logger)
 
 
 def weights_fetcher(config: FunctionConfig):

@@ -19,6 +19,8 @@ class FunctionMetrics:
         self.cancelled = Counter("thaw_requests_cancelled", "Requests whose client left before their generation "
                                  "finished: the engine drops them", registry=self.registry)
         self.generated_tokens = Counter("thaw_generated_tokens", "Tokens generated", registry=self.registry)
+        self.payload_log = Counter("thaw_payload_log_events", "Payload-log events by outcome: sent, failed (after "
+                                   "its retries), dropped (the queue was full)", ["outcome"], registry=self.registry)
         self.start_phase = Gauge("thaw_start_phase_seconds", "Seconds spent in each start-up phase",
                                  ["phase"], registry=self.registry)
         self.parked = Gauge("thaw_engine_parked", "1 while the engine sleeps (parked: GPU memory released)",

@@ -94,10 +94,12 @@ class RunningFunction:
         raise KeyError(name)
 
 
-def start_function(model_dir: Path, log_dir: Path, served_name: str = "tiny", **engine_args) -> RunningFunction:
+def start_function(model_dir: Path, log_dir: Path, served_name: str = "tiny", flags: list[str] | None = None,
+                   env: dict | None = None, **engine_args) -> RunningFunction:
+    """`thaw function serve` on `model_dir` (engine arguments over TINY_ENGINE, more `flags`), once ready."""
     port = free_port()
-    server = ServerProcess(function_command(model_dir, served_name, port, {**TINY_ENGINE, **engine_args}),
-                           log_dir / f"function-{port}.log")
+    server = ServerProcess(function_command(model_dir, served_name, port, {**TINY_ENGINE, **engine_args}, flags),
+                           log_dir / f"function-{port}.log", env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         healthz = server.wait_http(url + "/healthz", 60)

@@ -316,7 +316,8 @@ def test_the_optimizer_drives_a_cluster_through_knative(standin, tmp_path):
         task = asyncio.create_task(keep_warm_loop(backend, lambda: spec.platform.optimizer))
         try:
             for _ in range(100):
-                if any(p.query.get("fieldManager") == "thaw-optimizer" for p in standin.applied()):
+                if any(p.query.get("fieldManager") == "thaw-optimizer" and p.path.endswith("/services/smollm2")
+                       for p in standin.applied()):
                     return
                 await asyncio.sleep(0.1)
         finally:
@@ -324,8 +325,9 @@ def test_the_optimizer_drives_a_cluster_through_knative(standin, tmp_path):
 
     asyncio.run(run_until_kept())
     # smollm2 had a replica at each look (the stand-in's Revision reports one): called, so kept warm
-    patch = next(p for p in standin.applied() if p.query.get("fieldManager") == "thaw-optimizer")
-    assert patch.path.endswith("/services/smollm2") and patch.query.get("force") == "true"
+    patch = next(p for p in standin.applied() if p.query.get("fieldManager") == "thaw-optimizer"
+                 and p.path.endswith("/services/smollm2"))
+    assert patch.query.get("force") == "true"
     assert patch.body["spec"]["template"]["metadata"]["annotations"] == {"autoscaling.knative.dev/min-scale": "1"}
     assert set(patch.body["spec"]) == {"template"}  # only the field it owns
     live = standin.objects[patch.path]

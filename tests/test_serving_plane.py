@@ -115,6 +115,7 @@ def make_spec(tiny: Path, state: Path, port: int, sink: str | None = None, gate:
             # Pending, however fast the machine, and its requests are held
             model("hog", tiny, resources={"memory": "40Gi"}, scaling={"window": "6s", "min-scale": 1}),
             model("embed", embed or tiny, engine={"max_model_len": 64, "runner": "pooling", "dtype": "float32"}),
+            model("logged", tiny, logger={"broker": "default", "mode": "all"}),
             model("queue", tiny, timeoutSeconds=5, resources={"memory": "30Gi"}),
             model("split", tiny),
             model("drain", long, engine={"max_model_len": LONG_CONTEXT}),
@@ -130,6 +131,8 @@ def make_spec(tiny: Path, state: Path, port: int, sink: str | None = None, gate:
                    "chain": {"nodes": {"root": {"routerType": "Sequence", "steps": [
                        {"serviceName": "zero"}, {"serviceName": "ahead", "data": "$response"}]}}}},
         "triggers": [{"name": "answers", "filter": {"attributes": {"type": "dev.thaw.inference.response"}},
+                      "subscriber": {"uri": sink or "http://127.0.0.1:9/"}},
+                     {"name": "payloads", "filters": [{"prefix": {"type": "org.kubeflow.serving.inference."}}],
                       "subscriber": {"uri": sink or "http://127.0.0.1:9/"}}],
     }
 
@@ -704,6 +707,22 @@ def test_embeddings_from_zero_by_the_body_the_path_and_an_event(plane):
     answer = poll(lambda: [e for e in plane.sink.received if e.get_type() == ev.INFERENCE_RESPONSE
                            and e.get_extension("thawrequestid") == event.get_id()], 120, 0.2, "response event")[0]
     assert answer.get_data()["data"][0]["embedding"] == pytest.approx(whole.data[0].embedding, abs=1e-6)
+
+
+def test_payloads_are_logged_through_the_broker_to_a_trigger(plane):
+    """A model with `logger: {broker: default}`: its replica sends each request and response to thaw's broker
+    (with a token that may publish and reach no model), a trigger takes them to the sink; the caller's token
+    appears nowhere."""
+    r = requests.post(plane.url + "/v1/chat/completions", timeout=120, headers={**HEADERS, "Ce-Id": "logged-1"},
+                      json={"model": "logged", "messages": CHAT, "max_tokens": 3})
+    assert r.status_code == 200
+    found = poll(lambda: (lambda es: es if len(es) == 2 else None)(
+        [e for e in plane.sink.received if e.get_id() == "logged-1"]), 60, 0.2, "the request and response events")
+    kinds = sorted(e.get_type() for e in found)
+    assert kinds == ["org.kubeflow.serving.inference.request", "org.kubeflow.serving.inference.response"]
+    response = next(e for e in found if e.get_type().endswith("response"))
+    assert response.get_data() == r.json() and response.get_extension("inferenceservicename") == "logged"
+    assert TOKEN not in " ".join(str(e.get_attributes()) + str(e.get_data()) for e in found)
 
 
 def test_an_event_reaches_only_the_models_its_senders_token_may_use(plane):

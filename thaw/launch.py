@@ -69,6 +69,13 @@ class ReplicaBoot:
     s3_region: str | None = None
     bandwidth_mbps: float | None = None
     dram_root: str | None = None
+    # payload logging (functions/payload_log.py): the sink, and who the events say they are from
+    log_url: str | None = None
+    log_mode: str = "all"
+    log_max_body: str = "1Mi"
+    log_service: str | None = None
+    log_namespace: str = "default"
+    log_metadata_headers: tuple[str, ...] = ()
 
     def flags(self) -> list[str]:
         args = ["--model-dir", self.model_dir] if self.model_dir is not None else []
@@ -80,17 +87,31 @@ class ReplicaBoot:
         args += ["--s3-region", self.s3_region] if self.s3_region else []
         args += ["--bandwidth-mbps", str(self.bandwidth_mbps)] if self.bandwidth_mbps else []
         args += ["--dram-root", self.dram_root] if self.dram_root else []
+        if self.log_url:
+            args += ["--log-url", self.log_url, "--log-mode", self.log_mode, "--log-max-body", self.log_max_body,
+                     "--log-namespace", self.log_namespace]
+            args += ["--log-service", self.log_service] if self.log_service else []
+            for header in self.log_metadata_headers:
+                args += ["--log-metadata-header", header]
         return args
 
 
 def replica_boot(model, spec, cache_root: str | Path, dram_root: str | Path | None = None,
-                 local: Callable[[str], str] = lambda p: str(Path(p).resolve())) -> ReplicaBoot:
+                 local: Callable[[str], str] = lambda p: str(Path(p).resolve()),
+                 broker_url: Callable[[str], str] | None = None) -> ReplicaBoot:
     """How a replica gets its weights: a folder (`local` maps the spec's path to where the replica sees
     it), or its source staged into the cache tier at `cache_root` at boot. Either way the replica keeps
-    vLLM's compile cache in the tier, and takes request bodies up to the spec's limit."""
+    vLLM's compile cache in the tier, and takes request bodies up to the spec's limit. With a payload logger,
+    where its events go (`broker_url(name)`: a broker's ingress here or on a cluster)."""
     cache, s3 = spec.platform.cache, spec.platform.origin.s3
     tier = {"cache_root": str(cache_root), "cache_capacity": cache.capacity,
             "max_body_size": spec.platform.gateway.maxBodySize}
+    logger = model.logger
+    if logger is not None:
+        url = logger.url or (broker_url or (lambda b: f"{spec.platform.gateway.local_url}/{spec.platform.namespace}/{b}"))(
+            logger.broker)
+        tier.update(log_url=url, log_mode=logger.mode, log_max_body=logger.maxBodySize, log_service=model.name,
+                    log_namespace=spec.platform.namespace, log_metadata_headers=tuple(logger.metadataHeaders))
     if not model.stages_through_tier:
         return ReplicaBoot(model_dir=local(model.source), **tier)
     return ReplicaBoot(source=model.source if model.source.startswith("s3://") else local(model.source),

@@ -228,6 +228,26 @@ class Toleration(SpecModel):
     tolerationSeconds: int | None = None
 
 
+class PayloadLogging(SpecModel):
+    """KServe's `logger`: each request to the model and its response as CloudEvents (KServe's types and
+    attributes, one id for both; a stream logged once whole) to a sink URL, or to thaw's broker of that name
+    (so triggers route them). It never delays or fails a request (functions/payload_log.py)."""
+
+    mode: Literal["all", "request", "response"] = "all"
+    url: str | None = None
+    broker: str | None = None
+    maxBodySize: Quantity = "1Mi"  # a larger body is cut (the event says its full size)
+    metadataHeaders: list[str] = []  # request headers to log (KServe's); credentials never are
+
+    @model_validator(mode="after")
+    def _one_sink(self):
+        if (self.url is None) == (self.broker is None):
+            raise ValueError("give exactly one of url (any CloudEvents sink) and broker (thaw's broker of that name)")
+        if self.url is not None and not re.match(r"^https?://[^/\s]+", self.url):
+            raise ValueError(f"url must be an absolute http(s) URL, not {self.url!r}")
+        return self
+
+
 class Model(SpecModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, protected_namespaces=())
 
@@ -250,6 +270,8 @@ class Model(SpecModel):
     # Cluster mode: where the model's pods may run (ignored embedded).
     nodeSelector: dict[str, str] = {}
     tolerations: list[Toleration] = []
+    # Payload logging (KServe's spec.predictor.logger).
+    logger: PayloadLogging | None = None
 
     @field_validator("name")
     @classmethod

@@ -87,6 +87,10 @@ def _model_volumes(model: Model, spec: Spec) -> tuple[list[dict], list[dict]]:
     return volumes, mounts
 
 
+# Knative Eventing's multi-tenant broker ingress: where a payload logger with `broker:` sends on a cluster.
+BROKER_INGRESS = "http://broker-ingress.knative-eventing.svc.cluster.local"
+
+
 def fluid_dataset_name(model: Model) -> str:
     return f"thaw-{model.name}"[:63]
 
@@ -94,7 +98,8 @@ def fluid_dataset_name(model: Model) -> str:
 def function_container_args(model: Model, spec: Spec) -> list[str]:
     """`thaw function serve` as the pod runs it: the same builder as a replica in `thaw up`."""
     # local folders keep the spec's path: a hostPath mounted there, or the image's folder (_model_volumes)
-    boot = replica_boot(model, spec, spec.platform.cluster.cacheMountPath, DRAM_MOUNT, local=str)
+    boot = replica_boot(model, spec, spec.platform.cluster.cacheMountPath, DRAM_MOUNT, local=str,
+                        broker_url=lambda broker: f"{BROKER_INGRESS}/{spec.platform.namespace}/{broker}")
     return serve_args(None, model.served_name, PORT, model.replica_engine().model_dump(exclude_none=True), boot.flags(),
                       host="0.0.0.0")
 

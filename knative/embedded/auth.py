@@ -52,6 +52,8 @@ class Authenticator:
     def __init__(self, tokens: list[Token], internal: Token | None = None):
         self.tokens = tokens  # the spec's: they alone turn auth on
         self.internal = internal  # thaw up's own, for the broker's deliveries; never in a spec
+        # thaw up's replicas', for their payload logs to its broker: it may publish events and reach no model
+        self.publisher: Token | None = None
 
     def reload(self, auth) -> None:
         """The spec's tokens again (a spec reload): added ones work and removed ones stop at once. Raises
@@ -82,7 +84,8 @@ class Authenticator:
         except UnicodeEncodeError:  # header bytes that are not UTF-8 (aiohttp passes them on as surrogates)
             raise AuthError(401, "Incorrect API token provided") from None
         found = None
-        for token in [*self.tokens, *([self.internal] if self.internal else [])]:  # each compared, matched or not
+        own = [t for t in (self.internal, self.publisher) if t is not None]
+        for token in [*self.tokens, *own]:  # each compared, matched or not
             if hmac.compare_digest(token.secret.encode(), presented_bytes):
                 found = token
         if found is None:

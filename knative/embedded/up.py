@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from thaw.cache_warmer.optimizer_loop import graph_look_ahead
+from thaw.functions.payload_log import PAYLOAD_LOG_TOKEN_ENV
 from thaw.eventing.host import EventingHost
 from thaw.durations import parse_duration
 from thaw.spec import Spec
@@ -67,6 +68,9 @@ async def serve(spec: Spec, spec_path: Path | None, ready: asyncio.Event | None 
     # which a spec reload may do at any time).
     internal = secrets.token_urlsafe(32)
     auth.internal = Token(internal, None)
+    # Replicas' payload logs to the broker: a token that may publish and reach no model (least privilege).
+    publisher = secrets.token_urlsafe(32)
+    auth.publisher = Token(publisher, frozenset())
     # Revision events and the optimizer's warm requests go into the local broker, whose triggers take
     # them to the cache warmer: the event path a cluster has (ApiServerSource -> Broker -> Trigger).
     state_dir = Path(spec.platform.stateDir)
@@ -74,6 +78,7 @@ async def serve(spec: Spec, spec_path: Path | None, ready: asyncio.Event | None 
     gateway_url = spec.platform.gateway.local_url
     eventing = EventingHost(spec, gateway_url, state_dir, None, gate, internal, warmer_url, scope=auth.models_of)
     plane = ServingPlane(spec, spec_path, publish=eventing.publish)
+    plane.supervisor.env[PAYLOAD_LOG_TOKEN_ENV] = publisher
     eventing.on_graph_begin = graph_look_ahead(EmbeddedBackend(plane))  # a request entering a graph wakes its models
     # Events accepted while thaw's own subscribers start wait for them (eventing/broker.py's readiness).
     gateway_ready, warmer_ready = asyncio.Event(), asyncio.Event()

@@ -49,7 +49,8 @@ class ReplicaLaunch:
 
     @classmethod
     def from_json(cls, data: dict) -> "ReplicaLaunch":
-        return cls(ReplicaBoot(**data["boot"]), data["served_name"], EngineArgs.model_validate(data["engine"]),
+        boot = {**data["boot"], "log_metadata_headers": tuple(data["boot"].get("log_metadata_headers") or ())}
+        return cls(ReplicaBoot(**boot), data["served_name"], EngineArgs.model_validate(data["engine"]),
                    int(data["port"]), data.get("host", "127.0.0.1"))
 
 

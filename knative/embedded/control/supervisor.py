@@ -49,6 +49,7 @@ class Supervisor:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.standby_socket = standby_socket
         self.standby_process: subprocess.Popen | None = None
+        self.env: dict[str, str] = {}  # what every replica's environment gets besides its own
         self._ids = itertools.count(1)
 
     def standby_ready(self) -> bool:
@@ -74,7 +75,7 @@ class Supervisor:
         # Knative's container contract: every container gets PORT and the K_ names of what it serves.
         env = base_env(**detect().engine_env(model.engine.kv_cache_gib), PORT=str(port), K_SERVICE=model.name,
                        K_CONFIGURATION=model.name, K_REVISION=revision, THAW_LAUNCH_TIME=repr(time.time()),
-                       **extra_env)
+                       **self.env, **extra_env)
         replica = None
         if model.standby and await self.wait_standby():
             launch = ReplicaLaunch(boot, model.served_name, model.replica_engine(), port)
