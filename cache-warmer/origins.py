@@ -1,4 +1,5 @@
-"""Origins: where a model's files come from. `s3://bucket/prefix` through boto3, or a local folder.
+"""Origins: where a model's files come from. `s3://bucket/prefix` through boto3, `hf://org/name[:revision]`
+from a Hugging Face hub (KServe's storageUri), or a local folder.
 
 Both list the version's files with sizes and ETags (the cache key is derived from them) and read byte
 ranges (the stager reads files in parallel parts). The S3 origin works unchanged against AWS S3, MinIO,
@@ -120,8 +121,61 @@ class S3Origin:
             body.close()
 
 
+class HfOrigin:
+    """`hf://org/name[:revision]` from a Hugging Face hub: the endpoint and the token are huggingface_hub's
+    (HF_ENDPOINT, HF_TOKEN or its login), and so are the file URLs; the listing is the hub's tree API. The
+    requests go out here even under HF_HUB_OFFLINE, which thaw sets so that vLLM and transformers never reach
+    a hub while they load: staging into the tier is the one step meant to."""
+
+    def __init__(self, uri: str, endpoint: str | None = None, timeout: float = 30):
+        import requests
+        from huggingface_hub import constants, get_token
+
+        self.source = uri
+        self.repo, _, self.revision = uri.removeprefix("hf://").partition(":")
+        self.revision = self.revision or "main"
+        self.endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
+        self.session = requests.Session()
+        token = get_token()
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
+        self.timeout = timeout
+
+    def list(self) -> list[ObjectInfo]:
+        out, url = [], f"{self.endpoint}/api/models/{self.repo}/tree/{self.revision}?recursive=true"
+        while url:
+            r = self.session.get(url, timeout=self.timeout)
+            if r.status_code == 404:
+                raise FileNotFoundError(f"{self.source}: no such model or revision at {self.endpoint}")
+            r.raise_for_status()
+            for entry in r.json():
+                if entry.get("type") == "file" and not entry["path"].startswith("."):
+                    etag = (entry.get("lfs") or {}).get("oid") or entry.get("oid") or ""
+                    out.append(ObjectInfo(entry["path"], int(entry["size"]), etag))
+            url = r.links.get("next", {}).get("url")  # the hub pages long listings
+        if not out:
+            raise FileNotFoundError(f"nothing in {self.source}")
+        return sorted(out, key=lambda o: o.name)
+
+    def read_range(self, name: str, start: int, end: int) -> Iterator[bytes]:
+        from huggingface_hub import hf_hub_url
+
+        if end <= start:
+            return
+        url = hf_hub_url(self.repo, name, revision=self.revision, endpoint=self.endpoint)
+        with self.session.get(url, headers={"Range": f"bytes={start}-{end - 1}"}, stream=True,
+                              timeout=self.timeout) as r:
+            r.raise_for_status()
+            if r.status_code != 206 and not (start == 0 and int(r.headers.get("Content-Length", -1)) == end):
+                raise IOError(f"{url}: the hub answered {r.status_code} to a byte range")
+            yield from r.iter_content(1 << 20)
+
+
 def origin_for(source: str, s3_settings=None) -> Origin:
-    """The origin of a model source: S3 for s3:// URIs (with the spec's endpoint/region/profile)."""
+    """The origin of a model source: S3 for s3:// URIs (with the spec's endpoint/region/profile), the
+    Hugging Face hub for hf:// ones, else a folder."""
+    if source.startswith("hf://"):
+        return HfOrigin(source)
     if source.startswith("s3://"):
         s3 = s3_settings
         return S3Origin(source, getattr(s3, "endpointUrl", None), getattr(s3, "region", None),

@@ -472,3 +472,27 @@ def test_a_symlink_out_of_a_model_folder_is_refused_and_nothing_is_staged(tmp_pa
     (folder / "tokenizer.json").unlink()
     result = ensure(tier, DirOrigin(folder), settings=SETTINGS)
     assert (result.path / "inside.json").read_text() == "{}"
+
+
+def test_an_hf_source_is_staged_from_the_hub_with_a_progress_bar(tmp_path, loop, tiny_model):
+    """KServe's hf:// storage: the model's files from a hub (a stand-in on loopback, paging its listing as the
+    hub does) into the tier, byte for byte, under HF_HUB_OFFLINE as every thaw process runs."""
+    from hub_standin import hub_app
+
+    hub = loop.serve(hub_app("acme/tiny", tiny_model, revision="v1"))
+    spec = tmp_path / "thaw.yaml"
+    spec.write_text(yaml.safe_dump({"platform": {"cache": {"path": str(tmp_path / "cache"), "capacity": "1Gi"}},
+                                    "models": [{"name": "tiny", "source": "hf://acme/tiny:v1"}]}))
+    env = {**os.environ, "HF_ENDPOINT": hub, "HF_HUB_OFFLINE": "1"}
+    out = thaw("warm", "tiny", "-f", str(spec), env=env)
+    assert out.returncode == 0, out.stderr
+    assert "staging tiny" in out.stdout and "kB" in out.stdout  # the stager's progress bar: bytes and rate
+    staged = next((tmp_path / "cache" / "versions").iterdir())
+    for f in tiny_model.rglob("*"):
+        if f.is_file():
+            assert (staged / f.relative_to(tiny_model)).read_bytes() == f.read_bytes(), f.name
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(yaml.safe_dump({"platform": {"cache": {"path": str(tmp_path / "cache"), "capacity": "1Gi"}},
+                                      "models": [{"name": "tiny", "source": "hf://acme/none"}]}))
+    out = thaw("warm", "tiny", "-f", str(missing), env=env)
+    assert out.returncode == 1 and "no such model or revision" in out.stderr and "Traceback" not in out.stderr

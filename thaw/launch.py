@@ -114,7 +114,7 @@ def replica_boot(model, spec, cache_root: str | Path, dram_root: str | Path | No
                     log_namespace=spec.platform.namespace, log_metadata_headers=tuple(logger.metadataHeaders))
     if not model.stages_through_tier:
         return ReplicaBoot(model_dir=local(model.source), **tier)
-    return ReplicaBoot(source=model.source if model.source.startswith("s3://") else local(model.source),
+    return ReplicaBoot(source=model.source if model.source.startswith(("s3://", "hf://")) else local(model.source),
                        prewarm=model.cache.prewarm, s3_endpoint=s3.endpointUrl, s3_region=s3.region,
                        bandwidth_mbps=s3.bandwidthMbps,
                        dram_root=str(dram_root) if model.cache.tier == "dram" and dram_root else None, **tier)

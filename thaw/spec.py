@@ -14,7 +14,8 @@ from typing import Annotated, Any, Iterable, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
 
 from thaw.durations import GoDuration, parse_iso_duration
 from thaw.graph_spec import GraphInvalid, parse_graph
@@ -272,6 +273,9 @@ class Model(SpecModel):
     tolerations: list[Toleration] = []
     # Payload logging (KServe's spec.predictor.logger).
     logger: PayloadLogging | None = None
+    # KServe's canary rollout: the newest revision gets this share of the traffic, the one serving before it
+    # the rest (100 once it is the only one); `traffic` then stays empty.
+    canaryTrafficPercent: int | None = Field(None, ge=0, le=100)
 
     @field_validator("name")
     @classmethod
@@ -286,16 +290,23 @@ class Model(SpecModel):
     @field_validator("source")
     @classmethod
     def _source(cls, v: str) -> str:
-        if "://" in v and not v.startswith("s3://"):
-            raise ValueError(f"{v!r}: a source is s3://bucket/prefix or a local path")
+        if "://" in v and not v.startswith(("s3://", "hf://", "pvc://")):
+            raise ValueError(f"{v!r}: a source is s3://bucket/prefix, hf://org/name[:revision], "
+                             "pvc://claim/path or a local path")
         if v.startswith("s3://") and not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$", v):
             raise ValueError(f"{v!r} is not s3://bucket/prefix with a valid bucket name")
+        if v.startswith("hf://") and not re.match(r"^hf://[\w.-]+/[\w.-]+(:[\w./-]+)?$", v):
+            raise ValueError(f"{v!r} is not hf://org/name, or hf://org/name:revision")
+        if v.startswith("pvc://") and not re.match(r"^pvc://[a-z0-9][a-z0-9.-]*(/.*)?$", v):
+            raise ValueError(f"{v!r} is not pvc://claim/path")
         return v
 
     @model_validator(mode="after")
     def _traffic(self) -> "Model":
         if self.traffic:
             validate_traffic(self.traffic)
+            if self.canaryTrafficPercent is not None:
+                raise ValueError("give either traffic (Knative's) or canaryTrafficPercent (KServe's), not both")
         return self
 
     @property
@@ -304,8 +315,9 @@ class Model(SpecModel):
 
     @property
     def stages_through_tier(self) -> bool:
-        """s3:// sources always go through the cache tier; local folders only when `cache.stage` says so."""
-        return self.source.startswith("s3://") or bool(self.cache.stage)
+        """s3:// and hf:// sources always go through the cache tier; local folders (and claims) only when
+        `cache.stage` says so."""
+        return self.source.startswith(("s3://", "hf://")) or bool(self.cache.stage)
 
     def replica_engine(self) -> EngineArgs:
         """The engine a replica runs. A parking model's engine has sleep mode on from its first start, so
@@ -321,8 +333,8 @@ class Model(SpecModel):
         return self.engine.model_copy(update=update)
 
     def revision_template(self) -> dict[str, Any]:
-        """What makes a revision: every setting but the name and the traffic block."""
-        return self.model_dump(mode="json", exclude={"name", "traffic"})
+        """What makes a revision: every setting but the name and the traffic split."""
+        return self.model_dump(mode="json", exclude={"name", "traffic", "canaryTrafficPercent"})
 
 
 class Gateway(SpecModel):
@@ -472,6 +484,9 @@ class Platform(SpecModel):
     optimizer: Optimizer = Optimizer()
     parking: Parking = Parking()
     node: NodeResources = NodeResources()
+    # Embedded: the folder that holds each PersistentVolumeClaim a pvc:// source names (on a cluster, the
+    # claim itself is mounted).
+    persistentVolumeClaims: dict[str, str] = {}
     # Where the serving plane sends revision lifecycle CloudEvents (ApiServerSource format).
     eventSink: str | None = None
     cluster: Cluster = Cluster()
@@ -547,6 +562,7 @@ class Trigger(SpecModel):
 
 
 class Spec(SpecModel):
+    _notes: list[str] = PrivateAttr(default_factory=list)  # what KServe's documents said that thaw leaves aside
     platform: Platform = Platform()
     models: list[Model] = []
     # name -> the `spec` of a KServe InferenceGraph, kept as written.
@@ -596,6 +612,12 @@ class Spec(SpecModel):
         raise KeyError(name)
 
 
+def pvc_parts(source: str) -> tuple[str, str]:
+    """pvc://claim/path as (claim, path in the claim)."""
+    claim, _, path = source.removeprefix("pvc://").partition("/")
+    return claim, path.strip("/")
+
+
 class SpecError(Exception):
     """A spec that cannot be used; `problems` holds one readable line per error."""
 
@@ -639,12 +661,44 @@ def _explain(error: dict) -> str:
     return f"{msg}{shown}"
 
 
-def parse_spec(text: str, path: str = "thaw.yaml") -> Spec:
-    """Parse and validate spec text; raise SpecError naming file, line, field path and the fix."""
+def _with_kserve(documents: list, nodes: list, path: str) -> tuple[Any, dict, list[str]]:
+    """A YAML stream as one spec: thaw's own document (at most one) with KServe's documents converted into it
+    (thaw/kserve.py). The stream's line index is the thaw document's; KServe's problems name their document."""
+    from thaw.kserve import KServeInvalid, convert, is_kserve
+
+    own = [(i, d) for i, d in enumerate(documents) if d is not None and not is_kserve(d)]
+    kserve = [(i, d) for i, d in enumerate(documents) if is_kserve(d)]
+    if len(own) > 1:
+        raise SpecError(path, [f"{path}:{nodes[own[1][0]].start_mark.line + 1}: (top level): one thaw spec per file, "
+                               "beside any number of KServe documents"])
+    data = own[0][1] if own else {}
+    lines = _line_index(nodes[own[0][0]]) if own else {}
+    if not kserve:
+        return data, lines, []
+    if not isinstance(data, dict):
+        return data, lines, []
     try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
-        lines = _line_index(node) if node is not None else {}
+        converted = convert(kserve)
+    except KServeInvalid as exc:
+        raise SpecError(path, [f"{path}:{nodes[int(p.split()[1]) - 1].start_mark.line + 1}: {p}" for p in exc.problems]) from None
+    data = {**data, "models": [*data.get("models", []), *converted.models],
+            "graphs": {**data.get("graphs", {}), **converted.graphs}}
+    if converted.namespace:
+        platform = data.get("platform") or {}
+        if platform.get("namespace", converted.namespace) != converted.namespace:
+            raise SpecError(path, [f"{path}:1: platform.namespace: {platform['namespace']} here, {converted.namespace} "
+                                   "in the KServe documents: one spec serves one namespace"])
+        data["platform"] = {**platform, "namespace": converted.namespace}
+    return data, lines, converted.warnings
+
+
+def parse_spec(text: str, path: str = "thaw.yaml") -> Spec:
+    """Parse and validate spec text (thaw's spec, KServe's documents, or both in one YAML stream); raise
+    SpecError naming file, line, field path and the fix."""
+    try:
+        nodes = list(yaml.compose_all(text))
+        documents = list(yaml.safe_load_all(text))
+        data, lines, notes = _with_kserve(documents, nodes, path)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else f"{path}:1"
@@ -657,7 +711,9 @@ def parse_spec(text: str, path: str = "thaw.yaml") -> Spec:
         raise SpecError(path, [f"{path}:1: (top level): the spec must be a mapping with platform, models, graphs, "
                                "triggers"])
     try:
-        return Spec.model_validate(data)
+        spec = Spec.model_validate(data)
+        spec._notes = notes
+        return spec
     except RecursionError:
         raise SpecError(path, [f"{path}:1: (top level): nested too deeply to be a spec: flatten it"]) from None
     except ValidationError as exc:
@@ -671,11 +727,13 @@ def parse_spec(text: str, path: str = "thaw.yaml") -> Spec:
 
 
 def spec_warnings(spec: Spec, path: str = "thaw.yaml") -> list[str]:
-    """What the spec asks for that this machine will not do, and what happens instead."""
+    """What the spec asks for that this machine will not do, and what happens instead; and what KServe's
+    documents said that thaw leaves aside."""
     from thaw.vllm_platform import detect
 
     problem = detect().park_problem()
-    return [f"{path}: models[{i}].park: {problem}" for i, m in enumerate(spec.models) if m.park and problem]
+    return [f"{path}: models[{i}].park: {problem}" for i, m in enumerate(spec.models) if m.park and problem] + [
+        f"{path}: {note}" for note in spec._notes]
 
 
 def load_spec(path: str | Path) -> Spec:

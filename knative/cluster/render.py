@@ -18,7 +18,7 @@ import yaml
 
 from thaw.eventing import events
 from thaw.launch import replica_boot, serve_args
-from thaw.spec import Destination, Model, Spec
+from thaw.spec import Destination, Model, Spec, pvc_parts
 
 PORT = 8080
 DRAM_MOUNT = "/var/cache/thaw-dram"  # the DRAM tier in a pod: an emptyDir in memory
@@ -79,7 +79,11 @@ def _model_volumes(model: Model, spec: Spec) -> tuple[list[dict], list[dict]]:
     if model.cache.tier == "dram":
         volumes.append({"name": "dram", "emptyDir": {"medium": "Memory"}})
         mounts.append({"name": "dram", "mountPath": DRAM_MOUNT})
-    if not model.source.startswith("s3://") and PurePosixPath(model.source).is_absolute():
+    if model.source.startswith("pvc://"):  # KServe's pvc:// storage: the claim, read-only, where the pod reads it
+        claim, _ = pvc_parts(model.source)
+        volumes.append({"name": "weights", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+        mounts.append({"name": "weights", "mountPath": f"{PVC_MOUNT}/{claim}", "readOnly": True})
+    elif "://" not in model.source and PurePosixPath(model.source).is_absolute():
         # An absolute folder is a folder on the node; a relative one is in the image (built from the
         # project folder, whose WORKDIR keeps relative paths as they are here).
         volumes.append({"name": "weights", "hostPath": {"path": model.source, "type": "Directory"}})
@@ -91,6 +95,18 @@ def _model_volumes(model: Model, spec: Spec) -> tuple[list[dict], list[dict]]:
 BROKER_INGRESS = "http://broker-ingress.knative-eventing.svc.cluster.local"
 
 
+PVC_MOUNT = "/mnt/pvc"  # where a pvc:// source's claim is mounted in the pod
+
+
+def _pod_path(source: str) -> str:
+    """Where the pod reads a folder source: a claim's path under its mount; any other path as the spec has it
+    (a hostPath mounted there, or the image's folder)."""
+    if source.startswith("pvc://"):
+        claim, path = pvc_parts(source)
+        return f"{PVC_MOUNT}/{claim}/{path}".rstrip("/")
+    return source
+
+
 def fluid_dataset_name(model: Model) -> str:
     return f"thaw-{model.name}"[:63]
 
@@ -98,7 +114,7 @@ def fluid_dataset_name(model: Model) -> str:
 def function_container_args(model: Model, spec: Spec) -> list[str]:
     """`thaw function serve` as the pod runs it: the same builder as a replica in `thaw up`."""
     # local folders keep the spec's path: a hostPath mounted there, or the image's folder (_model_volumes)
-    boot = replica_boot(model, spec, spec.platform.cluster.cacheMountPath, DRAM_MOUNT, local=str,
+    boot = replica_boot(model, spec, spec.platform.cluster.cacheMountPath, DRAM_MOUNT, local=_pod_path,
                         broker_url=lambda broker: f"{BROKER_INGRESS}/{spec.platform.namespace}/{broker}")
     return serve_args(None, model.served_name, PORT, model.replica_engine().model_dump(exclude_none=True), boot.flags(),
                       host="0.0.0.0")

@@ -23,7 +23,7 @@ import aiohttp
 from thaw.cache_warmer.optimizer_loop import keep_warm_loop
 from thaw.durations import parse_duration
 from thaw.launch import ReplicaBoot, replica_boot
-from thaw.spec import Model, Spec, SpecError, load_spec, spec_warnings
+from thaw.spec import Model, Spec, SpecError, load_spec, pvc_parts, spec_warnings
 from thaw.vllm_platform import gpu_memory
 
 from ..dataplane.activator import Activator
@@ -36,7 +36,7 @@ from .reconciler import Reconciler
 from .revision import ModelRoutes, Revision
 from .status import model_states, plane_status
 from .supervisor import Supervisor, start_standby, stop_helper
-from .traffic import (RevisionHistory, SpecRefused, pick_revision, resolve_traffic, tagged_revision,
+from .traffic import (RevisionHistory, SpecRefused, model_traffic, pick_revision, resolve_traffic, tagged_revision,
                       traffic_problems)
 
 log = logging.getLogger("thaw.plane")
@@ -46,10 +46,19 @@ class UnknownModel(KeyError):
     pass
 
 
+def local_path(source: str, spec: Spec) -> str:
+    """Where a folder source is on this machine: a path resolved, a pvc:// claim through
+    platform.persistentVolumeClaims (replica_moves.never_starts refuses a claim without a folder first)."""
+    if source.startswith("pvc://"):
+        claim, path = pvc_parts(source)
+        return str(Path(spec.platform.persistentVolumeClaims[claim], path).resolve())
+    return str(Path(source).resolve())
+
+
 def replica_weights(model: Model, spec: Spec) -> ReplicaBoot:
     """A replica's weights here: the spec's paths resolved on this machine."""
     return replica_boot(model, spec, Path(spec.platform.cache.path).resolve(),
-                        Path(spec.platform.cache.dramPath).resolve())
+                        Path(spec.platform.cache.dramPath).resolve(), local=lambda p: local_path(p, spec))
 
 
 class ServingPlane:
@@ -111,12 +120,12 @@ class ServingPlane:
                 entry.revisions[rev.name] = rev
                 self.emit_revision("dev.knative.apiserver.resource.add", rev)
                 log.info("revision %s %s", rev.name, "created" if created else "restored")
+            traffic = model_traffic(model, [r["name"] for r in revisions])
             for past in revisions:  # traffic may name older revisions still in the history
-                if past["name"] not in entry.revisions and any(
-                        t.revisionName == past["name"] for t in model.traffic):
+                if past["name"] not in entry.revisions and any(t.revisionName == past["name"] for t in traffic):
                     old = Model.model_validate({"name": model.name, **past["template"]})
                     entry.revisions[past["name"]] = self._new_revision(old, past["name"], revisions.index(past) + 1)
-            entry.routes = resolve_traffic(model.traffic, latest["name"], set(entry.revisions))
+            entry.routes = resolve_traffic(traffic, latest["name"], set(entry.revisions))
             routed = {r.revision for r in entry.routes}
             for rev in entry.revisions.values():
                 self._set_routable(rev, rev.name in routed)

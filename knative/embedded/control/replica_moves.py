@@ -13,7 +13,7 @@ from typing import AsyncContextManager, Callable, Protocol
 import aiohttp
 
 from thaw.launch import ReplicaBoot
-from thaw.spec import quantity_bytes
+from thaw.spec import pvc_parts, quantity_bytes
 
 from ..dataplane.breaker import Unservable
 from ..dataplane.replica import Replica, State, can_move
@@ -65,7 +65,11 @@ class ReplicaMoves:
         node, or weights larger than the whole cache tier they must be staged into. Said before any process
         starts: a process would only fail (its imports alone take 20-30 s on a small machine)."""
         why = never_fits(request_of(rev.model.resources), self.placement.node)
-        if why or not rev.model.stages_through_tier or rev.model.source.startswith("s3://"):
+        source, claims = rev.model.source, self.placement.spec().platform.persistentVolumeClaims
+        if not why and source.startswith("pvc://") and pvc_parts(source)[0] not in claims:
+            why = (f"{source}: no folder holds the claim {pvc_parts(source)[0]!r} here: set "
+                   f"platform.persistentVolumeClaims.{pvc_parts(source)[0]} (on a cluster the claim is mounted)")
+        if why or not rev.model.stages_through_tier or source.startswith(("s3://", "hf://", "pvc://")):
             return why
         capacity = quantity_bytes(self.placement.spec().platform.cache.capacity)
         size = folder_bytes(rev.model.source)

@@ -22,8 +22,9 @@ from .traffic import Route
 
 
 def weight_bytes(source: str) -> int:
-    """The bytes of a model's weights here; 0 for an s3 model not staged yet (it costs budgets nothing)."""
-    if source.startswith("s3://"):
+    """The bytes of a model's weights here; 0 for an s3 or hf model not staged yet, or a claim's (it costs
+    budgets nothing)."""
+    if "://" in source:
         return 0
     folder = Path(source)
     return sum(p.stat().st_size for p in folder.glob("*.safetensors")) if folder.is_dir() else 0

@@ -27,6 +27,19 @@ class Route:
     tag: str | None
 
 
+def model_traffic(model, revision_names: list[str]) -> list:
+    """A model's traffic block as Knative would route it: its own (Knative's `traffic`), or KServe's canary
+    rollout (`canaryTrafficPercent`): the newest revision gets that share and the one before it the rest, all
+    of it while the newest is the only one."""
+    from thaw.spec import TrafficTarget
+
+    percent = model.canaryTrafficPercent
+    if percent is None or len(revision_names) < 2:
+        return list(model.traffic)
+    return [TrafficTarget(latestRevision=True, percent=percent),
+            TrafficTarget(revisionName=revision_names[-2], percent=100 - percent)]
+
+
 def resolve_traffic(targets: list, latest: str, known: set[str]) -> list[Route]:
     """The routes of a traffic block; no block means 100 % to the latest revision."""
     if not targets:
