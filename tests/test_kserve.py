@@ -177,3 +177,18 @@ def test_thaw_validate_and_render_take_a_kserve_stream(tmp_path):
     out = thaw_cli("validate", "-f", str(bad))
     assert out.returncode == 1 and "document 1 (InferenceService m): spec.predictor.model.args[0]" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_runtime_that_wraps_the_server_in_a_script_gives_it_the_arguments_after_the_separator():
+    """KServe's Fluid guide wraps the server in `bash -c '<warm the page cache>' -- <the server's args>`: the
+    script is not run (thaw reads the weights into the page cache itself); the server's arguments are kept."""
+    runtime = {"apiVersion": "serving.kserve.io/v1alpha1", "kind": "ClusterServingRuntime",
+               "metadata": {"name": "wrapped"},
+               "spec": {"supportedModelFormats": [{"name": "huggingface", "autoSelect": True}],
+                        "containers": [{"name": "kserve-container", "image": "x", "command": ["/bin/bash"],
+                                        "args": ["-c", "dd if=/mnt/models/x of=/dev/null; exec server \"$@\"", "--",
+                                                 "--model_name={{.Name}}-served", "--max-model-len=512"]}]}}
+    spec = parse_spec(stream(runtime, isvc(predictor=predictor(runtime="wrapped", storageUri="pvc://data/llm"))))
+    model = spec.model("m")
+    assert model.served_name == "m-served" and model.engine.max_model_len == 512 and model.source == "pvc://data/llm"
+    assert any("image and command are not run" in w for w in spec_warnings(spec))

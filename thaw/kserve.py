@@ -177,9 +177,14 @@ def _predictor(d: _Document, runtimes: dict[str, dict]) -> dict | None:
     if container.get("image") or container.get("command"):
         d.warn("spec.predictor.model.runtime", f"runtime {runtime['metadata']['name']}'s image and command are not "
                                                "run: thaw runs its own vLLM function with the runtime's arguments")
-    args = [str(a).replace("{{.Name}}", name or "").replace("{{.Namespace}}", meta.get("namespace") or "default")
-            for a in container.get("args") or []] + [str(a) for a in model.get("args") or []]
-    _read_args(d, args, len(container.get("args") or []), out)
+    runtime_args = [str(a) for a in container.get("args") or []]
+    if container.get("command"):
+        # A command that wraps the server (`bash -c '<script>' -- <the server's args>`): its own arguments are
+        # the script's; the server's come after `--` (thaw reads the weights into the page cache itself).
+        runtime_args = runtime_args[runtime_args.index("--") + 1:] if "--" in runtime_args else []
+    args = [a.replace("{{.Name}}", name or "").replace("{{.Namespace}}", meta.get("namespace") or "default")
+            for a in runtime_args] + [str(a) for a in model.get("args") or []]
+    _read_args(d, args, len(runtime_args), out)
     if model.get("storageUri"):
         source = _storage_source(d, str(model["storageUri"]))
         if source:
