@@ -25,7 +25,7 @@ def declared(*extras: str) -> set[str]:
     names = {_name(r) for r in PROJECT["dependencies"]}
     for extra in extras:
         for requirement in PROJECT["optional-dependencies"][extra]:
-            names |= declared(*re.findall(r"thaw\[(\w+)\]", requirement)) if requirement.startswith("thaw[") \
+            names |= declared(*re.findall(r"thaw-serving\[(\w+)\]", requirement)) if requirement.startswith("thaw-serving[") \
                 else {_name(requirement)}
     return names
 
@@ -74,5 +74,5 @@ def test_tests_import_only_what_the_test_extra_installs():
 
 def test_the_test_extra_holds_no_runtime_dependency():
     runtime = imported_distributions(files("thaw", "cli", "functions", "eventing", "knative", "cache-warmer"))
-    only_for_tests = {_name(r) for r in PROJECT["optional-dependencies"]["test"] if not r.startswith("thaw[")}
+    only_for_tests = {_name(r) for r in PROJECT["optional-dependencies"]["test"] if not r.startswith("thaw-serving[")}
     assert not only_for_tests & set(runtime), "runtime code imports what only the test extra installs"
