@@ -38,6 +38,12 @@ class BadEvent(ValueError):
     pass
 
 
+def revision_source(data: dict) -> tuple[str, str | None]:
+    """A Revision's name and the source of its weights (thaw's annotation; a Reference-mode event has none)."""
+    metadata = data.get("metadata") if "metadata" in data else data
+    return metadata["name"], (metadata.get("annotations") or {}).get("thaw.dev/source")
+
+
 def model_of_revision(spec: Spec, data) -> Model | None:
     """The spec's model a Revision event is about, by its service label or its name."""
     if not isinstance(data, dict) or data.get("kind", "Revision") != "Revision":
@@ -80,6 +86,9 @@ def create_warmer_app(spec_path: Path) -> Flask:
     specs = SpecFile(spec_path)
     first = specs.get()
     tier = CacheTier(first.platform.cache.path, first.platform.cache.capacity_bytes)
+    # revision -> the source staged for it: its later updates (status changes: replicas up and down) change
+    # nothing about its weights, so they stage nothing and read nothing again
+    staged: dict[str, str] = {}
 
     def stage(model: Model, pin: bool, cause: str) -> Response:
         spec = specs.get()
@@ -117,7 +126,15 @@ def create_warmer_app(spec_path: Path) -> Flask:
                 model = model_of_revision(spec, data)
                 if model is None:
                     return "", 202
-                return stage(model, False, f"{kind.rsplit('.', 1)[1]} {event.get_subject() or ''}".strip())
+                revision, source = revision_source(data)
+                if source and source != model.source:  # the revision's own weights, not the spec's newest
+                    model = model.model_copy(update={"source": source})
+                if kind == events.APISERVER_UPDATE and staged.get(revision) == model.source:
+                    return "", 202
+                response = stage(model, False, f"{kind.rsplit('.', 1)[1]} {event.get_subject() or ''}".strip())
+                if response.headers.get("ce-type") == events.CACHE_STAGED:
+                    staged[revision] = model.source
+                return response
             if kind == events.APISERVER_DELETE:
                 return "", 202
             if kind == events.CACHE_WARM:

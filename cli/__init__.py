@@ -544,6 +544,28 @@ def bench_gpu(
     run_gpu_bench(model_dir.resolve(), engine, runs, chosen, out, console, density_models)
 
 
+@bench_app.command("embeddings")
+def bench_embeddings(
+    embed_model: Path = typer.Option(Path("models/minilm"), "--embed-model", help="The embedding model (part embed)."),
+    chat_model: Path = typer.Option(Path("models/demo"), "--chat-model", help="The chat model (part logging)."),
+    parts: str = typer.Option("embed,logging", "--parts", help="embed: vs vLLM's server; logging: on vs off."),
+    clients: int = typer.Option(8, "--clients", help="Concurrent embedding clients."),
+    batch: int = typer.Option(32, "--batch", help="Inputs per embeddings request."),
+    requests_: int = typer.Option(64, "--requests", help="Embeddings requests in all."),
+    concurrency: int = typer.Option(8, "--concurrency", help="Streams of the logging part's warm path."),
+    runs: int = typer.Option(2, "--runs", help="Runs of the logging part, each off then on."),
+    out: Path = typer.Option(Path("bench-results/embeddings"), "--out"),
+) -> None:
+    """Embeddings through thaw's gateway next to vLLM's own server, and payload logging's cost on the warm path,
+    by vLLM's own client (docs/kserve.md)."""
+    from thaw.loadtests.bench.embeddings import run_embeddings_bench
+
+    chosen = [p.strip() for p in parts.split(",") if p.strip()]
+    if set(chosen) - {"embed", "logging"}:
+        raise typer.BadParameter(f"unknown parts {sorted(set(chosen) - {'embed', 'logging'})}", param_hint="--parts")
+    run_embeddings_bench(embed_model, chat_model, chosen, clients, batch, requests_, concurrency, runs, out, console)
+
+
 @bench_app.command("staging")
 def bench_staging(
     model_dir: Path = typer.Option(Path("models/demo"), "--model-dir", help="The model for the first-request part."),

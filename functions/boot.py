@@ -1,5 +1,6 @@
 """A replica's boot: where its weights come from (ensured in the cache tier, or read where they are) and
-where vLLM's compile cache lives. Runs on the engine's thread before vLLM starts (functions/engine.py)."""
+where vLLM's compile cache lives. The engine runs it on a thread of its own while its own thread imports vLLM
+(functions/engine.py): reading weights is I/O, the imports are CPU."""
 
 from __future__ import annotations
 

@@ -159,7 +159,7 @@ class Engine:
                  phases: dict[str, float] | None = None, served_name: str | None = None,
                  view_root: Path | None = None):
         """`fetch_weights` returns (model dir, its phase timings): the weights ensured in the cache tier or
-        read into the page cache where they are (functions/app.py's weights_fetcher). `served_name` is the
+        read into the page cache where they are (functions/boot.py's weights_fetcher). `served_name` is the
         `model_name` label of vLLM's metrics. `view_root` (in the cache tier) holds the per-architecture
         model views a GPU engine starts from (functions/engine_plan.py)."""
         self.model_dir: Path | None = None

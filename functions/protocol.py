@@ -222,6 +222,10 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
+    # vLLM's pooling extras (its own benchmark client sends them): cut each input to this many tokens (-1: the
+    # model's context), keeping its start ("right": cut the end) or its end ("left")
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
+    truncation_side: Literal["left", "right"] = "right"
 
     @model_validator(mode="before")
     @classmethod

@@ -155,6 +155,9 @@ class FunctionService:
                 item = self.engine.tokenize(item)
             elif not all(0 <= t < vocab for t in item):
                 raise p.APIError(400, f"input[{i}] has token ids outside the vocabulary (0..{vocab - 1})", param="input")
+            if req.truncate_prompt_tokens is not None:
+                keep = limit if req.truncate_prompt_tokens == -1 else min(req.truncate_prompt_tokens, limit)
+                item = item[:keep] if req.truncation_side == "right" else item[len(item) - keep:]
             if len(item) > limit:
                 raise p.APIError(400, f"This model's maximum context length is {limit} tokens. However, input[{i}] is "
                                       f"{len(item)} tokens. Please reduce the length of the input.", param="input",

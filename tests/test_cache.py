@@ -496,3 +496,17 @@ def test_an_hf_source_is_staged_from_the_hub_with_a_progress_bar(tmp_path, loop,
                                       "models": [{"name": "tiny", "source": "hf://acme/none"}]}))
     out = thaw("warm", "tiny", "-f", str(missing), env=env)
     assert out.returncode == 1 and "no such model or revision" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_warmer_stages_a_revisions_own_weights_once(warmer):
+    """The revision's own source (its annotation), not the spec's; its updates (status changes) stage nothing."""
+    url, tier = warmer
+    revision = {**REVISION, "metadata": {**REVISION["metadata"], "name": "tiny-00009",
+                                         "annotations": {"thaw.dev/source": "s3://models/tiny/v1"}}}
+    r, reply = _post_event(url, "dev.knative.apiserver.resource.add", revision)
+    assert reply.get_type() == "dev.thaw.cache.staged" and reply.get_data()["source"] == "s3://models/tiny/v1"
+    r, reply = _post_event(url, "dev.knative.apiserver.resource.update", revision)
+    assert r.status_code == 202 and reply is None  # nothing about its weights changed: nothing staged, nothing read
+    moved = {**revision, "metadata": {**revision["metadata"], "annotations": {"thaw.dev/source": "s3://models/none"}}}
+    r, reply = _post_event(url, "dev.knative.apiserver.resource.update", moved)
+    assert reply.get_type() == "dev.thaw.cache.failed" and "s3://models/none" in reply.get_data()["error"]

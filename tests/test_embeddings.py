@@ -50,6 +50,24 @@ def test_openais_client_gets_one_normalized_vector_per_input_in_order(embedder):
     assert c.embeddings.create(model="te", input=[2, 10, 11, 3], encoding_format="float").usage.prompt_tokens == 4
 
 
+def test_vllms_truncation_extra_cuts_inputs_to_the_context(embedder):
+    """vLLM's own benchmark client sends truncate_prompt_tokens: -1 (cut to the model's context, 64 here)."""
+    long = "x " * 100  # over 64 tokens: refused as it is
+    r = requests.post(embedder.url + "/v1/embeddings", json={"model": "te", "input": long}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    cut = requests.post(embedder.url + "/v1/embeddings", timeout=30,
+                        json={"model": "te", "input": long, "truncate_prompt_tokens": -1}).json()
+    assert cut["usage"]["prompt_tokens"] == 64
+    ids = list(range(10, 30))
+    for side, kept in (("right", ids[:5]), ("left", ids[-5:])):
+        got = requests.post(embedder.url + "/v1/embeddings", timeout=30, json={
+            "model": "te", "input": [ids], "truncate_prompt_tokens": 5, "truncation_side": side,
+            "encoding_format": "float"}).json()["data"][0]["embedding"]
+        alone = requests.post(embedder.url + "/v1/embeddings", timeout=30, json={
+            "model": "te", "input": [kept], "encoding_format": "float"}).json()["data"][0]["embedding"]
+        assert got == pytest.approx(alone, abs=1e-6), side
+
+
 def test_base64_is_the_little_endian_float32_bytes_of_the_vector(embedder):
     body = {"model": "te", "input": TEXTS[0]}
     floats = requests.post(embedder.url + "/v1/embeddings", json=body, timeout=30).json()["data"][0]["embedding"]

@@ -1,4 +1,4 @@
-"""The cold-start optimizer's effects on a Knative cluster (knative/backend.py's ServingBackend), so the
+"""The cold-start optimizer's effects on a Knative cluster (cache-warmer/optimizer_loop.py's ServingBackend), so the
 keep-warm loop and graph look-ahead that drive `thaw up` drive a cluster too (`thaw optimize`).
 
 - demands: Knative keeps no request history an API client can read; what it shows is each revision's

@@ -160,7 +160,8 @@ class Gateway:
         return app
 
     async def _open(self, app) -> None:
-        # No pool limit: the activator already bounds what each replica gets.
+        # No pool limit: each request in flight holds one connection to its replica, and a limit here would queue
+        # requests the activator has already let through (containerConcurrency bounds them, where it is set).
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=False),
                                              auto_decompress=False)
 

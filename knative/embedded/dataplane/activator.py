@@ -1,7 +1,7 @@
 """One revision's activator: the request path between the gateway and a replica.
 
 As Knative's activator does for a revision in its path: a request at a revision with nothing running
-wakes it (a parked replica is woken, else the autoscaler is poked so 0 -> 1 never waits for a tick);
+wakes it (a sleeping replica is woken, and the autoscaler is poked either way so 0 -> 1 never waits for a tick);
 the throttler holds the request, bounded, until a replica has room; the request is proxied. A replica
 whose connection fails before it answers, or that answers that its engine is loading again, is
 reported to the reconciler and the request goes to another (or a replacement), up to ATTEMPTS tries.
