@@ -120,7 +120,7 @@ def test_a_body_past_the_limit_is_cut_and_says_its_size(logged, sink):
 
 def test_a_sink_that_never_answers_costs_the_request_nothing_and_is_counted(tiny_model, tmp_path):
     """The sink accepts connections and never answers: each send waits out its 10 s timeout, three times. The
-    request is answered while the logger still waits (nothing counted yet), then both events count as failed."""
+    request is answered while the logger still waits (nothing counted yet); then its event counts as failed."""
     import socket
 
     hang = socket.socket()
@@ -139,7 +139,7 @@ def test_a_sink_that_never_answers_costs_the_request_nothing_and_is_counted(tiny
                           timeout=60)
         assert r.status_code == 200
         assert outcome("failed") == 0  # answered while the logger still waits on its first send
-        poll(lambda: outcome("failed") >= 2, 180, 0.5, "both events counted as failed")
+        poll(lambda: outcome("failed") >= 1, 180, 0.5, "the request's event counted as failed")
         assert outcome("sent") == 0
     finally:
         running.server.stop()
