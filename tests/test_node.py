@@ -184,3 +184,16 @@ def test_a_replica_that_cannot_boot_is_failed_at_once_and_held_requests_are_told
         assert len(list((tmp_path / "state" / "logs").glob("tiny-*.log"))) == 1
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("gpu, tensor_parallel, gpus", [(0, 1, 0), (1, 1, 1), (0, 2, 2), (1, 4, 4), (4, 2, 4)])
+def test_an_engine_sharded_over_gpus_asks_for_that_many_devices(gpu, tensor_parallel, gpus):
+    from thaw.knative.embedded.control.node import request_of
+    from thaw.spec import Resources
+
+    request = request_of(Resources(gpu=gpu), tensor_parallel)
+    assert request.gpus == gpus
+    placed = place(request, NODE, [], 0)  # NODE has 2 GPUs: up to 2 place, more can never fit
+    assert placed == (Claim(gpus=tuple(range(gpus))) if gpus <= 2 else
+                      "0/1 nodes are available: 1 Insufficient nvidia.com/gpu.")
+    assert (never_fits(request, NODE) is None) == (gpus <= 2)

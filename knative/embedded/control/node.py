@@ -50,12 +50,15 @@ class Claim:
     gpus: tuple[int, ...] = ()
 
 
-def request_of(resources) -> Request:
-    """A spec's `resources` as a request (CPU in millicores, memory in bytes, whole GPUs)."""
+def request_of(resources, tensor_parallel: int = 1) -> Request:
+    """A spec's `resources` as a request (CPU in millicores, memory in bytes, whole GPUs). An engine sharded over
+    `tensor_parallel` GPUs asks for that many devices of one node at least, as its pod would
+    (`nvidia.com/gpu: N`)."""
     from thaw.spec import quantity_bytes, quantity_value
 
+    gpus = max(resources.gpu, tensor_parallel) if tensor_parallel > 1 else resources.gpu
     return Request(math.ceil(quantity_value(resources.cpu) * 1000) if resources.cpu else 0,
-                   quantity_bytes(resources.memory) if resources.memory else 0, resources.gpu)
+                   quantity_bytes(resources.memory) if resources.memory else 0, gpus)
 
 
 def node_of(spec_node, cores: tuple[int, ...], memory: int, gpus: int) -> Node:

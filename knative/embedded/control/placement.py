@@ -47,7 +47,7 @@ class Placement:
     async def place(self, rev: Revision, key: str) -> Claim | None:
         """Room on the node for one more replica of `rev`, held under `key`; while there is none the replica
         is Pending with the scheduler's reason. None: the revision no longer wants it."""
-        request = request_of(rev.model.resources)
+        request = request_of(rev.model.resources, rev.model.engine.tensor_parallel_size)
         waiting = False
         try:
             while not self.loop.stopping:

@@ -64,7 +64,7 @@ class ReplicaMoves:
         """Why no replica of `rev` can start as configured (None: one can): requests larger than the whole
         node, or weights larger than the whole cache tier they must be staged into. Said before any process
         starts: a process would only fail (its imports alone take 20-30 s on a small machine)."""
-        why = never_fits(request_of(rev.model.resources), self.placement.node)
+        why = never_fits(request_of(rev.model.resources, rev.model.engine.tensor_parallel_size), self.placement.node)
         source, claims = rev.model.source, self.placement.spec().platform.persistentVolumeClaims
         if not why and source.startswith("pvc://") and pvc_parts(source)[0] not in claims:
             why = (f"{source}: no folder holds the claim {pvc_parts(source)[0]!r} here: set "
