@@ -1,9 +1,9 @@
-"""The local broker: Knative's Broker ingress, Triggers and delivery, durable on disk (store.py).
+"""The local broker: Knative's Broker, its triggers' deliveries, durable on disk (store.py). Its HTTP ingress is
+ingress.py; its triggers and their delivery policy come from the spec through triggers.py.
 
-Ingress `POST /<namespace>/<broker>` takes a CloudEvent in binary or structured mode and answers 202
-only once the event and its deliveries are committed; 400 (with what is wrong) for an invalid event,
-404 for an unknown broker, 405 for other methods. Like Knative's broker it sets `knativearrivaltime` and
-a TTL extension (`knativebrokerttl`, 255, one less on each reply; a reply at 0 is dropped).
+An event accepted (ingress.py, or `publish` from inside thaw up) is stored with one delivery per matching
+trigger before it is acknowledged. Like Knative's broker it sets `knativearrivaltime` and a TTL extension
+(`knativebrokerttl`, 255, one less on each reply; a reply at 0 is dropped).
 
 Each matching trigger gets its own delivery: retried with the trigger's backoff on no response, 5xx,
 404, 408, 409 and 429, then sent to its deadLetterSink with `knativeerrordest`, `knativeerrorcode` and
@@ -25,24 +25,19 @@ import heapq
 import itertools
 import json
 import logging
-import re
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Callable
 
 import aiohttp
-from aiohttp import web
 from cloudevents.core.v1.event import CloudEvent
 
-from thaw.durations import parse_iso_duration
-from thaw.http_body import read_body
-
 from . import events
-from .delivery import (DEFAULT_BACKOFF_DELAY, DEFAULT_TIMEOUT, DeliveryPolicy, backoff, dead_letter_extensions,
-                       next_step)
+from .delivery import backoff, dead_letter_extensions, next_step
 from .filters import matches
 from .store import Delivery, EventStore, NewEvent, StoreError
+from .triggers import READY_WAIT, BrokerTrigger, event_attributes
 
 SCOPE_EXTENSION = "thawscope"  # the models an event's sender may use, noted by the ingress (never a sender's)
 
@@ -51,19 +46,7 @@ log = logging.getLogger("thaw.broker")
 TTL_EXTENSION = "knativebrokerttl"
 ARRIVAL_EXTENSION = "knativearrivaltime"
 DEFAULT_TTL = 255
-INFERENCE_TRIGGER = "thaw-inference"
 CONCURRENT_DELIVERIES = 64
-STORE_RETRY_AFTER = 5  # seconds: when the store cannot write (a full disk), what a sender is told to wait
-
-
-@dataclass
-class BrokerTrigger:
-    name: str
-    broker: str
-    filter_attributes: dict[str, str]
-    filters: list[dict[str, Any]]
-    target: Callable[[dict[str, str]], str | None]  # event attributes -> subscriber URL
-    policy: DeliveryPolicy
 
 
 @dataclass
@@ -76,38 +59,12 @@ class BrokerStats:
     replies: int = 0
 
 
-def policy_from_spec(delivery, resolve: Callable[[Any], str], default_timeout: float = DEFAULT_TIMEOUT) -> DeliveryPolicy:
-    """A trigger's `delivery` block (Knative's DeliverySpec) as a DeliveryPolicy."""
-    if delivery is None:
-        return DeliveryPolicy(timeout=default_timeout)
-    return DeliveryPolicy(
-        retry=delivery.retry or 0,
-        backoff_policy=delivery.backoffPolicy,
-        backoff_delay=parse_iso_duration(delivery.backoffDelay, "backoffDelay") if delivery.backoffDelay else DEFAULT_BACKOFF_DELAY,
-        timeout=parse_iso_duration(delivery.timeout, "timeout") if delivery.timeout else default_timeout,
-        dead_letter=resolve(delivery.deadLetterSink) if delivery.deadLetterSink else None)
-
-
-def event_attributes(headers: dict[str, str]) -> dict[str, str]:
-    """Context attributes and extensions of a binary-mode event, as strings (what filters see)."""
-    attrs = {k[3:]: v for k, v in headers.items() if k.startswith("ce-")}
-    if "content-type" in headers:
-        attrs["datacontenttype"] = headers["content-type"]
-    return attrs
-
-
 class Broker:
     def __init__(self, store_path, namespace: str, brokers: set[str], triggers: list[BrokerTrigger],
-                 session: aiohttp.ClientSession | None = None,
-                 authorize: Callable[[str | None], tuple[int, str] | None] | None = None,
-                 gateway_auth: tuple[str, str] | None = None,
-                 scope: Callable[[str | None], frozenset[str] | None] | None = None):
-        """`authorize(Authorization header)` returns (status, message) to refuse an event; `gateway_auth`
-        is (URL prefix, Authorization value) for deliveries to thaw's own gateway; `scope(Authorization
-        header)` is the models the sender may use (None: all), which its event keeps through the store and
-        its replies: a delivery it could not make itself is refused (least privilege)."""
-        self.authorize = authorize
-        self.scope = scope
+                 session: aiohttp.ClientSession | None = None, gateway_auth: tuple[str, str] | None = None):
+        """`gateway_auth` is (URL prefix, Authorization value) for deliveries to thaw's own gateway. An event
+        keeps its sender's models (the ingress notes them) through the store and its replies: a delivery the
+        sender could not make itself is refused (least privilege)."""
         self.gateway_auth = gateway_auth
         self.namespace = namespace
         self.brokers = brokers
@@ -116,7 +73,6 @@ class Broker:
         self.session = session
         self._own_session = session is None
         self.stats = BrokerStats()
-        self.read_timeout = 60.0  # seconds an event's body may take to arrive (thaw up: the gateway's idleTimeout)
         self._heap: list[tuple[float, int, Delivery]] = []
         self._seq = itertools.count()
         self._wake = asyncio.Event()
@@ -156,42 +112,6 @@ class Broker:
         await asyncio.to_thread(self.store.close)
         if self._own_session and self.session is not None:
             await self.session.close()
-
-    def add_routes(self, app: web.Application) -> None:
-        app.router.add_route("*", "/{namespace}/{broker}", self.ingress)
-
-    # ---- ingress -----------------------------------------------------------------------------------
-
-    async def ingress(self, request: web.Request) -> web.Response:
-        namespace, broker = request.match_info["namespace"], request.match_info["broker"]
-        if namespace != self.namespace:
-            raise web.HTTPNotFound()  # not a broker path at all: the host app answers it as its own
-        if broker not in self.brokers:
-            return web.json_response({"error": f"no broker {namespace}/{broker}; brokers here: "
-                                               f"{', '.join(f'{self.namespace}/{b}' for b in sorted(self.brokers))}"},
-                                     status=404)
-        if request.method != "POST":
-            return web.json_response({"error": "a broker accepts CloudEvents by POST"}, status=405,
-                                     headers={"Allow": "POST"})
-        if self.authorize is not None:
-            refused = self.authorize(request.headers.get("Authorization"))
-            if refused:
-                return web.json_response({"error": refused[1]}, status=refused[0])
-        try:
-            body = await read_body(request, self.read_timeout)
-        except (web.HTTPRequestEntityTooLarge, web.HTTPRequestTimeout) as exc:
-            return web.json_response({"error": exc.text}, status=exc.status)
-        try:
-            event = events.parse_http_event(request.headers, body)
-        except events.InvalidEvent as exc:
-            return web.json_response({"error": str(exc)}, status=400)
-        try:
-            await self.publish(broker, event, self.scope(request.headers.get("Authorization")) if self.scope else None)
-        except StoreError as exc:  # not accepted: the sender keeps the event and retries
-            log.warning("broker: refusing an event: %s", exc)
-            return web.json_response({"error": f"{exc}; the event was not accepted, retry later"}, status=503,
-                                     headers={"Retry-After": str(STORE_RETRY_AFTER)})
-        return web.Response(status=202)
 
     async def publish(self, broker: str, event: CloudEvent, scope: frozenset[str] | None = None) -> None:
         """Accept an event as the ingress does (with the sender's `scope`), or from inside this process
@@ -339,16 +259,17 @@ class Broker:
 
     def _out_of_scope(self, delivery: Delivery, headers: dict, scope: str | None) -> str | None:
         """Why the sender may not have this delivery made (None: it may). Deliveries through thaw's gateway
-        go with the broker's own all-model token, so the sender's models are checked here: the model a
-        gateway target names, and the model a cache warm request names."""
+        go with the broker's own all-model token, so the sender's models are checked here: the model the
+        delivery's trigger reaches (a gateway target that is no model, a graph, is refused), and the model a
+        cache warm request names."""
         if scope is None:
             return None
         allowed = set(scope.split(",")) - {""}
         if self.gateway_auth and delivery.target.startswith(self.gateway_auth[0]):
-            path = "/" + delivery.target[len(self.gateway_auth[0]):]
-            match = re.match(r"^/models/([^/@?]+)", path)
-            if match is None or match.group(1) not in allowed:
-                return f"the sender may not use {match.group(1) if match else path!r} (its token allows " \
+            trigger = self._trigger(delivery.trigger)
+            model = trigger.model(event_attributes(headers)) if trigger is not None else None
+            if model is None or model not in allowed:
+                return f"the sender may not use {model or delivery.target!r} (its token allows " \
                        f"{', '.join(sorted(allowed)) or 'no model'})"
         if headers.get("ce-type") == events.CACHE_WARM:
             try:
@@ -376,8 +297,8 @@ class Broker:
             try:
                 event = events.parse_http_event(headers, body)
                 ttl = int(delivery.headers.get(f"ce-{TTL_EXTENSION}", DEFAULT_TTL)) - 1
-                broker = self._trigger(delivery.trigger).broker
-                reply = self._prepare(broker, event, ttl, delivery.headers.get(f"ce-{SCOPE_EXTENSION}"))
+                # the broker the event came into: its trigger may have left the spec while the reply was on its way
+                reply = self._prepare(delivery.broker, event, ttl, delivery.headers.get(f"ce-{SCOPE_EXTENSION}"))
             except (events.InvalidEvent, ValueError) as exc:
                 log.warning("broker: %s answered with an invalid event, not re-entered: %s", delivery.target, exc)
         rows = await self._keep(self.store.finish(delivery, reply), delivery)
@@ -394,63 +315,3 @@ def _scope_value(scope: frozenset[str] | None) -> str | None:
     return None if scope is None else ",".join(sorted(scope))
 
 
-# ---- from the spec -----------------------------------------------------------------------------------
-
-
-def resolve_destination(destination, spec, gateway_url: str) -> str:
-    """A Knative Destination as a URL here: a uri, or a ref to a thaw Model (its CloudEvents route) or
-    Graph, with an optional relative uri."""
-    if destination.ref is None:
-        return destination.uri
-    ref = destination.ref
-    if ref.kind == "Model":
-        base = f"{gateway_url}/models/{spec.model(ref.name).name}/"
-    elif ref.kind == "Graph":
-        base = f"{gateway_url}/graphs/{ref.name}"
-    else:
-        raise ValueError(f"a ref of kind {ref.kind} is resolved on a cluster only; embedded, give a uri")
-    return base.rstrip("/") + "/" + destination.uri.lstrip("/") if destination.uri else base
-
-
-WARMER_TIMEOUT = 3600.0  # the warmer answers once it has staged the weights: a delivery waits that long
-READY_WAIT = 300.0  # the longest a delivery waits for thaw's own subscriber to start (a fresh machine's imports)
-EVENT_SINK_TRIGGER = "thaw-event-sink"
-
-
-def triggers_from_spec(spec, gateway_url: str, warmer_url: str | None = None) -> list[BrokerTrigger]:
-    """The spec's triggers, plus thaw's own: inference requests to the model named by `thawmodel`; with a
-    warmer, its triggers (the ones `thaw render` writes); with `platform.eventSink`, revision events to it."""
-    def timeout_for(destination) -> float:
-        if destination.ref is not None and destination.ref.kind == "Model":
-            return float(spec.model(destination.ref.name).timeoutSeconds)
-        return DEFAULT_TIMEOUT
-
-    out = []
-    for t in spec.triggers:
-        url = resolve_destination(t.subscriber, spec, gateway_url)
-        policy = policy_from_spec(t.delivery, lambda d: resolve_destination(d, spec, gateway_url),
-                                  timeout_for(t.subscriber))
-        out.append(BrokerTrigger(t.name, t.broker, dict(t.filter.attributes) if t.filter else {}, t.filters,
-                                 lambda attrs, url=url: url, policy))
-    models = {m.served_name: m for m in spec.models} | {m.name: m for m in spec.models}
-
-    def model_route(attrs: dict[str, str]) -> str | None:
-        model = models.get(attrs.get(events.EXT_MODEL, ""))
-        return f"{gateway_url}/models/{model.name}/" if model else None
-
-    longest = max((m.timeoutSeconds for m in spec.models), default=300)
-    out.append(BrokerTrigger(INFERENCE_TRIGGER, "default", {"type": events.INFERENCE_REQUEST}, [], model_route,
-                             DeliveryPolicy(retry=2, backoff_delay=0.5, timeout=float(longest))))
-    if warmer_url:
-        out += [BrokerTrigger(name, "default", {"type": kind}, [], lambda attrs: warmer_url,
-                              DeliveryPolicy(retry=3, timeout=WARMER_TIMEOUT))
-                for name, kind in events.WARMER_TRIGGERS.items()]
-    sink = spec.platform.eventSink
-    if sink:
-        out.append(BrokerTrigger(EVENT_SINK_TRIGGER, "default", {}, [{"prefix": {"type": "dev.knative.apiserver."}}],
-                                 lambda attrs: sink, DeliveryPolicy(retry=3)))
-    return out
-
-
-def brokers_in(spec) -> set[str]:
-    return {"default"} | {t.broker for t in spec.triggers}

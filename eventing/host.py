@@ -14,7 +14,9 @@ from thaw.durations import parse_duration
 from thaw.graph_spec import parse_graph
 from thaw.spec import Spec
 
-from .broker import Broker, brokers_in, triggers_from_spec
+from .broker import Broker
+from .ingress import BrokerIngress
+from .triggers import brokers_in, triggers_from_spec
 from .router import GraphRouter, error_response, header_patterns
 
 log = logging.getLogger("thaw.eventing")
@@ -38,9 +40,9 @@ class EventingHost:
         self.session: aiohttp.ClientSession | None = None
         self.spec = spec
         # brokers and triggers come from apply_spec, at start and on each spec change
-        self.broker = Broker(Path(state_dir) / "broker.db", spec.platform.namespace, set(), [], authorize=authorize,
-                             gateway_auth=(gateway_url + "/", f"Bearer {internal_token}") if internal_token else None,
-                             scope=scope)
+        self.broker = Broker(Path(state_dir) / "broker.db", spec.platform.namespace, set(), [],
+                             gateway_auth=(gateway_url + "/", f"Bearer {internal_token}") if internal_token else None)
+        self.ingress = BrokerIngress(self.broker, authorize, scope)
         self.graphs: dict[str, GraphRouter] = {}
 
     async def start(self) -> None:
@@ -61,7 +63,7 @@ class EventingHost:
         self.broker.brokers = brokers_in(spec)
         self.broker.triggers = triggers_from_spec(spec, self.gateway_url, self.warmer_url)
         read_timeout = parse_duration(spec.platform.gateway.idleTimeout)
-        self.broker.read_timeout = read_timeout
+        self.ingress.read_timeout = read_timeout
         self.graphs = {}
         for name, raw in spec.graphs.items():
             graph = parse_graph(name, raw)
@@ -76,7 +78,7 @@ class EventingHost:
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/graphs/{name}", self.graph)
-        self.broker.add_routes(app)
+        self.ingress.add_routes(app)
 
     async def graph(self, request: web.Request) -> web.StreamResponse:
         if self.authorize is not None:

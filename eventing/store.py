@@ -36,6 +36,7 @@ class StoreError(Exception):
 class Delivery:
     id: int
     event: int
+    broker: str  # the broker its event came into (a reply goes back there)
     trigger: str
     target: str
     kind: str  # "subscriber" or "dead-letter"
@@ -72,10 +73,10 @@ class EventStore:
     def pending(self) -> list[Delivery]:
         """Every delivery not yet done: what a restarted broker sends again."""
         rows = self._db.execute(
-            "SELECT d.id, d.event, d.trigger, d.target, d.kind, d.attempt, d.due, e.headers, e.body, d.extra "
+            "SELECT d.id, d.event, e.broker, d.trigger, d.target, d.kind, d.attempt, d.due, e.headers, e.body, d.extra "
             "FROM deliveries d JOIN events e ON e.id = d.event ORDER BY d.due").fetchall()
-        return [Delivery(r[0], r[1], r[2], r[3], r[4], r[5], r[6], json.loads(r[7]), bytes(r[8]), json.loads(r[9]))
-                for r in rows]
+        return [Delivery(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], json.loads(r[8]), bytes(r[9]),
+                         json.loads(r[10])) for r in rows]
 
     # ---- writes (queued, group-committed) -----------------------------------------------------------
 
@@ -119,7 +120,7 @@ class EventStore:
         for trigger, target in event.deliveries:
             cur = db.execute("INSERT INTO deliveries (event, trigger, target, kind, attempt, due) VALUES (?, ?, ?, ?, 0, ?)",
                              (event_id, trigger, target, "subscriber", event.due))
-            out.append(Delivery(cur.lastrowid, event_id, trigger, target, "subscriber", 0, event.due,
+            out.append(Delivery(cur.lastrowid, event_id, event.broker, trigger, target, "subscriber", 0, event.due,
                                 event.headers, event.body, {}))
         return out
 

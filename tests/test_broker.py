@@ -3,6 +3,7 @@ dead letters, replies over real HTTP; durability across a SIGKILL of `thaw up`."
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -17,7 +18,9 @@ from aiohttp import web
 from conftest import poll
 from loop_servers import Upstreams
 from thaw.eventing import events
-from thaw.eventing.broker import Broker, BrokerTrigger
+from thaw.eventing.broker import Broker
+from thaw.eventing.ingress import BrokerIngress
+from thaw.eventing.triggers import BrokerTrigger
 from thaw.durations import parse_iso_duration
 from thaw.eventing.delivery import DeliveryPolicy, backoff, dead_letter_extensions, next_step, should_retry
 from thaw.eventing.filters import matches
@@ -133,7 +136,7 @@ def broker_url(loop, tmp_path):
         broker = loop.run(build())
         started.append(broker)
         app = web.Application()
-        broker.add_routes(app)
+        BrokerIngress(broker).add_routes(app)
         url = loop.serve(app)
         start.broker = broker
         return url
@@ -266,6 +269,33 @@ def test_a_reply_event_goes_back_into_the_broker(broker_url, upstreams):
     got = poll(lambda: upstreams.seen.get("answers"), 10, what="reply delivered")[0]
     assert got.body == {"answer": 42}
     assert got.headers["ce-knativebrokerttl"] == "254"
+
+
+def test_a_reply_whose_trigger_left_the_spec_meanwhile_still_finishes_its_delivery(broker_url, upstreams, loop):
+    """A spec reload removes the trigger while its subscriber is answering: the reply goes back into the broker the
+    event came into, and the delivery ends (it raised AttributeError and stayed unfinished until a restart)."""
+    import threading
+
+    answering, release = threading.Event(), threading.Event()
+
+    async def slow_answer(request):
+        answering.set()
+        await asyncio.get_running_loop().run_in_executor(None, release.wait, 10)
+        reply = events.make_event("com.example.answer", "/sub", {"answer": 42})
+        headers, body = events.to_http(reply)
+        return web.Response(body=body, headers=headers)
+
+    upstreams.handlers["ask"] = slow_answer
+    url = broker_url([trigger("ask", upstreams.url("ask"), {"type": "com.example.question"}),
+                      trigger("answers", upstreams.reply("answers", {}, 202), {"type": "com.example.answer"})])
+    broker = broker_url.broker
+    assert send(url + "/default/default", type="com.example.question").status_code == 202
+    assert answering.wait(10)
+    broker.triggers = [t for t in broker.triggers if t.name != "ask"]  # what a spec reload does
+    release.set()
+    got = poll(lambda: upstreams.seen.get("answers"), 10, what="the reply delivered")[0]
+    assert got.body == {"answer": 42}
+    assert poll(lambda: not loop.run(asyncio.to_thread(broker.store.pending)), 10, what="no delivery left")
 
 
 @pytest.fixture
