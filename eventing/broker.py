@@ -28,7 +28,7 @@ import logging
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any
 
 import aiohttp
 from cloudevents.core.v1.event import CloudEvent

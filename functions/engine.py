@@ -28,7 +28,6 @@ import queue
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from thaw.spec import EngineArgs
 from thaw.vllm_platform import detect, gpu_memory
@@ -36,6 +35,7 @@ from thaw.vllm_platform import detect, gpu_memory
 from .engine_plan import WORKER_EXTENSION
 from .engine_sleep import AWAKE, EngineSleep, load_weights
 from .engine_watch import EngineCoreWatch
+from .generations import Delta, Embed, Embedding, EngineFailed, Generation, TokenLogprob
 from .protocol import APIError
 
 log = logging.getLogger("thaw.function.engine")
@@ -43,98 +43,6 @@ log = logging.getLogger("thaw.function.engine")
 # On a 503 of an engine still loading (a new replica, or a gunicorn worker restarted in a ready one): the
 # gateway then takes the replica out of rotation until its readiness probe passes, and requeues the request.
 LOADING_HEADER = "X-Thaw-Engine-Loading"
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """What to generate for one choice; converted to vLLM's SamplingParams in the engine."""
-
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logprobs: int | None = None
-    ignore_eos: bool = False
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    min_tokens: int = 0
-    stop_token_ids: tuple[int, ...] = ()
-    include_stop_str_in_output: bool = False
-    skip_special_tokens: bool = True
-    spaces_between_special_tokens: bool = True
-
-
-@dataclass(frozen=True)
-class Embed:
-    """An embedding of one input (vLLM's pooling runner), in place of a Sampling."""
-
-    dimensions: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Embedding:
-    """What the engine gives back for one input of an embedding request."""
-
-    index: int
-    vector: list[float]
-    prompt_tokens: int
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    token: str
-    logprob: float
-    top: tuple[tuple[str, float], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Delta:
-    """New output of one choice since its previous delta."""
-
-    index: int
-    text: str
-    token_count: int
-    logprobs: tuple[TokenLogprob, ...] | None
-    finish_reason: str | None
-
-
-class EngineFailed(Exception):
-    """The engine stopped working; every request in it ends with this."""
-
-
-class Generation:
-    """One API request in the engine: one engine request per choice, all feeding one buffer.
-
-    The engine thread appends each step's deltas and wakes the request's thread once; that thread takes
-    everything buffered since its last take. A thread that falls behind (the GIL, a slow client) then finds
-    several steps' deltas and writes them at once, instead of waking once per token."""
-
-    def __init__(self, request_id: str, choices: int):
-        self.request_id = request_id
-        self.choices = choices
-        self.ended = False  # every choice finished, or the engine failed it: nothing left to abort
-        self._lock = threading.Lock()
-        self._pending: list = []
-        self._woken = threading.Event()
-
-    def put(self, items: list) -> None:
-        """Deltas (or the exception that ends the generation) from the engine thread."""
-        with self._lock:
-            self._pending.extend(items)
-        self._woken.set()
-
-    def take(self, timeout: float) -> list:
-        """Everything put since the last take, waiting up to `timeout` seconds for something; [] if none."""
-        if not self._woken.wait(timeout):
-            return []
-        with self._lock:
-            items, self._pending = self._pending, []
-            self._woken.clear()
-        return items
 
 
 def max_token_bytes(tokenizer) -> int:
@@ -201,9 +109,9 @@ class Engine:
         """Whether the embedding model can shorten its vectors (OpenAI's `dimensions`)."""
         return bool(getattr(self._engine.model_config, "is_matryoshka", False))
 
-    def submit(self, request_id: str, prompts: list[list[int]], sampling: list[Sampling | Embed]) -> Generation:
-        """Start one generation: each prompt with each sampling (choice index = prompt * n + i); for an
-        embedding model, each prompt with one Embed."""
+    def submit(self, request_id: str, prompts: list[list[int]], sampling: list[dict | Embed]) -> Generation:
+        """Start one generation: each prompt with each choice's sampling (vLLM's SamplingParams by name, from the
+        request: protocol.py; choice index = prompt * n + i); for an embedding model, each prompt with one Embed."""
         self.ensure_serving()
         gen = Generation(request_id, choices=len(prompts) * len(sampling))
         self._commands.put(("add", gen, prompts, sampling))
@@ -417,7 +325,7 @@ class Engine:
     def _warm_up(self) -> None:
         """One short request (a generation, or an embedding): /readyz promises a replica that has answered one."""
         self._engine.add_request("warmup", {"prompt_token_ids": [0, 1, 2, 3]},
-                                 self._params(Embed() if self.pooling else Sampling(max_tokens=2, temperature=0)))
+                                 self._params(Embed() if self.pooling else {"max_tokens": 2, "temperature": 0}))
         while self._engine.has_unfinished_requests():
             self._engine.step()
 
@@ -457,7 +365,7 @@ class Engine:
                         self._abort(gen)
                         gen.put([APIError(400, str(exc), param=getattr(exc, "parameter", None))])
                         return
-                    self._routes[engine_id] = (gen, p * n + i, getattr(s, "logprobs", None))
+                    self._routes[engine_id] = (gen, p * n + i, s.get("logprobs") if isinstance(s, dict) else None)
         elif command[0] == "abort":
             self._abort(command[1])
         elif command[0] == "copy":
@@ -505,21 +413,14 @@ class Engine:
             self._engine.abort_request(ids)
 
     @staticmethod
-    def _params(s: Sampling | Embed):
+    def _params(s: dict | Embed):
+        """vLLM's parameters for one choice: its sampling as the request gave it, its outputs as deltas."""
         from vllm import PoolingParams, SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         if isinstance(s, Embed):
             return PoolingParams(task="embed", dimensions=s.dimensions)
-        return SamplingParams(
-            max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, stop=list(s.stop) or None,
-            seed=s.seed, presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
-            logprobs=s.logprobs, ignore_eos=s.ignore_eos, top_k=s.top_k, min_p=s.min_p,
-            repetition_penalty=s.repetition_penalty, min_tokens=s.min_tokens,
-            stop_token_ids=list(s.stop_token_ids) or None, include_stop_str_in_output=s.include_stop_str_in_output,
-            skip_special_tokens=s.skip_special_tokens, spaces_between_special_tokens=s.spaces_between_special_tokens,
-            output_kind=RequestOutputKind.DELTA,
-        )
+        return SamplingParams(**s, output_kind=RequestOutputKind.DELTA)
 
     def _dispatch(self, outputs) -> None:
         """One step's outputs to their generations: one put, so one wake-up, per generation per step."""

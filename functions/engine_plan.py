@@ -16,7 +16,6 @@ table-tested in tests/test_engine_plan.py, plus the small files they name).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile

@@ -133,6 +133,19 @@ class _SamplingRequest(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
+    def sampling(self, max_tokens: int, choice: int = 0) -> dict[str, Any]:
+        """vLLM's SamplingParams for one choice, by its own names: the one place the request's sampling settings
+        are read (the engine adds only how outputs come back). Choice i of a seeded request takes seed + i."""
+        return {"max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "stop": self.stop_list() or None, "seed": None if self.seed is None else self.seed + choice,
+                "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+                "logprobs": self.logprobs_count, "ignore_eos": self.ignore_eos, "top_k": self.top_k,
+                "min_p": self.min_p, "repetition_penalty": self.repetition_penalty, "min_tokens": self.min_tokens,
+                "stop_token_ids": self.stop_token_ids or None,
+                "include_stop_str_in_output": self.include_stop_str_in_output,
+                "skip_special_tokens": self.skip_special_tokens,
+                "spaces_between_special_tokens": self.spaces_between_special_tokens}
+
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []

@@ -15,7 +15,8 @@ from openai.types.chat.chat_completion import Choice as ChatChoice
 
 from . import protocol as p
 from .boot import FunctionConfig
-from .engine import Delta, Embed, Embedding, Engine, EngineFailed, Generation, Sampling
+from .engine import Engine
+from .generations import Delta, Embed, Embedding, EngineFailed, Generation
 from .metrics import FunctionMetrics
 from .serving import ClientGone
 
@@ -111,18 +112,7 @@ class FunctionService:
         chat = isinstance(req, p.ChatCompletionRequest)
         prompts = self._chat_prompt(req) if chat else self._completion_prompts(req)
         max_tokens = self._max_tokens(prompts, req.output_limit)
-        sampling = [
-            Sampling(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                     stop=tuple(req.stop_list()), seed=None if req.seed is None else req.seed + i,
-                     presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                     logprobs=req.logprobs_count, ignore_eos=req.ignore_eos, top_k=req.top_k, min_p=req.min_p,
-                     repetition_penalty=req.repetition_penalty, min_tokens=req.min_tokens,
-                     stop_token_ids=tuple(req.stop_token_ids or ()),
-                     include_stop_str_in_output=req.include_stop_str_in_output,
-                     skip_special_tokens=req.skip_special_tokens,
-                     spaces_between_special_tokens=req.spaces_between_special_tokens)
-            for i in range(req.n)
-        ]
+        sampling = [req.sampling(max_tokens, i) for i in range(req.n)]
         gen = self.engine.submit(p.new_id("chatcmpl" if chat else "cmpl"), prompts, sampling)
         self.metrics.in_flight.inc()
 

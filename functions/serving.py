@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Iterable, Iterator
 
 from . import protocol as p
-from .engine import Delta, EngineFailed
+from .generations import Delta, EngineFailed
 
 
 class ClientGone(Exception):

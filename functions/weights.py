@@ -21,7 +21,10 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:  # torch is imported only where a GPU copy runs
+    import torch
 
 CHUNK_BYTES = 64 << 20  # one pread and one host -> device copy
 RING_SLOTS = 8  # pinned chunks in flight: 512 MiB of host memory, kept by the worker between loads
@@ -184,7 +187,7 @@ def _pread_into(fd: int, buf, offset: int) -> None:
 
 
 def stream_weights(entries: list[Entry], device: str, ring: PinnedRing,
-                   copy: HostCopy | None = None) -> Iterator[tuple[str, "torch.Tensor"]]:
+                   copy: HostCopy | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor on `device`) for each entry, in order. An entry in the host copy goes to the device in
     one asynchronous copy from it; the others are read from their files: up to len(ring.slots) chunk reads
     run at once, and a slot is reused only once the device copy out of it has finished (an event per slot)."""

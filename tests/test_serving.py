@@ -14,7 +14,7 @@ from openai.types.chat import ChatCompletionChunk
 from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice, ChoiceDelta
 
 from thaw.functions import protocol as p
-from thaw.functions.engine import Delta, EngineFailed, TokenLogprob
+from thaw.functions.generations import Delta, EngineFailed, TokenLogprob
 from thaw.functions.serving import ClientGone, merge, stream_bytes
 
 TEXTS = ["", "Paris", 'quote " and \\ backslash', "line\nbreak\ttab", "control \x01\x1f", "é ü 中文 😀",
@@ -125,7 +125,7 @@ def test_a_client_gone_ends_the_stream_without_another_byte():
 
 def test_deltas_the_engine_put_before_a_failure_reach_the_client_first():
     """One take can hold a step's deltas and then the failure that ended the generation (or the engine)."""
-    from thaw.functions.engine import Generation
+    from thaw.functions.generations import Generation
     from thaw.functions.metrics import FunctionMetrics
     from thaw.functions.service import FunctionService
 
