@@ -50,6 +50,11 @@ def event_attributes(headers: dict[str, str]) -> dict[str, str]:
     return attrs
 
 
+def model_events_url(gateway_url: str, model: str) -> str:
+    """A model's CloudEvents route on thaw's gateway."""
+    return f"{gateway_url}/models/{model}/"
+
+
 def resolve_destination(destination, spec, gateway_url: str) -> str:
     """A Knative Destination as a URL here: a uri, or a ref to a thaw Model (its CloudEvents route) or
     Graph, with an optional relative uri."""
@@ -57,7 +62,7 @@ def resolve_destination(destination, spec, gateway_url: str) -> str:
         return destination.uri
     ref = destination.ref
     if ref.kind == "Model":
-        base = f"{gateway_url}/models/{spec.model(ref.name).name}/"
+        base = model_events_url(gateway_url, spec.model(ref.name).name)
     elif ref.kind == "Graph":
         base = f"{gateway_url}/graphs/{ref.name}"
     else:
@@ -103,7 +108,7 @@ def triggers_from_spec(spec, gateway_url: str, warmer_url: str | None = None) ->
 
     def model_route(attrs: dict[str, str]) -> str | None:
         name = model_of(attrs)
-        return f"{gateway_url}/models/{name}/" if name else None
+        return model_events_url(gateway_url, name) if name else None
 
     longest = max((m.timeoutSeconds for m in spec.models), default=300)
     out.append(BrokerTrigger(INFERENCE_TRIGGER, "default", {"type": events.INFERENCE_REQUEST}, [], model_route,

@@ -29,6 +29,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from thaw.openai_wire import LOADING_HEADER
 from thaw.spec import EngineArgs
 from thaw.vllm_platform import detect, gpu_memory
 
@@ -39,10 +40,6 @@ from .generations import Delta, Embed, Embedding, EngineFailed, Generation, Toke
 from .protocol import APIError
 
 log = logging.getLogger("thaw.function.engine")
-
-# On a 503 of an engine still loading (a new replica, or a gunicorn worker restarted in a ready one): the
-# gateway then takes the replica out of rotation until its readiness probe passes, and requeues the request.
-LOADING_HEADER = "X-Thaw-Engine-Loading"
 
 
 def max_token_bytes(tokenizer) -> int:

@@ -11,7 +11,7 @@ import logging
 
 from gunicorn import util
 
-from .protocol import error_body
+from thaw.openai_wire import error_body
 
 
 def options(host: str, port: int, threads: int = 64) -> dict:

@@ -13,6 +13,7 @@ import uuid
 from typing import Any, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from thaw.openai_wire import error_body  # noqa: F401 (the replica's routes build their errors through protocol)
 
 
 class APIError(Exception):
@@ -30,10 +31,6 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.param, self.code)
-
-
-def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 def model_not_found(name: str) -> APIError:

@@ -35,8 +35,7 @@ def event_routes(service: FunctionService) -> Blueprint:
             body = service.embed(data)
         else:
             kind = p.ChatCompletionRequest if "messages" in data else p.CompletionRequest
-            req, gen, prompt_tokens, arrived = service.start(kind, data)
-            body = service.complete(req, gen, prompt_tokens, arrived, request.environ)
+            body = service.complete(service.start(kind, data), request.environ)
         reply = events.make_event(events.INFERENCE_RESPONSE, f"/thaw/models/{name}", body,
                                   **{events.EXT_REQUEST_ID: events.request_id(event), events.EXT_MODEL: name})
         headers, payload = events.to_http(reply)

@@ -29,14 +29,14 @@ def openai_routes(service: FunctionService) -> Blueprint:
     config, engine = service.config, service.engine
 
     def generate(kind: type):
-        req, gen, prompt_tokens, arrived = service.start(kind, json_body())
-        environ = request.environ
+        admitted = service.start(kind, json_body())
+        req, gen, environ = admitted.req, admitted.gen, request.environ
         if not req.stream:
-            return jsonify(service.complete(req, gen, prompt_tokens, arrived, environ))
-        takes = service.first_take(gen, environ, arrived)
+            return jsonify(service.complete(admitted, environ))
+        takes = service.first_take(admitted, environ)
         encoder = p.ChunkEncoder(isinstance(req, p.ChatCompletionRequest), gen.request_id, p.now(),
                                  config.served_name, req.include_usage)
-        return Response(stream_bytes(encoder, gen.choices, takes, prompt_tokens),
+        return Response(stream_bytes(encoder, gen.choices, takes, admitted.prompt_tokens),
                         mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     routes.add_url_rule("/v1/chat/completions", "chat", lambda: generate(p.ChatCompletionRequest), methods=["POST"])

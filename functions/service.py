@@ -6,6 +6,7 @@ from __future__ import annotations
 import select
 import socket
 import time
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 from flask import Response, after_this_request
@@ -35,6 +36,16 @@ def client_gone(environ: dict) -> bool:
         return False
     except (OSError, ValueError):
         return True
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """A generation request taken in: what was asked, its buffer in the engine, and when it arrived."""
+
+    req: Any  # a ChatCompletionRequest or a CompletionRequest
+    gen: Generation
+    prompt_tokens: int
+    arrived: float  # time.perf_counter() at arrival: the start of its time to first token
 
 
 class FunctionService:
@@ -98,7 +109,7 @@ class FunctionService:
                     param="max_tokens", code="context_length_exceeded")
         return requested if requested is not None else limit - max(len(ids) for ids in prompts)
 
-    def start(self, kind: type, data: Any) -> tuple[Any, Generation, int, float]:
+    def start(self, kind: type, data: Any) -> Admitted:
         """Validate a request body and put its generation in the engine."""
         arrived = time.perf_counter()
         req = p.parse_request(kind, data)
@@ -123,7 +134,7 @@ class FunctionService:
             response.call_on_close(lambda: self.finish(gen))
             return response
 
-        return req, gen, sum(len(ids) for ids in prompts), arrived
+        return Admitted(req, gen, sum(len(ids) for ids in prompts), arrived)
 
     def embed(self, data: Any) -> dict:
         """An embeddings request, answered whole: one vector per input, in its order."""
@@ -209,15 +220,16 @@ class FunctionService:
                 gen.ended = True
                 raise items[cut]
 
-    def complete(self, req, gen: Generation, prompt_tokens: int, arrived: float, environ: dict) -> dict:
+    def complete(self, admitted: Admitted, environ: dict) -> dict:
         """The whole response of a non-streamed request."""
+        req, gen = admitted.req, admitted.gen
         chat = isinstance(req, p.ChatCompletionRequest)
         texts: dict[int, list[str]] = {i: [] for i in range(gen.choices)}
         logprobs: dict[int, list] = {i: [] for i in range(gen.choices)}
         reasons: dict[int, str | None] = {}
         completion_tokens = 0
         try:
-            for take in self.takes(gen, environ, arrived):
+            for take in self.takes(gen, environ, admitted.arrived):
                 for d in take:
                     texts[d.index].append(d.text)
                     logprobs[d.index].extend(d.logprobs or ())
@@ -227,7 +239,7 @@ class FunctionService:
         except EngineFailed as exc:
             raise p.APIError(500, f"The engine failed: {exc}", code="engine_failed") from None
         common = {"id": gen.request_id, "created": p.now(), "model": self.config.served_name,
-                  "usage": CompletionUsage.model_construct(**p.usage(prompt_tokens, completion_tokens))}
+                  "usage": CompletionUsage.model_construct(**p.usage(admitted.prompt_tokens, completion_tokens))}
         lps = {i: p.logprobs_json(chat, logprobs[i]) if req.logprobs_count is not None else None for i in texts}
         # Built without validation, as the chunks are: a finish reason vLLM adds beyond OpenAI's list passes
         # through, as vLLM's own server passes it, rather than failing a finished answer.
@@ -242,9 +254,9 @@ class FunctionService:
                                                  finish_reason=reasons.get(i)) for i in texts])
         return body.model_dump(mode="json", exclude_unset=True)
 
-    def first_take(self, gen: Generation, environ: dict, arrived: float) -> Iterator[list[Delta]]:
+    def first_take(self, admitted: Admitted, environ: dict) -> Iterator[list[Delta]]:
         """Wait for the first output before a stream's headers go out, so early failures keep their status."""
-        takes = self.takes(gen, environ, arrived)
+        takes = self.takes(admitted.gen, environ, admitted.arrived)
         try:
             first = next(takes)
         except EngineFailed as exc:

@@ -13,7 +13,7 @@ import requests
 from aiohttp import web
 
 from loop_servers import LoopThread
-from thaw.functions.engine import LOADING_HEADER
+from thaw.openai_wire import LOADING_HEADER
 from thaw.knative.embedded.control.autoscaler import Autoscaler, ConcurrencyWindow, resolve_spec
 from thaw.knative.embedded.control.revision import Revision
 from thaw.knative.embedded.dataplane.activator import Activator

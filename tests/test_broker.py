@@ -298,6 +298,34 @@ def test_a_reply_whose_trigger_left_the_spec_meanwhile_still_finishes_its_delive
     assert poll(lambda: not loop.run(asyncio.to_thread(broker.store.pending)), 10, what="no delivery left")
 
 
+def test_a_models_events_go_in_process_where_the_broker_shares_the_gateways_process(broker_url, upstreams):
+    """thaw up runs the broker and the gateway in one process: an event for a model goes to the gateway's
+    in-process entry (standing in here: the real one is test_serving_plane's event tests), not over HTTP to a
+    gateway port (nothing listens on this one), and its answer comes back into the broker as any reply does."""
+    gateway = f"http://127.0.0.1:{free_port()}"
+    calls = []
+
+    async def in_process(model, headers, body):
+        calls.append((model, headers["ce-type"], json.loads(body)))
+        headers, body = events.to_http(events.make_event("com.example.answer", f"/models/{model}", {"answer": 42}))
+        return 200, headers, body
+
+    url = broker_url([
+        BrokerTrigger("ask", "default", {"type": "com.example.question"}, [],
+                      lambda attrs: f"{gateway}/models/tiny/", DeliveryPolicy(timeout=10), lambda attrs: "tiny"),
+        BrokerTrigger("graph", "default", {"type": "com.example.question"}, [],
+                      lambda attrs: f"{gateway}/graphs/chain", DeliveryPolicy(timeout=10, retry=0)),
+        trigger("answers", upstreams.reply("answers", {}, 202), {"type": "com.example.answer"}),
+    ])
+    broker = broker_url.broker
+    broker.gateway_url, broker.in_process = gateway, in_process
+    assert send(url + "/default/default", type="com.example.question", data={"q": 1}).status_code == 202
+    got = poll(lambda: upstreams.seen.get("answers"), 10, what="the model's answer delivered")[0]
+    assert got.body == {"answer": 42}
+    assert calls == [("tiny", "com.example.question", {"q": 1})]  # the graph's delivery went over HTTP, and failed
+    assert poll(lambda: broker.stats.dropped == 1, 10, what="the graph's delivery given up")
+
+
 @pytest.fixture
 def small_disk(tmpfs):
     """A real 1 MiB filesystem (tmpfs) for the broker's store."""

@@ -31,13 +31,14 @@ import aiohttp
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from thaw.functions.protocol import error_body
+from thaw.openai_wire import error_body
 from thaw.http_body import read_body
 from thaw.json_body import InvalidJSON, decode
 
 from .auth import AuthError, Authenticator
 from .control.plane import ServingPlane, UnknownModel
 from .dataplane.openai_errors import error_response as _error
+from .dataplane.proxy import LocalCall
 
 log = logging.getLogger("thaw.gateway")
 
@@ -249,6 +250,19 @@ class Gateway:
             return _surface_error(request, 404, f"No route {request.path}: a replica's sleep routes are the "
                                                 "serving plane's, not a client's")
         return await self._forward(request, model, tag or None, path, await read_body(request, self.idle_timeout))
+
+    async def deliver_event(self, model: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
+        """An event from the broker in this process to a model's CloudEvents route (`/models/<model>/`), without
+        an HTTP hop back in through this gateway: the broker has already checked what its sender may reach,
+        which is what the gateway's auth check would do with the broker's own token."""
+        try:
+            rev = self.plane.route(model, None)
+        except UnknownModel:
+            response = _not_found(model)
+        else:
+            self.plane.record_call(rev.model.name)
+            response = await rev.activator.forward(self.session, LocalCall("POST", headers), model, "/", body)
+        return response.status, dict(response.headers), response.body
 
     # ---- to the revision's activator -------------------------------------------------------------
 

@@ -88,6 +88,7 @@ async def serve(spec: Spec, spec_path: Path | None, ready: asyncio.Event | None 
     idle_timeout = parse_duration(spec.platform.gateway.idleTimeout)
     gateway = Gateway(plane, auth, spec.platform.gateway.max_body_bytes, idle_timeout, spec.platform.namespace,
                       spec.platform.gateway.domain)
+    eventing.broker.gateway_url, eventing.broker.in_process = gateway_url, gateway.deliver_event
     host, port = spec.platform.gateway.host, spec.platform.gateway.port
     plane.spec_listeners.append(eventing.apply_spec)
 

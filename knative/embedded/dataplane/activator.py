@@ -24,7 +24,7 @@ from thaw.spec import Model
 
 from .breaker import QueueFull, Unservable
 from .openai_errors import error_response
-from .proxy import NotAnswered, NotReady, proxy
+from .proxy import LocalCall, NotAnswered, NotReady, proxy
 from .replica import RUNNING, Replica, State
 from .throttler import Throttler
 
@@ -84,7 +84,7 @@ class Activator:
         self.moves.poke(rev)
         return True
 
-    async def forward(self, session: aiohttp.ClientSession, request: web.Request, label: str, path: str,
+    async def forward(self, session: aiohttp.ClientSession, request: web.Request | LocalCall, label: str, path: str,
                       body: bytes) -> web.StreamResponse:
         rev = self.revision
         timeout_seconds = rev.model.timeoutSeconds

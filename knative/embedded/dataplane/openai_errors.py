@@ -6,7 +6,7 @@ import json
 
 from aiohttp import web
 
-from thaw.functions.protocol import error_body
+from thaw.openai_wire import error_body
 
 
 def error_response(status: int, message: str, type: str = "invalid_request_error", code: str | None = None,

@@ -8,11 +8,13 @@ any answer) mean nothing reached the client, so another replica may take the req
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass, field
+from typing import Mapping
 
 import aiohttp
 from aiohttp import web
 
-from thaw.functions.engine import LOADING_HEADER
+from thaw.openai_wire import LOADING_HEADER
 
 from .openai_errors import error_response, sse_error
 
@@ -20,6 +22,16 @@ from .openai_errors import error_response, sse_error
 # again, and the client's credentials (the gateway checked them; replicas never see them).
 NOT_FORWARDED = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
                  "transfer-encoding", "upgrade", "host", "content-length", "authorization"}
+
+
+@dataclass(frozen=True)
+class LocalCall:
+    """A request made inside the gateway's process (the broker's deliveries to a model): what the proxy reads of
+    a client's request, with no connection to stream an answer to, so its answer comes back whole."""
+
+    method: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    query_string: str = ""
 
 
 class NotReady(Exception):
@@ -34,7 +46,7 @@ class NotAnswered(Exception):
         self.refused = refused
 
 
-async def proxy(session: aiohttp.ClientSession, request: web.Request, replica_url: str, path: str, body: bytes,
+async def proxy(session: aiohttp.ClientSession, request: web.Request | LocalCall, replica_url: str, path: str, body: bytes,
                 remaining: float, answer_headers: dict[str, str], model: str,
                 timeout_seconds: int) -> web.StreamResponse:
     """Send the request to the replica and its answer back; a timeout is a 504, a replica dying under an
@@ -51,7 +63,8 @@ async def proxy(session: aiohttp.ClientSession, request: web.Request, replica_ur
             answered = True
             out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in NOT_FORWARDED}
             out_headers.update(answer_headers)
-            if not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+            if not (upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+                    and isinstance(request, web.BaseRequest)):
                 return web.Response(body=await upstream.read(), status=upstream.status, headers=out_headers)
             response = web.StreamResponse(status=upstream.status, headers=out_headers)
             await response.prepare(request)
