@@ -1,1 +1,2 @@
-"""Cache tier, stager, prewarm, cold-start optimizer and the warmer's CloudEvents app."""
+"""The cache warmer: its CloudEvents service (app.py), on the cache tier library (tier/) and beside the
+cold-start optimizer (optimizer/)."""

@@ -22,11 +22,11 @@ from werkzeug.exceptions import HTTPException
 from thaw.eventing import events
 from thaw.spec import Model, Spec, SpecError, load_spec
 
-from .tier_commands import stage_settings
-from .ensure import ensure
-from .prewarm import read_into_page_cache
-from .origins import origin_for
-from .tier import CacheError, CacheTier
+from .tier.commands import stage_settings
+from .tier.ensure import ensure
+from .tier.prewarm import read_into_page_cache
+from .tier.origins import origin_for
+from .tier.cache import CacheError, CacheTier
 
 log = logging.getLogger("thaw.cache_warmer")
 

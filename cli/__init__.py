@@ -126,9 +126,9 @@ def warm(
     bandwidth_mbps: Optional[float] = typer.Option(None, "--bandwidth-mbps", help="Cap the link (megabits/s)."),
 ) -> None:
     """Stage a model from its origin into the cache tier (resumable, verified, with progress)."""
-    from thaw.cache_warmer.tier_commands import warm_model
-    from thaw.cache_warmer.stager import StageSettings, link_rate
-    from thaw.cache_warmer.tier import CacheError
+    from thaw.cache_warmer.tier.commands import warm_model
+    from thaw.cache_warmer.tier.stager import StageSettings, link_rate
+    from thaw.cache_warmer.tier.cache import CacheError
 
     spec = _spec(file)
     target = _model(spec, model, file)
@@ -144,7 +144,7 @@ def warm(
 @cache_app.command("ls")
 def cache_ls(file: Path = typer.Option(Path("thaw.yaml"), "-f", "--file")) -> None:
     """The versions in the cache tier, most recently used first."""
-    from thaw.cache_warmer.tier_commands import list_versions, tier_of
+    from thaw.cache_warmer.tier.commands import list_versions, tier_of
 
     list_versions(tier_of(_spec(file)), console)
 
@@ -155,7 +155,7 @@ def cache_verify(
     repair: bool = typer.Option(True, "--repair/--no-repair", help="Re-stage damaged versions."),
 ) -> None:
     """Check every version's files against its manifest (sizes, sha256)."""
-    from thaw.cache_warmer.tier_commands import verify_versions
+    from thaw.cache_warmer.tier.commands import verify_versions
 
     sys.exit(verify_versions(_spec(file), console, repair))
 
@@ -167,8 +167,8 @@ def cache_evict(
     force: bool = typer.Option(False, "--force", help="Even if pinned or in use."),
 ) -> None:
     """Remove a version from the cache tier."""
-    from thaw.cache_warmer.tier_commands import evict_version, tier_of
-    from thaw.cache_warmer.tier import CacheError, check_key
+    from thaw.cache_warmer.tier.commands import evict_version, tier_of
+    from thaw.cache_warmer.tier.cache import CacheError, check_key
 
     try:
         check_key(key)
@@ -350,7 +350,7 @@ def optimize(
     """The cold-start optimizer's keep-warm loop against a Knative cluster (thaw up runs it itself)."""
     import asyncio
 
-    from thaw.cache_warmer.optimizer_loop import keep_warm_loop
+    from thaw.cache_warmer.optimizer.loop import keep_warm_loop
     from thaw.knative.cluster.backend import ClusterBackend
     from thaw.knative.cluster.deploy import ClusterClient
 

@@ -10,7 +10,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from thaw.cache_warmer.prewarm import read_into_page_cache
+from thaw.cache_warmer.tier.prewarm import read_into_page_cache
 from thaw.launch import ReplicaBoot
 from thaw.spec import EngineArgs, S3Origin, quantity_bytes
 from thaw.vllm_platform import detect
@@ -70,13 +70,13 @@ def weights_fetcher(config: FunctionConfig):
     engine starts from the architecture's view, functions/engine_plan.py, so vLLM's own key agrees)."""
 
     def fetch() -> tuple[Path, dict[str, float]]:
-        from thaw.cache_warmer.tier import CacheTier
+        from thaw.cache_warmer.tier.cache import CacheTier
 
         timings: dict[str, float] = {}
         if config.source:
-            from thaw.cache_warmer.ensure import ensure
-            from thaw.cache_warmer.origins import origin_for
-            from thaw.cache_warmer.stager import StageSettings, link_rate
+            from thaw.cache_warmer.tier.ensure import ensure
+            from thaw.cache_warmer.tier.origins import origin_for
+            from thaw.cache_warmer.tier.stager import StageSettings, link_rate
 
             tier = CacheTier(config.cache.root, config.cache.capacity)
             result = ensure(tier, origin_for(config.source, config.cache.s3), lease_pid=os.getpid(),

@@ -16,10 +16,10 @@ import yaml
 
 from conftest import poll, thaw_cli
 from s3_servers import FaultProxy, start_moto
-from thaw.cache_warmer.ensure import ensure
-from thaw.cache_warmer.origins import DirOrigin, ObjectInfo, S3Origin
-from thaw.cache_warmer.stager import StageSettings
-from thaw.cache_warmer.tier import CacheError, CacheTier, Entry, check_key, plan_evictions, safe_name
+from thaw.cache_warmer.tier.ensure import ensure
+from thaw.cache_warmer.tier.origins import DirOrigin, ObjectInfo, S3Origin
+from thaw.cache_warmer.tier.stager import StageSettings
+from thaw.cache_warmer.tier.cache import CacheError, CacheTier, Entry, check_key, plan_evictions, safe_name
 
 SETTINGS = StageSettings(parallel=4, part_size=256 << 10, attempts=6, backoff=0.01)
 FILES = {"config.json": b'{"a": 1}', "model.safetensors": os.urandom(3 << 20) + b"end",
@@ -139,8 +139,8 @@ def test_a_part_damaged_on_disk_after_its_write_is_fetched_again(s3, tmp_path, m
     """A write that reported success but left other bytes (a disk that lies, a short write unnoticed): the
     read-back check finds it before publishing, and the file is fetched again. A folder origin has no
     checksum of its own: the digests of what it sent are the reference."""
-    from thaw.cache_warmer import stager
-    from thaw.cache_warmer.origins import DirOrigin
+    from thaw.cache_warmer.tier import stager
+    from thaw.cache_warmer.tier.origins import DirOrigin
 
     proxy, _ = s3
     source = origin(proxy)
@@ -194,7 +194,7 @@ def test_verify_holds_a_version_to_the_origins_own_checksum_not_only_its_manifes
     """Damaged bytes whose manifest was rewritten to match them: the origin's MD5 (its ETag) still tells."""
     import json
 
-    from thaw.cache_warmer.tier import file_digests
+    from thaw.cache_warmer.tier.cache import file_digests
 
     spec, version = _warmed(s3, tmp_path)
     damaged = version / "model.safetensors"
@@ -455,8 +455,8 @@ def test_a_replica_served_from_a_folder_keeps_its_compile_cache_in_the_tier(tiny
 
 
 def test_a_symlink_out_of_a_model_folder_is_refused_and_nothing_is_staged(tmp_path):
-    from thaw.cache_warmer.origins import DirOrigin
-    from thaw.cache_warmer.tier import CacheError
+    from thaw.cache_warmer.tier.origins import DirOrigin
+    from thaw.cache_warmer.tier.cache import CacheError
 
     secret = tmp_path / "secret.txt"
     secret.write_text("not a model file")

@@ -293,7 +293,7 @@ def test_the_optimizer_drives_a_cluster_through_knative(standin, tmp_path):
     recorder here (Knative's routes need a cluster)."""
     import asyncio
 
-    from thaw.cache_warmer.optimizer_loop import graph_look_ahead, keep_warm_loop
+    from thaw.cache_warmer.optimizer.loop import graph_look_ahead, keep_warm_loop
     from thaw.graph_spec import parse_graph
     from thaw.knative.cluster.backend import ClusterBackend
     from thaw.knative.cluster.deploy import ClusterClient

@@ -13,8 +13,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # Dockerfile -> the modules its `thaw` entrypoint loads for the command a cluster runs it with.
 IMAGES = {"eventing/Dockerfile.router": ["thaw.cli", "thaw.eventing.router", "thaw.eventing.graph"],
-          "cache-warmer/Dockerfile": ["thaw.cli", "thaw.cache_warmer.app", "thaw.cache_warmer.stager",
-                                      "thaw.cache_warmer.origins"]}
+          "cache-warmer/Dockerfile": ["thaw.cli", "thaw.cache_warmer.app", "thaw.cache_warmer.tier.stager",
+                                      "thaw.cache_warmer.tier.origins"]}
 
 
 def pip_installs(dockerfile: Path) -> list[list[str]]:

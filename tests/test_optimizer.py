@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from thaw.cache_warmer.optimizer import Budget, Demand, call_probability, lookahead_models, plan_keep_warm
+from thaw.cache_warmer.optimizer.decide import Budget, Demand, call_probability, lookahead_models, plan_keep_warm
 
 NOW = 10_000.0
 

@@ -1,4 +1,4 @@
-"""The cold-start optimizer's effects on a Knative cluster (cache-warmer/optimizer_loop.py's ServingBackend), so the
+"""The cold-start optimizer's effects on a Knative cluster (cache-warmer/optimizer/loop.py's ServingBackend), so the
 keep-warm loop and graph look-ahead that drive `thaw up` drive a cluster too (`thaw optimize`).
 
 - demands: Knative keeps no request history an API client can read; what it shows is each revision's
@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 import requests
 
-from thaw.cache_warmer.optimizer import Demand
+from thaw.cache_warmer.optimizer.decide import Demand
 from thaw.eventing import events
 from thaw.spec import Spec
 

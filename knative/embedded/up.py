@@ -16,7 +16,7 @@ from aiohttp import web
 from rich.console import Console
 from rich.logging import RichHandler
 
-from thaw.cache_warmer.optimizer_loop import graph_look_ahead
+from thaw.cache_warmer.optimizer.loop import graph_look_ahead
 from thaw.functions.payload_log import PAYLOAD_LOG_TOKEN_ENV
 from thaw.eventing.host import EventingHost
 from thaw.durations import parse_duration

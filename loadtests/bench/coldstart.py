@@ -43,7 +43,7 @@ def _model_folder(model: Model, spec: Spec, work: Path, console: Console) -> Pat
     """A local folder with the model's weights (staged once from its origin if it has one)."""
     if not model.source.startswith("s3://"):
         return Path(model.source).resolve()
-    from thaw.cache_warmer.tier_commands import warm_model
+    from thaw.cache_warmer.tier.commands import warm_model
 
     local = spec.model_copy(update={"platform": spec.platform.model_copy(update={
         "cache": spec.platform.cache.model_copy(update={"path": str(work / "origin-copy")})})})
@@ -115,7 +115,7 @@ def run_coldstart_bench(spec: Spec, model_name: str | None, runs: int, burst: in
                                    "autoscaler": {"scale-to-zero-grace-period": "1s", "tick-interval": "1s"}},
                       "models": bench_models(model, prefixes)}
         plane = PlaneUnderTest(work, bench_spec)
-        from thaw.cache_warmer.tier import CacheTier
+        from thaw.cache_warmer.tier.cache import CacheTier
 
         tier = CacheTier(work / "cache", 20 << 30)
 

@@ -135,7 +135,7 @@ def bench_vllm(model_dir: Path, engine: dict, runs: int, work: Path, console: Co
 def _compile_dir(work: Path, model_dir: Path, engine: dict, **model) -> Path:
     """The compile cache in the tier that this part's replicas use (their architecture and engine
     configuration, as functions/boot.py names it): the one (d) wipes, leaving other parts' warm."""
-    from thaw.cache_warmer.tier import CacheTier
+    from thaw.cache_warmer.tier.cache import CacheTier
     from thaw.functions.engine_plan import arch_id
     from thaw.spec import Model
 

@@ -62,10 +62,10 @@ def synthetic_model(client, prefix: str, files: int, file_mib: int) -> int:
 
 
 def bench_throughput(url: str, work: Path, total: int, rounds: int, progress: Progress) -> dict:
-    from thaw.cache_warmer.ensure import ensure
-    from thaw.cache_warmer.origins import S3Origin
-    from thaw.cache_warmer.stager import StageSettings
-    from thaw.cache_warmer.tier import CacheTier
+    from thaw.cache_warmer.tier.ensure import ensure
+    from thaw.cache_warmer.tier.origins import S3Origin
+    from thaw.cache_warmer.tier.stager import StageSettings
+    from thaw.cache_warmer.tier.cache import CacheTier
 
     client = s3_client(url)
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="synthetic/")["Contents"]]
@@ -107,7 +107,7 @@ def bench_first_request(url: str, work: Path, model_dir: Path, runs: int, mbps: 
                          "autoscaler": {"scale-to-zero-grace-period": "1s", "tick-interval": "1s"}},
             "models": models}
     plane = PlaneUnderTest(work, spec)
-    from thaw.cache_warmer.tier import CacheTier
+    from thaw.cache_warmer.tier.cache import CacheTier
 
     tier = CacheTier(work / "cache", 10 << 30)
     results: dict[str, list[dict]] = {"prestaged": [], "fetched": []}

@@ -1,4 +1,4 @@
-"""The cold-start optimizer's effects on the embedded plane (cache-warmer/optimizer_loop.py's ServingBackend): the
+"""The cold-start optimizer's effects on the embedded plane (cache-warmer/optimizer/loop.py's ServingBackend): the
 plane's own request history, a keep-warm floor under a revision's scale, warm requests as CloudEvents
 into the local broker (its trigger takes them to the cache warmer, as on a cluster), start-ahead as a
 request at zero would wake the revision."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Awaitable, Callable, Protocol
 
-from thaw.cache_warmer.optimizer import Demand
+from thaw.cache_warmer.optimizer.decide import Demand
 from thaw.eventing import events
 from thaw.eventing.store import StoreError
 

@@ -20,7 +20,7 @@ from typing import Any, Awaitable, Callable
 
 import aiohttp
 
-from thaw.cache_warmer.optimizer_loop import keep_warm_loop
+from thaw.cache_warmer.optimizer.loop import keep_warm_loop
 from thaw.durations import parse_duration
 from thaw.launch import ReplicaBoot, replica_boot
 from thaw.spec import Model, Spec, SpecError, load_spec, pvc_parts, spec_warnings

@@ -70,14 +70,14 @@ def preload() -> float:
     import vllm  # noqa: F401
     from vllm.engine.llm_engine import LLMEngine  # noqa: F401
 
-    import thaw.cache_warmer.ensure  # noqa: F401 - a replica with an s3:// source stages at boot
-    import thaw.cache_warmer.origins
+    import thaw.cache_warmer.tier.ensure  # noqa: F401 - a replica with an s3:// source stages at boot
+    import thaw.cache_warmer.tier.origins
     import thaw.functions.app  # noqa: F401
     import thaw.functions.boot  # noqa: F401
     import thaw.functions.serve  # noqa: F401
 
     # botocore reads and parses its S3 service description on a client's first creation
-    thaw.cache_warmer.origins.S3Origin("s3://preload", region="us-east-1")
+    thaw.cache_warmer.tier.origins.S3Origin("s3://preload", region="us-east-1")
 
     # What vLLM imports while its engine starts (hundreds of modules: worker, model runner, loader, layers,
     # scheduler, sampler). Names move between vLLM versions, so a missing one is skipped, not an error.

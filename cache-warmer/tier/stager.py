@@ -27,7 +27,7 @@ from typing import Callable
 import tenacity
 
 from .origins import ObjectInfo, Origin
-from .tier import CacheError, safe_name
+from .cache import CacheError, safe_name
 
 MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")  # a multipart upload's ETag has a "-N" suffix and is no MD5
 

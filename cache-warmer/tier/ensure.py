@@ -15,7 +15,7 @@ from typing import Callable
 from .origins import Origin, UnsafeSource
 from .prewarm import copy_to_dram, read_into_page_cache
 from .stager import StageSettings, stage_files
-from .tier import CacheError, CacheTier, safe_name, version_key
+from .cache import CacheError, CacheTier, safe_name, version_key
 
 
 @dataclass

@@ -13,7 +13,7 @@ from kubernetes.utils import parse_quantity
 
 from thaw.durations import parse_duration
 
-from .optimizer import Budget, Demand, lookahead_models, plan_keep_warm
+from .decide import Budget, Demand, lookahead_models, plan_keep_warm
 
 log = logging.getLogger("thaw.optimizer")
 

@@ -14,7 +14,7 @@ from thaw.spec import Model, Spec
 from .ensure import Ensured, ensure
 from .origins import origin_for
 from .stager import StageSettings, link_rate
-from .tier import CacheError, CacheTier
+from .cache import CacheError, CacheTier
 
 
 def stage_settings(spec: Spec) -> StageSettings:
