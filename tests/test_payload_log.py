@@ -6,51 +6,28 @@ costs the request nothing and is counted."""
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import openai
 import pytest
 import requests
 
 from conftest import poll, start_function
-from thaw.eventing import events
+from event_sink import EventSink
 from thaw.functions.payload_log import assemble_stream
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-class Sink:
-    """A CloudEvents sink that keeps each event and the headers it came with; `status` is what it answers."""
-
-    def __init__(self, status: int = 202):
-        received = self.received = []
-        sink = self
-        self.status = status
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                received.append((events.parse_http_event(dict(self.headers), body), dict(self.headers)))
-                self.send_response(sink.status)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
+class Sink(EventSink):
     def of(self, log_id: str) -> list:
-        return [e for e, _ in self.received if e.get_id() == log_id]
+        return [e for e in self.events if e.get_id() == log_id]
 
 
 @pytest.fixture(scope="module")
 def sink():
     s = Sink()
     yield s
-    s.server.shutdown()
+    s.close()
 
 
 @pytest.fixture(scope="module")

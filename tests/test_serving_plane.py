@@ -25,9 +25,9 @@ import pytest
 import requests
 import yaml
 
-from cloudevents.core.bindings.http import HTTPMessage, from_http_event
 
 from conftest import LONG_CONTEXT, poll, thaw_cli
+from event_sink import EventSink
 from thaw.launch import ServerProcess, base_env, free_port
 
 TOKEN = "sekret-token"
@@ -45,28 +45,9 @@ def model(name: str, tiny: Path, **extra) -> dict:
     return {**base, **extra}
 
 
-class EventSink:
-    """A CloudEvents sink on loopback that keeps what it receives."""
-
-    def __init__(self):
-        received = self.received = []
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                received.append(from_http_event(HTTPMessage(dict(self.headers), body)))
-                self.send_response(202)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
+class RevisionEvents(EventSink):
     def of(self, kind: str, revision: str) -> list:
-        return [e for e in self.received if e.get_type() == kind and e.get_data()["metadata"]["name"] == revision]
+        return [e for e in self.events if e.get_type() == kind and e.get_data()["metadata"]["name"] == revision]
 
 
 class Gate:
@@ -138,7 +119,7 @@ def make_spec(tiny: Path, state: Path, port: int, sink: str | None = None, gate:
 
 
 class Plane:
-    def __init__(self, url: str, spec_path: Path, spec: dict, server: ServerProcess, sink: EventSink):
+    def __init__(self, url: str, spec_path: Path, spec: dict, server: ServerProcess, sink: RevisionEvents):
         self.url, self.spec_path, self.spec, self.server, self.sink = url, spec_path, spec, server, sink
 
     def status(self) -> dict:
@@ -160,7 +141,7 @@ class Plane:
 def plane(tiny_model, long_model, tiny_embed_model, tmp_path_factory):
     work = tmp_path_factory.mktemp("plane")
     port = free_port()
-    sink, gate = EventSink(), Gate()
+    sink, gate = RevisionEvents(), Gate()
     spec = make_spec(tiny_model, work / "state", port, sink.url, gate.url, long_model, tiny_embed_model)
     spec_path = work / "thaw.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
@@ -175,7 +156,7 @@ def plane(tiny_model, long_model, tiny_embed_model, tmp_path_factory):
         yield p
     finally:
         server.stop(60)
-        sink.server.shutdown()
+        sink.close()
         gate.server.shutdown()
 
 
@@ -678,7 +659,7 @@ def test_event_driven_invocation_answers_into_the_broker(plane):
     out = thaw_cli("invoke", "tiny", "-p", "hello", "--max-tokens", "4", "-f", str(plane.spec_path), env=env, timeout=60)
     assert out.returncode == 0, out.stderr
     request_id = re.search(r"event id ([0-9a-f-]+)", out.stdout).group(1)
-    answer = poll(lambda: [e for e in plane.sink.received if e.get_type() == "dev.thaw.inference.response"
+    answer = poll(lambda: [e for e in plane.sink.events if e.get_type() == "dev.thaw.inference.response"
                            and e.get_extension("thawrequestid") == request_id], 120, 0.2, "response event")[0]
     assert answer.get_data()["usage"]["completion_tokens"] >= 1
     # without a token the broker refuses, as the gateway does
@@ -704,7 +685,7 @@ def test_embeddings_from_zero_by_the_body_the_path_and_an_event(plane):
     r = requests.post(plane.url + "/default/default", data=body, timeout=10,
                       headers={**headers, "Authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 202, r.text
-    answer = poll(lambda: [e for e in plane.sink.received if e.get_type() == ev.INFERENCE_RESPONSE
+    answer = poll(lambda: [e for e in plane.sink.events if e.get_type() == ev.INFERENCE_RESPONSE
                            and e.get_extension("thawrequestid") == event.get_id()], 120, 0.2, "response event")[0]
     assert answer.get_data()["data"][0]["embedding"] == pytest.approx(whole.data[0].embedding, abs=1e-6)
 
@@ -717,7 +698,7 @@ def test_payloads_are_logged_through_the_broker_to_a_trigger(plane):
                       json={"model": "logged", "messages": CHAT, "max_tokens": 3})
     assert r.status_code == 200
     found = poll(lambda: (lambda es: es if len(es) == 2 else None)(
-        [e for e in plane.sink.received if e.get_id() == "logged-1"]), 60, 0.2, "the request and response events")
+        [e for e in plane.sink.events if e.get_id() == "logged-1"]), 60, 0.2, "the request and response events")
     kinds = sorted(e.get_type() for e in found)
     assert kinds == ["org.kubeflow.serving.inference.request", "org.kubeflow.serving.inference.response"]
     response = next(e for e in found if e.get_type().endswith("response"))
@@ -743,13 +724,13 @@ def test_an_event_reaches_only_the_models_its_senders_token_may_use(plane):
     send(ev.INFERENCE_REQUEST, {"prompt": "x", "max_tokens": 2}, thawmodel="zero", thawscope="zero")
     send(ev.CACHE_WARM, {"model": "zero", "pin": True})
     allowed = send(ev.INFERENCE_REQUEST, {"prompt": "x", "max_tokens": 2}, thawmodel="split")
-    poll(lambda: [e for e in plane.sink.received if e.get_type() == ev.INFERENCE_RESPONSE
+    poll(lambda: [e for e in plane.sink.events if e.get_type() == ev.INFERENCE_RESPONSE
                   and e.get_extension("thawrequestid") == allowed], 120, 0.2, "the allowed event answered")
     logged = " ".join(plane.server.log_path.read_text().split())
     assert "the sender may not use 'zero'" in logged and "the sender may not warm or pin 'zero'" in logged
     zero = plane.revisions("zero")[0]
     assert zero["desired"] == 0 and not zero["pods"]  # never started for the limited sender
-    assert all(e.get_extension("thawscope") is None for e in plane.sink.received)  # no subscriber sees it
+    assert all(e.get_extension("thawscope") is None for e in plane.sink.events)  # no subscriber sees it
 
 
 def test_graph_starts_later_models_ahead_and_streams_the_last_step(plane):
