@@ -45,6 +45,9 @@ models: models/demo/config.json models/minilm/config.json
 demo: setup models
 	$(VENV)/bin/thaw demo -f examples/thaw.yaml
 
+# Two workers, a test file each (its module fixtures stay in one process): the tests wait on processes and
+# sockets much of the time, so two run in the time of one even on a busy 2-core machine.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
