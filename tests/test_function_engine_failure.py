@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 
 import httpx
 import psutil
@@ -17,9 +18,8 @@ import requests
 from conftest import LONG_CONTEXT, poll, start_function
 
 
-# A generation that cannot finish before the kill lands: on a busy 2-core machine the test's own process can
-# starve for seconds while the engine runs on (all of 2000 tokens once finished first in CI), so the generation
-# runs for tens of seconds; the kill comes at the first token read.
+# A generation far longer than the test needs: the engine core runs it only in short bursts until the client has
+# its first token (test below), so however slowly a busy machine runs the client, the kill lands mid-generation.
 LONG = 32000
 
 
@@ -32,11 +32,11 @@ def mp_function(long_model, tmp_path_factory):
 
 
 def engine_core_process(function) -> psutil.Process:
-    def find():
-        return next((p for p in psutil.Process(function.server.pid).children(recursive=True)
-                     if p.name() == "VLLM::EngineCore"), None)
-
-    return poll(find, 10, what="engine core process")
+    """The engine-core process the replica itself reports (its /readyz), checked by vLLM's name for it."""
+    pid = requests.get(function.url + "/readyz", timeout=10).json()["engine_pid"]
+    core = psutil.Process(pid)
+    assert core.name() == "VLLM::EngineCore"
+    return core
 
 
 def test_engine_death_mid_stream_gives_error_chunk_then_done(mp_function):
@@ -45,16 +45,34 @@ def test_engine_death_mid_stream_gives_error_chunk_then_done(mp_function):
             "ignore_eos": True, "stream": True}
     events = []
     core = engine_core_process(mp_function)
-    with httpx.stream("POST", url, json=body, timeout=30) as r:
+    # On a busy 2-core machine the client can fall far behind an engine that runs free (once under load, all
+    # 32000 tokens went into the socket's buffers before the kill): the engine core is held stopped and let run
+    # 20 ms at a time until the client has read a token, then killed while stopped, mid-generation.
+    first_token, held = threading.Event(), threading.Event()
+
+    def bursts():
+        try:
+            while not first_token.is_set():
+                os.kill(core.pid, signal.SIGCONT)
+                first_token.wait(0.02)
+                os.kill(core.pid, signal.SIGSTOP)
+                first_token.wait(0.2)  # the client's turn to read what the burst made
+        finally:
+            held.set()
+
+    os.kill(core.pid, signal.SIGSTOP)
+    threading.Thread(target=bursts, daemon=True).start()
+    with httpx.stream("POST", url, json=body, timeout=60) as r:
         assert r.status_code == 200
-        killed = False
         for line in r.iter_lines():
             if not line.startswith("data: "):
                 continue
             events.append(line[6:])
-            if not killed:
+            if not first_token.is_set():
+                first_token.set()
+                assert held.wait(10)
                 os.kill(core.pid, signal.SIGKILL)
-                killed = True
+                core.wait(10)  # gone (not our child: psutil cannot tell the exit status)
     assert events[-1] == "[DONE]"
     assert "error" in json.loads(events[-2]), f"{len(events)} events, ending {events[-3:]}"
     error = json.loads(events[-2])["error"]
