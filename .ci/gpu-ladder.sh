@@ -6,7 +6,7 @@ OUT=${OUT:-/tmp/out}; B=$HOME/bench/8b
 mkdir -p "$OUT" "$B"
 case "$1" in
   tests)
-    timeout ${TESTS_S:-330} python3 -m pytest -m gpu tests/test_gpu.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+    timeout ${TESTS_S:-330} python3 -m pytest -m gpu tests/test_gpu.py -v --durations=0 -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
     timeout ${BENCH_S:-200} python3 -m thaw.cli bench gpu --model-dir "$THAW_GPU_8B_MODEL" --out "$B" --parts park --runs 3 \
       2>&1 | tee "$OUT/bench-park.log" ;;
   bench)
