@@ -20,7 +20,7 @@ from thaw.knative.embedded.dataplane.activator import Activator
 from thaw.knative.embedded.dataplane.replica import Replica, State
 from thaw.knative.embedded.dataplane.throttler import Throttler
 from thaw.launch import free_port
-from thaw.spec import Model
+from thaw.spec import Model, Scaling
 
 
 class RecordedMoves:
@@ -329,3 +329,14 @@ def test_a_models_object_carries_kserves_v1_readiness_and_the_tokens_limits(gate
     assert requests.get(url + "/v1/models/m", headers=other, timeout=60).status_code == 403
     assert [m["id"] for m in requests.get(url + "/v1/models", headers=other, timeout=60).json()["data"]] == ["x"]
     assert requests.get(url + "/v1/models/none", headers=ALL, timeout=60).status_code == 404
+
+
+def test_each_request_counts_once_for_the_rps_metric_retries_too(path_under_test):
+    url, add, _, rev = path_under_test
+    rev.autoscaler.update(resolve_spec(Scaling(metric="rps"), rev.model.containerConcurrency))
+    add("refused")  # a request that meets the dead replica first is tried again, and still counts once
+    add("stream")
+    assert [requests.post(url, json={"model": "m"}, timeout=60).status_code for _ in range(5)] == [200] * 5
+    assert rev.sample() == 5 and rev.sample() == 0  # what arrived since the last sample
+    rev.autoscaler.update(resolve_spec(Scaling(), rev.model.containerConcurrency))
+    assert (rev.sample(), rev.sample(poke=True)) == (0, 1)  # concurrency: none now, the poking request

@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from thaw.knative.embedded.control.autoscaler import (Autoscaler, ConcurrencyWindow, DeciderSpec, bounded_scale,
-                                              resolve_spec, scale_to_zero_gate)
+from thaw.knative.embedded.control.autoscaler import (Autoscaler, AutoscalerConfig, ConcurrencyWindow, DeciderSpec,
+                                                     RateWindow, bounded_scale, resolve_spec, scale_to_zero_gate)
 from thaw.spec import Scaling
 
 
@@ -204,12 +204,61 @@ def test_start_in_panic_mode(ready, panicking, max_panic_pods):  # TestStartInPa
 
 def test_resolve_spec_uses_knative_defaults_and_caps_target_by_concurrency():
     default = resolve_spec(Scaling(), container_concurrency=0)
-    assert (default.total_value, default.target_value) == (100, 70)
+    assert (default.total_value, default.target_value, default.metric) == (100, 70, "concurrency")
     assert (default.stable_window, default.panic_window, default.panic_threshold) == (60, 6, 2.0)
     capped = resolve_spec(Scaling(target=50), container_concurrency=8)
     assert (capped.total_value, capped.target_value) == (8, pytest.approx(5.6))
     hard = resolve_spec(Scaling(), container_concurrency=4)
     assert hard.total_value == 4
+
+
+# Knative's TestResolveMetricTarget (pkg/reconciler/autoscaling/resources/target_test.go). Its config has a
+# concurrency target fraction of 1.0 and a utilisation of 0.7 (rps); thaw has one knob for both, the
+# target-utilization-percentage annotation, so each case names the fraction Knative's config gives it.
+@pytest.mark.parametrize("name, scaling, cc, config, want_target, want_total", [
+    ("defaults", {}, 0, {}, 100, 100),
+    ("default CC + 80% TU", {"tu": 80}, 0, {}, 80, 100),
+    ("non-default CC and TU", {"tu": 30}, 0, {"container_concurrency_target_default": 2}, 1, 2),
+    ("CC 12, TU annotation 75%", {"tu": 75}, 12, {}, 9, 12),
+    ("CC 10 and TU=80%", {"tu": 80}, 10, {}, 8, 10),
+    ("CC 1 and TU=80%: not less than 1", {"tu": 80}, 1, {}, 1, 1),
+    ("CC 1", {}, 1, {}, 1, 1),
+    ("CC 10", {}, 10, {}, 10, 10),
+    ("target annotation 1", {"target": 1}, 0, {}, 1, 1),
+    ("target annotation 1 and TU=75%", {"target": 1, "tu": 75}, 0, {}, 1, 1),
+    ("target annotation 10 and TU=75%", {"target": 10, "tu": 75}, 0, {}, 7.5, 10),
+    ("CC greater than the target annotation", {"target": 1}, 10, {}, 1, 1),
+    ("target annotation greater than the default", {"target": 500}, 0, {}, 500, 500),
+    ("target annotation greater than CC: CC for safety", {"target": 10}, 1, {}, 1, 1),
+    ("RPS: defaults", {"metric": "rps", "tu": 70}, 1, {}, 140, 200),
+    ("RPS: target annotation 1", {"metric": "rps", "target": 1, "tu": 70}, 0, {}, 1, 1),
+    ("RPS: TU annotation 75%", {"metric": "rps", "tu": 75}, 0, {}, 150, 200),
+    ("RPS: target annotation greater than the default", {"metric": "rps", "target": 300, "tu": 70}, 0, {}, 210, 300),
+])
+def test_resolve_metric_target(name, scaling, cc, config, want_target, want_total):
+    tu = scaling.pop("tu", 100)
+    spec = resolve_spec(Scaling(target_utilization_percentage=tu, **scaling), cc, AutoscalerConfig(**config))
+    assert (spec.target_value, spec.total_value) == (pytest.approx(want_target), want_total), name
+
+
+def test_the_rps_window_averages_requests_per_second():
+    window = RateWindow(60)
+    for t, count in [(100.1, 3), (100.6, 2), (101.2, 0), (102.5, 4)]:
+        window.record(t, count)  # the sampler's counts of new requests, several a second
+    assert window.average(102.9, 60) == pytest.approx((5 + 0 + 4) / 3)  # 3 seconds observed so far
+    assert window.average(102.9, 1) == 4
+    assert window.average(110.0, 60) == pytest.approx(9 / 11)  # seconds without a sample count as zero
+    concurrency = ConcurrencyWindow(60)
+    concurrency.record(100.1, 3)
+    concurrency.record(100.6, 1)
+    assert concurrency.average(100.9, 60) == 2  # concurrency samples are averaged within a second
+
+
+def test_the_kpa_scales_on_rps_as_on_concurrency():
+    decider = Autoscaler.new(resolve_spec(Scaling(metric="rps", target=10), container_concurrency=4), 1, now=0)
+    assert decider.spec.target_value == 7  # rps targets are not capped by containerConcurrency
+    assert decider.scale(stable=30, panic=30, ready_pods=1, now=1).desired == 5  # ceil(30 / 7); panic: 5/1 >= 2
+    assert decider.scale(stable=6, panic=6, ready_pods=2, now=100).desired == 1  # panic over, down to ceil(6/7)
 
 
 def test_bounds():

@@ -155,6 +155,8 @@ def _service(objects, name="smollm2"):
      "outside 6s..3600s"),
     (lambda s: s["spec"]["template"]["metadata"]["annotations"].update(
         {"autoscaling.knative.dev/panic-threshold-percentage": "50"}), "outside 110..1000"),
+    (lambda s: s["spec"]["template"]["metadata"]["annotations"].update({"autoscaling.knative.dev/metric": "cpu"}),
+     "not a metric of the KPA class"),
     (lambda s: s["metadata"].update(name="m" * 60), "leaves no room for revision names"),
     (lambda s: s["spec"]["template"]["spec"].update(timeoutSeconds=900), "max-revision-timeout-seconds"),
     (lambda s: s["spec"]["template"]["spec"].update(containerConcurrency="lots"), "containerConcurrency: 'lots' is not of type 'integer'"),

@@ -80,8 +80,8 @@ def test_kserve_documents_beside_thaws_own_spec(tiny_model):
     (isvc(predictor=predictor(args=["--task=fill_mask"])), "spec.predictor.model.args[0]", "text_embedding"),
     (isvc(predictor=predictor(storageUri="gs://b/m")), "spec.predictor.model.storageUri", "gs:// storage"),
     (isvc(predictor={"model": {"modelFormat": {"name": "huggingface"}}}), "spec.predictor.model", "no weights"),
-    (isvc(predictor={**predictor(), "scaleMetric": "rps", "scaleTarget": 5}), "spec.predictor.scaleMetric",
-     "concurrency"),
+    (isvc(predictor={**predictor(), "scaleMetric": "cpu", "scaleTarget": 80}), "spec.predictor.scaleMetric",
+     "concurrency or rps"),
     (isvc(annotations={"serving.kserve.io/deploymentMode": "ModelMesh"}),
      "metadata.annotations.serving.kserve.io/deploymentMode", "ModelMesh"),
     (isvc(predictor=predictor(runtime="mine")), "spec.predictor.model.runtime", "'mine' is not in the stream"),
@@ -110,6 +110,18 @@ def test_what_is_safe_to_leave_aside_is_a_warning_and_the_rest_loads(doc, field)
     assert any(field in w and "document 1 (InferenceService m)" in w for w in warnings), warnings
     assert spec.model("m").source == "s3://models/m"
     assert not any("sidecar.istio.io" in w for w in warnings)  # istio's own are not even worth a warning
+
+
+@pytest.mark.parametrize("fields, metric, target", [
+    ({}, "concurrency", None),
+    ({"scaleTarget": 4}, "concurrency", 4),
+    ({"scaleMetric": "rps"}, "rps", None),
+    ({"scaleMetric": "rps", "scaleTarget": 5}, "rps", 5),
+])
+def test_scale_metric_and_target_are_knatives_metric_and_target(fields, metric, target):
+    scaling = parse_spec(stream(isvc(predictor={**predictor(), **fields}))).model("m").scaling
+    assert (scaling.metric, scaling.target) == (metric, target)
+    assert scaling.annotations()["autoscaling.knative.dev/metric"] == metric
 
 
 @pytest.mark.parametrize("model, source, served", [

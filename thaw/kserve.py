@@ -255,11 +255,13 @@ def _read_predictor(d: _Document, predictor: dict, out: dict) -> None:
     if "maxReplicas" in predictor:
         scaling["max-scale"] = predictor["maxReplicas"]
     metric = predictor.get("scaleMetric", "concurrency")
-    if metric != "concurrency" and "scaleTarget" in predictor:
-        d.error("spec.predictor.scaleMetric", f"{metric}: thaw's autoscaler scales on concurrency (Knative's KPA "
-                                              "default); set scaleMetric: concurrency, or leave it out")
-    elif "scaleTarget" in predictor:
-        scaling["target"] = predictor["scaleTarget"]
+    if metric in ("concurrency", "rps"):  # KServe's serverless mode: Knative's metric and target annotations
+        scaling["metric"] = metric
+        if "scaleTarget" in predictor:
+            scaling["target"] = predictor["scaleTarget"]
+    else:
+        d.error("spec.predictor.scaleMetric", f"{metric}: thaw's autoscaler is Knative's KPA, which scales on "
+                                              "concurrency or rps (KServe maps cpu and memory to the HPA class)")
     for key, thaw_key in (("containerConcurrency", "containerConcurrency"), ("timeout", "timeoutSeconds"),
                           ("canaryTrafficPercent", "canaryTrafficPercent"), ("nodeSelector", "nodeSelector"),
                           ("tolerations", "tolerations")):

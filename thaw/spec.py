@@ -93,10 +93,11 @@ class Scaling(SpecModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, alias_generator=_kebab)
 
+    metric: str = Field("concurrency", description="the KPA's metric: concurrency or rps")
     min_scale: int = Field(0, ge=0)
     max_scale: int = Field(0, ge=0, description="0 means unbounded")
     initial_scale: int = Field(0, ge=0, description="thaw starts every model at zero unless told")
-    target: float | None = Field(None, ge=0.01, description="None: containerConcurrency, else 100")
+    target: float | None = Field(None, ge=0.01, description="None: containerConcurrency, else 100 (rps: 200)")
     target_utilization_percentage: float = Field(70, ge=1, le=100)
     window: GoDuration(6, 3600) = "60s"
     panic_window_percentage: float = Field(10, ge=1, le=100)
@@ -115,6 +116,14 @@ class Scaling(SpecModel):
         if isinstance(data, dict):
             return {k.removeprefix(AUTOSCALING_PREFIX): v for k, v in data.items()}
         return data
+
+    @field_validator("metric")
+    @classmethod
+    def _kpa_metric(cls, metric: str) -> str:
+        if metric not in ("concurrency", "rps"):
+            raise ValueError(f"{metric!r}: thaw's autoscaler is Knative's KPA, which scales on concurrency or rps "
+                             "(cpu, memory and custom metrics need the HPA class)")
+        return metric
 
     @model_validator(mode="after")
     def _bounds(self) -> "Scaling":
@@ -391,6 +400,8 @@ class Autoscaler(SpecModel):
     max_scale_up_rate: float = Field(1000, gt=1)
     max_scale_down_rate: float = Field(2, gt=1)
     enable_scale_to_zero: bool = True
+    container_concurrency_target_default: float = Field(100, ge=0.01)
+    requests_per_second_target_default: float = Field(200, ge=0.01)
 
 
 class Activator(SpecModel):

@@ -20,6 +20,7 @@ RESERVED_PORTS = {8012, 8013, 8022, 9090, 9091}  # Knative's queue-proxy and act
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 MAX_REVISION_TIMEOUT = 600  # Knative's config-defaults max-revision-timeout-seconds
 AUTOSCALING = "autoscaling.knative.dev/"
+KPA_METRICS = ("concurrency", "rps")  # the default autoscaler class's; cpu and memory are the HPA's
 # Template annotations Knative's webhooks range-check: (parse, low, high, unit); high None: no upper bound.
 ANNOTATION_RANGES = {
     AUTOSCALING + "min-scale": (float, 0, None, ""),
@@ -106,6 +107,8 @@ def webhook_problems(obj: dict) -> list[str]:
 
 
 def _annotation_problems(obj: dict, key: str, value: str) -> list[str]:
+    if key == AUTOSCALING + "metric" and value not in KPA_METRICS:
+        return [f"{_where(obj)}: {key}: {value!r} is not a metric of the KPA class ({', '.join(KPA_METRICS)})"]
     if key not in ANNOTATION_RANGES:
         return []
     parse, low, high, unit = ANNOTATION_RANGES[key]

@@ -1,8 +1,8 @@
 """Knative's KPA decision, as pure code: `Autoscaler.scale(observed, ready_pods, now) -> ScaleResult`.
 
 This reproduces knative/serving `pkg/autoscaler/scaling/autoscaler.go` `Scale()` and the metric target
-resolution of `pkg/reconciler/autoscaling/kpa/resources`: stable and panic windows over per-second
-concurrency averages, the panic threshold and panic mode holding its peak until a stable window has
+resolution of `pkg/reconciler/autoscaling/resources/target.go` for the KPA's two metrics, concurrency and rps:
+stable and panic windows over per-second concurrency averages (or request counts), the panic threshold and panic mode holding its peak until a stable window has
 passed, the max scale-up and scale-down rates, the target times its utilisation, activation-scale,
 the scale-down-delay window, and the excess burst capacity (which in Knative decides whether the
 activator stays in the request path; the embedded plane always routes through its activator, so here it is
@@ -18,7 +18,8 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-TARGET_MIN = 0.01  # autoscaling.TargetMin
+TARGET_FLOOR = 1.0  # ResolveMetricTarget's least target per pod (autoscaling.TargetMin bounds only the annotation)
+METRICS = ("concurrency", "rps")  # the KPA's; cpu and memory are the HPA class's
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class AutoscalerConfig:
     The per-revision defaults (target, utilisation, windows, panic) come from the spec's `Scaling`."""
 
     container_concurrency_target_default: float = 100
+    requests_per_second_target_default: float = 200
     max_scale_up_rate: float = 1000
     max_scale_down_rate: float = 2
     enable_scale_to_zero: bool = True
@@ -38,7 +40,7 @@ class AutoscalerConfig:
 class DeciderSpec:
     """One revision's resolved scaling settings (what Knative's MakeDecider builds)."""
 
-    target_value: float  # per-pod concurrency to aim for: target x utilisation
+    target_value: float  # per-pod concurrency (or requests per second) to aim for: target x utilisation
     total_value: float  # per-pod capacity: the target before utilisation
     target_burst_capacity: float
     panic_threshold: float  # a ratio: 2.0 is 200 %
@@ -49,24 +51,30 @@ class DeciderSpec:
     scale_down_delay: float = 0
     activation_scale: int = 1
     reachable: bool = True
+    metric: str = "concurrency"  # or "rps"
 
 
 def resolve_spec(scaling, container_concurrency: int, config: AutoscalerConfig = AutoscalerConfig()) -> DeciderSpec:
-    """Knative's ResolveMetricTarget + MakeDecider for the concurrency metric.
+    """Knative's ResolveMetricTarget + MakeDecider.
 
-    `scaling` is a `thaw.spec.Scaling` (or anything with the same attributes).
+    `scaling` is a `thaw.spec.Scaling` (or anything with the same attributes). Concurrency: the capacity is
+    containerConcurrency (else the default), a target annotation never above it; rps: the default of 200 per
+    second, or the target annotation as it is. The target aimed for is that times the utilisation, at least 1.
     """
     from thaw.durations import parse_duration
 
-    total = float(container_concurrency) or config.container_concurrency_target_default
-    if scaling.target is not None:
-        total = scaling.target
-        if 0 < container_concurrency < scaling.target:  # the target never exceeds the hard limit
-            total = float(container_concurrency)
+    if scaling.metric == "rps":
+        total = scaling.target if scaling.target is not None else config.requests_per_second_target_default
+    else:
+        total = float(container_concurrency) or config.container_concurrency_target_default
+        if scaling.target is not None:
+            total = scaling.target
+            if container_concurrency:  # the target never exceeds the hard limit
+                total = min(total, float(container_concurrency))
     utilisation = scaling.target_utilization_percentage / 100
     stable = parse_duration(scaling.window)
     return DeciderSpec(
-        target_value=max(TARGET_MIN, total * utilisation),
+        target_value=max(TARGET_FLOOR, total * utilisation),
         total_value=total,
         target_burst_capacity=scaling.target_burst_capacity,
         panic_threshold=scaling.panic_threshold_percentage / 100,
@@ -76,6 +84,7 @@ def resolve_spec(scaling, container_concurrency: int, config: AutoscalerConfig =
         max_scale_down_rate=config.max_scale_down_rate,
         scale_down_delay=parse_duration(scaling.scale_down_delay),
         activation_scale=scaling.activation_scale,
+        metric=scaling.metric,
     )
 
 
@@ -92,10 +101,10 @@ class ConcurrencyWindow:
         self.first: int | None = None
         self.last: int | None = None
 
-    def record(self, now: float, concurrency: float) -> None:
+    def record(self, now: float, value: float) -> None:
         second = int(math.floor(now))
         total, count = self.buckets.get(second, (0.0, 0))
-        self.buckets[second] = (total + concurrency, count + 1)
+        self.buckets[second] = (total + value, count + 1)
         if self.first is None:
             self.first = second
         self.last = second if self.last is None else max(self.last, second)
@@ -103,8 +112,13 @@ class ConcurrencyWindow:
         for old in [s for s in self.buckets if s < horizon]:
             del self.buckets[old]
 
+    @staticmethod
+    def per_second(total: float, count: int) -> float:
+        """One second's value from what was recorded in it: concurrency samples are averaged."""
+        return total / count
+
     def average(self, now: float, window: float) -> float | None:
-        """Average per-second concurrency over the last `window` seconds; None with no data."""
+        """Average per-second value over the last `window` seconds; None with no data."""
         if self.first is None:
             return None
         now_s = int(math.floor(now))
@@ -112,8 +126,21 @@ class ConcurrencyWindow:
         if span <= 0:
             return None
         seconds = range(now_s - span + 1, now_s + 1)
-        total = sum(self.buckets[s][0] / self.buckets[s][1] for s in seconds if s in self.buckets)
+        total = sum(self.per_second(*self.buckets[s]) for s in seconds if s in self.buckets)
         return total / span
+
+
+class RateWindow(ConcurrencyWindow):
+    """The rps metric's window: what is recorded are request counts, summed per second, so the window average
+    is requests per second (Knative's rpsBuckets)."""
+
+    @staticmethod
+    def per_second(total: float, count: int) -> float:
+        return total
+
+
+def metric_window(spec: DeciderSpec) -> ConcurrencyWindow:
+    return RateWindow(spec.stable_window) if spec.metric == "rps" else ConcurrencyWindow(spec.stable_window)
 
 
 class MaxWindow:
@@ -163,7 +190,7 @@ class Autoscaler:
         self.spec = spec
 
     def scale(self, stable: float | None, panic: float | None, ready_pods: int, now: float) -> ScaleResult:
-        """One decision from the stable and panic window averages of observed concurrency."""
+        """One decision from the stable and panic window averages of the observed metric."""
         spec = self.spec
         if stable is None or panic is None:
             return ScaleResult(0, 0, False, self.panic_time is not None)  # no data: Knative's invalid result

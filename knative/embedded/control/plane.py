@@ -29,7 +29,7 @@ from thaw.vllm_platform import gpu_memory
 from ..dataplane.activator import Activator
 from ..dataplane.throttler import Throttler
 from . import lifecycle
-from .autoscaler import Autoscaler, AutoscalerConfig, ConcurrencyWindow, bounded_scale, resolve_spec
+from .autoscaler import Autoscaler, AutoscalerConfig, bounded_scale, metric_window, resolve_spec
 from .backend import EmbeddedBackend
 from .node import system_floor
 from .reconciler import Reconciler
@@ -96,6 +96,8 @@ class ServingPlane:
         a = self.spec.platform.autoscaler
         return AutoscalerConfig(max_scale_up_rate=a.max_scale_up_rate, max_scale_down_rate=a.max_scale_down_rate,
                                 enable_scale_to_zero=a.enable_scale_to_zero,
+                                container_concurrency_target_default=a.container_concurrency_target_default,
+                                requests_per_second_target_default=a.requests_per_second_target_default,
                                 scale_to_zero_grace_period=parse_duration(a.scale_to_zero_grace_period),
                                 tick_interval=parse_duration(a.tick_interval))
 
@@ -147,7 +149,7 @@ class ServingPlane:
         initial = bounded_scale(model.scaling.initial_scale, model.scaling.min_scale, model.scaling.max_scale)
         rev = Revision(name=name, model=model, generation=generation,
                        autoscaler=Autoscaler.new(decider, ready_pods=0, now=time.time()),
-                       window=ConcurrencyWindow(decider.stable_window), desired=initial,
+                       window=metric_window(decider), desired=initial,
                        throttler=Throttler(self.spec.platform.activator.queueDepth, model.containerConcurrency),
                        initial_reached=initial == 0)
         rev.activator = Activator(rev, rev.throttler, self.reconciler)

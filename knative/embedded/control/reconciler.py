@@ -116,7 +116,7 @@ class Reconciler:
     def poke(self, rev: Revision) -> None:
         """What Knative's activator does for a revision at zero: report load now, decide now."""
         now = time.time()
-        rev.window.record(now, rev.concurrency + 1)
+        rev.window.record(now, rev.sample(poke=True))
         self.decide(rev, now)
         self.reconcile(rev)
 
@@ -218,5 +218,5 @@ class Reconciler:
         while True:
             now = time.time()
             for rev in self.plane.revisions():
-                rev.window.record(now, rev.concurrency)
+                rev.window.record(now, rev.sample())
             await asyncio.sleep(SAMPLE_INTERVAL)

@@ -36,7 +36,7 @@ class Revision:
     model: Model  # the revision's own snapshot of the model's settings
     generation: int
     autoscaler: Autoscaler
-    window: ConcurrencyWindow
+    window: ConcurrencyWindow  # a RateWindow for the rps metric
     desired: int
     throttler: Throttler
     activator: Activator | None = None  # set once the revision exists (it points back at it)
@@ -55,6 +55,8 @@ class Revision:
     failures: int = 0  # starts failed in a row: the next waits, doubling (Kubernetes' CrashLoopBackOff)
     retry_at: float = 0.0  # no new replica before this time (monotonic)
     last_reported: tuple = ()
+    arrivals: int = 0  # requests the activator took for it (the rps metric counts them)
+    arrivals_sampled: int = 0
 
     @property
     def last_phases(self) -> dict[str, float]:
@@ -74,8 +76,17 @@ class Revision:
 
     @property
     def concurrency(self) -> int:
-        """What the autoscaler sees: requests at replicas plus requests the activator holds."""
+        """Requests at replicas plus requests the activator holds."""
         return self.throttler.in_flight + self.throttler.queued
+
+    def sample(self, poke: bool = False) -> float:
+        """What the autoscaler's window records now: the concurrency, or for the rps metric the requests that
+        arrived since the last sample. A poke (a request at a revision with nothing running) reports that
+        request as Knative's activator does: concurrency 1 before the request is held, or its arrival."""
+        if self.autoscaler.spec.metric == "rps":
+            arrived, self.arrivals_sampled = self.arrivals - self.arrivals_sampled, self.arrivals
+            return arrived
+        return self.concurrency + (1 if poke else 0)
 
 
 @dataclass(eq=False)

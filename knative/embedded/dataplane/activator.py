@@ -40,6 +40,7 @@ class Revision(Protocol):
     pending: str | None
     failure: str | None
     unservable: str | None
+    arrivals: int  # counted here: the rps metric's requests
 
     replicas: list[Replica]
 
@@ -92,6 +93,7 @@ class Activator:
         arrived = loop.time()
         deadline = arrived + timeout_seconds
         headers = {"X-Thaw-Revision": rev.name}
+        rev.arrivals += 1
         if not rev.ready:
             headers["X-Thaw-Cold-Start"] = cold_rung(rev.replicas)
         for _ in range(ATTEMPTS):
