@@ -12,7 +12,6 @@ from aiohttp import web
 
 def hub_app(repo: str, folder: Path, revision: str = "main", page: int = 2) -> web.Application:
     files = sorted(p for p in folder.rglob("*") if p.is_file())
-    seen: list[str] = []
 
     async def tree(request: web.Request) -> web.Response:
         if request.match_info["repo"] != repo or request.match_info["revision"] != revision:
@@ -27,7 +26,6 @@ def hub_app(repo: str, folder: Path, revision: str = "main", page: int = 2) -> w
 
     async def resolve(request: web.Request) -> web.StreamResponse:
         path = folder / request.match_info["path"]
-        seen.append(request.match_info["path"])
         if request.match_info["repo"] != repo or not path.is_file():
             return web.Response(status=404)
         data = path.read_bytes()
@@ -38,5 +36,4 @@ def hub_app(repo: str, folder: Path, revision: str = "main", page: int = 2) -> w
     app = web.Application()
     app.router.add_get("/api/models/{repo:[^/]+/[^/]+}/tree/{revision}", tree)
     app.router.add_get("/{repo:[^/]+/[^/]+}/resolve/{revision}/{path:.+}", resolve)
-    app["seen"] = seen
     return app
