@@ -15,7 +15,7 @@ import psutil
 import pytest
 import requests
 
-from conftest import LONG_CONTEXT, poll, start_function
+from conftest import LONG_CONTEXT, start_function
 
 
 # A generation far longer than the test needs: the engine core runs it only in short bursts until the client has
