@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import shutil
 import sys
 
@@ -113,12 +114,16 @@ def test_a_replica_that_does_not_fit_stays_pending_with_the_schedulers_reason(tm
                 model="tiny", prompt="x", max_tokens=64, extra_body={"ignore_eos": True})
                 for _ in range(3)), return_exceptions=True)
 
-        results = asyncio.run(load())
-        rev = revision()
-        assert rev["pending"] == "0/1 nodes are available: 1 Insufficient cpu.", rev
-        assert rev["desired"] > 1 and len(rev["pods"]) == 1  # never more replicas than the node holds
-        # counted as Pending, not as starting beside the one real process
-        assert rev["replicas"]["pending"] >= 1 and rev["replicas"]["starting"] == 0, rev["replicas"]
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            results = pool.submit(asyncio.run, load())
+            # while the one replica serves the queue: more wanted, one process, the rest Pending with the
+            # scheduler's reason (counted as Pending, not as starting beside the one real process)
+            rev = poll(lambda: (lambda r: r if r["pending"] and r["desired"] > 1 and r["replicas"]["ready"] == 1
+                                else None)(revision()), 300, 0.1, "a wanted replica Pending beside a ready one")
+            assert rev["pending"] == "0/1 nodes are available: 1 Insufficient cpu.", rev
+            assert len(rev["pods"]) == 1 and rev["replicas"]["starting"] == 0, rev  # never more than the node holds
+            assert rev["replicas"]["pending"] >= 1, rev["replicas"]
+            results = results.result()
         assert all(not isinstance(r, Exception) for r in results), results  # each served by the one replica
         pod = rev["pods"][0]
         assert psutil.Process(pod["pid"]).cpu_affinity() == [0]  # pinned to the core it was given
