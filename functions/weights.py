@@ -85,6 +85,16 @@ def fast_load_problem(model_dir: str | Path) -> str | None:
 PIECE_BYTES = 256 << 20  # a host copy is pinned and read this much at a time: what a request may wait for
 
 
+def piece_cuts(start: int, length: int, piece_bytes: int) -> list[tuple[int, int]]:
+    """[start, start + length) cut at the multiples of `piece_bytes`: (lo, hi) ranges, each inside one piece."""
+    cuts, lo, end = [], start, start + length
+    while lo < end:
+        hi = min(end, (lo // piece_bytes + 1) * piece_bytes)
+        cuts.append((lo, hi))
+        lo = hi
+    return cuts
+
+
 class HostCopy:
     """A checkpoint's tensor bytes in host RAM, pinned, laid out file after file (each file's data section):
     a parked replica's weights. One anonymous mapping of the exact size, registered with CUDA (pinned) and
@@ -104,6 +114,7 @@ class HostCopy:
             size += length
         self.size = size
         self._map = mmap.mmap(-1, max(size, 1))
+        self.piece_bytes = piece_bytes
         self._pieces = [(off, min(piece_bytes, size - off)) for off in range(0, size, piece_bytes)]
         self._registered: list[int] = []  # addresses registered with CUDA
         self.filled = 0  # bytes of the copy read in, from its start
@@ -146,12 +157,16 @@ class HostCopy:
         start, data, _ = self.files.get(e.path, (None, 0, 0))
         return start is not None and start + e.end - data <= self.filled
 
-    def tensor(self, e: Entry):
-        """The entry's bytes in the copy, as a uint8 tensor over the mapping (no copy)."""
+    def segments(self, e: Entry) -> list[tuple[int, "torch.Tensor"]]:
+        """The entry's bytes in the copy as (offset in the tensor, uint8 tensor over the mapping, no copy), cut
+        where pieces meet: each piece is registered with CUDA on its own, and CUDA refuses a copy out of a range
+        that spans two registrations (cudaErrorInvalidValue)."""
         import torch
 
         start, data, _ = self.files[e.path]
-        return torch.frombuffer(self._map, dtype=torch.uint8, count=e.end - e.start, offset=start + e.start - data)
+        first = start + e.start - data
+        return [(lo - first, torch.frombuffer(self._map, dtype=torch.uint8, count=hi - lo, offset=lo))
+                for lo, hi in piece_cuts(first, e.end - e.start, self.piece_bytes)]
 
     def release(self) -> int:
         """Unpin and unmap; the bytes given back. Tensors from `tensor` must be gone by now."""
@@ -225,8 +240,8 @@ def stream_weights(entries: list[Entry], device: str, ring: PinnedRing,
         for i, e in enumerate(entries):
             out = torch.empty(e.end - e.start, dtype=torch.uint8, device=device)
             if copy is not None and copy.has(e):
-                if e.end > e.start:
-                    out.copy_(copy.tensor(e), non_blocking=on_gpu)
+                for off, part in copy.segments(e):
+                    out[off:off + part.numel()].copy_(part, non_blocking=on_gpu)
             else:
                 while True:
                     (_, off, n), future = inflight.popleft()

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from thaw.functions.engine_plan import WORKER_EXTENSION, arch_id, ensure_view, gpu_plan, kv_cache_bytes
-from thaw.functions.weights import HostCopy, PinnedRing, fast_load_problem, read_index, stream_weights
+from thaw.functions.weights import (HostCopy, PinnedRing, fast_load_problem, piece_cuts, read_index,
+                                    stream_weights)
 
 GiB = 1 << 30
 LLAMA_8B = {"num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
@@ -119,6 +120,28 @@ def test_weights_stream_from_a_host_copy_whole_partial_or_released(tiny_model, t
         assert steps == -(-copy.size // 1500)  # one piece at a time
         assert all(copy.has(e) for e in entries)
         assert copy.release() == copy.size and not any(copy.has(e) for e in entries if e.end > e.start)
+
+
+@pytest.mark.parametrize("start, length, piece, cuts", [
+    (0, 0, 100, []),
+    (10, 50, 100, [(10, 60)]),
+    (0, 100, 100, [(0, 100)]),
+    (90, 20, 100, [(90, 100), (100, 110)]),  # a tensor across a boundary: one copy per piece (CUDA wants that)
+    (50, 250, 100, [(50, 100), (100, 200), (200, 300)]),
+])
+def test_a_copy_out_of_the_host_copy_never_spans_two_pinned_pieces(start, length, piece, cuts):
+    assert piece_cuts(start, length, piece) == cuts
+
+
+def test_segments_of_a_tensor_lie_each_in_one_piece(tmp_path):
+    save_file({"a": torch.arange(1000, dtype=torch.float32).reshape(10, 100)}, str(tmp_path / "m.safetensors"))
+    entries = read_index(tmp_path)
+    copy = HostCopy(entries, pinned=False, piece_bytes=1500)
+    while copy.fill_next():
+        pass
+    parts = copy.segments(entries[0])
+    assert [off for off, _ in parts] == [0, 1500, 3000] and sum(p.numel() for _, p in parts) == 4000
+    copy.release()
 
 
 def test_what_streams_and_what_is_left_to_vllms_loader(tiny_model, tmp_path):

@@ -124,7 +124,7 @@ def test_a_parked_replica_releases_the_gpu_and_wakes_with_the_same_output(plane)
     assert parked["gpu_bytes"] < held_awake / 4
     assert parked["gpu_bytes"] < 3 << 30  # the CUDA context and little else
     weights = sum(f.stat().st_size for f in _model_dir().glob("*.safetensors"))
-    assert parked["host_copy_ready"] and weights <= parked["host_copy_bytes"] < weights + (1 << 20)
+    assert parked["host_copy_ready"] and weights - (1 << 20) < parked["host_copy_bytes"] <= weights  # tensors: the files less their headers
     memory = gpu_memory()
     assert memory.free > 0.9 * memory.total
     start = time.perf_counter()

@@ -233,3 +233,51 @@ def test_wakes_from_host_copies_take_the_link_one_at_a_time_in_the_order_asked(t
     a, b, c = (spans[r.port] for r in (first, second, from_files))
     assert a[1] <= b[0]  # the second host copy waited for the first, in the order asked
     assert c[0] < a[1]  # the wake from the files ran beside them
+
+
+def test_gpu_memory_goes_back_only_between_engine_starts():
+    """vLLM's start fails when the device's free memory grows while it measures it ("Error in memory profiling",
+    seen on the H200 when a neighbour's process exited during a start): a sleep or an exit waits for the start in
+    progress; one made to give that start its room goes at once (the start holds the lock meanwhile)."""
+    import asyncio
+    import contextlib
+    from types import SimpleNamespace
+
+    from thaw.knative.embedded.control.replica_moves import ReplicaMoves
+
+    def moves(lock) -> ReplicaMoves:
+        return ReplicaMoves(None, None, None, SimpleNamespace(stopping=False), lock, None, None)
+
+    async def scenario(lock) -> list[str]:
+        gpu, order = moves(lock), []
+
+        async def release(name: str, for_start: bool = False) -> None:
+            async with gpu.releasing(for_start):
+                order.append(name)
+
+        async with lock:  # a start in progress
+            neighbour = asyncio.create_task(release("a neighbour parks"))
+            await asyncio.sleep(0)  # it runs up to the lock
+            await release("room for the start", for_start=True)
+            order.append("the start is ready")
+        await neighbour
+        return order
+
+    assert asyncio.run(scenario(asyncio.Lock())) == ["room for the start", "the start is ready", "a neighbour parks"]
+    # no GPU, no start lock: nothing waits
+    assert asyncio.run(scenario(contextlib.nullcontext())) == ["a neighbour parks", "room for the start",
+                                                              "the start is ready"]
+
+
+def test_a_start_failed_by_memory_moving_under_vllms_measurement_is_told_apart(tmp_path):
+    """The H200's log of such a start ends with vLLM's assertion; any other failure is the model's own."""
+    from thaw.knative.embedded.control.replica_moves import memory_moved_under
+
+    moved, other = tmp_path / "moved.log", tmp_path / "other.log"
+    moved.write_bytes(b"x" * (1 << 20) + b"(EngineCore pid=5276) AssertionError: Error in memory profiling. Initial "
+                      b"free memory 91.0 GiB, current free memory 131.92 GiB.\nRuntimeError: Engine core "
+                      b"initialization failed.\n")
+    other.write_bytes(b"torch.OutOfMemoryError: CUDA out of memory.\nRuntimeError: Engine core initialization failed.\n")
+    assert memory_moved_under(moved)
+    assert not memory_moved_under(other)
+    assert not memory_moved_under(tmp_path / "missing.log") and not memory_moved_under(None)

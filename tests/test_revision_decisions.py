@@ -71,6 +71,19 @@ def test_plan(replicas, launching, desired, queued, routable, expected):
     assert plan(replicas, launching, desired, queued, routable) == expected
 
 
+# While an engine starts on the GPU no replica gives GPU memory back (vLLM's start fails when the device's free
+# memory grows while it measures it); the decision comes again after the start. Starting replicas may still go.
+@pytest.mark.parametrize("replicas, desired, routable, held, free", [
+    (views(S.READY), 0, True, Plan(), Plan(shrink=("r0",), may_park="r0")),  # its park waits
+    (views(S.READY, S.READY), 1, True, Plan(), Plan(shrink=("r0",))),
+    (views(S.PARKED), 0, False, Plan(), Plan(stop=("r0",))),  # a sleeper's context too
+    (views(S.READY, S.STARTING), 1, True, Plan(shrink=("r1",)), Plan(shrink=("r1",))),
+])
+def test_plan_holds_gpu_releases_while_an_engine_starts(replicas, desired, routable, held, free):
+    assert plan(replicas, 0, desired, 0, routable, hold_releases=True) == held
+    assert plan(replicas, 0, desired, 0, routable) == free
+
+
 @pytest.mark.parametrize("src, dst, allowed", [
     (S.STARTING, S.READY, True), (S.READY, S.UNREADY, True), (S.UNREADY, S.READY, True),
     (S.READY, S.PARKING, True), (S.PARKING, S.PARKED, True), (S.PARKED, S.WAKING, True), (S.WAKING, S.READY, True),

@@ -64,7 +64,7 @@ class Reconciler:
         spec = lambda: self.plane.spec  # noqa: E731 - the spec in force, which a reload replaces
         self.placement = Placement(spec, self, lambda: self.sleep.held_host_bytes())
         self.replicas = ReplicaMoves(supervisor, self.placement, boot_of, self, start_lock,
-                                     lambda *a: self.sleep.gpu_move(*a), lambda rev, replica: self.sleep.ready(rev, replica))
+                                     lambda *a, **k: self.sleep.gpu_move(*a, **k), lambda rev, replica: self.sleep.ready(rev, replica))
         self.sleep = SleepMoves(spec, plane.revisions, self.replicas, self)
         self.probes = Prober(plane.revisions, self)
 
@@ -96,7 +96,8 @@ class Reconciler:
                 log.error("no replica of %s can start: %s", rev.name, why)
                 rev.throttler.breaker.fail_waiting(Unservable(why))  # held requests are told at once
         moves = plan([ReplicaView(r.id, r.state, r.in_flight) for r in rev.replicas], rev.launching,
-                     0 if rev.unservable else rev.desired, rev.throttler.queued, rev.routable)
+                     0 if rev.unservable else rev.desired, rev.throttler.queued, rev.routable,
+                     hold_releases=self.replicas.gpu_start_in_progress())
         by_id = {r.id: r for r in rev.replicas}
         for rid in moves.wake:
             self.wake_parked(rev, by_id[rid])

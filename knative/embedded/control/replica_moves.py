@@ -4,11 +4,13 @@ ready; a failed start backs off as Kubernetes' CrashLoopBackOff), drain one, sto
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
+import os
 import time
 from pathlib import Path
-from typing import AsyncContextManager, Callable, Protocol
+from typing import AsyncContextManager, AsyncIterator, Callable, Protocol
 
 import aiohttp
 
@@ -25,6 +27,10 @@ from .supervisor import Supervisor
 log = logging.getLogger("thaw.reconciler")
 
 PROGRESS_DEADLINE = 600  # seconds a replica may take to become ready (Knative's progress-deadline)
+# vLLM's start asserts that the device's free memory did not grow while it measured it: a process outside thaw's
+# ordering (another tenant, a crash) giving memory back fails a start that nothing is wrong with.
+MEMORY_MOVED = b"Error in memory profiling"
+UPSETS_IN_A_ROW = 3  # such failures started again at once; beyond, a failure like any other
 BACKOFF_FIRST, BACKOFF_MAX = 10.0, 300.0  # Kubernetes' CrashLoopBackOff: 10 s, doubling, at most 5 minutes
 
 
@@ -44,6 +50,16 @@ class Loop(Protocol):
     def grace(self) -> float: ...
 
 
+def memory_moved_under(log_path: Path | None) -> bool:
+    """Whether a failed start's log ends with vLLM's assertion that GPU memory was freed while it measured."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - (64 << 10)))
+            return MEMORY_MOVED in f.read()
+    except (OSError, TypeError):
+        return False
+
+
 class ReplicaMoves:
     def __init__(self, supervisor: Supervisor, placement: Placement, boot_of: Callable[[Revision], ReplicaBoot],
                  loop: Loop, start_lock, gpu_move: Callable[..., AsyncContextManager],
@@ -59,6 +75,10 @@ class ReplicaMoves:
         self.gpu_move = gpu_move
         self.after_ready = after_ready
         self._launches = itertools.count(1)
+
+    def gpu_start_in_progress(self) -> bool:
+        """An engine is starting on the GPU (the start lock exists only where there is one)."""
+        return isinstance(self.start_lock, asyncio.Lock) and self.start_lock.locked()
 
     def never_starts(self, rev: Revision) -> str | None:
         """Why no replica of `rev` can start as configured (None: one can): requests larger than the whole
@@ -89,7 +109,8 @@ class ReplicaMoves:
             return
         started: list[Replica] = []
         # held until ready: the memory a start takes is known only then
-        async with self.start_lock, self.gpu_move(rev, key, lambda: started[0].pid if started else None, claim.gpus):
+        async with self.start_lock, self.gpu_move(rev, key, lambda: started[0].pid if started else None, claim.gpus,
+                                                  for_start=True):
             try:
                 replica = await self.supervisor.start(rev.name, rev.model, self.boot_of(rev), self.placement.env(claim))
             except Exception:  # noqa: BLE001 - a failed launch is retried by the next reconcile
@@ -105,11 +126,19 @@ class ReplicaMoves:
             ok = await self.supervisor.wait_ready(replica, self.loop.session, PROGRESS_DEADLINE)
         if ok and replica.state == State.STARTING:
             replica.move(State.READY)
-            rev.failure, rev.failures = None, 0
+            rev.failure, rev.failures, rev.upsets = None, 0, 0
             rev.throttler.add_replica(replica)
             log.info("replica %s ready after %.2fs", replica.id, replica.ready_at - replica.started_at)
             self.loop.report(rev)
             self.after_ready(rev, replica)
+        elif replica.state == State.STARTING and rev.upsets < UPSETS_IN_A_ROW and memory_moved_under(replica.log_path):
+            rev.upsets += 1  # not the model's failure: no back-off, held requests wait for the next start
+            log.warning("replica %s failed to start: GPU memory moved while vLLM measured it (another process on "
+                        "the device); starting again", replica.id)
+            self.forget(rev, replica, State.DEAD)
+            async with self.releasing():
+                await self.supervisor.stop(replica, 0)
+            self.loop.report(rev)
         elif replica.state == State.STARTING:
             rev.failures += 1
             wait = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (rev.failures - 1))
@@ -121,7 +150,8 @@ class ReplicaMoves:
                 # nothing else will take the requests held for it soon: they are told why now, not at their
                 # timeout (the next start waits for its back-off)
                 rev.throttler.breaker.fail_waiting(Unservable(rev.failure))
-            await self.supervisor.stop(replica, 0)
+            async with self.releasing():
+                await self.supervisor.stop(replica, 0)
             self.loop.report(rev)
 
     @staticmethod
@@ -137,18 +167,30 @@ class ReplicaMoves:
             await asyncio.sleep(0.05)
         return True
 
-    async def drain(self, rev: Revision, replica: Replica) -> None:
+    async def drain(self, rev: Revision, replica: Replica, for_start: bool = False) -> None:
         """No new requests; in-flight ones (streams too) get up to timeoutSeconds; then stop it."""
         if await self.leave_rotation(rev, replica, State.DRAINING):
-            await self.stop(rev, replica)
+            await self.stop(rev, replica, for_start)
 
-    async def stop(self, rev: Revision, replica: Replica) -> None:
+    async def stop(self, rev: Revision, replica: Replica, for_start: bool = False) -> None:
         if replica.state == State.STOPPED:
             return
         rev.throttler.remove_replica(replica)
-        await self.supervisor.stop(replica, self.loop.grace())
+        async with self.releasing(for_start):
+            await self.supervisor.stop(replica, self.loop.grace())
         self.forget(rev, replica, State.STOPPED)
         self.loop.report(rev)
+
+    @contextlib.asynccontextmanager
+    async def releasing(self, for_start: bool = False) -> AsyncIterator[None]:
+        """Around giving GPU memory back (a sleep, a process's exit): never while an engine starts on the GPU,
+        since vLLM's start fails when the device's free memory grows while it measures it ("Error in memory
+        profiling"). `for_start`: made for the start holding the lock, before its engine exists."""
+        if for_start or self.loop.stopping or not isinstance(self.start_lock, asyncio.Lock):
+            yield
+            return
+        async with self.start_lock:
+            yield
 
     def forget(self, rev: Revision, replica: Replica, state: State) -> None:
         self.placement.release(replica.id)

@@ -53,6 +53,7 @@ class Revision:
     failure: str | None = None  # why its last replica failed to start (cleared by one that starts)
     unservable: str | None = None  # why no replica can ever start as configured (requests refused at once)
     failures: int = 0  # starts failed in a row: the next waits, doubling (Kubernetes' CrashLoopBackOff)
+    upsets: int = 0  # starts failed in a row because GPU memory moved under vLLM's measurement (retried at once)
     retry_at: float = 0.0  # no new replica before this time (monotonic)
     last_reported: tuple = ()
     arrivals: int = 0  # requests the activator took for it (the rps metric counts them)
@@ -140,11 +141,14 @@ class Plan:
     may_park: str | None = None  # of `shrink`, the revision's last replica: parked instead, if it may
 
 
-def plan(replicas: list[ReplicaView], launching: int, desired: int, queued: int, routable: bool) -> Plan:
+def plan(replicas: list[ReplicaView], launching: int, desired: int, queued: int, routable: bool,
+         hold_releases: bool = False) -> Plan:
     """The moves from the replicas there are to `desired`. Waking a parked replica is the cheapest road
     back, so waiting requests wake parked ones first. A parked (or parking) replica stands for one the
     autoscaler wants: it wakes when a request comes for it, never by itself (one parked to make GPU room
-    for another model must not wake at once and take the room back)."""
+    for another model must not wake at once and take the room back). `hold_releases`: an engine is starting
+    on the GPU, and vLLM's start fails if the device's free memory grows while it measures it, so replicas
+    holding GPU memory are neither drained, parked nor stopped now (the next decision after the start)."""
     running = launching + sum(1 for r in replicas if r.state in RUNNING)
     parked = [r.id for r in replicas if r.state == State.PARKED]
     wake = tuple(parked[:max(0, desired - running)]) if queued else ()
@@ -161,4 +165,8 @@ def plan(replicas: list[ReplicaView], launching: int, desired: int, queued: int,
         last = candidates[-1] if candidates else None
         if desired == 0 and last in chosen and last.state == State.READY:
             may_park = last.id
+    if hold_releases:
+        starting = {r.id for r in replicas if r.state == State.STARTING}
+        stop, shrink = (), tuple(rid for rid in shrink if rid in starting)
+        may_park = None
     return Plan(wake, start, stop, shrink, may_park)

@@ -112,7 +112,7 @@ class SleepMoves:
         starting = len(self._replicas(State.STARTING)) * self.process_bytes  # not yet in what the kernel reports
         plan = plan_host(users, parking.host_memory_bytes,
                          self.ledger.host_grantable(memory.available, floor) - starting, parking.gpuContexts)
-        for rid in plan.evict:
+        for rid in () if self.replicas.gpu_start_in_progress() else plan.evict:  # after the start (revision.plan)
             rev, r = by_id[rid]
             log.info("stopping sleeping replica %s: past the budget of sleeping replicas (gpuContexts)", rid)
             self.loop.track(self.replicas.stop(rev, r))
@@ -159,7 +159,7 @@ class SleepMoves:
 
     # ---- sleep and wake ---------------------------------------------------------------------------------------
 
-    async def park(self, rev: Revision, replica: Replica) -> None:
+    async def park(self, rev: Revision, replica: Replica, for_start: bool = False) -> None:
         """Out of rotation, in-flight requests finish, then the engine sleeps: parked if its host copy is
         built, hibernated otherwise. A sleep that fails leaves an engine that serves no more: stopped."""
         if not await self.replicas.leave_rotation(rev, replica, State.PARKING):
@@ -168,10 +168,11 @@ class SleepMoves:
         if memory is not None:
             replica.gpu_bytes = memory.held_by(replica.pid)  # what its wake will need again
         try:
-            body = await self.engine_call(replica, "POST", "/sleep?level=1")
+            async with self.replicas.releasing(for_start):
+                body = await self.engine_call(replica, "POST", "/sleep?level=1")
         except Exception as exc:  # noqa: BLE001 - its memory goes back with its process
             log.warning("replica %s could not go to sleep (%s); stopping it", replica.id, exc)
-            await self.replicas.stop(rev, replica)
+            await self.replicas.stop(rev, replica, for_start)
             self.plan_host()
             self.loop.reconcile(rev)  # a request that came meanwhile gets a new replica
             return
@@ -233,7 +234,8 @@ class SleepMoves:
 
     @contextlib.asynccontextmanager
     async def gpu_move(self, rev: Revision, move_id: str, pid: Callable[[], int | None], gpus: tuple[int, ...] = (),
-                       need: int | None = None, exclude: Replica | None = None) -> AsyncIterator[None]:
+                       need: int | None = None, exclude: Replica | None = None,
+                       for_start: bool = False) -> AsyncIterator[None]:
         """A start or a wake of a replica of `rev` on `gpus` (() the first device, shared): room made first
         (idle replicas there put to sleep, least recently used first: parking.plan_gpu_room), then its need
         counted in the ledger until the move ends (`pid()`: the process that takes the memory)."""
@@ -243,7 +245,7 @@ class SleepMoves:
             yield
             return
         need = need or int(rev.model.engine.gpu_memory_utilization * memory.total)
-        await self._make_room(rev, move_id, need, gpus, exclude)
+        await self._make_room(rev, move_id, need, gpus, exclude, for_start)
         self._gpu_pids[move_id] = pid
         self.ledger.begin_gpu(move_id, need)  # decided: no await between the room found and this
         try:
@@ -253,7 +255,7 @@ class SleepMoves:
             self._gpu_pids.pop(move_id, None)
 
     async def _make_room(self, rev: Revision, move_id: str, need: int, gpus: tuple[int, ...],
-                         exclude: Replica | None) -> None:
+                         exclude: Replica | None, for_start: bool = False) -> None:
         device = gpus[0] if gpus else 0
         end = time.monotonic() + PROGRESS_DEADLINE
         while time.monotonic() < end and not self.loop.stopping:
@@ -276,9 +278,9 @@ class SleepMoves:
             for awake, other, r in holders:
                 if awake.id in room.sleep and self.sleeps(other, r):
                     log.info("putting %s to sleep to make GPU room for %s", r.id, rev.name)
-                    moves.append(self.park(other, r))
+                    moves.append(self.park(other, r, for_start))
                 elif awake.id in room.sleep + room.stop:
                     log.info("stopping %s to make GPU room for %s", r.id, rev.name)
-                    moves.append(self.replicas.drain(other, r))
+                    moves.append(self.replicas.drain(other, r, for_start))
             await asyncio.gather(*moves)
         log.warning("no GPU room for %s within %ss; going on anyway", rev.name, PROGRESS_DEADLINE)
