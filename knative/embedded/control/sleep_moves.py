@@ -58,6 +58,7 @@ class SleepMoves:
         self.replicas = replicas
         self.loop = loop
         self.ledger = NodeLedger()
+        self._dropping: set[str] = set()  # replicas giving their host copy back now
         self.copy_lane = asyncio.Lock()  # wakes from host copies, one at a time on the host -> device link
         self._gpu_pids: dict[str, Callable[[], int | None]] = {}  # GPU move id -> the pid holding its memory
         self.process_bytes = 0  # the most host RAM a ready replica's processes took (host copy aside)
@@ -117,7 +118,9 @@ class SleepMoves:
             log.info("stopping sleeping replica %s: past the budget of sleeping replicas (gpuContexts)", rid)
             self.loop.track(self.replicas.stop(rev, r))
         for rid in plan.drop:
-            self.loop.track(self.drop_copy(*by_id[rid]))
+            if rid not in self._dropping:  # the plan runs after every move: one drop per copy
+                self._dropping.add(rid)
+                self.loop.track(self.drop_copy(*by_id[rid]))
         for rid in plan.grant:
             rev, r = by_id[rid]
             r.copy_bytes = next(u.copy_bytes for u in users if u.id == rid)
@@ -150,6 +153,8 @@ class SleepMoves:
             log.warning("replica %s could not drop its host copy (%s); stopping it", replica.id, exc)
             await self.replicas.stop(rev, replica)
             return
+        finally:
+            self._dropping.discard(replica.id)
         replica.copy_bytes, replica.copy_ready = 0, False
         self.ledger.copy_settled(replica.id)
         if replica.state == State.PARKED:
