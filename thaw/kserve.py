@@ -255,7 +255,9 @@ def _read_predictor(d: _Document, predictor: dict, out: dict) -> None:
     if "maxReplicas" in predictor:
         scaling["max-scale"] = predictor["maxReplicas"]
     metric = predictor.get("scaleMetric", "concurrency")
-    if metric in ("concurrency", "rps"):  # KServe's serverless mode: Knative's metric and target annotations
+    # KServe's serverless mode: Knative's metric and target annotations (thaw.spec.KPA_METRICS; thaw.spec imports
+    # this module, so the pair is spelled out here)
+    if metric in ("concurrency", "rps"):
         scaling["metric"] = metric
         if "scaleTarget" in predictor:
             scaling["target"] = predictor["scaleTarget"]

@@ -23,6 +23,7 @@ from thaw.trigger_filters import check_filters
 
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 AUTOSCALING_PREFIX = "autoscaling.knative.dev/"
+KPA_METRICS = ("concurrency", "rps")  # Knative's default autoscaler class; cpu and memory are the HPA class's
 
 
 class SpecModel(BaseModel):
@@ -120,7 +121,7 @@ class Scaling(SpecModel):
     @field_validator("metric")
     @classmethod
     def _kpa_metric(cls, metric: str) -> str:
-        if metric not in ("concurrency", "rps"):
+        if metric not in KPA_METRICS:
             raise ValueError(f"{metric!r}: thaw's autoscaler is Knative's KPA, which scales on concurrency or rps "
                              "(cpu, memory and custom metrics need the HPA class)")
         return metric

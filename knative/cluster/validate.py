@@ -13,6 +13,7 @@ import jsonschema
 import yaml
 
 from thaw.durations import parse_duration
+from thaw.spec import KPA_METRICS
 
 SCHEMAS = Path(__file__).parent / "schemas"
 KUBERNETES_VERSION = "1.30"
@@ -20,7 +21,6 @@ RESERVED_PORTS = {8012, 8013, 8022, 9090, 9091}  # Knative's queue-proxy and act
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 MAX_REVISION_TIMEOUT = 600  # Knative's config-defaults max-revision-timeout-seconds
 AUTOSCALING = "autoscaling.knative.dev/"
-KPA_METRICS = ("concurrency", "rps")  # the default autoscaler class's; cpu and memory are the HPA's
 # Template annotations Knative's webhooks range-check: (parse, low, high, unit); high None: no upper bound.
 ANNOTATION_RANGES = {
     AUTOSCALING + "min-scale": (float, 0, None, ""),

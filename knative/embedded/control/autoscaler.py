@@ -1,9 +1,9 @@
 """Knative's KPA decision, as pure code: `Autoscaler.scale(observed, ready_pods, now) -> ScaleResult`.
 
 This reproduces knative/serving `pkg/autoscaler/scaling/autoscaler.go` `Scale()` and the metric target
-resolution of `pkg/reconciler/autoscaling/resources/target.go` for the KPA's two metrics, concurrency and rps:
-stable and panic windows over per-second concurrency averages (or request counts), the panic threshold and panic mode holding its peak until a stable window has
-passed, the max scale-up and scale-down rates, the target times its utilisation, activation-scale,
+resolution of `pkg/reconciler/autoscaling/resources/target.go` for the KPA's two metrics, concurrency and
+rps: stable and panic windows over per-second concurrency averages (or request counts), the panic threshold
+and panic mode holding its peak until a stable window has passed, the max scale-up and scale-down rates, the target times its utilisation, activation-scale,
 the scale-down-delay window, and the excess burst capacity (which in Knative decides whether the
 activator stays in the request path; the embedded plane always routes through its activator, so here it is
 computed and shown in `thaw status`, not acted on). Bounds and scale-to-zero timing (min/max/initial scale, grace and retention periods)
@@ -19,7 +19,6 @@ from collections import deque
 from dataclasses import dataclass, field
 
 TARGET_FLOOR = 1.0  # ResolveMetricTarget's least target per pod (autoscaling.TargetMin bounds only the annotation)
-METRICS = ("concurrency", "rps")  # the KPA's; cpu and memory are the HPA class's
 
 
 @dataclass(frozen=True)

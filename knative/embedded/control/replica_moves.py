@@ -131,22 +131,20 @@ class ReplicaMoves:
             log.info("replica %s ready after %.2fs", replica.id, replica.ready_at - replica.started_at)
             self.loop.report(rev)
             self.after_ready(rev, replica)
-        elif replica.state == State.STARTING and rev.upsets < UPSETS_IN_A_ROW and memory_moved_under(replica.log_path):
-            rev.upsets += 1  # not the model's failure: no back-off, held requests wait for the next start
-            log.warning("replica %s failed to start: GPU memory moved while vLLM measured it (another process on "
-                        "the device); starting again", replica.id)
-            self.forget(rev, replica, State.DEAD)
-            async with self.releasing():
-                await self.supervisor.stop(replica, 0)
-            self.loop.report(rev)
         elif replica.state == State.STARTING:
-            rev.failures += 1
-            wait = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (rev.failures - 1))
-            rev.failure = f"replica {replica.id} failed to start: {replica.error}"
-            rev.retry_at = time.monotonic() + wait
-            log.error("%s; the next start in %.0fs (see %s)", rev.failure, wait, replica.log_path)
+            upset = rev.upsets < UPSETS_IN_A_ROW and memory_moved_under(replica.log_path)
+            if upset:  # not the model's failure: no back-off, held requests wait for the next start
+                rev.upsets += 1
+                log.warning("replica %s failed to start: GPU memory moved while vLLM measured it (another process "
+                            "on the device); starting again", replica.id)
+            else:
+                rev.failures += 1
+                wait = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (rev.failures - 1))
+                rev.failure = f"replica {replica.id} failed to start: {replica.error}"
+                rev.retry_at = time.monotonic() + wait
+                log.error("%s; the next start in %.0fs (see %s)", rev.failure, wait, replica.log_path)
             self.forget(rev, replica, State.DEAD)
-            if not rev.count(State.READY, State.STARTING, State.WAKING):
+            if not upset and not rev.count(State.READY, State.STARTING, State.WAKING):
                 # nothing else will take the requests held for it soon: they are told why now, not at their
                 # timeout (the next start waits for its back-off)
                 rev.throttler.breaker.fail_waiting(Unservable(rev.failure))
