@@ -12,6 +12,7 @@ import pytest
 import requests
 from aiohttp import web
 
+from conftest import poll
 from loop_servers import LoopThread
 from thaw.openai_wire import LOADING_HEADER
 from thaw.knative.embedded.control.autoscaler import Autoscaler, ConcurrencyWindow, resolve_spec
@@ -339,4 +340,6 @@ def test_each_request_counts_once_for_the_rps_metric_retries_too(path_under_test
     assert [requests.post(url, json={"model": "m"}, timeout=60).status_code for _ in range(5)] == [200] * 5
     assert rev.sample() == 5 and rev.sample() == 0  # what arrived since the last sample
     rev.autoscaler.update(resolve_spec(Scaling(), rev.model.containerConcurrency))
+    # the proxy lets go of a request just after its client has the last byte
+    poll(lambda: rev.concurrency == 0, 30, what="the finished requests leaving the in-flight count")
     assert (rev.sample(), rev.sample(poke=True)) == (0, 1)  # concurrency: none now, the poking request
