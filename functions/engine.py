@@ -80,6 +80,9 @@ class Engine:
         self.state = "loading"  # loading -> ready | failed; ready <-> parked (asleep: see sleep_level); -> failed | stopped
         self.error: str | None = None
         self.phases: dict[str, float] = dict(phases or {})  # start-up phase -> seconds, in order
+        # start-up events -> wall-clock time: beside the launch and the plane's own marks, where the wall went
+        # (the weights are read while vLLM imports, so the phases' seconds do not add up to it)
+        self.marks: dict[str, float] = {"app": time.time()}
         self.max_model_len = args.max_model_len or 0
         self.tokenizer = None
         self._tokenizer_lock = threading.Lock()
@@ -228,6 +231,7 @@ class Engine:
     # ---- the engine thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
+        self.marks["engine_thread"] = time.time()
         try:
             self._load()
         except BaseException as exc:  # noqa: BLE001 - any load failure ends serving; report it
@@ -236,6 +240,7 @@ class Engine:
             return
         if self.args.engine_core == "mp":
             self._watch = EngineCoreWatch(self._engine, self._fail).start()
+        self.marks["ready"] = time.time()
         self.state = "ready"
         try:
             self._serve()
@@ -265,8 +270,10 @@ class Engine:
         from vllm.usage.usage_lib import UsageContext
 
         self.phases["imports"] = time.perf_counter() - t
+        self.marks["imported"] = time.time()
         detect().prepare_engine_process()
         self.phases["weights"] = read.result()
+        self.marks["weights_ready"] = time.time()
         weights.shutdown()
         t = time.perf_counter()
         # Stats on: vLLM's own Prometheus metrics (vllm:time_to_first_token_seconds, ...) are what existing
@@ -288,12 +295,14 @@ class Engine:
             backend.no_truncation()
         self.max_model_len = self._engine.model_config.max_model_len
         self.phases["engine_init"] = time.perf_counter() - t
+        self.marks["engine_built"] = time.time()
         if self.args.enable_sleep_mode and detect().sleep_mode:
             self._sleep = EngineSleep(self._engine, self.model_dir, self.stream_weights)
         if self.stream_weights:
             t = time.perf_counter()
             load_weights(self._engine, self.model_dir, stream_weights=True)
             self.phases["weights_to_gpu"] = time.perf_counter() - t
+            self.marks["weights_in"] = time.time()
         t = time.perf_counter()
         self._warm_up()
         self.phases["warmup"] = time.perf_counter() - t

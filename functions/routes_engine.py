@@ -35,7 +35,7 @@ def engine_routes(service: FunctionService) -> Blueprint:
     @routes.get("/readyz")
     def readyz():
         status = 200 if engine.state == "ready" else 503
-        body = {"status": engine.state, "error": engine.error, "phases": engine.phases}
+        body = {"status": engine.state, "error": engine.error, "phases": engine.phases, "marks": engine.marks}
         if engine.state == "ready" and engine.engine_pid:
             body["engine_pid"] = engine.engine_pid  # the plane watches it: its death is the replica's
         return Response(json.dumps(body), status, mimetype="application/json")  # keeps the phases in order

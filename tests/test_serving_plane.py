@@ -180,6 +180,12 @@ def test_first_request_at_zero_succeeds(plane):
     assert plane.ready("tiny") == 1
     # it was forked from the standby (booted from the typed settings the supervisor sent, not from flags)
     assert [pod["standby"] for rev in plane.revisions("tiny") for pod in rev["pods"]] == [True]
+    # where its start went, event by event, from the plane's decision to the request's handover
+    timeline = plane.revisions("tiny")[0]["last_start_timeline"]
+    events = ["asked", "placed", "room", "launched", "app", "engine_thread", "imported", "weights_ready",
+              "engine_built", "ready", "seen_ready", "serving"]
+    assert set(timeline) == set(events) and timeline["asked"] == 0
+    assert all(timeline[a] <= timeline[b] for a, b in zip(events, events[1:])), timeline
 
 
 def test_per_model_route_and_streaming_pass_through(plane):

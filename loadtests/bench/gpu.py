@@ -109,7 +109,10 @@ def _from_zero(plane: PlaneUnderTest, name: str = NAME) -> dict:
     # the activator held the request while the replica started (or woke); then it went to the replica
     phases = {**rev["last_start_phases"], "activator_hold": result.queued,
               "after_release": result.ttft - result.queued}
-    return {"first_token": result.ttft, "queued": result.queued, "phases": phases,
+    # the plane's and the replica's events, from the plane's "asked" (the request's arrival: its poke asks at
+    # once), then the request's own: released by the activator, first token
+    timeline = {**rev.get("last_start_timeline", {}), "released": result.queued, "first_token": result.ttft}
+    return {"first_token": result.ttft, "queued": result.queued, "phases": phases, "timeline": timeline,
             "wall": time.perf_counter() - start, "rung": result.record.cold or "ready"}
 
 
@@ -355,8 +358,11 @@ def _density_request(plane: PlaneUnderTest, name: str, phase: str) -> dict:
             return await stream_chat(session, plane.url, name, 16, "What is the capital of France?")
 
     result = asyncio.run(one())
-    return {"phase": phase, "model": name, "ok": result.ok, "error": result.error,
-            "rung": (result.record.cold or "ready") if result.record else None, "first_token": result.ttft}
+    rung = (result.record.cold or "ready") if result.record else None
+    # a start or a wake: where its wall went (the plane's and the replica's events, seconds since asked)
+    timeline = plane.status(name).get("last_start_timeline") if rung not in (None, "ready") else None
+    return {"phase": phase, "model": name, "ok": result.ok, "error": result.error, "rung": rung,
+            "first_token": result.ttft, "queued": result.queued, "timeline": timeline}
 
 
 def bench_density(model_dir: Path, engine: dict, runs: int, work: Path, console: Console, save,
@@ -477,6 +483,7 @@ def write_report(results: dict, out: Path, console: Console) -> None:
     if burst:
         lines += ["", f"(f) burst of {burst['requests']} at sleeping {burst['model']}: {burst['failed']} failed; "
                       f"TTFT {', '.join(f'{t:.2f}' for t in burst['ttft'])} s."]
+    lines += timeline_report(variants)
     lines += density_report(results.get("density"))
     parked = variants["parked"]
     if parked and parked[0].get("gpu_total"):
@@ -518,6 +525,28 @@ def write_report(results: dict, out: Path, console: Console) -> None:
     console.print("\n".join(lines))
     _plot(variants, out)
     _plot_density(results.get("density"), out)
+
+
+def timeline_report(variants: dict[str, list[dict]]) -> list[str]:
+    """Each rung's timeline as Markdown: the mean time of each event since the plane was asked, in order, and
+    the step from the event before (where a start or a wake spends its wall beyond the replica's phases)."""
+    lines = []
+    for key, runs in variants.items():
+        timelines = [r["timeline"] for r in runs if r.get("timeline")]
+        if not timelines:
+            continue
+        events: dict[str, list[float]] = {}
+        for t in timelines:
+            for event, at in t.items():
+                events.setdefault(event, []).append(at)
+        ordered = sorted(((event, mean(ats)) for event, ats in events.items()), key=lambda e: e[1])
+        lines += ["", f"### Timeline: {VARIANT_LABELS[key]} ({len(timelines)} runs, mean s since asked)", "",
+                  "| event | at (s) | step (s) |", "|---|---|---|"]
+        before = 0.0
+        for event, at in ordered:
+            lines.append(f"| {event} | {at:.3f} | {at - before:+.3f} |")
+            before = at
+    return lines
 
 
 def density_report(density: dict | None) -> list[str]:

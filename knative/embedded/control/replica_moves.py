@@ -102,7 +102,9 @@ class ReplicaMoves:
     async def start(self, rev: Revision) -> None:
         """One new replica of `rev`: placed (Pending meanwhile), started, probed until ready or failed."""
         key = f"launch-{next(self._launches)}"
+        marks = {"asked": time.time()}
         claim = await self.placement.place(rev, key)
+        marks["placed"] = time.time()
         if claim is None:
             rev.launching -= 1
             self.loop.report(rev)
@@ -111,6 +113,7 @@ class ReplicaMoves:
         # held until ready: the memory a start takes is known only then
         async with self.start_lock, self.gpu_move(rev, key, lambda: started[0].pid if started else None, claim.gpus,
                                                   for_start=True):
+            marks["room"] = time.time()
             try:
                 replica = await self.supervisor.start(rev.name, rev.model, self.boot_of(rev), self.placement.env(claim))
             except Exception:  # noqa: BLE001 - a failed launch is retried by the next reconcile
@@ -120,6 +123,7 @@ class ReplicaMoves:
             finally:
                 rev.launching -= 1
             replica.gpus = claim.gpus
+            replica.marks.update(marks)
             started.append(replica)
             self.placement.bind(key, replica.id)
             rev.replicas.append(replica)
@@ -128,6 +132,7 @@ class ReplicaMoves:
             replica.move(State.READY)
             rev.failure, rev.failures, rev.upsets = None, 0, 0
             rev.throttler.add_replica(replica)
+            replica.marks["serving"] = time.time()
             log.info("replica %s ready after %.2fs", replica.id, replica.ready_at - replica.started_at)
             self.loop.report(rev)
             self.after_ready(rev, replica)

@@ -64,6 +64,17 @@ class Revision:
         """Where the newest replica that reported its start spent it ({} before any did)."""
         return next((r.phases for r in reversed(self.replicas) if r.phases), {})
 
+    @property
+    def last_timeline(self) -> dict[str, float]:
+        """The newest ready replica's start, event by event in time order: seconds since the plane was asked for
+        it ({} before any was ready). Where a start's wall went beyond its phases (the plane's placement and
+        GPU room, the process launch, the engine's thread, the probe, the handover to the held requests)."""
+        marks = next((r.marks for r in reversed(self.replicas) if "serving" in r.marks), None)
+        if not marks:
+            return {}
+        asked = marks.get("asked", min(marks.values()))
+        return {k: round(v - asked, 4) for k, v in sorted(marks.items(), key=lambda kv: kv[1])}
+
     def count(self, *states: State) -> int:
         return sum(1 for r in self.replicas if r.state in states)
 

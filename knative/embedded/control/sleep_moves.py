@@ -203,10 +203,13 @@ class SleepMoves:
         # the lock serves waiters in the order they came, so wakes from host copies go in the order asked for
         # (a graph's look-ahead asks for its first step's model first).
         lane = self.copy_lane if level == PARKED else contextlib.nullcontext()
+        marks = {"asked": t}
         try:
             async with lane, self.gpu_move(rev, f"wake-{replica.id}", lambda: replica.pid, replica.gpus,
                                            need=replica.gpu_bytes or None, exclude=replica):
+                marks["room"] = time.time()
                 body = await self.engine_call(replica, "POST", "/wake_up")
+                marks["woken"] = time.time()
         except Exception as exc:  # noqa: BLE001 - a replica that cannot wake is replaced by a fresh one
             log.warning("replica %s could not wake (%s); replacing it", replica.id, exc)
             await self.replicas.stop(rev, replica)
@@ -221,6 +224,7 @@ class SleepMoves:
                           "wake_level": body.get("level", level)}
         replica.ready_at = time.time()
         rev.throttler.add_replica(replica)
+        replica.marks = {**marks, "serving": time.time()}
         log.info("replica %s woken from %s in %.2fs", replica.id,
                  "its host copy" if level == PARKED else "the files", time.time() - t)
         self.loop.report(rev)  # an update event whose status carries the wake phase

@@ -48,7 +48,7 @@ def plane_status(models: dict[str, ModelRoutes], standby_ready: bool, spec_refus
                                 for s in SHOWN}, "pending": rev.unplaced},
                 "pending": rev.pending, "failure": rev.failure, "panic": rev.panicking, "queue": rev.throttler.queued, "in_flight": rev.throttler.in_flight,
                 "excess_burst_capacity": rev.excess_burst_capacity, "keep_warm": rev.keep_warm,
-                "last_start_phases": rev.last_phases,
+                "last_start_phases": rev.last_phases, "last_start_timeline": rev.last_timeline,
                 "pods": [{"id": r.id, "pid": r.pid, "port": r.port, "state": str(r.state), "in_flight": r.in_flight,
                           "standby": r.via_standby, "gpu_bytes": memory.held_by(r.pid) if memory else None,
                           "host_copy_bytes": r.copy_bytes, "host_copy_ready": r.copy_ready,

@@ -73,8 +73,9 @@ class Supervisor:
         rid = f"{revision}-{next(self._ids)}"
         log_path = self.log_dir / f"{rid}.log"
         # Knative's container contract: every container gets PORT and the K_ names of what it serves.
+        launched = time.time()  # the replica's own start-up events are counted from it (THAW_LAUNCH_TIME)
         env = base_env(**detect().engine_env(model.engine.kv_cache_gib), PORT=str(port), K_SERVICE=model.name,
-                       K_CONFIGURATION=model.name, K_REVISION=revision, THAW_LAUNCH_TIME=repr(time.time()),
+                       K_CONFIGURATION=model.name, K_REVISION=revision, THAW_LAUNCH_TIME=repr(launched),
                        **self.env, **extra_env)
         replica = None
         if model.standby and await self.wait_standby():
@@ -90,6 +91,7 @@ class Supervisor:
                                          stdin=subprocess.DEVNULL, env=env, start_new_session=True,
                                          preexec_fn=die_with_parent)
             replica = Replica(rid, revision, port, popen.pid, False, log_path, popen=popen)
+        replica.marks["launched"] = launched
         log.info("replica %s starting on port %d (%s)", rid, port, "forked from standby" if replica.via_standby
                  else "cold process")
         return replica
@@ -110,6 +112,7 @@ class Supervisor:
                         replica.phases = body.get("phases", {})
                         replica.engine_pid = body.get("engine_pid")
                         replica.ready_at = time.time()
+                        replica.marks.update({**body.get("marks", {}), "seen_ready": replica.ready_at})
                         return True
                     if body.get("status") == "failed":  # it will never be ready: no need to wait it out
                         replica.error = body.get("error") or "its engine failed to load"

@@ -88,6 +88,9 @@ class Replica:
     started_at: float = field(default_factory=time.time)
     ready_at: float | None = None
     phases: dict = field(default_factory=dict)
+    # its start's events -> wall-clock time: the plane's (asked, placed, room, launched, seen_ready, serving)
+    # around the replica's own (its engine's marks, from /readyz)
+    marks: dict = field(default_factory=dict)
     popen: subprocess.Popen | None = None
 
     def __post_init__(self) -> None:
