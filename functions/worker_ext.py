@@ -39,20 +39,33 @@ def _allocator():
     return CuMemAllocator.get_instance()
 
 
+def suspend_level_2(worker) -> None:
+    """Level 2 as this vLLM's own worker does it: through its sleep-mode backend (a property since vLLM 0.30, a
+    method before), which keeps what must survive (from 0.30 the "runtime" and "cudagraph" pools, copied to
+    the host: state the KV cache's set-up made, and what CUDA graphs point at); before the backends, the
+    allocator with nothing kept."""
+    if isinstance(getattr(type(worker), "sleep_mode_backend", None), property):
+        worker.sleep_mode_backend.suspend(2)
+    elif hasattr(worker, "_get_sleep_mode_backend"):
+        worker._get_sleep_mode_backend().suspend(2)
+    else:
+        _allocator().sleep(offload_tags=())
+
+
 def _sleep(worker, level: int = 1) -> None:
-    """vLLM's Worker.sleep less its device-wide check: the model's buffers to the host (restored by vLLM's
-    wake_up), every allocation of the pool released (weights and KV cache: nothing is offloaded)."""
+    """vLLM's Worker.sleep at level 2 less its device-wide check: what it saves on the host first (the model's
+    buffers; parameters the configuration asks to keep, from vLLM 0.30), restored by vLLM's wake_up; then every
+    allocation of the pool released (weights and KV cache: nothing of them is offloaded)."""
     import torch
 
     torch.cuda.synchronize()
-    worker._sleep_saved_buffers = {name: buf.cpu().clone() for name, buf in worker.model_runner.model.named_buffers()}
+    model = worker.model_runner.model
+    worker._sleep_saved_buffers = {name: buf.cpu().clone() for name, buf in model.named_buffers()}
+    if hasattr(worker, "_save_sleep_parameters"):
+        worker._save_sleep_parameters(model)
     allocator = _allocator()
     held = sum(d.handle[1] for d in allocator.pointer_to_data.values() if not getattr(d, "is_asleep", False))
-    backend = getattr(worker, "_get_sleep_mode_backend", None)
-    if backend is not None:
-        backend().suspend(2)
-    else:  # vLLM before its sleep-mode backends
-        allocator.sleep(offload_tags=())
+    suspend_level_2(worker)
     torch.cuda.synchronize()
     left = sum(d.handle[1] for d in allocator.pointer_to_data.values() if not getattr(d, "is_asleep", False))
     if left:

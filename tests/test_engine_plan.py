@@ -161,3 +161,42 @@ def test_what_streams_and_what_is_left_to_vllms_loader(tiny_model, tmp_path):
     (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(EOFError):
         list(stream_weights(read_index(truncated), "cpu", PinnedRing(chunk_bytes=1 << 16, slots=2, pinned=False)))
+
+
+# vLLM's worker across the versions the `gpu` extra allows. Only one CUDA build runs on the GPU host (0.26), so
+# the newer workers' shapes stand in here, as their source has them: the sleep-mode backend a method
+# (`_get_sleep_mode_backend`, 0.26-0.29), then a property (`sleep_mode_backend`, 0.30 on); without either, the
+# allocator itself.
+class _Backend:
+    def __init__(self, calls: list):
+        self.calls = calls
+
+    def suspend(self, level: int) -> None:
+        self.calls.append(("backend", level))
+
+
+class _WorkerWithMethod:
+    def __init__(self):
+        self.calls = []
+
+    def _get_sleep_mode_backend(self):
+        return _Backend(self.calls)
+
+
+class _WorkerWithProperty:
+    def __init__(self):
+        self.calls = []
+
+    @property
+    def sleep_mode_backend(self):
+        return _Backend(self.calls)
+
+
+@pytest.mark.parametrize("worker_class", [_WorkerWithMethod, _WorkerWithProperty])
+def test_a_sleep_goes_through_the_workers_own_sleep_mode_backend_in_every_vllm(worker_class):
+    from thaw.functions.worker_ext import suspend_level_2
+
+    worker = worker_class()
+    suspend_level_2(worker)
+    # the backend keeps what its vLLM must keep across a sleep (from 0.30: the runtime and CUDA graph pools)
+    assert worker.calls == [("backend", 2)]
