@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
+import subprocess
+import sys
 
 import httpx
 import psutil
@@ -17,6 +18,27 @@ import requests
 
 from conftest import LONG_CONTEXT, start_function
 
+
+# Run as `python -c BURSTS PID METRICS_URL BEFORE`: lets the stopped process PID run 20 ms at a time until the
+# replica's thaw_generated_tokens_total passes BEFORE, then kills it while stopped (exit 1: no token in 120 s;
+# killed whatever happens, so the stream always ends).
+BURSTS = """
+import os, signal, sys, time, urllib.request
+pid, url, before = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+def tokens():
+    text = urllib.request.urlopen(url, timeout=30).read().decode()
+    return next(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith("thaw_generated_tokens_total "))
+made, end = False, time.monotonic() + 120
+try:
+    while not made and time.monotonic() < end:
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.02)  # the burst itself
+        os.kill(pid, signal.SIGSTOP)
+        made = tokens() > before
+finally:
+    os.kill(pid, signal.SIGKILL)
+sys.exit(0 if made else 1)
+"""
 
 # A generation far longer than the test needs: the engine core runs it only in short bursts until the client has
 # its first token (test below), so however slowly a busy machine runs the client, the kill lands mid-generation.
@@ -46,33 +68,21 @@ def test_engine_death_mid_stream_gives_error_chunk_then_done(mp_function):
     events = []
     core = engine_core_process(mp_function)
     # On a busy 2-core machine the client can fall far behind an engine that runs free (once under load, all
-    # 32000 tokens went into the socket's buffers before the kill): the engine core is held stopped and let run
-    # 20 ms at a time until the client has read a token, then killed while stopped, mid-generation.
-    first_token, held = threading.Event(), threading.Event()
-
-    def bursts():
-        try:
-            while not first_token.is_set():
-                os.kill(core.pid, signal.SIGCONT)
-                first_token.wait(0.02)
-                os.kill(core.pid, signal.SIGSTOP)
-                first_token.wait(0.2)  # the client's turn to read what the burst made
-        finally:
-            held.set()
-
+    # 32000 tokens went into the socket's buffers before the kill). So the engine core is held stopped and let
+    # run 20 ms at a time until the replica has handed a token to the response (its own counter, read while the
+    # core is stopped), then killed while stopped: mid-generation, whenever the client reads. The bursts run in
+    # a process of their own: in a thread of this one, a burst once lasted 77 s (the thread was not scheduled
+    # back while this one read the stream), and the engine ran to the end.
+    before = mp_function.metric("thaw_generated_tokens_total")
     os.kill(core.pid, signal.SIGSTOP)
-    threading.Thread(target=bursts, daemon=True).start()
+    bursts = subprocess.Popen([sys.executable, "-c", BURSTS, str(core.pid), mp_function.url + "/metrics", str(before)])
     with httpx.stream("POST", url, json=body, timeout=60) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
-            if not line.startswith("data: "):
-                continue
-            events.append(line[6:])
-            if not first_token.is_set():
-                first_token.set()
-                assert held.wait(10)
-                os.kill(core.pid, signal.SIGKILL)
-                core.wait(10)  # gone (not our child: psutil cannot tell the exit status)
+            if line.startswith("data: "):
+                events.append(line[6:])
+    assert bursts.wait(60) == 0, "no token within 120 s of bursts"
+    core.wait(10)  # gone (not our child: psutil cannot tell the exit status)
     assert events[-1] == "[DONE]"
     assert "error" in json.loads(events[-2]), f"{len(events)} events, ending {events[-3:]}"
     error = json.loads(events[-2])["error"]
