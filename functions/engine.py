@@ -1,9 +1,11 @@
 """The engine adapter: one vLLM engine, owned by one thread, shared by every request thread.
 
 vLLM's `LLMEngine` is not thread-safe, so a single engine thread owns it: request threads post
-commands (add, abort) to a queue, the engine thread adds them between steps and hands each step's
+commands (add, abort) to a queue, the engine thread hands them to the engine and hands each step's
 token deltas to the requests' own queues. Every running request joins the next step, which is vLLM's
-continuous batching; a request aborted by its client leaves the batch at the next step.
+continuous batching; a request aborted by its client leaves the batch at the next step. With the engine
+core in a process of its own, the thread waits for commands and for the core's outputs alike, so a request
+reaches the core while it computes a step (`_notify_outputs`).
 
 With `engine_core="inproc"` the engine core runs inside this process (no engine-core process to spawn,
 no second import of torch and vLLM: the fast start); with `"mp"` vLLM runs it in a process of its own.
@@ -38,6 +40,8 @@ from .engine_sleep import AWAKE, EngineSleep, load_weights
 from .engine_watch import EngineCoreWatch
 from .generations import Delta, Embed, Embedding, EngineFailed, Generation, TokenLogprob
 from .protocol import APIError
+
+OUTPUT = ("output",)  # on the command queue: the engine core's outputs of a step have arrived
 
 log = logging.getLogger("thaw.function.engine")
 
@@ -335,27 +339,56 @@ class Engine:
         while self._engine.has_unfinished_requests():
             self._engine.step()
 
+    def _notify_outputs(self) -> queue.Queue | None:
+        """With the engine core in a process of its own, vLLM's sync client queues each step's outputs from a
+        thread of its own; `step()` blocks on that queue. Each arrival now also wakes this thread (an OUTPUT on
+        the command queue), so the thread waits on its commands alone and steps only for outputs that are there:
+        a request that arrives while the core computes a step reaches the core at once and joins the next
+        step, as with vLLM's own server, instead of waiting for that step's outputs and joining the step after.
+        None where the client has no such queue (the engine core in-process: its step() runs the model)."""
+        outputs = getattr(getattr(self._engine, "engine_core", None), "outputs_queue", None)
+        if not isinstance(outputs, queue.Queue):
+            return None
+        put, commands = outputs.put_nowait, self._commands
+
+        def put_and_wake(item) -> None:
+            put(item)
+            commands.put(OUTPUT)
+
+        outputs.put_nowait = put_and_wake  # the client's output thread looks it up on the queue at each put
+        return outputs
+
     def _serve(self) -> None:
+        outputs = self._notify_outputs()
         while True:
+            if outputs is not None:  # every output there (some may predate the wake-ups) before waiting again
+                while outputs.qsize():
+                    self._dispatch(self._engine.step())
             busy = self._engine.has_unfinished_requests()
             building = self._sleep is not None and self._sleep.building
+            # A host copy is built only while the engine is idle. Busy, the step that follows blocks for its
+            # outputs, unless their arrival wakes this thread.
+            block = (busy and outputs is not None) or (not busy and not building)
             try:
-                command = self._commands.get(block=not busy and not building)
+                command = self._commands.get(block=block)
             except queue.Empty:
                 command = None
                 if not busy and building:
                     self._sleep.copy_step()
             while command is not None:
-                if command[0] == "stop":
+                if command is OUTPUT:
+                    pass  # stepped for at the top of the loop
+                elif command[0] == "stop":
                     self._fail_all(EngineFailed("the function is shutting down"))
                     self.state = "stopped"
                     return
-                self._apply(command)
+                else:
+                    self._apply(command)
                 try:
                     command = self._commands.get_nowait()
                 except queue.Empty:
                     command = None
-            if self._engine.has_unfinished_requests():
+            if outputs is None and self._engine.has_unfinished_requests():
                 self._dispatch(self._engine.step())
 
     def _apply(self, command: tuple) -> None:
