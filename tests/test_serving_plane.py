@@ -546,14 +546,16 @@ def test_a_revision_losing_its_traffic_finishes_its_streams_then_goes_to_zero(pl
     plane.spec = spec
     while t.is_alive():
         old = next(r for r in plane.revisions("drain") if r["name"] == "drain-00001")
-        seen_ready.append(old["replicas"]["ready"])
+        seen_ready.append((old["replicas"]["ready"], old["in_flight"]))
         time.sleep(0.05)
     assert chunks[-1] == "[DONE]"
     usage = json.loads(chunks[-2])["usage"]
     assert usage["completion_tokens"] == DRAINED
     # Knative's decider for an unreachable revision: its in-flight stream is load, so its replica stays up
-    # until the stream ends; then it goes to zero, with no scale-down delay.
-    assert min(seen_ready) == 1
+    # until the stream ends at the plane (a slow client may still be reading what the proxy has written);
+    # then it goes to zero, with no scale-down delay.
+    assert any(in_flight for _, in_flight in seen_ready), seen_ready
+    assert all(ready == 1 for ready, in_flight in seen_ready if in_flight), seen_ready
     poll(lambda: next(r for r in plane.revisions("drain") if r["name"] == "drain-00001")["replicas"]
          == {"starting": 0, "ready": 0, "unready": 0, "draining": 0, "parked": 0, "pending": 0}, 60, 0.2,
          "old revision gone to zero")
@@ -662,7 +664,7 @@ def test_removed_model_drains_and_is_deleted(plane):
 
 def test_event_driven_invocation_answers_into_the_broker(plane):
     env = {**os.environ, "THAW_TOKEN": TOKEN}
-    out = thaw_cli("invoke", "tiny", "-p", "hello", "--max-tokens", "4", "-f", str(plane.spec_path), env=env, timeout=60)
+    out = thaw_cli("invoke", "tiny", "-p", "hello", "--max-tokens", "4", "-f", str(plane.spec_path), env=env, timeout=180)
     assert out.returncode == 0, out.stderr
     request_id = re.search(r"event id ([0-9a-f-]+)", out.stdout).group(1)
     answer = poll(lambda: [e for e in plane.sink.events if e.get_type() == "dev.thaw.inference.response"
