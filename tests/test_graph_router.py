@@ -354,7 +354,7 @@ def test_standalone_router_refuses_an_invalid_graph_file(tmp_path):
     graph = tmp_path / "graph.yaml"
     graph.write_text("apiVersion: serving.kserve.io/v1alpha1\nkind: InferenceGraph\nmetadata: {name: g}\n"
                      "spec: {nodes: {first: {routerType: Sequence, steps: []}}}\n")
-    out = thaw_cli("router", "--graph", str(graph), "--port", "1", timeout=180)  # a deadline for a process that exits at once, on a loaded machine
+    out = thaw_cli("router", "--graph", str(graph), "--port", "1", timeout=180)  # exits at once; a deadline for a loaded machine
     assert out.returncode != 0 and "root node not found" in out.stderr + out.stdout
 
 
