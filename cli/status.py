@@ -67,4 +67,9 @@ def show_status(url: str, token: str | None, as_json: bool, console: Console) ->
         console.print(f"[red]the newest spec edit was refused[/red] (the running configuration stays): {problem}")
     for model in data["models"]:
         console.print(f"{model['name']}: weights at {model['weights']}", highlight=False)
+        for rev in model["revisions"]:
+            if rev.get("last_start_timeline"):
+                console.print(f"{rev['name']}: last start or wake, seconds since asked: "
+                              + ", ".join(f"{event} {at:.2f}" for event, at in rev["last_start_timeline"].items()),
+                              highlight=False)
     return 0

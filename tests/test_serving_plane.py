@@ -627,6 +627,7 @@ def test_status_command(plane):
     table = subprocess.run([sys.executable, "-m", "thaw.cli", "status", "-f", str(plane.spec_path)],
                            capture_output=True, text=True, env=env)
     assert "tiny-00001" in table.stdout and "weights at" in table.stdout
+    assert "tiny-00001: last start or wake, seconds since asked: asked 0.00, " in table.stdout  # it served before
     assert "parked" in table.stdout and "vllm-cpu 0.32.0 on cpu" in table.stdout
 
 

@@ -133,6 +133,7 @@ class ReplicaMoves:
             rev.failure, rev.failures, rev.upsets = None, 0, 0
             rev.throttler.add_replica(replica)
             replica.marks["serving"] = time.time()
+            rev.last_marks = dict(replica.marks)
             log.info("replica %s ready after %.2fs", replica.id, replica.ready_at - replica.started_at)
             self.loop.report(rev)
             self.after_ready(rev, replica)

@@ -58,6 +58,7 @@ class Revision:
     last_reported: tuple = ()
     arrivals: int = 0  # requests the activator took for it (the rps metric counts them)
     arrivals_sampled: int = 0
+    last_marks: dict = field(default_factory=dict)  # the last start's or wake's events (Replica.marks), wall-clock
 
     @property
     def last_phases(self) -> dict[str, float]:
@@ -66,14 +67,14 @@ class Revision:
 
     @property
     def last_timeline(self) -> dict[str, float]:
-        """The newest ready replica's start, event by event in time order: seconds since the plane was asked for
-        it ({} before any was ready). Where a start's wall went beyond its phases (the plane's placement and
-        GPU room, the process launch, the engine's thread, the probe, the handover to the held requests)."""
-        marks = next((r.marks for r in reversed(self.replicas) if "serving" in r.marks), None)
-        if not marks:
+        """The last start or wake that put a replica in rotation, event by event in time order: seconds since the
+        plane was asked for it ({} before any). Where its wall went beyond the replica's phases (placement, GPU
+        room, the process launch, the engine's thread, the probe, the handover to the held requests). Kept
+        after the replica is gone: a cold start is looked into once the revision is back at zero."""
+        if not self.last_marks:
             return {}
-        asked = marks.get("asked", min(marks.values()))
-        return {k: round(v - asked, 4) for k, v in sorted(marks.items(), key=lambda kv: kv[1])}
+        asked = self.last_marks.get("asked", min(self.last_marks.values()))
+        return {k: round(v - asked, 4) for k, v in sorted(self.last_marks.items(), key=lambda kv: kv[1])}
 
     def count(self, *states: State) -> int:
         return sum(1 for r in self.replicas if r.state in states)
