@@ -3,8 +3,8 @@
 This reproduces knative/serving `pkg/autoscaler/scaling/autoscaler.go` `Scale()` and the metric target
 resolution of `pkg/reconciler/autoscaling/resources/target.go` for the KPA's two metrics, concurrency and
 rps: stable and panic windows over per-second concurrency averages (or request counts), the panic threshold
-and panic mode holding its peak until a stable window has passed, the max scale-up and scale-down rates, the target times its utilisation, activation-scale,
-the scale-down-delay window, and the excess burst capacity (which in Knative decides whether the
+and panic mode holding its peak until a stable window has passed, the max scale-up and scale-down rates, the
+target times its utilisation, activation-scale, the scale-down-delay window, and the excess burst capacity (which in Knative decides whether the
 activator stays in the request path; the embedded plane always routes through its activator, so here it is
 computed and shown in `thaw status`, not acted on). Bounds and scale-to-zero timing (min/max/initial scale, grace and retention periods)
 are applied after the decision by `bounded_scale`, as Knative's KPA scaler does.

@@ -73,7 +73,7 @@ class Revision:
         after the replica is gone: a cold start is looked into once the revision is back at zero."""
         if not self.last_marks:
             return {}
-        asked = self.last_marks.get("asked", min(self.last_marks.values()))
+        asked = self.last_marks["asked"]  # a start and a wake both begin there
         return {k: round(v - asked, 4) for k, v in sorted(self.last_marks.items(), key=lambda kv: kv[1])}
 
     def count(self, *states: State) -> int:

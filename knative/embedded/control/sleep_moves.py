@@ -224,8 +224,7 @@ class SleepMoves:
                           "wake_level": body.get("level", level)}
         replica.ready_at = time.time()
         rev.throttler.add_replica(replica)
-        replica.marks = {**marks, "serving": time.time()}
-        rev.last_marks = dict(replica.marks)
+        rev.last_marks = {**marks, "serving": time.time()}
         log.info("replica %s woken from %s in %.2fs", replica.id,
                  "its host copy" if level == PARKED else "the files", time.time() - t)
         self.loop.report(rev)  # an update event whose status carries the wake phase
