@@ -411,6 +411,8 @@ def function_serve(
     log_service: Optional[str] = typer.Option(None, "--log-service", help="inferenceservicename (default: the served name)."),
     log_namespace: str = typer.Option("default", "--log-namespace"),
     log_metadata_header: list[str] = typer.Option([], "--log-metadata-header", help="A request header to log (repeatable)."),
+    pool: bool = typer.Option(False, "--pool", help="Build the engine and wait, without weights, for a model of its "
+                              "shape to adopt it (POST /thaw/adopt)."),
 ) -> None:
     """Serve one model under gunicorn: OpenAI routes, probes, metrics, CloudEvents."""
     from thaw.functions.boot import function_config
@@ -422,7 +424,7 @@ def function_serve(
                        max_body_size=max_body_size, prewarm=prewarm, s3_endpoint=s3_endpoint, s3_region=s3_region,
                        bandwidth_mbps=bandwidth_mbps, dram_root=str(dram_root) if dram_root else None,
                        log_url=log_url, log_mode=log_mode, log_max_body=log_max_body, log_service=log_service,
-                       log_namespace=log_namespace, log_metadata_headers=tuple(log_metadata_header))
+                       log_namespace=log_namespace, log_metadata_headers=tuple(log_metadata_header), pool=pool)
     if log_mode not in ("all", "request", "response"):
         raise typer.BadParameter(f"{log_mode!r}: use all, request or response", param_hint="--log-mode")
     try:

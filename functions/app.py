@@ -51,23 +51,44 @@ def log_payloads(app: Flask, logger: PayloadLogger) -> None:
         return response
 
 
-def create_app(config: FunctionConfig, engine: Engine | None = None) -> Flask:
-    """The function's WSGI app. Starts loading the engine unless one is given."""
-    app = Flask("thaw.function")
-    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
-    metrics = FunctionMetrics()
+def start_engine(config: FunctionConfig, app: Flask) -> Engine:
+    """The replica's engine, loading on its own thread (adoptable: functions/pool.py)."""
     # The launcher stamps the wall-clock time before exec; the gap to here is process start.
     launched = os.environ.get("THAW_LAUNCH_TIME")
     phases = {"process_start": max(0.0, time.time() - float(launched))} if launched else {}
     # vLLM's kernel registration calls hasattr() on every module global; on werkzeug's context-local
     # proxies (flask.request, ...) that raises outside a request, so the engine loads inside one.
-    engine = engine or Engine(config.engine, weights_fetcher(config), load_context=app.test_request_context,
-                              phases=phases, served_name=config.served_name,
-                              view_root=config.cache.root / "views" if config.cache else None).start()
+    return Engine(config.engine, weights_fetcher(config), load_context=app.test_request_context, phases=phases,
+                  served_name=config.served_name, view_root=config.cache.root / "views" if config.cache else None,
+                  adoptable=config.pool).start()
+
+
+def create_app(config: FunctionConfig, engine: Engine | None = None) -> Flask:
+    """The function's WSGI app. Starts loading the engine unless one is given."""
+    app = Flask("thaw.function")
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    metrics = FunctionMetrics()
+    engine = engine or start_engine(config, app)
     service = FunctionService(config, engine, metrics)
     app.extensions["thaw"] = service
     for routes in (openai_routes(service), engine_routes(service), event_routes(service)):
         app.register_blueprint(routes)
+    openai_error_handlers(app)
+
+    @app.after_request
+    def count(response: Response):
+        rule = request.url_rule.rule if request.url_rule else "unmatched"
+        metrics.requests.labels(rule, str(response.status_code)).inc()
+        return response
+
+    if config.logger is not None:
+        log_payloads(app, PayloadLogger(config.logger, metrics))
+
+    return app
+
+
+def openai_error_handlers(app: Flask) -> None:
+    """Every error in OpenAI's shape."""
 
     @app.errorhandler(p.APIError)
     def api_error(exc: p.APIError):
@@ -88,14 +109,3 @@ def create_app(config: FunctionConfig, engine: Engine | None = None) -> Flask:
     def internal_error(exc: Exception):
         log.exception("unhandled error")
         return jsonify(p.error_body("The server had an error processing your request", "server_error")), 500
-
-    @app.after_request
-    def count(response: Response):
-        rule = request.url_rule.rule if request.url_rule else "unmatched"
-        metrics.requests.labels(rule, str(response.status_code)).inc()
-        return response
-
-    if config.logger is not None:
-        log_payloads(app, PayloadLogger(config.logger, metrics))
-
-    return app

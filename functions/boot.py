@@ -41,6 +41,7 @@ class FunctionConfig:
     cache: CacheSettings | None = None
     max_body_bytes: int = 32 << 20  # a larger request body is a 413
     logger: LoggerSettings | None = None  # payload logging (functions/payload_log.py)
+    pool: bool = False  # the engine waits, without weights, for a model to adopt it (functions/pool.py)
 
 
 def function_config(boot: ReplicaBoot, served_name: str, engine: EngineArgs) -> FunctionConfig:
@@ -59,7 +60,7 @@ def function_config(boot: ReplicaBoot, served_name: str, engine: EngineArgs) -> 
                             token=os.environ.get(PAYLOAD_LOG_TOKEN_ENV)) if boot.log_url else None
     return FunctionConfig(model_dir=Path(boot.model_dir).resolve() if boot.model_dir else None,
                           served_name=served_name, engine=engine, source=boot.source, cache=cache,
-                          max_body_bytes=quantity_bytes(boot.max_body_size), logger=logger)
+                          max_body_bytes=quantity_bytes(boot.max_body_size), logger=logger, pool=boot.pool)
 
 
 def weights_fetcher(config: FunctionConfig):

@@ -66,11 +66,13 @@ class Engine:
 
     def __init__(self, args: EngineArgs, fetch_weights, load_context=contextlib.nullcontext,
                  phases: dict[str, float] | None = None, served_name: str | None = None,
-                 view_root: Path | None = None):
+                 view_root: Path | None = None, adoptable: bool = False):
         """`fetch_weights` returns (model dir, its phase timings): the weights ensured in the cache tier or
         read into the page cache where they are (functions/boot.py's weights_fetcher). `served_name` is the
         `model_name` label of vLLM's metrics. `view_root` (in the cache tier) holds the per-architecture
-        model views a GPU engine starts from (functions/engine_plan.py)."""
+        model views a GPU engine starts from (functions/engine_plan.py). `adoptable`: the engine is built on
+        dummy weights and waits, without weights (hibernated where the platform can sleep), for a model of its
+        key to adopt it (`adopt`; functions/pool.py)."""
         self.model_dir: Path | None = None
         self.view_root = view_root
         self.stream_weights = False  # the weights go in through thaw's worker extension, not vLLM's loader
@@ -78,10 +80,14 @@ class Engine:
         self._watch: EngineCoreWatch | None = None
         self._no_teardown = False  # a failed sleep left the GPU's memory in a state vLLM's teardown must not free
         self.served_name = served_name
+        self.metrics_name = served_name  # what vLLM's stat logger was built with (an adopter serves another name)
+        self.adoptable = adoptable
         self._fetch_weights = fetch_weights
         self.args = detect().resolve(args)
         self._load_context = load_context
-        self.state = "loading"  # loading -> ready | failed; ready <-> parked (asleep: see sleep_level); -> failed | stopped
+        # loading -> ready | pooled | failed; pooled -> ready (adopted); ready <-> parked (asleep: see
+        # sleep_level); -> failed | stopped
+        self.state = "loading"
         self.error: str | None = None
         self.phases: dict[str, float] = dict(phases or {})  # start-up phase -> seconds, in order
         # start-up events -> wall-clock time: beside the launch and the plane's own marks, where the wall went
@@ -203,6 +209,15 @@ class Engine:
         """Wake a sleeping engine: the seconds it took and the rung it woke from (0: it was awake)."""
         return self._engine_call("wake")
 
+    def adopt(self, model_dir: Path, served_name: str) -> dict:
+        """A pooled engine becomes `served_name`'s, with the weights in `model_dir` (a model of its key:
+        engine_plan.engine_key); the seconds it took."""
+        if self.state != "pooled":
+            raise APIError(409, f"This engine cannot be adopted: it is {self.state}", code="engine_not_pooled")
+        done: Future = Future()
+        self._commands.put(("adopt", done, Path(model_dir), served_name))
+        return done.result(timeout=600)
+
     def _check_sleeps(self) -> None:
         if not (self.args.enable_sleep_mode and detect().sleep_mode):
             raise APIError(400, "This engine runs without sleep mode: set `park: true` on the model, on a "
@@ -225,7 +240,7 @@ class Engine:
         if self.state == "parked":
             self.wake()
             return
-        if self.state == "loading":
+        if self.state in ("loading", "pooled"):
             raise APIError(503, "The model is still loading; retry shortly", code="model_loading",
                            headers={"Retry-After": "1", LOADING_HEADER: "1"})
         if self.state != "ready":
@@ -245,7 +260,7 @@ class Engine:
         if self.args.engine_core == "mp":
             self._watch = EngineCoreWatch(self._engine, self._fail).start()
         self.marks["ready"] = time.time()
-        self.state = "ready"
+        self.state = "pooled" if self.adoptable else "ready"
         try:
             self._serve()
         except BaseException as exc:  # noqa: BLE001 - a broken engine fails its requests, not the process
@@ -287,6 +302,12 @@ class Engine:
         kwargs = {"model": str(self.model_dir), "worker_extension_cls": WORKER_EXTENSION, **self.args.vllm_kwargs()}
         if detect().gpu:
             kwargs.update(self._gpu_plan(kwargs))
+        elif self.adoptable:  # the CPU build: dummy weights, overwritten at the adoption
+            kwargs.update(load_format="dummy", tokenizer=str(self.model_dir), model=str(self._view()))
+            self.stream_weights = True
+        if self.adoptable and not self.stream_weights:
+            raise RuntimeError("this model's engine cannot wait to be adopted: its weights load through vLLM's "
+                               "own loader (a quantized or non-safetensors checkpoint)")
         engine_args = vllm.EngineArgs(served_model_name=self.served_name, disable_log_stats=False, **kwargs)
         with self._load_context():
             # As vLLM's OpenAI server: its defaults for a server (the prefill chunk per step, the batch), not
@@ -302,7 +323,7 @@ class Engine:
         self.marks["engine_built"] = time.time()
         if self.args.enable_sleep_mode and detect().sleep_mode:
             self._sleep = EngineSleep(self._engine, self.model_dir, self.stream_weights)
-        if self.stream_weights:
+        if self.stream_weights and not self.adoptable:
             t = time.perf_counter()
             load_weights(self._engine, self.model_dir, stream_weights=True)
             self.phases["weights_to_gpu"] = time.perf_counter() - t
@@ -310,7 +331,14 @@ class Engine:
         t = time.perf_counter()
         self._warm_up()
         self.phases["warmup"] = time.perf_counter() - t
+        if self.adoptable and self._sleep is not None:
+            self._sleep.sleep(keep_copy=False)  # its dummy weights and KV cache off the GPU: a context waiting
         log.info("engine ready: %s", ", ".join(f"{k} {v:.2f}s" for k, v in self.phases.items()))
+
+    def _view(self) -> Path:
+        from .engine_plan import ensure_view
+
+        return ensure_view(self.view_root, self.model_dir) if self.view_root else self.model_dir
 
     def _weights(self) -> None:
         self.model_dir, timings = self._fetch_weights()
@@ -412,10 +440,10 @@ class Engine:
                 self._sleep.want_copy(command[1])
             except Exception as exc:  # noqa: BLE001 - the caller gets the failure
                 command[1].set_exception(exc)
-        elif command[0] in ("sleep", "wake", "drop"):
+        elif command[0] in ("sleep", "wake", "drop", "adopt"):
             done = command[1]
             calls = {"sleep": lambda: self._sleep_now(command[2]), "wake": self._wake_now,
-                     "drop": self._sleep.drop_copy}
+                     "drop": lambda: self._sleep.drop_copy(), "adopt": lambda: self._adopt_now(*command[2:])}
             try:
                 done.set_result(calls[command[0]]())
             except BaseException as exc:  # noqa: BLE001 - the caller gets the failure
@@ -443,6 +471,25 @@ class Engine:
         self.state = "ready"
         self.phases["wake"] = seconds
         return {"seconds": seconds, "level": level}
+
+    def _adopt_now(self, model_dir: Path, served_name: str) -> dict:
+        if self.state != "pooled":
+            raise APIError(409, f"This engine cannot be adopted: it is {self.state}", code="engine_not_pooled")
+        t = time.perf_counter()
+        self.model_dir, self.served_name = model_dir, served_name
+        if self._sleep is not None:  # hibernated: a wake, from this model's files
+            self._sleep.model_dir = model_dir
+            self._sleep.wake()
+        else:
+            load_weights(self._engine, model_dir, stream_weights=True)
+        # Nothing computed before is reachable: no cached prefix of the warm-up or of an earlier model (vLLM
+        # resets it at a sleep only from 0.32).
+        if self._engine.reset_prefix_cache() is False:
+            raise RuntimeError("vLLM refused to reset its prefix cache")
+        self.state = "ready"
+        self.phases["adopt"] = seconds = time.perf_counter() - t
+        log.info("engine adopted by %s (weights from %s) in %.2fs", served_name, model_dir, seconds)
+        return {"seconds": seconds}
 
     def _abort(self, gen: Generation) -> None:
         ids = [eid for eid, (g, _, _) in self._routes.items() if g is gen]

@@ -16,6 +16,7 @@ table-tested in tests/test_engine_plan.py, plus the small files they name).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -34,6 +35,22 @@ def arch_id(model_dir: str | Path) -> str:
         path = Path(model_dir) / name
         digest.update(name.encode() + b"\0" + (path.read_bytes() if path.exists() else b"") + b"\0")
     return digest.hexdigest()[:32]
+
+
+# what a tokenizer is made of: an engine adopted by another model keeps the tokenizer it was built with
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
+                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model")
+
+
+def engine_key(model_dir: str | Path, engine_args: dict) -> str:
+    """Which built engines a model can adopt (functions/pool.py): same architecture view, same tokenizer, same
+    engine configuration; the weights are the model's own."""
+    digest = hashlib.sha256(arch_id(model_dir).encode())
+    for name in TOKENIZER_FILES:
+        path = Path(model_dir) / name
+        digest.update(name.encode() + b"\0" + (path.read_bytes() if path.exists() else b"") + b"\0")
+    digest.update(json.dumps(engine_args, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
 
 
 def ensure_view(view_root: str | Path, model_dir: str | Path) -> Path:

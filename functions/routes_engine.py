@@ -77,7 +77,12 @@ def engine_routes(service: FunctionService) -> Blueprint:
             metrics.start_phase.labels(phase).set(seconds)
         metrics.engine_requests.set(engine.active_requests())
         metrics.parked.set(engine.state == "parked")
-        # vLLM's own metrics (its stat logger registers them in prometheus_client's global registry) after thaw's
-        return Response(generate_latest(metrics.registry) + generate_latest(REGISTRY), mimetype=CONTENT_TYPE_LATEST)
+        # vLLM's own metrics (its stat logger registers them in prometheus_client's global registry) after thaw's;
+        # an adopted engine's stat logger still says the name it was built with (functions/pool.py)
+        vllm_metrics = generate_latest(REGISTRY)
+        if engine.metrics_name and engine.served_name != engine.metrics_name:
+            vllm_metrics = vllm_metrics.replace(f'model_name="{engine.metrics_name}"'.encode(),
+                                                f'model_name="{engine.served_name}"'.encode())
+        return Response(generate_latest(metrics.registry) + vllm_metrics, mimetype=CONTENT_TYPE_LATEST)
 
     return routes

@@ -10,6 +10,7 @@ from thaw.wsgi import GunicornApp
 
 from .app import FunctionConfig, create_app
 from .gunicorn_conf import options
+from .pool import PooledReplica
 
 
 def serve(config: FunctionConfig, host: str = "127.0.0.1", port: int = 8000, threads: int = 64) -> None:
@@ -19,4 +20,4 @@ def serve(config: FunctionConfig, host: str = "127.0.0.1", port: int = 8000, thr
     cores = os.environ.get("THAW_CPU_CORES")
     if cores:
         os.sched_setaffinity(0, {int(c) for c in cores.split(",")})
-    GunicornApp(lambda: create_app(config), options(host, port, threads)).run()
+    GunicornApp(lambda: PooledReplica(config) if config.pool else create_app(config), options(host, port, threads)).run()

@@ -73,6 +73,19 @@ def _sleep(worker, level: int = 1) -> None:
     log.info("asleep: released %.2f GiB of this process's GPU memory", held / 2**30)
 
 
+def _cpu_gemms_again(model) -> None:
+    """vLLM's in-place reload on the CPU build packs its linear layers again, but not the layers that keep their
+    weight beside a oneDNN handle made from it at load (the vocabulary's: the embedding and a tied lm_head),
+    which would go on computing with the old weights: their handles are made again from the new ones."""
+    import torch
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if hasattr(module, "cpu_linear") and isinstance(weight, torch.Tensor) and weight.ndim == 2 and weight.numel():
+            dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+
+
 class ThawWorker:
     def thaw_install(self) -> None:
         self.sleep = types.MethodType(_sleep, self)
@@ -83,14 +96,23 @@ class ThawWorker:
         from .weights import PinnedRing, read_index, stream_weights
 
         t = time.perf_counter()
+        on_gpu = torch.cuda.is_available()  # the CPU build loads here only for an adoption (functions/pool.py)
         if getattr(self, "_thaw_ring", None) is None:
-            self._thaw_ring = PinnedRing()
+            self._thaw_ring = PinnedRing(pinned=on_gpu)
         model = self.model_runner.get_model()
         entries = read_index(model_dir)
         copy = getattr(self, "_thaw_copy", None)
         from_copy = sum(e.end - e.start for e in entries if copy is not None and copy.has(e))
-        with torch.no_grad():
-            loaded = model.load_weights(stream_weights(entries, "cuda", self._thaw_ring, copy))
+        tensors = stream_weights(entries, "cuda" if on_gpu else "cpu", self._thaw_ring, copy)
+        if not on_gpu:
+            # The CPU build's kernels repack weights after loading (the parameters left empty): vLLM's in-place
+            # reload (0.30+) loads and repacks again.
+            self.model_runner.reload_weights(weights_iterator=tensors, is_checkpoint_format=True)
+            _cpu_gemms_again(model)
+            loaded = None
+        else:
+            with torch.no_grad():
+                loaded = model.load_weights(tensors)
         missing = {name for name, _ in model.named_parameters()} - set(loaded or ())
         if loaded is not None and missing:
             raise RuntimeError(f"the checkpoint in {model_dir} lacks {sorted(missing)[:5]}")
@@ -101,8 +123,9 @@ class ThawWorker:
                 buf = getattr(module, name, None)
                 if isinstance(buf, torch.Tensor):
                     buf.fill_(1.0)
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()  # the per-tensor staging blocks
+        if on_gpu:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()  # the per-tensor staging blocks
         seconds = time.perf_counter() - t
         size = sum(e.end - e.start for e in entries)
         log.info("weights streamed in %.2fs (%.1f GB/s; %.0f%% from the host copy)", seconds, size / seconds / 1e9,

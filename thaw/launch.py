@@ -76,6 +76,8 @@ class ReplicaBoot:
     log_service: str | None = None
     log_namespace: str = "default"
     log_metadata_headers: tuple[str, ...] = ()
+    # an engine of this model's key, built and waiting without weights for a model to adopt it (functions/pool.py)
+    pool: bool = False
 
     def flags(self) -> list[str]:
         args = ["--model-dir", self.model_dir] if self.model_dir is not None else []
@@ -93,7 +95,7 @@ class ReplicaBoot:
             args += ["--log-service", self.log_service] if self.log_service else []
             for header in self.log_metadata_headers:
                 args += ["--log-metadata-header", header]
-        return args
+        return args + (["--pool"] if self.pool else [])
 
 
 def replica_boot(model, spec, cache_root: str | Path, dram_root: str | Path | None = None,

@@ -1,0 +1,100 @@
+"""A pooled replica (`thaw function serve --pool`): an engine built ahead for a model's shape, adopted by another
+model of that shape, then answering exactly as a replica started for that model would (functions/pool.py)."""
+
+from __future__ import annotations
+
+import shutil
+
+import openai
+import pytest
+import requests
+
+from conftest import start_function
+
+PROMPTS = ["The quick brown fox", "Once upon a time there was", "1 2 3 4 5"]
+
+
+def other_model(tiny_model, dst, seed: int):
+    """The tiny model's shape, config and tokenizer with other weights: random enough that greedy outputs depend on
+    them (the tiny model's own small initialisation makes every seed answer alike)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tiny_model, dst)
+    generator = torch.Generator().manual_seed(seed)
+    for path in dst.glob("*.safetensors"):
+        tensors = {name: (torch.randn(t.shape, generator=generator) * 0.5).to(t.dtype) if t.dim() == 2 else t
+                   for name, t in load_file(path).items()}
+        save_file(tensors, path, metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pool-models")
+    return other_model(tiny_model, root / "a", 1), other_model(tiny_model, root / "b", 2)
+
+
+@pytest.fixture(scope="module")
+def replicas(models, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("logs")
+    pooled = start_function(models[0], logs, served_name="pool-a", flags=["--pool"])
+    try:
+        fresh = start_function(models[1], logs, served_name="b")
+    except BaseException:
+        pooled.server.stop()
+        raise
+    yield pooled, fresh
+    pooled.server.stop()
+    fresh.server.stop()
+
+
+def adopt_body(model_dir, served_name="b", **engine) -> dict:
+    return {"boot": {"model_dir": str(model_dir)}, "served_name": served_name,
+            "engine": {"max_model_len": 512, "dtype": "bfloat16", **engine}}
+
+
+def test_a_pooled_replica_is_ready_to_adopt_and_refuses_a_malformed_or_mismatched_adoption(replicas, models):
+    pooled, _ = replicas
+    ready = requests.get(pooled.url + "/readyz", timeout=10)
+    assert ready.status_code == 200 and ready.json()["status"] == "pooled"
+    # no model's routes before the adoption: the plane never routes a request to it
+    assert requests.post(pooled.url + "/v1/completions", json={"prompt": "x"}, timeout=10).status_code == 404
+    bad = [(b"not json", 400, None), (b"[]", 400, None),
+           ({"boot": {"model_dir": str(models[1])}}, 400, "served_name"),
+           ({**adopt_body(models[1]), "boot": {"model_dir": str(models[1]), "nope": 1}}, 400, "boot"),
+           (adopt_body(models[1], max_model_len=256), 409, "engine")]
+    for body, status, param in bad:
+        kwargs = {"json": body} if isinstance(body, dict) else {"data": body, "headers": {"Content-Type": "application/json"}}
+        r = requests.post(pooled.url + "/thaw/adopt", timeout=30, **kwargs)
+        assert r.status_code == status, (body, r.text)
+        assert r.json()["error"]["param"] == param
+    assert requests.get(pooled.url + "/readyz", timeout=10).json()["status"] == "pooled"  # still waiting
+
+
+def test_an_adopted_engine_answers_exactly_as_a_fresh_replica_of_its_model(replicas, models):
+    pooled, fresh = replicas
+    r = requests.post(pooled.url + "/thaw/adopt", json=adopt_body(models[1]), timeout=300)
+    assert r.status_code == 200, r.text
+    assert r.json()["seconds"] >= 0 and "adopt" in r.json()["phases"]
+    assert requests.get(pooled.url + "/readyz", timeout=10).json()["status"] == "ready"
+
+    def answers(replica):
+        client = openai.OpenAI(base_url=replica.url + "/v1", api_key="unused", max_retries=0)
+        texts = [client.completions.create(model="b", prompt=prompt, max_tokens=24, temperature=0, logprobs=2)
+                 for prompt in PROMPTS]
+        chat = client.chat.completions.create(model="b", messages=[{"role": "user", "content": "hi"}], max_tokens=16,
+                                              temperature=0)
+        stream = "".join(chunk.choices[0].text for chunk in client.completions.create(
+            model="b", prompt=PROMPTS[0], max_tokens=24, temperature=0, stream=True) if chunk.choices)
+        return ([(c.model, c.choices[0].text, c.choices[0].logprobs.tokens) for c in texts],
+                (chat.model, chat.choices[0].message.content), stream)
+
+    adopted, expected = answers(pooled), answers(fresh)
+    assert adopted == expected
+    assert len({text for _, text, _ in expected[0]}) > 1  # the prompts' answers differ: the weights decide them
+    # vLLM's metrics name the adopter
+    metrics = requests.get(pooled.url + "/metrics", timeout=10).text
+    assert 'model_name="b"' in metrics and 'model_name="pool-a"' not in metrics
+    # adopted once: the adoption route is gone with the waiting app
+    assert requests.post(pooled.url + "/thaw/adopt", json=adopt_body(models[1]), timeout=30).status_code == 404
