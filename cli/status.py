@@ -63,6 +63,10 @@ def show_status(url: str, token: str | None, as_json: bool, console: Console) ->
                 console.print(f"[yellow]{rev['name']}[/yellow]: a wanted replica is Pending: {rev['pending']}")
             if rev.get("failure"):
                 console.print(f"[red]{rev['name']}[/red]: {rev['failure']}")
+    for shape in data.get("engine_pool") or []:
+        console.print(f"engine pool, {shape['launchedAs']}'s shape: {len(shape['waiting'])} waiting"
+                      + (", one starting" if shape["starting"] else "") + f" (adopted so far: {shape['adopted']})",
+                      highlight=False)
     for problem in data.get("spec_refused") or []:
         console.print(f"[red]the newest spec edit was refused[/red] (the running configuration stays): {problem}")
     for model in data["models"]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -43,6 +44,21 @@ def tiny_embed_model(tmp_path_factory) -> Path:
     from thaw.cli.model_build import build_tiny_embed
 
     return build_tiny_embed(tmp_path_factory.mktemp("models") / "tiny-embed")
+
+
+def other_model(tiny_model, dst, seed: int):
+    """The tiny model's shape, config and tokenizer with other weights: random enough that greedy outputs depend on
+    them (the tiny model's own small initialisation makes every seed answer alike)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tiny_model, dst)
+    generator = torch.Generator().manual_seed(seed)
+    for path in dst.glob("*.safetensors"):
+        tensors = {name: (torch.randn(t.shape, generator=generator) * 0.5).to(t.dtype) if t.dim() == 2 else t
+                   for name, t in load_file(path).items()}
+        save_file(tensors, path, metadata={"format": "pt"})
+    return dst
 
 
 @pytest.fixture

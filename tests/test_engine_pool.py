@@ -3,30 +3,13 @@ model of that shape, then answering exactly as a replica started for that model 
 
 from __future__ import annotations
 
-import shutil
-
 import openai
 import pytest
 import requests
 
-from conftest import start_function
+from conftest import other_model, start_function
 
 PROMPTS = ["The quick brown fox", "Once upon a time there was", "1 2 3 4 5"]
-
-
-def other_model(tiny_model, dst, seed: int):
-    """The tiny model's shape, config and tokenizer with other weights: random enough that greedy outputs depend on
-    them (the tiny model's own small initialisation makes every seed answer alike)."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(tiny_model, dst)
-    generator = torch.Generator().manual_seed(seed)
-    for path in dst.glob("*.safetensors"):
-        tensors = {name: (torch.randn(t.shape, generator=generator) * 0.5).to(t.dtype) if t.dim() == 2 else t
-                   for name, t in load_file(path).items()}
-        save_file(tensors, path, metadata={"format": "pt"})
-    return dst
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +81,47 @@ def test_an_adopted_engine_answers_exactly_as_a_fresh_replica_of_its_model(repli
     assert 'model_name="b"' in metrics and 'model_name="pool-a"' not in metrics
     # adopted once: the adoption route is gone with the waiting app
     assert requests.post(pooled.url + "/thaw/adopt", json=adopt_body(models[1]), timeout=30).status_code == 404
+
+
+# ---- the plane's pure decisions (knative/embedded/control/engine_pool.py) ------------------------------------
+
+def test_one_pool_per_shape_launched_as_its_first_revision():
+    from thaw.knative.embedded.control.engine_pool import Shape, shapes
+
+    assert shapes([("b-1", "k1"), ("a-1", "k1"), ("c-1", "k2"), ("d-1", None)]) == [Shape("k1", "a-1"),
+                                                                                 Shape("k2", "c-1")]
+    assert shapes([("a-1", None)]) == []
+
+
+@pytest.mark.parametrize("size, have, starting, retry_at, now, want", [
+    (1, 0, False, 0, 10, 1),
+    (2, 0, False, 0, 10, 1),  # one at a time
+    (1, 1, False, 0, 10, 0),
+    (1, 0, True, 0, 10, 0),  # one starting already
+    (1, 0, False, 20, 10, 0),  # a failed start backs off
+    (0, 0, False, 0, 10, 0),
+])
+def test_the_pool_starts_one_engine_at_a_time_up_to_its_size(size, have, starting, retry_at, now, want):
+    from thaw.knative.embedded.control.engine_pool import starts_wanted
+
+    assert starts_wanted(size, have, starting, retry_at, now) == want
+
+
+def test_a_shape_is_architecture_tokenizer_engine_and_resources(tiny_model, tmp_path):
+    from thaw.knative.embedded.control.engine_pool import shape_of
+    from thaw.launch import ReplicaBoot
+    from thaw.spec import Model
+
+    other = other_model(tiny_model, tmp_path / "other", 3)
+    boot = lambda path: ReplicaBoot(model_dir=str(path))  # noqa: E731
+    model = lambda **kw: Model.model_validate({"name": "m", "source": str(tiny_model), **kw})  # noqa: E731
+    key = shape_of(model(), boot(tiny_model), sleep_mode=False)
+    assert key is not None
+    assert shape_of(model(), boot(other), sleep_mode=False) == key  # other weights, same shape
+    assert shape_of(model(engine={"max_model_len": 256}), boot(tiny_model), sleep_mode=False) != key
+    assert shape_of(model(resources={"cpu": "1"}), boot(tiny_model), sleep_mode=False) != key
+    (other / "chat_template.jinja").write_text("{{ messages }}")
+    assert shape_of(model(), boot(other), sleep_mode=False) != key  # another tokenizer
+    assert shape_of(model(), boot(tiny_model), sleep_mode=True) is None  # a GPU's waiting engine must sleep
+    assert shape_of(model(park=True), boot(tiny_model), sleep_mode=True) is not None
+    assert shape_of(model(), ReplicaBoot(source="s3://bucket/m"), sleep_mode=False) is None

@@ -421,6 +421,10 @@ class Parking(SpecModel):
 
     hostMemory: Quantity = "64Gi"
     gpuContexts: int = Field(8, ge=0)
+    # Built engines kept waiting, per shape (models that share architecture, tokenizer, engine arguments and
+    # resources), for a model at zero to adopt: its start is then a wake with its own weights
+    # (knative/embedded/control/engine_pool.py). Each holds a process, a context and its host buffers.
+    enginePool: int = Field(0, ge=0)
 
     @property
     def host_memory_bytes(self) -> int:

@@ -74,6 +74,16 @@ class Placement:
             if waiting:
                 rev.unplaced -= 1
 
+    def try_place(self, rev: Revision, key: str) -> Claim | None:
+        """Room for one more replica of `rev` now, held under `key`, or None (never Pending: for the engine pool,
+        which starts only into room that is free)."""
+        request = request_of(rev.model.resources, rev.model.engine.tensor_parallel_size)
+        claim = place(request, self.node, list(self.claims.values()), self.held_host_bytes())
+        if not isinstance(claim, Claim):
+            return None
+        self.claims[key] = claim
+        return claim
+
     def bind(self, key: str, replica_id: str) -> None:
         """A launch's placeholder claim becomes its replica's."""
         self.claims[replica_id] = self.claims.pop(key)

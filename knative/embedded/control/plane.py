@@ -255,4 +255,5 @@ class ServingPlane:
         import psutil
 
         floor = system_floor(psutil.virtual_memory().total, self.spec.platform.node.systemReserved)
-        return plane_status(self.models, self.supervisor.standby_ready(), self.spec_refused, floor)
+        return plane_status(self.models, self.supervisor.standby_ready(), self.spec_refused, floor,
+                            self.reconciler.pool.view())

@@ -27,6 +27,7 @@ from thaw.vllm_platform import detect
 from ..dataplane.breaker import Unservable
 from ..dataplane.replica import Replica, State
 from .autoscaler import AutoscalerConfig
+from .engine_pool import EnginePool
 from .placement import Placement
 from .probes import Prober, engine_failure
 from .replica_moves import ReplicaMoves
@@ -64,7 +65,10 @@ class Reconciler:
         spec = lambda: self.plane.spec  # noqa: E731 - the spec in force, which a reload replaces
         self.placement = Placement(spec, self, lambda: self.sleep.held_host_bytes())
         self.replicas = ReplicaMoves(supervisor, self.placement, boot_of, self, start_lock,
-                                     lambda *a, **k: self.sleep.gpu_move(*a, **k), lambda rev, replica: self.sleep.ready(rev, replica))
+                                     lambda *a, **k: self.sleep.gpu_move(*a, **k), lambda rev, replica: self.sleep.ready(rev, replica),
+                                     lambda rev: self.pool.take(rev))
+        self.pool = EnginePool(lambda: self.plane.spec.platform.parking.enginePool, boot_of, self.replicas.launch_pooled,
+                               self._stop_pooled)
         self.sleep = SleepMoves(spec, plane.revisions, self.replicas, self)
         self.probes = Prober(plane.revisions, self)
 
@@ -127,6 +131,11 @@ class Reconciler:
         if state != rev.last_reported:
             rev.last_reported = state
             self.plane.emit_revision("dev.knative.apiserver.resource.update", rev)
+
+    async def _stop_pooled(self, replica: Replica) -> None:
+        async with self.replicas.releasing():
+            await self.supervisor.stop(replica, 0)
+        self.placement.release(replica.id)
 
     def grace(self) -> float:
         return self.plane.spec.platform.activator.terminationGracePeriodSeconds
@@ -203,6 +212,7 @@ class Reconciler:
         for task in list(self.tasks):
             task.cancel()
         replicas = [r for rev in self.plane.revisions() for r in rev.replicas if r.state != State.STOPPED]
+        replicas += self.pool.replicas()
         await asyncio.gather(*(self.supervisor.stop(r, self.grace()) for r in replicas), return_exceptions=True)
 
     async def _tick_loop(self) -> None:
@@ -213,6 +223,7 @@ class Reconciler:
                 self.decide(rev, now)
                 self.reconcile(rev)
             self.sleep.plan_host()  # the node's free memory moves on its own: below the floor, copies go
+            self.pool.fill(self.plane.revisions(), self.track)
             self.plane.delete_removed_models()
 
     async def _sample_loop(self) -> None:

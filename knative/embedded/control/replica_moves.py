@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import os
@@ -63,10 +64,12 @@ def memory_moved_under(log_path: Path | None) -> bool:
 class ReplicaMoves:
     def __init__(self, supervisor: Supervisor, placement: Placement, boot_of: Callable[[Revision], ReplicaBoot],
                  loop: Loop, start_lock, gpu_move: Callable[..., AsyncContextManager],
-                 after_ready: Callable[[Revision, Replica], None]):
+                 after_ready: Callable[[Revision, Replica], None],
+                 take_pooled: Callable[[Revision], Replica | None] = lambda rev: None):
         """`gpu_move(rev, id, pid, gpus)` makes room on the GPU for a start and counts its memory until it ends
         (sleep_moves.py); `start_lock` lets one start at a time size itself against the GPU's free memory;
-        `after_ready(rev, replica)` follows a ready one."""
+        `after_ready(rev, replica)` follows a ready one; `take_pooled(rev)` is a built engine of `rev`'s shape
+        waiting to be adopted, if any (engine_pool.py)."""
         self.supervisor = supervisor
         self.placement = placement
         self.boot_of = boot_of
@@ -74,6 +77,7 @@ class ReplicaMoves:
         self.start_lock = start_lock
         self.gpu_move = gpu_move
         self.after_ready = after_ready
+        self.take_pooled = take_pooled
         self._launches = itertools.count(1)
 
     def gpu_start_in_progress(self) -> bool:
@@ -100,7 +104,11 @@ class ReplicaMoves:
         return None
 
     async def start(self, rev: Revision) -> None:
-        """One new replica of `rev`: placed (Pending meanwhile), started, probed until ready or failed."""
+        """One new replica of `rev`: a waiting engine of its shape adopted, or one placed (Pending meanwhile),
+        started, probed until ready or failed."""
+        pooled = self.take_pooled(rev)
+        if pooled is not None and await self.adopt(rev, pooled):
+            return
         key = f"launch-{next(self._launches)}"
         marks = {"asked": time.time()}
         claim = await self.placement.place(rev, key)
@@ -157,6 +165,73 @@ class ReplicaMoves:
             async with self.releasing():
                 await self.supervisor.stop(replica, 0)
             self.loop.report(rev)
+
+    async def adopt(self, rev: Revision, replica: Replica) -> bool:
+        """A pooled replica (functions/pool.py) becomes `rev`'s: its weights in, as a wake (GPU room made
+        first), without a start. False (the replica stopped) if it could not adopt: the caller starts one."""
+        marks = {"asked": time.time()}
+        replica.revision = rev.name
+        rev.replicas.append(replica)  # counted as starting from here
+        rev.launching -= 1
+        launch = {"boot": dataclasses.asdict(self.boot_of(rev)), "served_name": rev.model.served_name,
+                  "engine": rev.model.replica_engine().model_dump(mode="json", exclude_none=True)}
+        try:
+            async with self.gpu_move(rev, f"adopt-{replica.id}", lambda: replica.pid, replica.gpus):
+                marks["room"] = time.time()
+                async with self.loop.session.post(replica.url + "/thaw/adopt", json=launch,
+                                                  timeout=aiohttp.ClientTimeout(total=PROGRESS_DEADLINE)) as r:
+                    body = await r.json(content_type=None)
+                    if r.status != 200:
+                        raise RuntimeError(f"{r.status}: {(body.get('error') or {}).get('message')}")
+        except Exception as exc:  # noqa: BLE001 - the start goes on as a launch
+            if replica.state == State.STOPPED:  # the revision no longer wanted it
+                return True
+            log.warning("pooled replica %s could not be adopted by %s (%s); starting one", replica.id, rev.name, exc)
+            rev.launching += 1
+            self.forget(rev, replica, State.DEAD)
+            async with self.releasing():
+                await self.supervisor.stop(replica, 0)
+            return False
+        if replica.state != State.STARTING:  # stopped meanwhile (the revision went away)
+            return True
+        replica.move(State.READY)
+        replica.ready_at = now = time.time()
+        replica.phases = body.get("phases", {})
+        replica.engine_pid = body.get("engine_pid") or replica.engine_pid
+        replica.marks = {**marks, "adopted": now, "serving": now}
+        rev.failure, rev.failures, rev.upsets = None, 0, 0
+        rev.throttler.add_replica(replica)
+        rev.last_marks = dict(replica.marks)
+        log.info("replica %s adopted by %s in %.2fs", replica.id, rev.name, now - marks["asked"])
+        self.loop.report(rev)
+        self.after_ready(rev, replica)
+        return True
+
+    async def launch_pooled(self, rev: Revision, boot: ReplicaBoot, pool_id: str) -> Replica | None:
+        """A replica for the engine pool, launched as `rev`'s model with `boot`, into room free now (nobody moved
+        for it); ready (waiting to be adopted), or None."""
+        key = f"launch-{next(self._launches)}"
+        claim = self.placement.try_place(rev, key)
+        if claim is None:
+            return None
+        replica: Replica | None = None
+        try:
+            async with self.start_lock, self.gpu_move(rev, key, lambda: replica.pid if replica else None, claim.gpus,
+                                                      for_start=True, displace=False):
+                replica = await self.supervisor.start(pool_id, rev.model, boot, self.placement.env(claim))
+                replica.gpus = claim.gpus
+                self.placement.bind(key, replica.id)
+                if await self.supervisor.wait_ready(replica, self.loop.session, PROGRESS_DEADLINE):
+                    return replica
+        except Exception as exc:  # noqa: BLE001 - the pool tries again after a back-off
+            log.warning("no pooled replica of %s's shape: %s", rev.name, exc)
+        self.placement.release(key)
+        if replica is not None:
+            log.error("pooled replica %s failed to start: %s", replica.id, replica.error)
+            self.placement.release(replica.id)
+            async with self.releasing():
+                await self.supervisor.stop(replica, 0)
+        return None
 
     @staticmethod
     async def leave_rotation(rev: Revision, replica: Replica, state: State) -> bool:

@@ -39,6 +39,10 @@ AWAKE_STATES = (State.READY, State.UNREADY)  # processes holding their share of 
 ASLEEP_STATES = (State.PARKING, State.PARKED)
 
 
+class NoRoom(RuntimeError):
+    """A move that may not displace anyone found no free room."""
+
+
 class Loop(Protocol):
     """What the sleep moves read of the reconcile loop (reconciler.py)."""
 
@@ -244,17 +248,18 @@ class SleepMoves:
     @contextlib.asynccontextmanager
     async def gpu_move(self, rev: Revision, move_id: str, pid: Callable[[], int | None], gpus: tuple[int, ...] = (),
                        need: int | None = None, exclude: Replica | None = None,
-                       for_start: bool = False) -> AsyncIterator[None]:
+                       for_start: bool = False, displace: bool = True) -> AsyncIterator[None]:
         """A start or a wake of a replica of `rev` on `gpus` (() the first device, shared): room made first
         (idle replicas there put to sleep, least recently used first: parking.plan_gpu_room), then its need
-        counted in the ledger until the move ends (`pid()`: the process that takes the memory)."""
+        counted in the ledger until the move ends (`pid()`: the process that takes the memory). Not
+        `displace`: NoRoom unless the room is free now (the engine pool's starts move nobody)."""
         device = gpus[0] if gpus else 0
         memory = await asyncio.to_thread(gpu_memory, device)
         if memory is None:
             yield
             return
         need = need or int(rev.model.engine.gpu_memory_utilization * memory.total)
-        await self._make_room(rev, move_id, need, gpus, exclude, for_start)
+        await self._make_room(rev, move_id, need, gpus, exclude, for_start, displace)
         self._gpu_pids[move_id] = pid
         self.ledger.begin_gpu(move_id, need)  # decided: no await between the room found and this
         try:
@@ -264,7 +269,7 @@ class SleepMoves:
             self._gpu_pids.pop(move_id, None)
 
     async def _make_room(self, rev: Revision, move_id: str, need: int, gpus: tuple[int, ...],
-                         exclude: Replica | None, for_start: bool = False) -> None:
+                         exclude: Replica | None, for_start: bool = False, displace: bool = True) -> None:
         device = gpus[0] if gpus else 0
         end = time.monotonic() + PROGRESS_DEADLINE
         while time.monotonic() < end and not self.loop.stopping:
@@ -280,6 +285,8 @@ class SleepMoves:
             room = plan_gpu_room(need, free, [a for a, _, _ in holders], exclusive=bool(gpus))
             if room is not None and not room.sleep and not room.stop:
                 return
+            if not displace:
+                raise NoRoom(f"{need} bytes of GPU memory are not free without moving a replica")
             if room is None:
                 await asyncio.sleep(GPU_ROOM_POLL)
                 continue

@@ -32,7 +32,8 @@ def model_states(models: dict[str, ModelRoutes]) -> list[dict[str, Any]]:
 
 
 def plane_status(models: dict[str, ModelRoutes], standby_ready: bool, spec_refused: list,
-                 host_floor: int = 0) -> dict[str, Any]:
+                 host_floor: int = 0, engine_pool: list | None = None) -> dict[str, Any]:
+    """`engine_pool`: the engine pool's shapes (engine_pool.py's view)."""
     import psutil
 
     memory = gpu_memory()
@@ -60,7 +61,7 @@ def plane_status(models: dict[str, ModelRoutes], standby_ready: bool, spec_refus
                        "weights": str(entry.model.source), "revisions": revisions})
     platform = detect()
     host = psutil.virtual_memory()
-    return {"models": shown, "standby": standby_ready, "spec_refused": spec_refused,
+    return {"models": shown, "standby": standby_ready, "spec_refused": spec_refused, "engine_pool": engine_pool or [],
             "platform": {"device": platform.device, "vllm": platform.vllm, "sleep_mode": platform.sleep_mode},
             "gpu": {"total": memory.total, "free": memory.free} if memory else None,
             "host": {"total": host.total, "available": host.available, "floor": host_floor,
