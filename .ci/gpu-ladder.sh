@@ -1,12 +1,14 @@
 #!/bin/bash
-# On the lent GPU host, inside .ci/gpu-host.sh: the GPU tests and the start-ladder bench (issue 19), each part
+# On the lent GPU host, inside .ci/gpu-host.sh: the GPU tests (TESTS_K: a pytest -k selection) and the start-ladder
+# bench (issue 19), each part
 # bounded so that one call fits its 10 minutes; logs and results go to $OUT. Usage: gpu-ladder.sh tests|bench
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; B=$HOME/bench/8b
 mkdir -p "$OUT" "$B"
 case "$1" in
   tests)
-    timeout ${TESTS_S:-330} python3 -m pytest -m gpu tests/test_gpu.py -v --durations=0 -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+    timeout ${TESTS_S:-330} python3 -m pytest -m gpu tests/test_gpu.py -v --durations=0 -p no:cacheprovider \
+      ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tee "$OUT/gpu_tests.log"
     tar czf "$OUT/test-logs.tgz" $(find /tmp/pytest-of-"$(id -un)" -name "*.log" -size -20M 2>/dev/null) 2>/dev/null
     [ "${BENCH_S:-200}" = 0 ] || timeout ${BENCH_S:-200} python3 -m thaw.cli bench gpu --model-dir "$THAW_GPU_8B_MODEL" \
       --out "$B" --parts park --runs 3 2>&1 | tee "$OUT/bench-park.log" ;;

@@ -96,7 +96,8 @@ class PooledReplica:
                 self.adopted = create_app(config, engine)
             finally:
                 self._adopting.release()
-            return jsonify({**result, "phases": {**timings, **engine.phases}, "engine_pid": engine.engine_pid})
+            # the adopter's phases (its weights' fetch, the adoption), not the pooled engine's start
+            return jsonify({**result, "phases": {**timings, "adopt": result["seconds"]}, "engine_pid": engine.engine_pid})
 
     @property
     def extensions(self) -> dict:

@@ -46,16 +46,17 @@ def tiny_embed_model(tmp_path_factory) -> Path:
     return build_tiny_embed(tmp_path_factory.mktemp("models") / "tiny-embed")
 
 
-def other_model(tiny_model, dst, seed: int):
-    """The tiny model's shape, config and tokenizer with other weights: random enough that greedy outputs depend on
-    them (the tiny model's own small initialisation makes every seed answer alike)."""
+def other_model(model_dir: Path, dst: Path, seed: int, std: float = 0.5) -> Path:
+    """`model_dir`'s shape, config and tokenizer with other weights, N(0, std) (norms kept): the tiny model's own
+    small initialisation makes every seed answer alike, std 0.5 makes greedy outputs depend on the weights; a
+    deep model wants its own initialisation's 0.02."""
     import torch
     from safetensors.torch import load_file, save_file
 
-    shutil.copytree(tiny_model, dst)
+    shutil.copytree(model_dir, dst)
     generator = torch.Generator().manual_seed(seed)
     for path in dst.glob("*.safetensors"):
-        tensors = {name: (torch.randn(t.shape, generator=generator) * 0.5).to(t.dtype) if t.dim() == 2 else t
+        tensors = {name: (torch.randn(t.shape, generator=generator) * std).to(t.dtype) if t.dim() == 2 else t
                    for name, t in load_file(path).items()}
         save_file(tensors, path, metadata={"format": "pt"})
     return dst

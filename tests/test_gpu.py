@@ -23,7 +23,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import poll
+from conftest import other_model, poll
 from thaw.launch import ServerProcess, base_env, free_port
 from thaw.vllm_platform import gpu_memory
 
@@ -163,17 +163,7 @@ def test_weights_streamed_over_dummy_ones_answer_as_vllms_own_loader_does(hibern
     """The replica starts on dummy weights and streams the real ones in (functions/weights.py); vLLM's own
     loader, in a process of its own, must give the same greedy answer."""
     ours = hibernating.answer("gamma", max_tokens=24)
-    script = textwrap.dedent(f"""
-        from vllm import LLM, SamplingParams
-        llm = LLM(model={str(_model_dir())!r}, enforce_eager=True, gpu_memory_utilization=0.2, max_model_len=1024)
-        out = llm.chat({CHAT!r}, SamplingParams(max_tokens=24, temperature=0))
-        print("ANSWER=" + repr(out[0].outputs[0].text))
-    """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=400,
-                          env=base_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"))
-    line = next((l for l in done.stdout.splitlines() if l.startswith("ANSWER=")), None)
-    assert line is not None, done.stderr[-3000:]
-    assert eval(line.removeprefix("ANSWER=")) == ours
+    assert _vllm_answer(_model_dir(), 24) == ours
 
 
 def test_a_hibernated_replica_drops_its_weights_and_wakes_with_the_same_output(hibernating):
@@ -204,6 +194,51 @@ def test_a_burst_at_a_sleeping_model_loses_nothing(hibernating):
 
     answers = asyncio.run(burst())
     assert len(answers) == 12 and len({a.choices[0].message.content for a in answers}) == 1
+
+
+def _vllm_answer(model_dir: Path, max_tokens: int) -> str:
+    """vLLM's own greedy answer to CHAT, its own loader, in a process of its own."""
+    script = textwrap.dedent(f"""
+        from vllm import LLM, SamplingParams
+        llm = LLM(model={str(model_dir)!r}, enforce_eager=True, gpu_memory_utilization=0.2, max_model_len=1024)
+        out = llm.chat({CHAT!r}, SamplingParams(max_tokens={max_tokens}, temperature=0))
+        print("ANSWER=" + repr(out[0].outputs[0].text))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=400,
+                          env=base_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"))
+    line = next((l for l in done.stdout.splitlines() if l.startswith("ANSWER=")), None)
+    assert line is not None, done.stderr[-3000:]
+    return eval(line.removeprefix("ANSWER="))
+
+
+@pytest.fixture(scope="module")
+def pooled(tmp_path_factory):
+    """An engine pool of one for two models of the small shape with different weights (parking models: a waiting
+    engine sleeps)."""
+    work = tmp_path_factory.mktemp("gpu-pool")
+    other = other_model(_model_dir(), work / "other", 7, std=0.02)
+    engine = {"max_model_len": 1024, "enforce_eager": True, "gpu_memory_utilization": 0.3}
+    models = [{"name": name, "source": str(path), "engine": engine, "park": True, "scaling": {"window": "6s"}}
+              for name, path in (("pool-a", _model_dir()), ("pool-b", other))]
+    with _up(work, models, parking={"enginePool": 1}) as up:
+        up.other = other
+        yield up
+
+
+def test_a_model_at_zero_adopts_a_pooled_engine_and_answers_as_vllms_own_loader_does(pooled):
+    def waiting() -> int:
+        pool = requests.get(pooled.url + "/thaw/v1/status", timeout=10).json()["engine_pool"]
+        return len(pool[0]["waiting"]) if pool else 0
+
+    poll(lambda: waiting() == 1, 300, 0.5, "an engine waiting in the pool")
+    answer = pooled.answer("pool-b", max_tokens=24)
+    timeline = pooled.revision("pool-b")["last_start_timeline"]
+    assert "adopted" in timeline and "launched" not in timeline, timeline
+    assert answer == _vllm_answer(pooled.other, 24)
+    # the pool builds another; the template's own model adopts it, with its own weights
+    poll(lambda: waiting() == 1, 300, 0.5, "the pool refilled")
+    assert pooled.answer("pool-a", max_tokens=24) == _vllm_answer(_model_dir(), 24)
+    assert "adopted" in pooled.revision("pool-a")["last_start_timeline"]
 
 
 def test_the_standby_refuses_to_fork_once_cuda_is_initialised(tmp_path):

@@ -156,6 +156,11 @@ class PlaneUnderTest:
     def wait(self, condition, timeout: float, what: str) -> None:
         wait_until(condition, timeout, what, self.server)
 
+    def pool_waiting(self) -> int:
+        """Engines waiting in the engine pool, all shapes."""
+        pool = requests.get(self.url + "/thaw/v1/status", timeout=10).json().get("engine_pool") or []
+        return sum(len(shape["waiting"]) for shape in pool)
+
     def standby_ready(self) -> bool:
         return requests.get(self.url + "/thaw/v1/status", timeout=10).json()["standby"]
 

@@ -39,7 +39,7 @@ from thaw.loadtests.bench.common import PlaneUnderTest, first_answer, first_toke
 from thaw.launch import ServerProcess, base_env, free_port, vllm_server_command
 from thaw.vllm_platform import detect, gpu_memory
 
-PARTS = ("vllm", "zero", "other-core", "park", "hibernate", "swap", "density", "warm")
+PARTS = ("vllm", "zero", "other-core", "park", "hibernate", "swap", "density", "warm", "adopt")
 DENSITY_SHARE = 0.15  # of the GPU per model in the density part: six awake at most, the rest asleep
 DENSITY_COPIES = 5  # host copies the density part's parking budget holds
 # The warm path's concurrent streams. Both servers get max_num_seqs = the largest (thaw: its containerConcurrency,
@@ -50,7 +50,8 @@ NAME = "bench"
 SETTLE = {"scale-to-zero-grace-period": "1s", "tick-interval": "1s"}
 VARIANT_LABELS = {"vllm": "(a) vLLM server launched cold", "zero": "(b) thaw from zero, standby + caches warm",
                   "parked": "(c) thaw parked -> first token", "cold": "(d) thaw from zero, caches cold",
-                  "hibernated": "(e) thaw hibernated -> first token", "swap": "(f) swap: wake one, park another"}
+                  "hibernated": "(e) thaw hibernated -> first token", "swap": "(f) swap: wake one, park another",
+                  "adopt": "(g) thaw from zero, adopting a pooled engine (a model never started here)"}
 
 
 def _load(out: Path) -> dict:
@@ -262,6 +263,22 @@ def bench_hibernate(model_dir: Path, engine: dict, runs: int, work: Path, consol
     return out
 
 
+def bench_adopt(model_dir: Path, engine: dict, runs: int, work: Path, console: Console, save) -> dict:
+    """(g) An engine pool of one for the model's shape (launched as "a-shape", never asked for); each run asks a
+    model of that shape never started on this node ("m-1", "m-2", ...: the same weights' folder) once the pool
+    has an engine waiting again."""
+    out = {"adopt": []}
+    names = ("a-shape", *(f"m-{i + 1}" for i in range(runs)))
+    with _plane(work, model_dir, engine, names=names, park=True, parking={"enginePool": 1}) as plane:
+        for name in names[1:]:
+            plane.wait(lambda: plane.pool_waiting() == 1, 600, "an engine waiting in the pool")
+            run = _from_zero(plane, name)
+            out["adopt"].append(run)
+            save(out)
+            console.print(f"(g) adopt by {name}: first token {run['first_token']:.3f}s {run['timeline']}")
+    return out
+
+
 def bench_swap(model_dir: Path, engine: dict, runs: int, work: Path, console: Console, save) -> dict:
     """Three models, each claiming 45 % of the GPU: two awake at most. Round robin, then a burst."""
     import asyncio
@@ -425,7 +442,7 @@ def run_gpu_bench(model_dir: Path, engine: dict, runs: int, parts: list[str], ou
                "other-core": ("other_core", bench_other_core), "park": ("park", bench_park),
                "hibernate": ("hibernate", bench_hibernate), "swap": ("swap", bench_swap),
                "density": ("density", functools.partial(bench_density, models=density_models)),
-               "warm": ("warm", bench_warm)}
+               "warm": ("warm", bench_warm), "adopt": ("adopt", bench_adopt)}
     for part in parts:
         work = out / "work" / part
         shutil.rmtree(work, ignore_errors=True)
@@ -445,7 +462,7 @@ def _variants(results: dict) -> dict[str, list[dict]]:
     return {"vllm": results.get("vllm", {}).get("runs", []), "zero": results.get("zero", {}).get("zero", []),
             "parked": results.get("park", {}).get("parked", []), "cold": results.get("zero", {}).get("cold", []),
             "hibernated": results.get("hibernate", {}).get("hibernated", []),
-            "swap": results.get("swap", {}).get("swap", [])}
+            "swap": results.get("swap", {}).get("swap", []), "adopt": results.get("adopt", {}).get("adopt", [])}
 
 
 def write_report(results: dict, out: Path, console: Console) -> None:
@@ -627,7 +644,7 @@ def _plot(variants: dict[str, list[dict]], out: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(9, 4))
     values = [mean([r["first_token"] for r in variants[k]]) for k in keys]
-    ax.barh([VARIANT_LABELS[k] for k in keys], values, color=["#888", "#2a7", "#27a", "#a72", "#72a", "#a27"][:len(keys)])
+    ax.barh([VARIANT_LABELS[k] for k in keys], values, color=["#888", "#2a7", "#27a", "#a72", "#72a", "#a27", "#2aa"][:len(keys)])
     for i, (k, v) in enumerate(zip(keys, values)):
         runs = [r["first_token"] for r in variants[k]]
         ax.text(max(runs + [v]) * 1.15, i, f"mean {v:.2f} s", va="center")
