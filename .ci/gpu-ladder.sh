@@ -1,7 +1,7 @@
 #!/bin/bash
 # On the lent GPU host, inside .ci/gpu-host.sh: the GPU tests (TESTS_K: a pytest -k selection) and the start-ladder
-# bench (issue 19), each part
-# bounded so that one call fits its 10 minutes; logs and results go to $OUT. Usage: gpu-ladder.sh tests|bench
+# bench (issue 19), each part bounded so that one call fits its 10 minutes; logs and results go to $OUT.
+# Usage: gpu-ladder.sh tests|bench
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; B=$HOME/bench/8b
 mkdir -p "$OUT" "$B"
