@@ -218,6 +218,18 @@ class Engine:
         self._commands.put(("adopt", done, Path(model_dir), served_name))
         return done.result(timeout=600)
 
+    def release(self) -> None:
+        """Back to the pool: an idle engine gives up its model (asleep, its host copy too) and waits to be adopted
+        again; nothing of the model stays reachable (an adoption resets the prefix cache)."""
+        if self.state not in ("ready", "parked"):
+            raise APIError(409, f"This engine cannot be released: it is {self.state}", code="engine_not_releasable")
+        if detect().gpu and not self.stream_weights:  # the CPU build reloads any checkpoint in place
+            raise APIError(409, "This engine's weights load through vLLM's own loader: it cannot be adopted",
+                           code="engine_not_releasable")
+        done: Future = Future()
+        self._commands.put(("release", done))
+        done.result(timeout=600)
+
     def _check_sleeps(self) -> None:
         if not (self.args.enable_sleep_mode and detect().sleep_mode):
             raise APIError(400, "This engine runs without sleep mode: set `park: true` on the model, on a "
@@ -440,10 +452,11 @@ class Engine:
                 self._sleep.want_copy(command[1])
             except Exception as exc:  # noqa: BLE001 - the caller gets the failure
                 command[1].set_exception(exc)
-        elif command[0] in ("sleep", "wake", "drop", "adopt"):
+        elif command[0] in ("sleep", "wake", "drop", "adopt", "release"):
             done = command[1]
             calls = {"sleep": lambda: self._sleep_now(command[2]), "wake": self._wake_now,
-                     "drop": lambda: self._sleep.drop_copy(), "adopt": lambda: self._adopt_now(*command[2:])}
+                     "drop": lambda: self._sleep.drop_copy(), "adopt": lambda: self._adopt_now(*command[2:]),
+                     "release": self._release_now}
             try:
                 done.set_result(calls[command[0]]())
             except BaseException as exc:  # noqa: BLE001 - the caller gets the failure
@@ -490,6 +503,17 @@ class Engine:
         self.phases["adopt"] = seconds = time.perf_counter() - t
         log.info("engine adopted by %s (weights from %s) in %.2fs", served_name, model_dir, seconds)
         return {"seconds": seconds}
+
+    def _release_now(self) -> None:
+        if self._routes:
+            raise APIError(409, f"{len(self._routes)} requests are running; release an idle engine",
+                           code="engine_busy")
+        if self._sleep is not None:
+            if self.state != "parked":
+                raise APIError(409, "Only a sleeping engine goes back to the pool", code="engine_not_releasable")
+            self._sleep.drop_copy()  # hibernated: no weights of the model anywhere
+        self.state = "pooled"
+        log.info("engine released by %s: waiting to be adopted", self.served_name)
 
     def _abort(self, gen: Generation) -> None:
         ids = [eid for eid, (g, _, _) in self._routes.items() if g is gen]

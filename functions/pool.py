@@ -1,20 +1,24 @@
-"""A pooled replica: an engine built ahead, waiting without weights for a model of its key to adopt it.
+"""The replica's WSGI app, and its engine pool side: an engine built ahead, waiting without weights for a model
+of its key to adopt it.
 
 An engine's start is mostly spent on what does not depend on the weights: the CUDA context, compiling,
-capturing CUDA graphs, sizing the KV cache. A pooled replica does all of it on dummy weights (for the model it
-was launched as) and then sleeps at vLLM's level 2: a hibernated engine with no weights of anyone's. A model
-whose key matches (functions/engine_plan.py's `engine_key`: architecture view, tokenizer and engine
-configuration) adopts it: its weights stream in as at a hibernated wake, the prefix cache is reset, and the
-replica then serves that model as any replica started for it (its served name, payload logger, routes).
+capturing CUDA graphs, sizing the KV cache. A pooled replica (`thaw function serve --pool`) does all of it on
+dummy weights (for the model it was launched as) and then sleeps at vLLM's level 2: a hibernated engine with no
+weights of anyone's. A model whose key matches (functions/engine_plan.py's `engine_key`: architecture view,
+tokenizer and engine configuration) adopts it: its weights stream in as at a hibernated wake, the prefix cache
+is reset, and the replica then serves that model as any replica started for it (its served name, payload
+logger, routes). A sleeping replica the plane would stop goes back to the pool instead (`release`): its host
+copy dropped, it waits as a pooled one does.
 
-Before the adoption the replica answers its probes (/readyz is 200 once the engine waits) and
-POST /thaw/adopt, whose body is the adopter's launch: {"boot": ReplicaBoot's fields, "served_name": ...,
-"engine": its engine arguments}. The serving plane (knative/embedded/control/engine_pool.py) is its only
-caller; the replica is in no revision's rotation until then.
+While it waits the replica answers its probes (/readyz is 200 once the engine waits) and POST /thaw/adopt, whose
+body is the adopter's launch: {"boot": ReplicaBoot's fields, "served_name": ..., "engine": its engine
+arguments}; serving, POST /thaw/release gives the model up. The serving plane
+(knative/embedded/control/engine_pool.py) is their only caller: the gateway routes neither.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import threading
@@ -31,6 +35,7 @@ from .app import create_app, openai_error_handlers, start_engine
 from .boot import FunctionConfig, function_config, weights_fetcher
 
 BOOT_FIELDS = {f.name for f in dataclasses.fields(ReplicaBoot)}
+RELEASE = "/thaw/release"
 
 
 def adoption(body, engine_args: EngineArgs) -> FunctionConfig:
@@ -57,16 +62,16 @@ def adoption(body, engine_args: EngineArgs) -> FunctionConfig:
     return config
 
 
-class PooledReplica:
-    """The replica's WSGI app: its waiting routes until adopted, then the adopter's whole app."""
+class ReplicaApp:
+    """The replica's WSGI app: its model's app (functions/app.py) while it serves one; the waiting routes while
+    its engine is pooled."""
 
     def __init__(self, config: FunctionConfig):
         self.waiting = Flask("thaw.pool")
-        self.engine = start_engine(config, self.waiting)
-        self.adopted: Flask | None = None
-        self._adopting = threading.Lock()
+        self.engine = engine = start_engine(config, self.waiting)
+        self.adopted: Flask | None = None if config.pool else create_app(config, engine)
+        self._moving = threading.Lock()  # one adoption or release at a time
         openai_error_handlers(self.waiting)
-        engine = self.engine
 
         @self.waiting.get("/healthz")
         def healthz():
@@ -85,19 +90,30 @@ class PooledReplica:
         @self.waiting.post("/thaw/adopt")
         def adopt():
             config = adoption(request.get_json(silent=True), engine.args)
-            if not self._adopting.acquire(blocking=False):
-                raise p.APIError(409, "Another model is adopting this engine", code="engine_not_pooled")
-            try:
-                if engine.state != "pooled":
-                    raise p.APIError(409, f"This engine cannot be adopted: it is {engine.state}",
-                                     code="engine_not_pooled")
+            with self._move():
                 model_dir, timings = weights_fetcher(config)()
                 result = engine.adopt(model_dir, config.served_name)
                 self.adopted = create_app(config, engine)
-            finally:
-                self._adopting.release()
             # the adopter's phases (its weights' fetch, the adoption), not the pooled engine's start
             return jsonify({**result, "phases": {**timings, "adopt": result["seconds"]}, "engine_pid": engine.engine_pid})
+
+        @self.waiting.post(RELEASE)
+        def release():
+            with self._move():
+                if self.adopted is None:
+                    raise p.APIError(409, "This engine serves no model", code="engine_not_releasable")
+                engine.release()
+                self.adopted = None
+            return jsonify({"status": engine.state})
+
+    @contextlib.contextmanager
+    def _move(self):
+        if not self._moving.acquire(blocking=False):
+            raise p.APIError(409, "Another model is adopting or releasing this engine", code="engine_moving")
+        try:
+            yield
+        finally:
+            self._moving.release()
 
     @property
     def extensions(self) -> dict:
@@ -105,4 +121,8 @@ class PooledReplica:
         return self.adopted.extensions if self.adopted is not None else {"thaw": self}
 
     def __call__(self, environ, start_response):
-        return (self.adopted or self.waiting)(environ, start_response)
+        app = self.adopted
+        if app is None or environ.get("PATH_INFO") == RELEASE:
+            app = self.waiting
+        return app(environ, start_response)
+

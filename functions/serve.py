@@ -8,9 +8,9 @@ import os
 
 from thaw.wsgi import GunicornApp
 
-from .app import FunctionConfig, create_app
+from .app import FunctionConfig
 from .gunicorn_conf import options
-from .pool import PooledReplica
+from .pool import ReplicaApp
 
 
 def serve(config: FunctionConfig, host: str = "127.0.0.1", port: int = 8000, threads: int = 64) -> None:
@@ -20,4 +20,4 @@ def serve(config: FunctionConfig, host: str = "127.0.0.1", port: int = 8000, thr
     cores = os.environ.get("THAW_CPU_CORES")
     if cores:
         os.sched_setaffinity(0, {int(c) for c in cores.split(",")})
-    GunicornApp(lambda: PooledReplica(config) if config.pool else create_app(config), options(host, port, threads)).run()
+    GunicornApp(lambda: ReplicaApp(config), options(host, port, threads)).run()

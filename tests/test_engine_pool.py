@@ -83,6 +83,42 @@ def test_an_adopted_engine_answers_exactly_as_a_fresh_replica_of_its_model(repli
     assert requests.post(pooled.url + "/thaw/adopt", json=adopt_body(models[1]), timeout=30).status_code == 404
 
 
+def _prefix_hits(replica) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in requests.get(replica.url + "/metrics", timeout=10).text.splitlines()
+               if line.startswith("vllm:prefix_cache_hits_total"))
+
+
+def test_a_released_engine_is_adopted_by_another_model_that_never_sees_its_cached_prefixes(models, tmp_path,
+                                                                                          replicas):
+    _, fresh = replicas
+    serving = start_function(models[0], tmp_path, served_name="a")
+    try:
+        client = openai.OpenAI(base_url=serving.url + "/v1", api_key="unused", max_retries=0)
+        prompt = " ".join(["a long shared preamble"] * 20)  # blocks of 16 tokens the prefix cache keeps
+        for _ in range(2):
+            client.completions.create(model="a", prompt=prompt, max_tokens=4, temperature=0)
+        assert _prefix_hits(serving) > 0  # its second time hit the first's blocks
+        r = requests.post(serving.url + "/thaw/release", timeout=60)
+        assert r.status_code == 200 and r.json()["status"] == "pooled", r.text
+        assert requests.get(serving.url + "/readyz", timeout=10).json()["status"] == "pooled"
+        assert requests.post(serving.url + "/v1/completions", json={"prompt": "x"}, timeout=10).status_code == 404
+        r = requests.post(serving.url + "/thaw/adopt", json=adopt_body(models[1]), timeout=300)
+        assert r.status_code == 200, r.text
+        hits = _prefix_hits(serving)
+        ours = openai.OpenAI(base_url=serving.url + "/v1", api_key="unused", max_retries=0).completions.create(
+            model="b", prompt=prompt, max_tokens=16, temperature=0)
+        assert _prefix_hits(serving) == hits  # none of a's blocks reached b
+        theirs = openai.OpenAI(base_url=fresh.url + "/v1", api_key="unused", max_retries=0).completions.create(
+            model="b", prompt=prompt, max_tokens=16, temperature=0)
+        assert ours.choices[0].text == theirs.choices[0].text
+        # released again, and a second release of a waiting engine is refused
+        assert requests.post(serving.url + "/thaw/release", timeout=60).status_code == 200
+        r = requests.post(serving.url + "/thaw/release", timeout=60)
+        assert r.status_code == 409 and r.json()["error"]["code"] == "engine_not_releasable"
+    finally:
+        serving.server.stop()
+
+
 # ---- the plane's pure decisions (knative/embedded/control/engine_pool.py) ------------------------------------
 
 def test_one_pool_per_shape_launched_as_its_first_revision():
