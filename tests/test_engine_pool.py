@@ -161,3 +161,33 @@ def test_a_shape_is_architecture_tokenizer_engine_and_resources(tiny_model, tmp_
     assert shape_of(model(), boot(tiny_model), sleep_mode=True) is None  # a GPU's waiting engine must sleep
     assert shape_of(model(park=True), boot(tiny_model), sleep_mode=True) is not None
     assert shape_of(model(), ReplicaBoot(source="s3://bucket/m"), sleep_mode=False) is None
+
+
+def test_an_evicted_sleeper_goes_back_to_the_pool_only_where_its_shape_lacks_an_engine(tiny_model):
+    import asyncio
+    from types import SimpleNamespace
+
+    from thaw.knative.embedded.control.engine_pool import EnginePool
+    from thaw.launch import ReplicaBoot
+    from thaw.spec import Model
+
+    rev = SimpleNamespace(name="m-00001", model=Model.model_validate({"name": "m", "source": str(tiny_model)}))
+    released = []
+
+    async def release(replica):
+        released.append(replica)
+        return replica != "refuses"
+
+    def pool(size: int, waiting: int = 0) -> EnginePool:
+        p = EnginePool(lambda: size, lambda rev: ReplicaBoot(model_dir=str(tiny_model)), None, None)
+        if waiting:
+            p.waiting[p.key_of(rev)] = ["w"] * waiting
+        return p
+
+    run = asyncio.run
+    assert run(pool(0).give_back(rev, "r", release)) is False and released == []  # the pool is off
+    assert run(pool(1, waiting=1).give_back(rev, "r", release)) is False and released == []  # full
+    full_after = pool(2, waiting=1)
+    assert run(full_after.give_back(rev, "r", release)) is True and released == ["r"]
+    assert full_after.waiting[full_after.key_of(rev)] == ["w", "r"]
+    assert run(pool(1).give_back(rev, "refuses", release)) is False  # it could not: the caller stops it

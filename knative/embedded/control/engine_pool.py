@@ -116,6 +116,21 @@ class EnginePool:
         self.waiting.setdefault(shape.key, []).append(replica)
         log.info("pooled replica %s waits for a model of %s's shape", replica.id, rev.name)
 
+    async def give_back(self, rev: Revision, replica: Replica, release) -> bool:
+        """`rev`'s sleeping replica into the pool, where its shape lacks an engine (`release(replica)` makes its
+        engine give its model up); False where the pool has no room for it or it could not."""
+        key = self.key_of(rev) if self.size() else None
+        if key is None or key in self.starting or len(self.waiting.get(key, [])) >= self.size():
+            return False
+        self.starting.add(key)  # no launch for this shape meanwhile
+        try:
+            if not await release(replica):
+                return False
+        finally:
+            self.starting.discard(key)
+        self.waiting.setdefault(key, []).append(replica)
+        return True
+
     def take(self, rev: Revision) -> Replica | None:
         """A waiting engine of `rev`'s shape, out of the pool (the pool starts another), or None."""
         key = self.key_of(rev)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from typing import Callable, Protocol
@@ -69,7 +70,8 @@ class Reconciler:
                                      lambda rev: self.pool.take(rev))
         self.pool = EnginePool(lambda: self.plane.spec.platform.parking.enginePool, boot_of, self.replicas.launch_pooled,
                                self._stop_pooled)
-        self.sleep = SleepMoves(spec, plane.revisions, self.replicas, self)
+        self.sleep = SleepMoves(spec, plane.revisions, self.replicas, self,
+                                lambda rev, replica: self.pool.give_back(rev, replica, functools.partial(self.replicas.release, rev)))
         self.probes = Prober(plane.revisions, self)
 
     # ---- decide and reconcile --------------------------------------------------------------------

@@ -207,6 +207,27 @@ class ReplicaMoves:
         self.after_ready(rev, replica)
         return True
 
+    async def release(self, rev: Revision, replica: Replica) -> bool:
+        """A sleeping replica of `rev` leaves the revision, keeping its place on the node, and gives its model up
+        (functions/pool.py) for the engine pool; False if it was not asleep, or refused (then the caller stops it:
+        it is out of the revision already, so no wake can reach it meanwhile)."""
+        if replica.state != State.PARKED or replica.in_flight:
+            return False
+        rev.throttler.remove_replica(replica)
+        rev.replicas.remove(replica)
+        replica.move(State.STARTING)  # waiting in the pool, to be adopted
+        replica.copy_bytes, replica.copy_ready, replica.sleep_level = 0, False, 2
+        self.loop.report(rev)
+        try:
+            async with self.loop.session.post(replica.url + "/thaw/release",
+                                              timeout=aiohttp.ClientTimeout(total=120)) as r:
+                if r.status == 200:
+                    return True
+                log.warning("replica %s did not go back to the pool: %s", replica.id, await r.text())
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            log.warning("replica %s did not go back to the pool: %s", replica.id, exc)
+        return False
+
     async def launch_pooled(self, rev: Revision, boot: ReplicaBoot, pool_id: str) -> Replica | None:
         """A replica for the engine pool, launched as `rev`'s model with `boot`, into room free now (nobody moved
         for it); ready (waiting to be adopted), or None."""

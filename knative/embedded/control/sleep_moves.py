@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import AsyncIterator, Callable, Protocol
+from typing import AsyncIterator, Awaitable, Callable, Protocol
 
 import aiohttp
 import psutil
@@ -56,8 +56,11 @@ class Loop(Protocol):
 
 class SleepMoves:
     def __init__(self, spec: Callable[[], Spec], revisions: Callable[[], list[Revision]], replicas: ReplicaMoves,
-                 loop: Loop):
+                 loop: Loop, give_back: Callable[[Revision, Replica], Awaitable[bool]] | None = None):
+        """`give_back(rev, replica)`: a sleeper the budget evicts goes back to the engine pool, if its shape lacks
+        an engine there (engine_pool.py); False: it stops."""
         self.spec = spec
+        self.give_back = give_back
         self.revisions = revisions
         self.replicas = replicas
         self.loop = loop
@@ -99,6 +102,17 @@ class SleepMoves:
         self.process_bytes = max(self.process_bytes, rss - replica.copy_bytes)
         self.plan_host()
 
+    async def evict(self, rev: Revision, replica: Replica) -> None:
+        """A sleeper past the budget of sleeping replicas (gpuContexts): its engine back to the pool where its shape
+        lacks one there, else stopped."""
+        if self.give_back is not None and await self.give_back(rev, replica):
+            log.info("sleeping replica %s went back to the engine pool: past the budget of sleeping replicas "
+                     "(gpuContexts)", replica.id)
+            self.plan_host()
+            return
+        log.info("stopping sleeping replica %s: past the budget of sleeping replicas (gpuContexts)", replica.id)
+        await self.replicas.stop(rev, replica)
+
     def plan_host(self) -> None:
         """Carry out parking.plan_host over every replica that sleeps: copies granted (most recent first),
         dropped (past the budget, or below the node's floor), sleepers past gpuContexts stopped."""
@@ -119,8 +133,7 @@ class SleepMoves:
                          self.ledger.host_grantable(memory.available, floor) - starting, parking.gpuContexts)
         for rid in () if self.replicas.gpu_start_in_progress() else plan.evict:  # after the start (revision.plan)
             rev, r = by_id[rid]
-            log.info("stopping sleeping replica %s: past the budget of sleeping replicas (gpuContexts)", rid)
-            self.loop.track(self.replicas.stop(rev, r))
+            self.loop.track(self.evict(rev, r))
         for rid in plan.drop:
             if rid not in self._dropping:  # the plan runs after every move: one drop per copy
                 self._dropping.add(rid)

@@ -5,6 +5,8 @@
                 ready -> parking -> parked -> waking -> ready     (vLLM sleep mode, on CUDA; `sleep_level`
                                                                    1 parked: with a host copy of its weights,
                                                                    2 hibernated: without one)
+                         parked -> starting       (its engine back to the engine pool: starting, for
+                                                   the model that adopts it next)
     starting, unready -> draining            (the autoscaler wants fewer)
     any -> stopped                           (a stop: SIGTERM, then SIGKILL after the grace period)
     any but stopped -> dead                  (its process died, or it refused a connection)
@@ -44,7 +46,7 @@ MOVES: dict[State, frozenset[State]] = {
     State.UNREADY: frozenset({State.READY, State.DRAINING}),
     State.DRAINING: frozenset(),
     State.PARKING: frozenset({State.PARKED}),
-    State.PARKED: frozenset({State.WAKING}),
+    State.PARKED: frozenset({State.WAKING, State.STARTING}),  # starting: back to the engine pool, to be adopted
     State.WAKING: frozenset({State.READY}),
     State.STOPPED: frozenset(),
     State.DEAD: frozenset(),
