@@ -77,6 +77,7 @@ class EnginePool:
         self.templates: dict[str, str] = {}  # key -> the revision its engines are launched as
         self.adopted: dict[str, int] = {}  # key -> engines adopted so far
         self._keys: dict[str, str | None] = {}  # revision -> its shape, computed once
+        self._told = False  # that no model has a shape
 
     def key_of(self, rev: Revision) -> str | None:
         if rev.name not in self._keys:
@@ -90,6 +91,11 @@ class EnginePool:
         by_name = {rev.name: rev for rev in revisions}
         now = time.monotonic()
         wanted = shapes([(rev.name, self.key_of(rev)) for rev in revisions]) if size else []
+        if size and not wanted and not self._told:
+            self._told = True
+            log.warning("parking.enginePool is %d but no model can adopt an engine: a model needs its weights in a "
+                        "folder (not s3:// or hf://), a safetensors checkpoint that is not quantized, and, where vLLM "
+                        "has sleep mode, park: true", size)
         for key in set(self.waiting) - {shape.key for shape in wanted}:
             for replica in self.waiting.pop(key):
                 track(self.stop(replica))
