@@ -24,11 +24,13 @@ from thaw.spec import Model
 from thaw.vllm_platform import detect
 
 from ..dataplane.replica import Replica
+from .replica_moves import NoRoom
 from .revision import Revision
 
 log = logging.getLogger("thaw.pool")
 
 BACKOFF = 30.0  # seconds before a shape whose pooled engine failed to start is tried again
+ROOM_POLL = 1.0  # seconds before a shape that found no free room looks again
 
 
 def shape_of(model: Model, boot: ReplicaBoot, sleep_mode: bool) -> str | None:
@@ -114,6 +116,10 @@ class EnginePool:
     async def _start(self, shape: Shape, rev: Revision) -> None:
         try:
             replica = await self.launch(rev, dataclasses.replace(self.boot_of(rev), pool=True), f"pool-{shape.key[:8]}")
+        except NoRoom as why:
+            log.debug("no pooled engine of %s's shape yet: %s", rev.name, why)
+            self.retry_at[shape.key] = time.monotonic() + ROOM_POLL
+            return
         finally:
             self.starting.discard(shape.key)
         if replica is None:

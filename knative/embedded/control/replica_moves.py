@@ -35,6 +35,10 @@ UPSETS_IN_A_ROW = 3  # such failures started again at once; beyond, a failure li
 BACKOFF_FIRST, BACKOFF_MAX = 10.0, 300.0  # Kubernetes' CrashLoopBackOff: 10 s, doubling, at most 5 minutes
 
 
+class NoRoom(RuntimeError):
+    """A move that may not displace anyone (an engine pool's start) found no free room on the node or the GPU."""
+
+
 def folder_bytes(folder: str) -> int:
     """What staging a model folder copies: every file in it."""
     path = Path(folder)
@@ -230,11 +234,11 @@ class ReplicaMoves:
 
     async def launch_pooled(self, rev: Revision, boot: ReplicaBoot, pool_id: str) -> Replica | None:
         """A replica for the engine pool, launched as `rev`'s model with `boot`, into room free now (nobody moved
-        for it); ready (waiting to be adopted), or None."""
+        for it); ready (waiting to be adopted), or None if it failed. NoRoom: nothing failed, there is no room now."""
         key = f"launch-{next(self._launches)}"
         claim = self.placement.try_place(rev, key)
         if claim is None:
-            return None
+            raise NoRoom(f"the node has no room for a replica of {rev.name}")
         replica: Replica | None = None
         try:
             async with self.start_lock, self.gpu_move(rev, key, lambda: replica.pid if replica else None, claim.gpus,
@@ -244,6 +248,9 @@ class ReplicaMoves:
                 self.placement.bind(key, replica.id)
                 if await self.supervisor.wait_ready(replica, self.loop.session, PROGRESS_DEADLINE):
                     return replica
+        except NoRoom:
+            self.placement.release(key)
+            raise
         except Exception as exc:  # noqa: BLE001 - the pool tries again after a back-off
             log.warning("no pooled replica of %s's shape: %s", rev.name, exc)
         self.placement.release(key)

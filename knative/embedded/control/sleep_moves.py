@@ -29,7 +29,7 @@ from ..dataplane.replica import Replica, State
 from .ledger import NodeLedger
 from .node import system_floor
 from .parking import HIBERNATED, PARKED, Awake, HostUser, plan_gpu_room, plan_host
-from .replica_moves import PROGRESS_DEADLINE, ReplicaMoves
+from .replica_moves import PROGRESS_DEADLINE, NoRoom, ReplicaMoves
 from .revision import Revision, weight_bytes
 
 log = logging.getLogger("thaw.reconciler")
@@ -37,10 +37,6 @@ log = logging.getLogger("thaw.reconciler")
 GPU_ROOM_POLL = 0.25  # how often a start or wake waiting for GPU memory looks again
 AWAKE_STATES = (State.READY, State.UNREADY)  # processes holding their share of the GPU
 ASLEEP_STATES = (State.PARKING, State.PARKED)
-
-
-class NoRoom(RuntimeError):
-    """A move that may not displace anyone found no free room."""
 
 
 class Loop(Protocol):
