@@ -528,8 +528,10 @@ def bench_gpu(
 ) -> None:
     """On a GPU node: vLLM's server launched cold vs thaw from zero, parked, hibernated, caches cold; models
     sharing the GPU (swap, density); the warm path."""
+    from thaw.launch import stop_servers_on_sigterm
     from thaw.loadtests.bench.gpu import PARTS, run_gpu_bench
 
+    stop_servers_on_sigterm()
     chosen = [p.strip() for p in parts.split(",") if p.strip()]
     unknown = [p for p in chosen if p not in PARTS]
     if unknown:

@@ -1,14 +1,17 @@
 """The locustfiles, run headless as `locust` processes (never imported here: locust's gevent patching
-and this process's boto3 do not mix) against a real `thaw up` serving the tiny model."""
+and this process's boto3 do not mix) against a real `thaw up` serving the tiny model; and a bench's servers
+when the bench is stopped."""
 
 from __future__ import annotations
 
 import csv
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -96,3 +99,29 @@ def test_event_driven_round_trip_through_the_broker(plane):
     assert int(stats[("POST", "broker ingress")]["Failure Count"]) == 0
     event = stats[("event", "tiny")]
     assert int(event["Request Count"]) > 0 and int(event["Failure Count"]) == 0
+
+
+# Run as `python -c SERVES PIDFILE`: a bench-like process that holds a server until it is told to stop.
+SERVES = """
+import sys, time
+from pathlib import Path
+from thaw.launch import ServerProcess, stop_servers_on_sigterm
+stop_servers_on_sigterm()
+server = ServerProcess([sys.executable, "-c", "import time; time.sleep(600)"], Path(sys.argv[1]).with_suffix(".log"))
+try:
+    Path(sys.argv[1]).write_text(str(server.pid))
+    time.sleep(600)
+finally:
+    server.stop(5)
+"""
+
+
+def test_a_bench_stopped_by_sigterm_stops_its_servers(tmp_path):
+    """`timeout` ends a bench part with SIGTERM: the servers it started must not outlive it (on a GPU they keep
+    their memory and the next part's server cannot start)."""
+    pidfile = tmp_path / "server.pid"
+    bench = subprocess.Popen([sys.executable, "-c", SERVES, str(pidfile)])
+    server = psutil.Process(int(poll(lambda: pidfile.exists() and pidfile.read_text(), 60, what="the server")))
+    bench.send_signal(signal.SIGTERM)
+    assert bench.wait(60) == 128 + signal.SIGTERM
+    poll(lambda: not server.is_running() or server.status() == psutil.STATUS_ZOMBIE, 30, what="the server gone")

@@ -143,6 +143,16 @@ def vllm_server_command(model_dir: Path, served_name: str, port: int, engine_arg
     return cmd
 
 
+def stop_servers_on_sigterm() -> None:
+    """A SIGTERM to this process (`timeout` sends one to a bench part past its bound) raises SystemExit, so the
+    `finally` that stops each ServerProcess runs: a server in a session of its own otherwise outlives the bench
+    and keeps its GPU memory (a vLLM server left holding 90% of the card failed the next part's start)."""
+    def exit_now(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, exit_now)
+
+
 class ServerProcess:
     """A server launched in its own session; `launched_at` is wall-clock time just before exec."""
 
