@@ -63,9 +63,10 @@ def function_config(boot: ReplicaBoot, served_name: str, engine: EngineArgs) -> 
                           max_body_bytes=quantity_bytes(boot.max_body_size), logger=logger, pool=boot.pool)
 
 
-def weights_fetcher(config: FunctionConfig):
+def weights_fetcher(config: FunctionConfig, read_ahead: bool = True):
     """The boot step of a replica: its weights (ensured in the cache tier when it has a source: instant when
-    pre-staged, leased for this process's life; otherwise read into the page cache where they are) and,
+    pre-staged, leased for this process's life; otherwise read into the page cache where they are, unless not
+    `read_ahead`: an adoption streams them at once, and a second reader would only compete with it) and,
     with a cache tier, vLLM's compile cache in the tier, per architecture and engine configuration: compiled
     artifacts depend on those, not on weight values, so a new weights version finds them (on a GPU the
     engine starts from the architecture's view, functions/engine_plan.py, so vLLM's own key agrees)."""
@@ -81,16 +82,16 @@ def weights_fetcher(config: FunctionConfig):
 
             tier = CacheTier(config.cache.root, config.cache.capacity)
             result = ensure(tier, origin_for(config.source, config.cache.s3), lease_pid=os.getpid(),
-                            prewarm=config.cache.prewarm, dram_root=config.cache.dram_root,
+                            prewarm=config.cache.prewarm and read_ahead, dram_root=config.cache.dram_root,
                             settings=StageSettings(bandwidth=link_rate(config.cache.s3.bandwidthMbps)))
             log.info("weights of %s at %s (%s)", config.source, result.path,
                      "staged now" if result.staged else "already staged")
             path, timings = result.path, result.timings
         else:
             path = config.model_dir
-            if detect().gpu:  # read on in the background: the engine initialises meanwhile, without weights
+            if read_ahead and detect().gpu:  # read on in the background: the engine initialises meanwhile
                 threading.Thread(target=read_into_page_cache, args=(path,), daemon=True).start()
-            else:
+            elif read_ahead:
                 read_into_page_cache(path)
             if config.cache is None:
                 return path, timings

@@ -91,7 +91,7 @@ class ReplicaApp:
         def adopt():
             config = adoption(request.get_json(silent=True), engine.args)
             with self._move():
-                model_dir, timings = weights_fetcher(config)()
+                model_dir, timings = weights_fetcher(config, read_ahead=False)()
                 result = engine.adopt(model_dir, config.served_name)
                 self.adopted = create_app(config, engine)
             # the adopter's phases (its weights' fetch, the adoption), not the pooled engine's start
