@@ -4,6 +4,8 @@ engine start on its path), and the pool builds another for the next model."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 import openai
@@ -73,3 +75,11 @@ def test_a_model_at_zero_adopts_the_waiting_engine_and_the_pool_builds_another(p
     assert status(plane)["engine_pool"][0]["adopted"] == 2
     shown = thaw_cli("status", "--url", plane)
     assert shown.returncode == 0 and "engine pool, a-" in shown.stdout and "adopted so far: 2" in shown.stdout
+
+
+def test_a_waiting_engine_that_dies_is_replaced(plane):
+    poll(lambda: waiting(plane) == 1, 240, 0.2, "an engine waiting in the pool")
+    [engine] = status(plane)["engine_pool"][0]["waiting"]
+    os.kill(engine["pid"], signal.SIGKILL)
+    poll(lambda: [e["id"] for e in status(plane)["engine_pool"][0]["waiting"]] not in ([], [engine["id"]]), 240, 0.2,
+         "another engine waiting")

@@ -107,6 +107,7 @@ class EnginePool:
             for dead in [r for r in engines if not r.alive()]:
                 log.error("pooled replica %s died (see %s)", dead.id, dead.log_path)
                 engines.remove(dead)
+                track(self.stop(dead))  # what is left of its process tree, and its place on the node
             while len(engines) > size:
                 track(self.stop(engines.pop()))
             if starts_wanted(size, len(engines), shape.key in self.starting, self.retry_at.get(shape.key, 0), now):
@@ -159,6 +160,7 @@ class EnginePool:
 
     def view(self) -> list[dict]:
         """For the status: each shape's waiting engines."""
-        return [{"shape": key, "launchedAs": self.templates.get(key), "waiting": [r.id for r in engines],
+        return [{"shape": key, "launchedAs": self.templates.get(key),
+                 "waiting": [{"id": r.id, "pid": r.pid} for r in engines],
                  "starting": key in self.starting, "adopted": self.adopted.get(key, 0)}
                 for key, engines in sorted(self.waiting.items())]
