@@ -23,7 +23,7 @@ def plane(tiny_model, tmp_path_factory):
     a, b = other_model(tiny_model, work / "a", 1), other_model(tiny_model, work / "b", 2)
     port = free_port()
     models = [{"name": name, "source": str(path), "engine": {"max_model_len": 512}, "scaling": {"window": "6s"}}
-              for name, path in (("a", a), ("b", b))]
+              for name, path in (("a", a), ("b", b), ("c", b))]
     spec = {"platform": {"gateway": {"port": port}, "stateDir": str(work / "state"),
                          "autoscaler": {"tick-interval": "1s"}, "parking": {"enginePool": 1},
                          "node": {"memory": "64Gi", "systemReserved": "0%"}},
@@ -77,9 +77,15 @@ def test_a_model_at_zero_adopts_the_waiting_engine_and_the_pool_builds_another(p
     assert shown.returncode == 0 and "engine pool, a-" in shown.stdout and "adopted so far: 2" in shown.stdout
 
 
-def test_a_waiting_engine_that_dies_is_replaced(plane):
+def test_a_waiting_engine_that_dies_is_replaced_and_a_start_meanwhile_waits_for_the_new_one(plane):
     poll(lambda: waiting(plane) == 1, 240, 0.2, "an engine waiting in the pool")
     [engine] = status(plane)["engine_pool"][0]["waiting"]
     os.kill(engine["pid"], signal.SIGKILL)
-    poll(lambda: [e["id"] for e in status(plane)["engine_pool"][0]["waiting"]] not in ([], [engine["id"]]), 240, 0.2,
-         "another engine waiting")
+    poll(lambda: status(plane)["engine_pool"][0]["starting"], 60, 0.05, "another engine being built")
+    # a model at zero asked for now waits for the engine being built and adopts it, rather than launching
+    client = openai.OpenAI(base_url=plane + "/v1", api_key="unused", max_retries=0, timeout=240)
+    out = client.completions.create(model="c", prompt="hello", max_tokens=4, temperature=0)
+    assert out.model == "c"
+    events = timeline(plane, "c")
+    assert "adopted" in events and "launched" not in events, events
+    poll(lambda: waiting(plane) == 1, 240, 0.2, "the pool refilled")

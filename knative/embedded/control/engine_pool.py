@@ -10,6 +10,7 @@ sleep mode only a parking model has one: a waiting engine must hold no GPU memor
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -80,6 +81,7 @@ class EnginePool:
         self.adopted: dict[str, int] = {}  # key -> engines adopted so far
         self._keys: dict[str, str | None] = {}  # revision -> its shape, computed once
         self._told = False  # that no model has a shape
+        self._built: dict[str, asyncio.Event] = {}  # key -> set once its latest engine start ended
 
     def key_of(self, rev: Revision) -> str | None:
         if rev.name not in self._keys:
@@ -115,6 +117,7 @@ class EnginePool:
                 track(self._start(shape, by_name[shape.template]))
 
     async def _start(self, shape: Shape, rev: Revision) -> None:
+        built = self._built[shape.key] = asyncio.Event()
         try:
             replica = await self.launch(rev, dataclasses.replace(self.boot_of(rev), pool=True), f"pool-{shape.key[:8]}")
         except NoRoom as why:
@@ -123,6 +126,7 @@ class EnginePool:
             return
         finally:
             self.starting.discard(shape.key)
+            built.set()
         if replica is None:
             self.retry_at[shape.key] = time.monotonic() + BACKOFF
             return
@@ -144,9 +148,14 @@ class EnginePool:
         self.waiting.setdefault(key, []).append(replica)
         return True
 
-    def take(self, rev: Revision) -> Replica | None:
-        """A waiting engine of `rev`'s shape, out of the pool (the pool starts another), or None."""
+    async def take(self, rev: Revision) -> Replica | None:
+        """A waiting engine of `rev`'s shape, out of the pool (the pool starts another), or None. One being built
+        is waited for: a launch now would queue behind it for the GPU (one engine starts at a time there) and
+        then build all it has built."""
         key = self.key_of(rev)
+        built = self._built.get(key) if key else None
+        if built is not None and not self.waiting.get(key):
+            await built.wait()
         engines = self.waiting.get(key, []) if key else []
         while engines:
             replica = engines.pop(0)

@@ -67,7 +67,7 @@ class Reconciler:
         self.placement = Placement(spec, self, lambda: self.sleep.held_host_bytes())
         self.replicas = ReplicaMoves(supervisor, self.placement, boot_of, self, start_lock,
                                      lambda *a, **k: self.sleep.gpu_move(*a, **k), lambda rev, replica: self.sleep.ready(rev, replica),
-                                     lambda rev: self.pool.take(rev))
+                                     self._take_pooled)
         self.pool = EnginePool(lambda: self.plane.spec.platform.parking.enginePool, boot_of, self.replicas.launch_pooled,
                                self._stop_pooled)
         self.sleep = SleepMoves(spec, plane.revisions, self.replicas, self,
@@ -133,6 +133,9 @@ class Reconciler:
         if state != rev.last_reported:
             rev.last_reported = state
             self.plane.emit_revision("dev.knative.apiserver.resource.update", rev)
+
+    async def _take_pooled(self, rev: Revision) -> Replica | None:
+        return await self.pool.take(rev)
 
     async def _stop_pooled(self, replica: Replica) -> None:
         async with self.replicas.releasing():

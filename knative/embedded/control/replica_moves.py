@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import AsyncContextManager, AsyncIterator, Callable, Protocol
+from typing import AsyncContextManager, AsyncIterator, Awaitable, Callable, Protocol
 
 import aiohttp
 
@@ -69,11 +69,11 @@ class ReplicaMoves:
     def __init__(self, supervisor: Supervisor, placement: Placement, boot_of: Callable[[Revision], ReplicaBoot],
                  loop: Loop, start_lock, gpu_move: Callable[..., AsyncContextManager],
                  after_ready: Callable[[Revision, Replica], None],
-                 take_pooled: Callable[[Revision], Replica | None] = lambda rev: None):
+                 take_pooled: Callable[[Revision], Awaitable[Replica | None]] | None = None):
         """`gpu_move(rev, id, pid, gpus)` makes room on the GPU for a start and counts its memory until it ends
         (sleep_moves.py); `start_lock` lets one start at a time size itself against the GPU's free memory;
-        `after_ready(rev, replica)` follows a ready one; `take_pooled(rev)` is a built engine of `rev`'s shape
-        waiting to be adopted, if any (engine_pool.py)."""
+        `after_ready(rev, replica)` follows a ready one; `await take_pooled(rev)` is a built engine of `rev`'s
+        shape waiting to be adopted, if any (engine_pool.py)."""
         self.supervisor = supervisor
         self.placement = placement
         self.boot_of = boot_of
@@ -110,7 +110,7 @@ class ReplicaMoves:
     async def start(self, rev: Revision) -> None:
         """One new replica of `rev`: a waiting engine of its shape adopted, or one placed (Pending meanwhile),
         started, probed until ready or failed."""
-        pooled = self.take_pooled(rev)
+        pooled = await self.take_pooled(rev) if self.take_pooled else None
         if pooled is not None and await self.adopt(rev, pooled):
             return
         key = f"launch-{next(self._launches)}"
