@@ -56,6 +56,8 @@ def adoption(body, engine_args: EngineArgs) -> FunctionConfig:
         config = function_config(boot, served, engine)
     except (ValidationError, ValueError, TypeError) as exc:
         raise p.APIError(400, f"not a replica's launch: {exc}") from None
+    if config.model_dir is not None and not config.model_dir.is_dir():
+        raise p.APIError(400, f"boot.model_dir {str(config.model_dir)!r} is not a folder here", param="boot")
     if detect().resolve(engine) != engine_args:
         raise p.APIError(409, "This engine was built with other engine arguments: a model adopts only an engine "
                               "of its own key", code="engine_mismatch", param="engine")

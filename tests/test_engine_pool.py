@@ -46,6 +46,7 @@ def test_a_pooled_replica_is_ready_to_adopt_and_refuses_a_malformed_or_mismatche
     bad = [(b"not json", 400, None), (b"[]", 400, None),
            ({"boot": {"model_dir": str(models[1])}}, 400, "served_name"),
            ({**adopt_body(models[1]), "boot": {"model_dir": str(models[1]), "nope": 1}}, 400, "boot"),
+           ({**adopt_body(models[1]), "boot": {"model_dir": str(models[1] / "nowhere")}}, 400, "boot"),
            (adopt_body(models[1], max_model_len=256), 409, "engine")]
     for body, status, param in bad:
         kwargs = {"json": body} if isinstance(body, dict) else {"data": body, "headers": {"Content-Type": "application/json"}}

@@ -157,12 +157,11 @@ class EnginePool:
         if built is not None and not self.waiting.get(key):
             await built.wait()
         engines = self.waiting.get(key, []) if key else []
-        while engines:
-            replica = engines.pop(0)
-            if replica.alive():
-                self.adopted[key] = self.adopted.get(key, 0) + 1
-                return replica
-        return None
+        replica = next((r for r in engines if r.alive()), None)  # a dead one is the next fill's to stop
+        if replica is not None:
+            engines.remove(replica)
+            self.adopted[key] = self.adopted.get(key, 0) + 1
+        return replica
 
     def replicas(self) -> list[Replica]:
         return [r for engines in self.waiting.values() for r in engines]
