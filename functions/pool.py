@@ -11,8 +11,8 @@ logger, routes). A sleeping replica the plane would stop goes back to the pool i
 copy dropped, it waits as a pooled one does.
 
 While it waits the replica answers its probes (/readyz is 200 once the engine waits) and POST /thaw/adopt, whose
-body is the adopter's launch: {"boot": ReplicaBoot's fields, "served_name": ..., "engine": its engine
-arguments}; serving, POST /thaw/release gives the model up. The serving plane
+body is the adopter's launch as the standby gets it (knative/embedded/control/standby.py's ReplicaLaunch:
+{"boot", "served_name", "engine", ...}); serving, POST /thaw/release gives the model up. The serving plane
 (knative/embedded/control/engine_pool.py) is their only caller: the gateway routes neither.
 """
 
@@ -51,9 +51,7 @@ def adoption(body, engine_args: EngineArgs) -> FunctionConfig:
                          param="boot")
     try:
         engine = EngineArgs.model_validate(body.get("engine") or {})
-        boot = ReplicaBoot(**{**boot, "log_metadata_headers": tuple(boot.get("log_metadata_headers") or ()),
-                              "pool": False})
-        config = function_config(boot, served, engine)
+        config = function_config(ReplicaBoot.from_json({**boot, "pool": False}), served, engine)
     except (ValidationError, ValueError, TypeError) as exc:
         raise p.APIError(400, f"not a replica's launch: {exc}") from None
     if config.model_dir is not None and not config.model_dir.is_dir():

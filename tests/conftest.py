@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -11,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 
-from thaw.launch import ServerProcess, free_port, function_command
+from thaw.launch import ServerProcess, base_env, free_port, function_command
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -83,6 +85,21 @@ def tmpfs(tmp_path):
 def thaw_cli(*args: str, **kw) -> subprocess.CompletedProcess:
     """`thaw ARGS...` in a process of its own, output captured as text."""
     return subprocess.run([sys.executable, "-m", "thaw.cli", *args], capture_output=True, text=True, **kw)
+
+
+@contextlib.contextmanager
+def thaw_up(work: Path, spec: dict, deadline_s: float = 60):
+    """`thaw up` on `spec` (written to work/thaw.yaml) in a process of its own, once its gateway (on the spec's
+    port) answers: its URL and process; stopped afterwards."""
+    (work / "thaw.yaml").write_text(yaml.safe_dump(spec))
+    server = ServerProcess([sys.executable, "-m", "thaw.cli", "up", "-f", str(work / "thaw.yaml")], work / "up.log",
+                           env=base_env())
+    url = f"http://127.0.0.1:{spec['platform']['gateway']['port']}"
+    try:
+        server.wait_http(url + "/healthz", deadline_s)
+        yield url, server
+    finally:
+        server.stop(60)
 
 
 def poll(condition, timeout: float, interval: float = 0.05, what: str = "condition"):

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 
 import openai
 import pytest
 import requests
-import yaml
 
-from conftest import other_model, poll, thaw_cli
-from thaw.launch import ServerProcess, base_env, free_port
+from conftest import other_model, poll, thaw_cli, thaw_up
+from thaw.launch import free_port
 
 
 @pytest.fixture(scope="module")
@@ -28,15 +26,8 @@ def plane(tiny_model, tmp_path_factory):
                          "autoscaler": {"tick-interval": "1s"}, "parking": {"enginePool": 1},
                          "node": {"memory": "64Gi", "systemReserved": "0%"}},
             "models": models}
-    (work / "thaw.yaml").write_text(yaml.safe_dump(spec))
-    server = ServerProcess([sys.executable, "-m", "thaw.cli", "up", "-f", str(work / "thaw.yaml")], work / "up.log",
-                           env=base_env())
-    url = f"http://127.0.0.1:{port}"
-    try:
-        server.wait_http(url + "/healthz", 30)
+    with thaw_up(work, spec, deadline_s=30) as (url, _):
         yield url
-    finally:
-        server.stop(60)
 
 
 def status(url: str) -> dict:

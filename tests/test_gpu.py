@@ -21,9 +21,8 @@ import httpx
 import openai
 import pytest
 import requests
-import yaml
 
-from conftest import other_model, poll
+from conftest import other_model, poll, thaw_up
 from thaw.launch import ServerProcess, base_env, free_port
 from thaw.vllm_platform import gpu_memory
 
@@ -64,16 +63,9 @@ def _up(work: Path, models: list[dict], **platform) -> Iterator[Plane]:
                          "cache": {"path": str(work / "cache")},
                          "autoscaler": {"scale-to-zero-grace-period": "1s", "tick-interval": "1s"}, **platform},
             "models": models}
-    (work / "thaw.yaml").write_text(yaml.safe_dump(spec))
-    server = ServerProcess([sys.executable, "-m", "thaw.cli", "up", "-f", str(work / "thaw.yaml")], work / "up.log",
-                           env=base_env())
-    url = f"http://127.0.0.1:{port}"
-    try:
-        server.wait_http(url + "/healthz", 60)
+    with thaw_up(work, spec) as (url, server):
         poll(lambda: requests.get(url + "/thaw/v1/status", timeout=5).json()["standby"], 180, 0.2, "standby ready")
         yield Plane(url, server)
-    finally:
-        server.stop(60)
 
 
 @pytest.fixture(scope="module")

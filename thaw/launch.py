@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -78,6 +78,14 @@ class ReplicaBoot:
     log_metadata_headers: tuple[str, ...] = ()
     # an engine of this model's key, built and waiting without weights for a model to adopt it (functions/pool.py)
     pool: bool = False
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ReplicaBoot":
+        """From `to_json`'s object (JSON has no tuples). Unknown fields raise TypeError."""
+        return cls(**{**data, "log_metadata_headers": tuple(data.get("log_metadata_headers") or ())})
 
     def flags(self) -> list[str]:
         args = ["--model-dir", self.model_dir] if self.model_dir is not None else []

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 import logging
 import os
@@ -23,6 +22,7 @@ from ..dataplane.replica import Replica, State, can_move
 from .node import never_fits, request_of
 from .placement import Placement
 from .revision import Revision
+from .standby import ReplicaLaunch
 from .supervisor import Supervisor
 
 log = logging.getLogger("thaw.reconciler")
@@ -177,12 +177,11 @@ class ReplicaMoves:
         replica.revision = rev.name
         rev.replicas.append(replica)  # counted as starting from here
         rev.launching -= 1
-        launch = {"boot": dataclasses.asdict(self.boot_of(rev)), "served_name": rev.model.served_name,
-                  "engine": rev.model.replica_engine().model_dump(mode="json", exclude_none=True)}
+        launch = ReplicaLaunch(self.boot_of(rev), rev.model.served_name, rev.model.replica_engine(), replica.port)
         try:
             async with self.gpu_move(rev, f"adopt-{replica.id}", lambda: replica.pid, replica.gpus):
                 marks["room"] = time.time()
-                async with self.loop.session.post(replica.url + "/thaw/adopt", json=launch,
+                async with self.loop.session.post(replica.url + "/thaw/adopt", json=launch.to_json(),
                                                   timeout=aiohttp.ClientTimeout(total=PROGRESS_DEADLINE)) as r:
                     body = await r.json(content_type=None)
                     if r.status != 200:

@@ -23,7 +23,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from thaw.launch import ReplicaBoot
@@ -44,13 +44,12 @@ class ReplicaLaunch:
     host: str = "127.0.0.1"
 
     def to_json(self) -> dict:
-        return {"boot": asdict(self.boot), "served_name": self.served_name,
+        return {"boot": self.boot.to_json(), "served_name": self.served_name,
                 "engine": self.engine.model_dump(mode="json", exclude_none=True), "port": self.port, "host": self.host}
 
     @classmethod
     def from_json(cls, data: dict) -> "ReplicaLaunch":
-        boot = {**data["boot"], "log_metadata_headers": tuple(data["boot"].get("log_metadata_headers") or ())}
-        return cls(ReplicaBoot(**boot), data["served_name"], EngineArgs.model_validate(data["engine"]),
+        return cls(ReplicaBoot.from_json(data["boot"]), data["served_name"], EngineArgs.model_validate(data["engine"]),
                    int(data["port"]), data.get("host", "127.0.0.1"))
 
 
