@@ -13,12 +13,19 @@ case "$1" in
     [ "${BENCH_S:-200}" = 0 ] || timeout ${BENCH_S:-200} python3 -m thaw.cli bench gpu --model-dir "$THAW_GPU_8B_MODEL" \
       --out "$B" --parts park --runs 3 2>&1 | tee "$OUT/bench-park.log" ;;
   bench)
+    # one log for all parts (at most 8 files come back from a call); after the stream part, the parts after it
+    # run with its best ring setting (THAW_WEIGHTS_*: functions/weights.py)
     for part in ${PARTS:-hibernate:150 swap:170 zero:130 vllm:130 warm:290}; do
       timeout "${part#*:}" python3 -m thaw.cli bench gpu --model-dir "$THAW_GPU_8B_MODEL" --out "$B" \
-        --parts "${part%%:*}" --runs ${RUNS:-2} --density-models ${DENSITY_MODELS:-8} 2>&1 | tee "$OUT/bench-${part%%:*}.log"
+        --parts "${part%%:*}" --runs ${RUNS:-2} --density-models ${DENSITY_MODELS:-8} 2>&1 | tee -a "$OUT/bench.log"
+      if [ "${part%%:*}" = stream ]; then
+        eval "$(python3 -c 'import json, sys; b = json.load(open(sys.argv[1]))["stream"]["best"]
+print("export THAW_WEIGHTS_READERS=%(readers)d THAW_WEIGHTS_SLOTS=%(slots)d THAW_WEIGHTS_CHUNK_MIB=%(chunk_mib)d" % b)' "$B/results.json")"
+        env | grep THAW_WEIGHTS_ | tee -a "$OUT/bench.log"
+      fi
     done ;;
 esac
-cp "$B"/results.json "$B"/report.md "$B"/first_token.png "$B"/density.png "$OUT"/ 2>/dev/null
+cp "$B"/results.json "$B"/report.md "$B"/first_token.png "$B"/density.png "$B"/stream.png "$OUT"/ 2>/dev/null
 grep -h "engine ready\|weights streamed\|host copy\|woken from\|hibernated\|parked\|asleep:\|died\|KV cache\|capture\|Dynamo\|Directly load\|torch.compile takes" \
   "$B"/work/*/up.log "$B"/work/*/state/logs/*.log 2>/dev/null | cut -c1-300 | tail -160 > "$OUT/timeline.log"
 true

@@ -48,7 +48,8 @@ def show_status(url: str, token: str | None, as_json: bool, console: Console) ->
             table.add_row(model["name"], rev["name"], traffic, str(rev["desired"]), str(reps.get("pending", 0)),
                           str(reps["starting"]),
                           str(reps["ready"]) + (f" ({reps['unready']} unready)" if reps.get("unready") else ""),
-                          str(reps["draining"]), _sleeping(reps.get("parked", 0), rev.get("hibernated", 0)),
+                          str(reps["draining"]) + (f" ({reps['terminating']} terminating)" if reps.get("terminating") else ""),
+                          _sleeping(reps.get("parked", 0), rev.get("hibernated", 0)),
                           "yes" if rev["panic"] else "no", str(rev["queue"]), str(rev["in_flight"]),
                           _gib(sum(gpu_held)) if gpu_held else "-",
                           _gib(sum(p.get("host_copy_bytes", 0) for p in rev["pods"])))

@@ -78,7 +78,6 @@ class Engine:
         self.stream_weights = False  # the weights go in through thaw's worker extension, not vLLM's loader
         self._sleep: EngineSleep | None = None  # where the engine can sleep: its sleep, wake and host copy
         self._watch: EngineCoreWatch | None = None
-        self._no_teardown = False  # a failed sleep left the GPU's memory in a state vLLM's teardown must not free
         self.served_name = served_name
         self.metrics_name = served_name  # what vLLM's stat logger was built with (an adopter serves another name)
         self.adoptable = adoptable
@@ -469,9 +468,8 @@ class Engine:
         try:
             seconds = self._sleep.sleep(keep_copy=level == 1)
         except BaseException as exc:
-            # Whatever the sleep left on the GPU is unknown: the engine serves no more, and its stop ends its
-            # engine-core process without vLLM's teardown (which would free unmapped memory again).
-            self._no_teardown = True
+            # Whatever the sleep left on the GPU is unknown: the engine serves no more (its stop ends its
+            # engine-core process without vLLM's teardown, as every stop does).
             self._fail(f"{type(exc).__name__} while going to sleep: {exc}")
             raise
         self.state = "parked"
@@ -588,10 +586,12 @@ class Engine:
             self._watch.stop()
         engine, self._engine = self._engine, None
         if engine is not None:
-            if (self.sleep_level or self._no_teardown) and self.args.engine_core == "mp":
-                # A sleeping engine's memory is unmapped: vLLM's teardown would free it again and print CUDA
-                # errors for each block. It holds nothing worth keeping, so its process ends at once; marked
-                # dead first, so vLLM's monitor does not report the end as a crash.
+            if self.args.engine_core == "mp":
+                # At its end the engine holds nothing worth keeping (the plane drained it, gunicorn waited for its
+                # requests), so its process ends at once: its GPU memory is free for the next start then, not
+                # after vLLM's teardown (seconds for a large model, each block freed in turn; and a sleeping
+                # engine's memory is unmapped, which that teardown would free again, printing CUDA errors).
+                # Marked dead first, so vLLM's monitor does not report the end as a crash.
                 resources = getattr(engine.engine_core, "resources", None)
                 if resources is not None:
                     resources.engine_dead = True

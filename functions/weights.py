@@ -28,6 +28,9 @@ if TYPE_CHECKING:  # torch is imported only where a GPU copy runs
 
 CHUNK_BYTES = 64 << 20  # one pread and one host -> device copy
 RING_SLOTS = 8  # pinned chunks in flight: 512 MiB of host memory, kept by the worker between loads
+READERS = 8  # threads reading chunks at once (each pread copies page cache -> pinned in the kernel)
+# The same three for a node whose measurements call for others (`thaw bench gpu --parts stream` compares
+# settings on the node itself): THAW_WEIGHTS_READERS, THAW_WEIGHTS_SLOTS, THAW_WEIGHTS_CHUNK_MIB.
 
 # safetensors dtype names -> torch dtype attribute names
 DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64",
@@ -145,7 +148,7 @@ class HostCopy:
                 if lo < hi:
                     fd = os.open(path, os.O_RDONLY)
                     try:
-                        _pread_into(fd, view[lo:hi], data + lo - start)
+                        pread_into(fd, view[lo:hi], data + lo - start)
                     finally:
                         os.close(fd)
         finally:
@@ -182,16 +185,37 @@ class HostCopy:
 
 
 class PinnedRing:
-    """A few pinned host buffers, reused for every load of the process (pinning fresh memory is slow)."""
+    """A few pinned host buffers, reused for every load of the process (pinning fresh memory is slow), and how
+    many threads read into them at once (at most one per buffer)."""
 
-    def __init__(self, chunk_bytes: int = CHUNK_BYTES, slots: int = RING_SLOTS, pinned: bool = True):
+    def __init__(self, chunk_bytes: int = CHUNK_BYTES, slots: int = RING_SLOTS, pinned: bool = True,
+                 readers: int | None = None):
         import torch
 
         self.chunk_bytes = chunk_bytes
         self.slots = [torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=pinned) for _ in range(slots)]
+        self.readers = max(1, min(readers or slots, slots))
+
+    @classmethod
+    def configured(cls, pinned: bool = True, environ=os.environ) -> "PinnedRing":
+        """The ring this node is set up for: the defaults above, or the THAW_WEIGHTS_* variables."""
+        return cls(chunk_bytes=ring_setting(environ, "THAW_WEIGHTS_CHUNK_MIB", CHUNK_BYTES >> 20) << 20,
+                   slots=ring_setting(environ, "THAW_WEIGHTS_SLOTS", RING_SLOTS), pinned=pinned,
+                   readers=ring_setting(environ, "THAW_WEIGHTS_READERS", READERS))
 
 
-def _pread_into(fd: int, buf, offset: int) -> None:
+def ring_setting(environ, name: str, default: int) -> int:
+    """A positive whole number from the environment, or the default; anything else is refused by name (a replica
+    that would silently stream at another rate than the node was tuned for is worse than one that says why)."""
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{name}={raw!r}: a positive whole number is expected")
+    return int(raw)
+
+
+def pread_into(fd: int, buf, offset: int) -> None:
     view = memoryview(buf)
     done = 0
     while done < len(view):
@@ -204,8 +228,9 @@ def _pread_into(fd: int, buf, offset: int) -> None:
 def stream_weights(entries: list[Entry], device: str, ring: PinnedRing,
                    copy: HostCopy | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor on `device`) for each entry, in order. An entry in the host copy goes to the device in
-    one asynchronous copy from it; the others are read from their files: up to len(ring.slots) chunk reads
-    run at once, and a slot is reused only once the device copy out of it has finished (an event per slot)."""
+    one asynchronous copy from it; the others are read from their files by `ring.readers` threads, up to one
+    chunk per slot ahead of the device copy, and a slot is reused only once the device copy out of it has
+    finished (an event per slot)."""
     import torch
 
     on_gpu = device != "cpu"
@@ -225,10 +250,10 @@ def stream_weights(entries: list[Entry], device: str, ring: PinnedRing,
             event.synchronize()
         i, off, n = chunk
         e = entries[i]
-        _pread_into(fds[e.path], slot[:n].numpy(), e.start + off)
+        pread_into(fds[e.path], slot[:n].numpy(), e.start + off)
         return slot
 
-    pool = ThreadPoolExecutor(max_workers=len(ring.slots), thread_name_prefix="weights-read")
+    pool = ThreadPoolExecutor(max_workers=ring.readers, thread_name_prefix="weights-read")
     try:
         def refill():
             while free and chunks:

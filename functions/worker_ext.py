@@ -98,7 +98,7 @@ class ThawWorker:
         t = time.perf_counter()
         on_gpu = torch.cuda.is_available()  # the CPU build loads here only for an adoption (functions/pool.py)
         if getattr(self, "_thaw_ring", None) is None:
-            self._thaw_ring = PinnedRing(pinned=on_gpu)
+            self._thaw_ring = PinnedRing.configured(pinned=on_gpu)
         model = self.model_runner.get_model()
         entries = read_index(model_dir)
         copy = getattr(self, "_thaw_copy", None)

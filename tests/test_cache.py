@@ -389,7 +389,7 @@ def test_revision_added_in_thaw_up_is_staged_before_its_first_request(s3, tiny_m
         poll(lambda: tier.keys(), 60, 0.1, "the revision's weights staged by the warmer")
         rev = requests.get(url + "/thaw/v1/status", timeout=5).json()["models"][0]["revisions"][0]
         assert rev["replicas"] == {"starting": 0, "ready": 0, "unready": 0, "draining": 0, "parked": 0,
-                                   "pending": 0}  # staged at zero, no request yet
+                                   "terminating": 0, "pending": 0}  # staged at zero, no request yet
         r = requests.post(url + "/v1/completions", json={"model": "s3tiny", "prompt": "x", "max_tokens": 3},
                           timeout=180)
         assert r.status_code == 200, r.text

@@ -84,10 +84,31 @@ def test_streamed_weights_equal_safetensors_own_reader(tiny_model, tmp_path):
     save_file(tensors, str(tmp_path / "model.safetensors"))
     for folder in (tiny_model, tmp_path):
         expected = load_file(str(next(folder.glob("*.safetensors"))))
-        got = dict(stream_weights(read_index(folder), "cpu", PinnedRing(chunk_bytes=1000, slots=3, pinned=False)))
-        assert got.keys() == expected.keys()
-        for name, tensor in expected.items():
-            assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
+        for readers in (1, 2, 3):  # one reader per slot, or fewer: chunks read ahead of the device copy
+            ring = PinnedRing(chunk_bytes=1000, slots=3, pinned=False, readers=readers)
+            got = dict(stream_weights(read_index(folder), "cpu", ring))
+            assert got.keys() == expected.keys()
+            for name, tensor in expected.items():
+                assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), (name, readers)
+
+
+@pytest.mark.parametrize("environ, ring", [
+    ({}, (64 << 20, 8, 8)),  # the defaults: 8 readers, 8 slots of 64 MiB
+    ({"THAW_WEIGHTS_READERS": "2", "THAW_WEIGHTS_SLOTS": "3", "THAW_WEIGHTS_CHUNK_MIB": "1"}, (1 << 20, 3, 2)),
+    ({"THAW_WEIGHTS_READERS": "6", "THAW_WEIGHTS_SLOTS": "4", "THAW_WEIGHTS_CHUNK_MIB": " 1 "}, (1 << 20, 4, 4)),
+    ({"THAW_WEIGHTS_SLOTS": "2", "THAW_WEIGHTS_CHUNK_MIB": "1", "THAW_WEIGHTS_READERS": ""}, (1 << 20, 2, 2)),
+])
+def test_the_weights_ring_is_set_from_the_environment(environ, ring):
+    """A node tuned by `thaw bench gpu --parts stream` sets its ring in the environment; never more readers than
+    slots (a reader waits on its slot)."""
+    got = PinnedRing.configured(pinned=False, environ=environ)
+    assert (got.chunk_bytes, len(got.slots), got.readers) == ring
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "eight", "1.5"])
+def test_a_ring_setting_that_is_no_positive_whole_number_is_refused_by_name(value):
+    with pytest.raises(ValueError, match="THAW_WEIGHTS_READERS"):
+        PinnedRing.configured(pinned=False, environ={"THAW_WEIGHTS_READERS": value})
 
 
 def test_weights_stream_from_a_host_copy_whole_partial_or_released(tiny_model, tmp_path):

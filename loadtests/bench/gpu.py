@@ -15,6 +15,7 @@ Variants (each `runs` times, the same model folder and engine arguments for all)
               used; each request's rung (X-Thaw-Cold-Start) and first token, the lowest free host RAM
               against the node's floor, the most host copies held, the least free GPU, engine deaths.
 Each sleep's seconds and the replica's rung are reported with (c) and (e).
+  (s) stream: the weights' stream from the page cache to the GPU under several ring settings (stream.py).
   (w) warm:   the warm path, a part of its own: vLLM's own client (`vllm bench serve`) at 16 and 64 streams x
               128 tokens against vLLM's server and a ready thaw replica (through the gateway and directly),
               both batching up to 64 streams (max_num_seqs; thaw's containerConcurrency).
@@ -36,10 +37,11 @@ from rich.table import Table
 
 from thaw.loadtests.bench import serve_client
 from thaw.loadtests.bench.common import PlaneUnderTest, first_answer, first_token_after_launch, mean, write_json
+from thaw.loadtests.bench.stream import bench_stream, plot_stream, stream_report
 from thaw.launch import ServerProcess, base_env, free_port, vllm_server_command
 from thaw.vllm_platform import detect, gpu_memory
 
-PARTS = ("vllm", "zero", "other-core", "park", "hibernate", "swap", "density", "warm", "adopt")
+PARTS = ("vllm", "zero", "other-core", "park", "hibernate", "swap", "density", "warm", "adopt", "stream")
 DENSITY_SHARE = 0.15  # of the GPU per model in the density part: six awake at most, the rest asleep
 DENSITY_COPIES = 5  # host copies the density part's parking budget holds
 # The warm path's concurrent streams. Both servers get max_num_seqs = the largest (thaw: its containerConcurrency,
@@ -442,7 +444,7 @@ def run_gpu_bench(model_dir: Path, engine: dict, runs: int, parts: list[str], ou
                "other-core": ("other_core", bench_other_core), "park": ("park", bench_park),
                "hibernate": ("hibernate", bench_hibernate), "swap": ("swap", bench_swap),
                "density": ("density", functools.partial(bench_density, models=density_models)),
-               "warm": ("warm", bench_warm), "adopt": ("adopt", bench_adopt)}
+               "warm": ("warm", bench_warm), "adopt": ("adopt", bench_adopt), "stream": ("stream", bench_stream)}
     for part in parts:
         work = out / "work" / part
         shutil.rmtree(work, ignore_errors=True)
@@ -502,6 +504,7 @@ def write_report(results: dict, out: Path, console: Console) -> None:
                       f"TTFT {', '.join(f'{t:.2f}' for t in burst['ttft'])} s."]
     lines += timeline_report(variants)
     lines += density_report(results.get("density"))
+    lines += stream_report(results.get("stream"))
     parked = variants["parked"]
     if parked and parked[0].get("gpu_total"):
         free = mean([r["gpu_free"] / r["gpu_total"] for r in parked])
@@ -542,6 +545,7 @@ def write_report(results: dict, out: Path, console: Console) -> None:
     console.print("\n".join(lines))
     _plot(variants, out)
     _plot_density(results.get("density"), out)
+    plot_stream(results.get("stream"), out)
 
 
 def timeline_report(variants: dict[str, list[dict]]) -> list[str]:

@@ -14,6 +14,12 @@ from .revision import ModelRoutes
 SHOWN = (State.STARTING, State.READY, State.UNREADY, State.DRAINING, State.PARKED)
 
 
+def replica_counts(rev) -> dict[str, int]:
+    """A revision's replicas by state; one being stopped is "terminating" (Kubernetes' word for its pod) until its
+    processes are gone: the GPU memory it held is not free before, so a model is at zero only after."""
+    return {**{str(s): rev.count(s) for s in SHOWN}, "terminating": rev.count(State.STOPPED)}
+
+
 def model_states(models: dict[str, ModelRoutes]) -> list[dict[str, Any]]:
     """What /v1/models shows of each model, on every call: its names, whether traffic routes to it, its ready
     replicas, whether it can take a request now (a model at zero can: a request wakes it), its revisions'
@@ -23,7 +29,7 @@ def model_states(models: dict[str, ModelRoutes]) -> list[dict[str, Any]]:
         percents = {r.revision: (r.percent, r.tag) for r in entry.routes}
         revisions = [{"name": rev.name, "percent": percents.get(rev.name, (0, None))[0],
                       "tag": percents.get(rev.name, (0, None))[1], "desired": rev.desired,
-                      "replicas": {str(s): rev.count(s) for s in SHOWN}} for rev in entry.revisions.values()]
+                      "replicas": replica_counts(rev)} for rev in entry.revisions.values()]
         routed = [rev for rev in entry.revisions.values() if percents.get(rev.name, (0,))[0]]
         out.append({"name": name, "served_name": entry.model.served_name, "routed": bool(routed),
                     "ready_replicas": sum(len(rev.ready) for rev in routed),
@@ -45,8 +51,8 @@ def plane_status(models: dict[str, ModelRoutes], standby_ready: bool, spec_refus
             percent, tag = percents.get(rev.name, (0, None))
             revisions.append({
                 "name": rev.name, "percent": percent, "tag": tag, "desired": rev.desired,
-                "replicas": {**{str(s): rev.count(s) + (rev.launching - rev.unplaced if s == State.STARTING else 0)
-                                for s in SHOWN}, "pending": rev.unplaced},
+                "replicas": {**replica_counts(rev), "starting": rev.count(State.STARTING) + rev.launching - rev.unplaced,
+                             "pending": rev.unplaced},
                 "pending": rev.pending, "failure": rev.failure, "panic": rev.panicking, "queue": rev.throttler.queued, "in_flight": rev.throttler.in_flight,
                 "excess_burst_capacity": rev.excess_burst_capacity, "keep_warm": rev.keep_warm,
                 "last_start_phases": rev.last_phases, "last_start_timeline": rev.last_timeline,

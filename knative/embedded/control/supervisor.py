@@ -35,6 +35,7 @@ PROBE_INTERVAL = 0.025
 # the standby started with thaw up, so it is ready before a new process, which would import the same from
 # nothing (35 s to ready on a fresh 2-core machine, against 6.4 s forked), could be.
 STANDBY_WAIT = 120.0
+EXIT_WAIT_S = 30.0  # how long a stop waits for its killed processes to be gone (a process in D state may never be)
 
 
 def replica_command(model: Model, boot: ReplicaBoot, port: int) -> list[str]:
@@ -138,6 +139,11 @@ class Supervisor:
         _signal_group(replica.pid, signal.SIGKILL)
         if replica.popen is not None:
             await asyncio.to_thread(replica.popen.wait)
+        # killed is not gone: a process with a GPU context gives its memory back as it exits, and the status
+        # shows the replica terminating (and its model not at zero) until then
+        end = time.monotonic() + EXIT_WAIT_S
+        while time.monotonic() < end and _group_alive(replica.pid):
+            await asyncio.sleep(0.05)
         log.info("replica %s stopped", replica.id)
 
 
