@@ -13,16 +13,21 @@ case "$1" in
     [ "${BENCH_S:-200}" = 0 ] || timeout ${BENCH_S:-200} python3 -m thaw.cli bench gpu --model-dir "$THAW_GPU_8B_MODEL" \
       --out "$B" --parts park --runs 3 2>&1 | tee "$OUT/bench-park.log" ;;
   bench)
-    # one log for all parts (at most 8 files come back from a call); after the stream part, the parts after it
-    # run with its best ring setting (THAW_WEIGHTS_*: functions/weights.py)
+    # one log for all parts (at most 8 files come back from a call). The parts after a stream part run with its
+    # best ring setting (THAW_WEIGHTS_*: functions/weights.py); so do a later call's parts on this host, unless
+    # that call sets one.
+    best_stream() {
+      [ -n "${THAW_WEIGHTS_READERS:-}" ] && [ "${1:-}" != again ] && return
+      eval "$(python3 -c 'import json, sys
+b = json.load(open(sys.argv[1])).get("stream", {}).get("best")
+b and print("export THAW_WEIGHTS_READERS=%(readers)d THAW_WEIGHTS_SLOTS=%(slots)d THAW_WEIGHTS_CHUNK_MIB=%(chunk_mib)d" % b)' "$B/results.json" 2>/dev/null)"
+      env | grep THAW_WEIGHTS_ | tee -a "$OUT/bench.log"
+    }
+    best_stream
     for part in ${PARTS:-hibernate:150 swap:170 zero:130 vllm:130 warm:290}; do
       timeout "${part#*:}" python3 -m thaw.cli bench gpu --model-dir "$THAW_GPU_8B_MODEL" --out "$B" \
         --parts "${part%%:*}" --runs ${RUNS:-2} --density-models ${DENSITY_MODELS:-8} 2>&1 | tee -a "$OUT/bench.log"
-      if [ "${part%%:*}" = stream ]; then
-        eval "$(python3 -c 'import json, sys; b = json.load(open(sys.argv[1]))["stream"]["best"]
-print("export THAW_WEIGHTS_READERS=%(readers)d THAW_WEIGHTS_SLOTS=%(slots)d THAW_WEIGHTS_CHUNK_MIB=%(chunk_mib)d" % b)' "$B/results.json")"
-        env | grep THAW_WEIGHTS_ | tee -a "$OUT/bench.log"
-      fi
+      [ "${part%%:*}" = stream ] && best_stream again
     done ;;
 esac
 cp "$B"/results.json "$B"/report.md "$B"/first_token.png "$B"/density.png "$B"/stream.png "$OUT"/ 2>/dev/null
