@@ -93,7 +93,7 @@ def test_streamed_weights_equal_safetensors_own_reader(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("environ, ring", [
-    ({}, (64 << 20, 8, 8)),  # the defaults: 8 readers, 8 slots of 64 MiB
+    ({}, (16 << 20, 24, 12)),  # the defaults: 12 readers, 24 slots of 16 MiB
     ({"THAW_WEIGHTS_READERS": "2", "THAW_WEIGHTS_SLOTS": "3", "THAW_WEIGHTS_CHUNK_MIB": "1"}, (1 << 20, 3, 2)),
     ({"THAW_WEIGHTS_READERS": "6", "THAW_WEIGHTS_SLOTS": "4", "THAW_WEIGHTS_CHUNK_MIB": " 1 "}, (1 << 20, 4, 4)),
     ({"THAW_WEIGHTS_SLOTS": "2", "THAW_WEIGHTS_CHUNK_MIB": "1", "THAW_WEIGHTS_READERS": ""}, (1 << 20, 2, 2)),

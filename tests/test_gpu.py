@@ -177,6 +177,8 @@ def test_a_hibernated_replica_drops_its_weights_and_wakes_with_the_same_output(h
 def test_a_burst_at_a_sleeping_model_loses_nothing(hibernating):
     import asyncio
 
+    # asleep after a first start of its own (the module's earlier tests may not have run)
+    hibernating.answer("gamma", max_tokens=1)
     poll(lambda: hibernating.pod("gamma", "parked"), 60, 0.2, "gamma asleep")
     client = openai.AsyncOpenAI(base_url=hibernating.url + "/v1", api_key="none", max_retries=0, timeout=300)
 

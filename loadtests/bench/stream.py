@@ -16,9 +16,9 @@ from rich.console import Console
 
 from thaw.functions.weights import PinnedRing, pread_into, read_index, stream_weights
 
-# (readers, slots, chunk MiB): the default first; the others keep the ring's pinned memory near the default's
-# 512 MiB (a ring stays pinned in every engine's process between loads), except one that doubles it.
-SETTINGS = ((8, 8, 64), (16, 16, 32), (16, 32, 16), (12, 24, 16), (8, 16, 32), (16, 16, 64), (4, 8, 64))
+# (readers, slots, chunk MiB): the default first (functions/weights.py); the others keep the ring's pinned memory
+# near 512 MiB (a ring stays pinned in every engine's process between loads), except one that doubles it.
+SETTINGS = ((12, 24, 16), (8, 8, 64), (16, 16, 32), (16, 32, 16), (8, 16, 32), (16, 16, 64), (4, 8, 64))
 
 
 def _chunks(entries, chunk_bytes: int) -> list[tuple[str, int, int]]:
