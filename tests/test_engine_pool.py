@@ -130,18 +130,21 @@ def test_one_pool_per_shape_launched_as_its_first_revision():
     assert shapes([("a-1", None)]) == []
 
 
-@pytest.mark.parametrize("size, have, starting, retry_at, now, want", [
-    (1, 0, False, 0, 10, 1),
-    (2, 0, False, 0, 10, 1),  # one at a time
-    (1, 1, False, 0, 10, 0),
-    (1, 0, True, 0, 10, 0),  # one starting already
-    (1, 0, False, 20, 10, 0),  # a failed start backs off
-    (0, 0, False, 0, 10, 0),
+@pytest.mark.parametrize("size, have, starting, retry_at, now, contexts_free, want", [
+    (1, 0, False, 0, 10, 8, 1),
+    (2, 0, False, 0, 10, 8, 1),  # one at a time
+    (1, 1, False, 0, 10, 8, 0),
+    (1, 0, True, 0, 10, 8, 0),  # one starting already
+    (1, 0, False, 20, 10, 8, 0),  # a failed start backs off
+    (0, 0, False, 0, 10, 8, 0),
+    (2, 1, False, 0, 10, 1, 1),  # the last context gpuContexts leaves
+    (2, 1, False, 0, 10, 0, 0),  # the pool's engines of every shape fill gpuContexts
 ])
-def test_the_pool_starts_one_engine_at_a_time_up_to_its_size(size, have, starting, retry_at, now, want):
+def test_the_pool_starts_one_engine_at_a_time_up_to_its_size(size, have, starting, retry_at, now, contexts_free,
+                                                             want):
     from thaw.knative.embedded.control.engine_pool import starts_wanted
 
-    assert starts_wanted(size, have, starting, retry_at, now) == want
+    assert starts_wanted(size, have, starting, retry_at, now, contexts_free) == want
 
 
 def test_a_shape_is_architecture_tokenizer_engine_and_resources(tiny_model, tmp_path):

@@ -17,7 +17,8 @@ import yaml
 
 from conftest import poll, start_function, thaw_cli
 from thaw.knative.embedded.control.ledger import NodeLedger
-from thaw.knative.embedded.control.parking import Awake, HostPlan, HostUser, RoomPlan, plan_gpu_room, plan_host
+from thaw.knative.embedded.control.parking import (Awake, HostPlan, HostUser, RoomPlan, plan_gpu_room, plan_host,
+                                                  sleeper_contexts)
 from thaw.launch import base_env
 
 GiB = 1 << 30
@@ -67,6 +68,17 @@ EIGHT = [user(f"m{i}", 16, float(i), copy=i >= 2, asleep=i < 6) for i in range(8
 ])
 def test_plan_host(users, budget, grantable, contexts, expected):
     assert plan_host(users, budget, grantable, contexts) == expected
+
+
+@pytest.mark.parametrize("gpu_contexts, pooled, sleepers, evicted", [
+    (8, 0, 8, ()),  # no pool: the whole budget sleeps
+    (8, 2, 8, ("s1", "s0")),  # two engines in the pool: the two least recently used sleepers go
+    (3, 5, 2, ("s1", "s0")),  # a pool larger than the budget leaves no sleeper (never a negative budget)
+])
+def test_the_engine_pools_engines_count_against_gpu_contexts_first(gpu_contexts, pooled, sleepers, evicted):
+    users = [user(f"s{i}", 16, float(i), asleep=True) for i in range(sleepers)]
+    plan = plan_host(users, 0, 0, sleeper_contexts(gpu_contexts, pooled))
+    assert plan.evict == evicted
 
 
 def test_a_burst_of_grants_counts_each_from_its_grant():

@@ -423,7 +423,8 @@ class Parking(SpecModel):
     gpuContexts: int = Field(8, ge=0)
     # Built engines kept waiting, per shape (models that share architecture, tokenizer, engine arguments and
     # resources), for a model at zero to adopt: its start is then a wake with its own weights
-    # (knative/embedded/control/engine_pool.py). Each holds a process, a context and its host buffers.
+    # (knative/embedded/control/engine_pool.py). Each holds a process, a context and its host buffers, and
+    # counts against gpuContexts before the sleepers do.
     enginePool: int = Field(0, ge=0)
 
     @property

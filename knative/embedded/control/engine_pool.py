@@ -61,16 +61,21 @@ def shapes(revisions: list[tuple[str, str | None]]) -> list[Shape]:
     return [Shape(key, name) for key, name in sorted(first.items())]
 
 
-def starts_wanted(size: int, have: int, starting: bool, retry_at: float, now: float) -> int:
-    """How many engines of a shape to start now: one at a time, up to `size`, none during a back-off."""
-    return 1 if size > have and not starting and now >= retry_at else 0
+def starts_wanted(size: int, have: int, starting: bool, retry_at: float, now: float, contexts_free: int) -> int:
+    """How many engines of a shape to start now: one at a time, up to `size`, none during a back-off, and none
+    once the pool's engines of every shape fill the node's budget of sleeping engines (gpuContexts: each holds a
+    process and a CUDA context, as a sleeper does)."""
+    return 1 if size > have and not starting and now >= retry_at and contexts_free > 0 else 0
 
 
 class EnginePool:
-    def __init__(self, size: Callable[[], int], boot_of: Callable[[Revision], ReplicaBoot], launch, stop):
+    def __init__(self, size: Callable[[], int], boot_of: Callable[[Revision], ReplicaBoot], launch, stop,
+                 contexts: Callable[[], int] = lambda: 1 << 30):
         """`launch(rev, boot, pool_id)` starts a replica as `rev`'s model with `boot` and waits for it (the
-        replica moves' `launch_pooled`): the replica, ready, or None; `stop(replica)` stops one."""
+        replica moves' `launch_pooled`): the replica, ready, or None; `stop(replica)` stops one; `contexts()` the
+        node's budget of sleeping engines (parking.gpuContexts), which the pool's engines count against."""
         self.size = size
+        self.contexts = contexts
         self.boot_of = boot_of
         self.launch = launch
         self.stop = stop
@@ -112,7 +117,8 @@ class EnginePool:
                 track(self.stop(dead))  # what is left of its process tree, and its place on the node
             while len(engines) > size:
                 track(self.stop(engines.pop()))
-            if starts_wanted(size, len(engines), shape.key in self.starting, self.retry_at.get(shape.key, 0), now):
+            if starts_wanted(size, len(engines), shape.key in self.starting, self.retry_at.get(shape.key, 0), now,
+                             self.contexts() - self.held()):
                 self.starting.add(shape.key)
                 track(self._start(shape, by_name[shape.template]))
 
@@ -165,6 +171,10 @@ class EnginePool:
 
     def replicas(self) -> list[Replica]:
         return [r for engines in self.waiting.values() for r in engines]
+
+    def held(self) -> int:
+        """The engines the pool holds on the node: waiting, and being started."""
+        return len(self.replicas()) + len(self.starting)
 
     def view(self) -> list[dict]:
         """For the status: each shape's waiting engines."""

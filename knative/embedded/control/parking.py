@@ -17,8 +17,8 @@ pinned, and one budget decides who holds a copy:
   (platform.node.systemReserved): a new copy is granted only from what the kernel can still hand out above
   the floor, less what earlier grants have yet to pin (counted from the grant, not from its end, as
   Kubernetes' scheduler counts a pod it assumed onto a node before it binds). Sleeping replicas past the
-  budget of sleeping replicas (gpuContexts) stop, least recently used first. Below the floor, copies are
-  dropped, least recently used first, until the floor holds again;
+  budget of sleeping replicas (gpuContexts, less the engine pool's engines) stop, least recently used first.
+  Below the floor, copies are dropped, least recently used first, until the floor holds again;
 - plan_gpu_room: before a replica starts or wakes, idle awake replicas go to sleep (or stop, if their model
   does not sleep), least recently used first, until the newcomer's share of the GPU is free; a replica that
   asks for whole GPUs (nvidia.com/gpu) has its device to itself while awake, so every other awake replica
@@ -85,6 +85,13 @@ def plan_host(users: list[HostUser], budget: int, grantable: int, contexts: int)
         drop.append(user.id)
         deficit -= user.copy_bytes
     return HostPlan(tuple(grant), tuple(drop), tuple(evict))
+
+
+def sleeper_contexts(gpu_contexts: int, pooled: int) -> int:
+    """What gpuContexts leaves to sleeping replicas: the engine pool's engines (each a process and a CUDA context,
+    as a sleeper is) count first, since the spec sized the pool; sleepers past the rest go back to the pool or
+    stop, least recently used first (plan_host)."""
+    return max(0, gpu_contexts - pooled)
 
 
 @dataclass(frozen=True)

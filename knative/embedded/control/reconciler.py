@@ -69,9 +69,10 @@ class Reconciler:
                                      lambda *a, **k: self.sleep.gpu_move(*a, **k), lambda rev, replica: self.sleep.ready(rev, replica),
                                      self._take_pooled)
         self.pool = EnginePool(lambda: self.plane.spec.platform.parking.enginePool, boot_of, self.replicas.launch_pooled,
-                               self._stop_pooled)
+                               self._stop_pooled, lambda: self.plane.spec.platform.parking.gpuContexts)
         self.sleep = SleepMoves(spec, plane.revisions, self.replicas, self,
-                                lambda rev, replica: self.pool.give_back(rev, replica, functools.partial(self.replicas.release, rev)))
+                                lambda rev, replica: self.pool.give_back(rev, replica, functools.partial(self.replicas.release, rev)),
+                                self.pool.held)
         self.probes = Prober(plane.revisions, self)
 
     # ---- decide and reconcile --------------------------------------------------------------------

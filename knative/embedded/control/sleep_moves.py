@@ -28,7 +28,7 @@ from thaw.vllm_platform import detect, gpu_memory
 from ..dataplane.replica import Replica, State
 from .ledger import NodeLedger
 from .node import system_floor
-from .parking import HIBERNATED, PARKED, Awake, HostUser, plan_gpu_room, plan_host
+from .parking import HIBERNATED, PARKED, Awake, HostUser, plan_gpu_room, plan_host, sleeper_contexts
 from .replica_moves import PROGRESS_DEADLINE, NoRoom, ReplicaMoves
 from .revision import Revision, weight_bytes
 
@@ -52,11 +52,14 @@ class Loop(Protocol):
 
 class SleepMoves:
     def __init__(self, spec: Callable[[], Spec], revisions: Callable[[], list[Revision]], replicas: ReplicaMoves,
-                 loop: Loop, give_back: Callable[[Revision, Replica], Awaitable[bool]] | None = None):
+                 loop: Loop, give_back: Callable[[Revision, Replica], Awaitable[bool]] | None = None,
+                 pooled: Callable[[], int] = lambda: 0):
         """`give_back(rev, replica)`: a sleeper the budget evicts goes back to the engine pool, if its shape lacks
-        an engine there (engine_pool.py); False: it stops."""
+        an engine there (engine_pool.py); False: it stops. `pooled()`: the engines the pool holds, which count
+        against gpuContexts before the sleepers do."""
         self.spec = spec
         self.give_back = give_back
+        self.pooled = pooled
         self.revisions = revisions
         self.replicas = replicas
         self.loop = loop
@@ -126,7 +129,8 @@ class SleepMoves:
         floor = system_floor(memory.total, node.systemReserved)
         starting = len(self._replicas(State.STARTING)) * self.process_bytes  # not yet in what the kernel reports
         plan = plan_host(users, parking.host_memory_bytes,
-                         self.ledger.host_grantable(memory.available, floor) - starting, parking.gpuContexts)
+                         self.ledger.host_grantable(memory.available, floor) - starting,
+                         sleeper_contexts(parking.gpuContexts, self.pooled()))
         for rid in () if self.replicas.gpu_start_in_progress() else plan.evict:  # after the start (revision.plan)
             rev, r = by_id[rid]
             self.loop.track(self.evict(rev, r))
