@@ -183,7 +183,7 @@ def test_an_evicted_sleeper_goes_back_to_the_pool_only_where_its_shape_lacks_an_
         return replica != "refuses"
 
     def pool(size: int, waiting: int = 0) -> EnginePool:
-        p = EnginePool(lambda: size, lambda rev: ReplicaBoot(model_dir=str(tiny_model)), None, None)
+        p = EnginePool(lambda: size, lambda rev: ReplicaBoot(model_dir=str(tiny_model)), None, None, lambda: 8)
         if waiting:
             p.waiting[p.key_of(rev)] = ["w"] * waiting
         return p

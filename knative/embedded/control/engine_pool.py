@@ -70,7 +70,7 @@ def starts_wanted(size: int, have: int, starting: bool, retry_at: float, now: fl
 
 class EnginePool:
     def __init__(self, size: Callable[[], int], boot_of: Callable[[Revision], ReplicaBoot], launch, stop,
-                 contexts: Callable[[], int] = lambda: 1 << 30):
+                 contexts: Callable[[], int]):
         """`launch(rev, boot, pool_id)` starts a replica as `rev`'s model with `boot` and waits for it (the
         replica moves' `launch_pooled`): the replica, ready, or None; `stop(replica)` stops one; `contexts()` the
         node's budget of sleeping engines (parking.gpuContexts), which the pool's engines count against."""

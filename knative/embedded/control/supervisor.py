@@ -133,17 +133,13 @@ class Supervisor:
             os.kill(replica.pid, signal.SIGTERM)
         except (ProcessLookupError, PermissionError):
             pass
-        end = time.monotonic() + grace_s
-        while time.monotonic() < end and _group_alive(replica.pid):
-            await asyncio.sleep(0.05)
+        await _group_gone(replica.pid, grace_s)
         _signal_group(replica.pid, signal.SIGKILL)
         if replica.popen is not None:
             await asyncio.to_thread(replica.popen.wait)
         # killed is not gone: a process with a GPU context gives its memory back as it exits, and the status
         # shows the replica terminating (and its model not at zero) until then
-        end = time.monotonic() + EXIT_WAIT_S
-        while time.monotonic() < end and _group_alive(replica.pid):
-            await asyncio.sleep(0.05)
+        await _group_gone(replica.pid, EXIT_WAIT_S)
         log.info("replica %s stopped", replica.id)
 
 
@@ -152,6 +148,13 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+async def _group_gone(pgid: int, within_s: float) -> None:
+    """Wait until no process of the group is left (zombies aside), for `within_s` seconds at most."""
+    end = time.monotonic() + within_s
+    while time.monotonic() < end and _group_alive(pgid):
+        await asyncio.sleep(0.05)
 
 
 def _group_alive(pgid: int) -> bool:
