@@ -37,7 +37,7 @@ def base_env(**extra: str) -> dict[str, str]:
     needs (a small CPU KV cache; the CUDA build's sampler setting)."""
     env = dict(os.environ)
     env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"})
-    env.update(detect().engine_env(int(env.get("VLLM_CPU_KVCACHE_SPACE", "1"))))
+    env.update(detect().server_env(int(env.get("VLLM_CPU_KVCACHE_SPACE", "1"))))
     env.update(extra)
     return env
 

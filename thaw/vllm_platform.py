@@ -35,18 +35,26 @@ class VllmPlatform:
     sleep_mode: bool  # vLLM's sleep mode (level 1: weights to host RAM, GPU memory released)
     engine_core: str  # the default place of the engine core: "inproc" or "mp" (measured, see docs)
     env: dict[str, str] = field(default_factory=dict)  # what vLLM needs set before it starts
+    # vLLM settings that thaw's own engines turn on where vLLM leaves them off (compile_levers); never vLLM's
+    # server beside them in a bench, which runs as its users run it
+    levers: dict[str, str] = field(default_factory=dict)
     engine_modules: tuple[str, ...] = ()  # what a standby imports ahead of a replica's engine start
 
     @property
     def gpu(self) -> bool:
         return self.device == "cuda"
 
-    def engine_env(self, kv_cache_gib: int) -> dict[str, str]:
-        """The environment of one engine: the platform's, plus the CPU build's KV cache size."""
+    def server_env(self, kv_cache_gib: int) -> dict[str, str]:
+        """The environment any vLLM server here needs: the platform's, plus the CPU build's KV cache size."""
         env = dict(self.env)
         if self.device == "cpu":
             env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
         return env
+
+    def engine_env(self, kv_cache_gib: int) -> dict[str, str]:
+        """The environment of one of thaw's engines: a server's, plus the levers this environment does not
+        set itself (a user's `VLLM_USE_MEGA_AOT_ARTIFACT=0` in thaw's environment wins)."""
+        return {**{k: v for k, v in self.levers.items() if k not in os.environ}, **self.server_env(kv_cache_gib)}
 
     def resolve(self, args):
         """An engine's arguments as this platform runs them: the engine core where the spec leaves it
@@ -120,7 +128,20 @@ def detect() -> VllmPlatform:
     if importlib.util.find_spec("flashinfer") is None:
         env["VLLM_USE_FLASHINFER_SAMPLER"] = "0"
     return VllmPlatform("cuda", f"vllm {cuda_build}", sleep_mode=True, engine_core=CUDA_ENGINE_CORE, env=env,
+                        levers=compile_levers(_installed("torch")),
                         engine_modules=ENGINE_MODULES + CUDA_ENGINE_MODULES)
+
+
+def compile_levers(torch_version: str | None) -> dict[str, str]:
+    """vLLM's mega AOT artifact (`VLLM_USE_MEGA_AOT_ARTIFACT`) loads a start's compiled model whole, without
+    Dynamo's pass over the model's bytecode and the graph's re-splitting that the per-piece artifacts need
+    (3-4 s of an 8B's engine init, docs/gpu.md). vLLM turns it on by default from torch 2.12; torch 2.10 and
+    2.11 can build it (standalone_compile's `aot`), so thaw's engines turn it on there. Older: nothing."""
+    from packaging.version import Version
+
+    if torch_version is None:
+        return {}
+    return {"VLLM_USE_MEGA_AOT_ARTIFACT": "1"} if (2, 10) <= Version(torch_version).release[:2] < (2, 12) else {}
 
 
 # Measured on an H100 (docs/gpu.md): the warm path of each mode, 16 streams x 128 tokens.
