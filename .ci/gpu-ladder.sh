@@ -31,6 +31,6 @@ b and print("export THAW_WEIGHTS_READERS=%(readers)d THAW_WEIGHTS_SLOTS=%(slots)
     done ;;
 esac
 cp "$B"/results.json "$B"/report.md "$B"/first_token.png "$B"/density.png "$B"/stream.png "$OUT"/ 2>/dev/null
-grep -h "engine ready\|weights streamed\|host copy\|woken from\|hibernated\|parked\|asleep:\|died\|KV cache\|capture\|Dynamo\|Directly load\|torch.compile takes" \
+grep -h "engine ready\|weights streamed\|host copy\|woken from\|hibernated\|parked\|asleep:\|died\|KV cache\|capture\|Dynamo\|Directly load\|torch.compile takes\|reconstructed serializable\|init engine\|Model loading took" \
   "$B"/work/*/up.log "$B"/work/*/state/logs/*.log 2>/dev/null | cut -c1-300 | tail -160 > "$OUT/timeline.log"
 true

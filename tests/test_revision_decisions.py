@@ -71,6 +71,20 @@ def test_plan(replicas, launching, desired, queued, routable, expected):
     assert plan(replicas, launching, desired, queued, routable) == expected
 
 
+# Fewer wanted while some launches are Pending (no room on the node): those go first, as Kubernetes deletes
+# unscheduled pods first. Draining the ready replica instead freed its room for a Pending one: churn, and the
+# request in flight on it finished on a replica started for nothing.
+@pytest.mark.parametrize("replicas, launching, unplaced, desired, expected", [
+    (views(S.READY), 2, 2, 2, Plan()),                       # one Pending launch cancels itself
+    (views(S.READY), 2, 2, 1, Plan()),                       # both do
+    (views(S.READY), 2, 1, 1, Plan(shrink=("r0",))),         # one placed launch: a real replica goes
+    (views(S.READY, S.STARTING), 1, 1, 1, Plan(shrink=("r1",))),
+    (views(S.READY), 2, 2, 0, Plan(shrink=("r0",), may_park="r0")),  # at zero all go
+])
+def test_plan_cancels_pending_launches_before_draining_a_replica(replicas, launching, unplaced, desired, expected):
+    assert plan(replicas, launching, desired, 0, True, unplaced=unplaced) == expected
+
+
 # While an engine starts on the GPU no replica gives GPU memory back (vLLM's start fails when the device's free
 # memory grows while it measures it); the decision comes again after the start. Starting replicas may still go.
 @pytest.mark.parametrize("replicas, desired, routable, held, free", [

@@ -104,7 +104,7 @@ class Reconciler:
                 rev.throttler.breaker.fail_waiting(Unservable(why))  # held requests are told at once
         moves = plan([ReplicaView(r.id, r.state, r.in_flight) for r in rev.replicas], rev.launching,
                      0 if rev.unservable else rev.desired, rev.throttler.queued, rev.routable,
-                     hold_releases=self.replicas.gpu_start_in_progress())
+                     hold_releases=self.replicas.gpu_start_in_progress(), unplaced=rev.unplaced)
         by_id = {r.id: r for r in rev.replicas}
         for rid in moves.wake:
             self.wake_parked(rev, by_id[rid])

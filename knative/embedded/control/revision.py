@@ -154,13 +154,15 @@ class Plan:
 
 
 def plan(replicas: list[ReplicaView], launching: int, desired: int, queued: int, routable: bool,
-         hold_releases: bool = False) -> Plan:
+         hold_releases: bool = False, unplaced: int = 0) -> Plan:
     """The moves from the replicas there are to `desired`. Waking a parked replica is the cheapest road
     back, so waiting requests wake parked ones first. A parked (or parking) replica stands for one the
     autoscaler wants: it wakes when a request comes for it, never by itself (one parked to make GPU room
     for another model must not wake at once and take the room back). `hold_releases`: an engine is starting
     on the GPU, and vLLM's start fails if the device's free memory grows while it measures it, so replicas
-    holding GPU memory are neither drained, parked nor stopped now (the next decision after the start)."""
+    holding GPU memory are neither drained, parked nor stopped now (the next decision after the start).
+    `unplaced`: of `launching`, those Pending (no room on the node yet). Fewer wanted, they give way first, as
+    Kubernetes deletes unscheduled pods first: each cancels itself (placement.py) and no replica is drained for it."""
     running = launching + sum(1 for r in replicas if r.state in RUNNING)
     parked = [r.id for r in replicas if r.state == State.PARKED]
     wake = tuple(parked[:max(0, desired - running)]) if queued else ()
@@ -172,7 +174,7 @@ def plan(replicas: list[ReplicaView], launching: int, desired: int, queued: int,
     if running > desired:
         candidates = sorted((r for r in replicas if r.state in (State.STARTING, State.READY, State.UNREADY)),
                             key=lambda r: (r.state == State.READY, r.in_flight))
-        chosen = candidates[:running - desired]
+        chosen = candidates[:running - desired - min(unplaced, running - desired)]
         shrink = tuple(r.id for r in chosen)
         last = candidates[-1] if candidates else None
         if desired == 0 and last in chosen and last.state == State.READY:
