@@ -289,7 +289,7 @@ class Engine:
 
     def _load(self) -> None:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if self.args.engine_core == "mp" else "0"
-        for key, value in detect().engine_env(self.args.kv_cache_gib).items():
+        for key, value in detect().engine_env(self.args.kv_cache_gib, self.args.enable_sleep_mode).items():
             os.environ.setdefault(key, value)
         # Reading the weights into the page cache is I/O: it overlaps with the CPU-bound imports.
         t = time.perf_counter()

@@ -22,15 +22,16 @@ def test_the_mega_aot_artifact_is_turned_on_where_torch_builds_it_and_vllm_leave
     assert compile_levers(torch_version) == levers
 
 
-def test_thaws_engines_get_the_levers_and_vllms_own_server_does_not(monkeypatch):
+def test_thaws_sleep_mode_engines_get_the_levers_and_others_and_vllms_own_server_do_not(monkeypatch):
     monkeypatch.delenv("VLLM_USE_MEGA_AOT_ARTIFACT", raising=False)
     platform = VllmPlatform("cuda", "vllm 0.26.0", sleep_mode=True, engine_core="mp",
                             env={"VLLM_USE_FLASHINFER_SAMPLER": "0"}, levers=MEGA)
-    assert platform.engine_env(4) == {**MEGA, "VLLM_USE_FLASHINFER_SAMPLER": "0"}
+    assert platform.engine_env(4, sleep_mode=True) == {**MEGA, "VLLM_USE_FLASHINFER_SAMPLER": "0"}
+    assert platform.engine_env(4, sleep_mode=False) == {"VLLM_USE_FLASHINFER_SAMPLER": "0"}
     assert platform.server_env(4) == {"VLLM_USE_FLASHINFER_SAMPLER": "0"}
 
 
 def test_a_lever_set_in_thaws_environment_is_left_as_the_user_set_it(monkeypatch):
     monkeypatch.setenv("VLLM_USE_MEGA_AOT_ARTIFACT", "0")
     platform = VllmPlatform("cuda", "vllm 0.26.0", sleep_mode=True, engine_core="mp", levers=MEGA)
-    assert "VLLM_USE_MEGA_AOT_ARTIFACT" not in platform.engine_env(4)  # the environment it inherits says 0
+    assert "VLLM_USE_MEGA_AOT_ARTIFACT" not in platform.engine_env(4, sleep_mode=True)  # it inherits the 0

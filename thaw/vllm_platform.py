@@ -35,8 +35,8 @@ class VllmPlatform:
     sleep_mode: bool  # vLLM's sleep mode (level 1: weights to host RAM, GPU memory released)
     engine_core: str  # the default place of the engine core: "inproc" or "mp" (measured, see docs)
     env: dict[str, str] = field(default_factory=dict)  # what vLLM needs set before it starts
-    # vLLM settings that thaw's own engines turn on where vLLM leaves them off (compile_levers); never vLLM's
-    # server beside them in a bench, which runs as its users run it
+    # vLLM settings that thaw's own sleep-mode engines turn on where vLLM leaves them off (compile_levers); never
+    # vLLM's server beside them in a bench, which runs as its users run it
     levers: dict[str, str] = field(default_factory=dict)
     engine_modules: tuple[str, ...] = ()  # what a standby imports ahead of a replica's engine start
 
@@ -51,10 +51,12 @@ class VllmPlatform:
             env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
         return env
 
-    def engine_env(self, kv_cache_gib: int) -> dict[str, str]:
-        """The environment of one of thaw's engines: a server's, plus the levers this environment does not
-        set itself (a user's `VLLM_USE_MEGA_AOT_ARTIFACT=0` in thaw's environment wins)."""
-        return {**{k: v for k, v in self.levers.items() if k not in os.environ}, **self.server_env(kv_cache_gib)}
+    def engine_env(self, kv_cache_gib: int, sleep_mode: bool) -> dict[str, str]:
+        """The environment of one of thaw's engines: a server's, plus, for an engine with sleep mode (a parking
+        model's: where the levers were measured to help, docs/gpu.md), the levers this environment does not set
+        itself (a user's `VLLM_USE_MEGA_AOT_ARTIFACT=0` or `=1` in thaw's environment wins)."""
+        levers = {k: v for k, v in self.levers.items() if k not in os.environ} if sleep_mode else {}
+        return {**levers, **self.server_env(kv_cache_gib)}
 
     def resolve(self, args):
         """An engine's arguments as this platform runs them: the engine core where the spec leaves it
@@ -134,9 +136,11 @@ def detect() -> VllmPlatform:
 
 def compile_levers(torch_version: str | None) -> dict[str, str]:
     """vLLM's mega AOT artifact (`VLLM_USE_MEGA_AOT_ARTIFACT`) loads a start's compiled model whole, without
-    Dynamo's pass over the model's bytecode and the graph's re-splitting that the per-piece artifacts need
-    (3-4 s of an 8B's engine init, docs/gpu.md). vLLM turns it on by default from torch 2.12; torch 2.10 and
-    2.11 can build it (standalone_compile's `aot`), so thaw's engines turn it on there. Older: nothing."""
+    Dynamo's pass over the model's bytecode and the graph's re-splitting that the per-piece artifacts need.
+    vLLM turns it on by default from torch 2.12; torch 2.10 and 2.11 can build it (standalone_compile's `aot`).
+    Measured on an H200 with torch 2.11 (docs/gpu.md): an 8B engine with sleep mode initialised in 2.6 s with
+    it against 7.5 s without; one without sleep mode took 15.2 s with it (12 s after sizing its KV cache,
+    cause not found), so engine_env turns it on for sleep-mode engines only. Older torch: nothing."""
     from packaging.version import Version
 
     if torch_version is None:

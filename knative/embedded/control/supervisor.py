@@ -75,7 +75,7 @@ class Supervisor:
         log_path = self.log_dir / f"{rid}.log"
         # Knative's container contract: every container gets PORT and the K_ names of what it serves.
         launched = time.time()  # the replica's own start-up events are counted from it (THAW_LAUNCH_TIME)
-        env = base_env(**detect().engine_env(model.engine.kv_cache_gib), PORT=str(port), K_SERVICE=model.name,
+        env = base_env(**detect().server_env(model.engine.kv_cache_gib), PORT=str(port), K_SERVICE=model.name,
                        K_CONFIGURATION=model.name, K_REVISION=revision, THAW_LAUNCH_TIME=repr(launched),
                        **self.env, **extra_env)
         replica = None
