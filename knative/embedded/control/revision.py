@@ -174,7 +174,7 @@ def plan(replicas: list[ReplicaView], launching: int, desired: int, queued: int,
     if running > desired:
         candidates = sorted((r for r in replicas if r.state in (State.STARTING, State.READY, State.UNREADY)),
                             key=lambda r: (r.state == State.READY, r.in_flight))
-        chosen = candidates[:running - desired - min(unplaced, running - desired)]
+        chosen = candidates[:max(0, running - desired - unplaced)]  # Pending launches cancel themselves
         shrink = tuple(r.id for r in chosen)
         last = candidates[-1] if candidates else None
         if desired == 0 and last in chosen and last.state == State.READY:
